@@ -1,0 +1,276 @@
+//! The command line: `duplex run | check | setup | teardown`.
+//!
+//! Each command loads and validates the config, does its work and returns the process
+//! exit code: 0 on success, 1 when something needs the operator (problems found, a
+//! definite error), 2 for a config that does not load.
+
+use crate::config::Config;
+use crate::metrics::{self, Health};
+use crate::pipeline;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "duplex",
+    version,
+    about = "Keeps two PostgreSQL databases in sync through Kafka"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create what is missing, then stream changes until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check the config, both nodes and the broker; one line per problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create duplex's schema, publications, slots and origins (idempotent).
+    Setup {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print a node's change events from Kafka as JSON lines, oldest first.
+    Tail {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The node whose topic to read.
+        #[arg(long)]
+        node: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop when nothing arrives for this long.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Remove duplex's slots, publications, origins and schema from both nodes.
+    Teardown {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Confirm: the slots' positions are lost.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Sets up tracing: human-readable text or JSON lines, level from `RUST_LOG` (default info).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub async fn execute(cli: Cli) -> ExitCode {
+    let path = match &cli.command {
+        Command::Run { config }
+        | Command::Check { config }
+        | Command::Setup { config }
+        | Command::Tail { config, .. }
+        | Command::Teardown { config, .. } => config,
+    };
+    let cfg = match Config::load(path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run { .. } => run(cfg).await,
+        Command::Check { .. } => check(&cfg).await,
+        Command::Setup { .. } => setup(&cfg).await,
+        Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
+        Command::Tail {
+            node,
+            max,
+            timeout_ms,
+            ..
+        } => tail(&cfg, &node, max, timeout_ms).await,
+    }
+}
+
+async fn check(cfg: &Config) -> ExitCode {
+    let problems = crate::preflight::check_all(cfg).await;
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        println!("ok: both nodes and the broker are ready");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn setup(cfg: &Config) -> ExitCode {
+    let mut code = ExitCode::SUCCESS;
+    for node in cfg.nodes.keys() {
+        match crate::source::slot::setup(cfg, node).await {
+            Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    code
+}
+
+async fn teardown(cfg: &Config, yes: bool) -> ExitCode {
+    if !yes {
+        eprintln!("teardown drops duplex's replication slots, publications, origins and schema on both nodes; run again with --yes");
+        return ExitCode::from(2);
+    }
+    let mut code = ExitCode::SUCCESS;
+    for node in cfg.nodes.keys() {
+        match crate::source::slot::teardown(cfg, node).await {
+            Ok(done) if done.is_empty() => println!("node {node}: nothing to remove"),
+            Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    code
+}
+
+async fn tail(cfg: &Config, node: &str, max: Option<usize>, timeout_ms: u64) -> ExitCode {
+    if !cfg.nodes.contains_key(node) {
+        eprintln!("error: no node {node:?} in the config");
+        return ExitCode::from(2);
+    }
+    let (kafka, topic) = (cfg.kafka.clone(), cfg.topic(node));
+    let idle = std::time::Duration::from_millis(timeout_ms);
+    let read = tokio::task::spawn_blocking(move || {
+        crate::sink::kafka::read_topic(&kafka, &topic, max, idle, |v| {
+            println!("{}", String::from_utf8_lossy(v))
+        })
+    })
+    .await;
+    match read {
+        Ok(Ok(n)) if max.is_none_or(|m| n >= m) => ExitCode::SUCCESS,
+        Ok(Ok(n)) => {
+            eprintln!("only {n} event(s) arrived within {timeout_ms} ms");
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Arc<Config>) -> ExitCode {
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let health = Health::default();
+    let mut tasks = JoinSet::new();
+    match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
+        Ok(serve) => {
+            tasks.spawn(async move {
+                serve.await;
+                Ok(())
+            });
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    for node in cfg.source_nodes() {
+        let span = tracing::info_span!("source", node = %node);
+        let fut = pipeline::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
+        tasks.spawn(fut.instrument(span));
+    }
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let mut stopping = false;
+    let mut code = ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            _ = &mut signal, if !stopping => {
+                tracing::info!("stopping");
+                stopping = true;
+                let _ = shutdown_tx.send(true);
+            }
+            done = tasks.join_next() => match done {
+                None => break,
+                Some(Ok(Err(_))) | Some(Err(_)) => {
+                    // The pipeline logged why; stop the others cleanly.
+                    code = ExitCode::FAILURE;
+                    stopping = true;
+                    let _ = shutdown_tx.send(true);
+                }
+                Some(Ok(Ok(()))) => {}
+            },
+        }
+    }
+    code
+}
+
+async fn start_metrics(
+    cfg: &Config,
+    health: Health,
+    shutdown: watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = ()>, String> {
+    let addr = cfg.metrics_listen().map_err(|e| e.to_string())?;
+    let handle = metrics::install()?;
+    let listener = metrics::bind(addr)
+        .await
+        .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    Ok(metrics::serve(listener, handle, health, shutdown)
+        .instrument(tracing::info_span!("metrics_http")))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! Configuration: the TOML file an operator writes, parsed and validated once at start.
+//!
+//! `Config::load` reads the file, rejects unknown keys, fills defaults from the named
+//! constants below, pulls node passwords from the environment and runs `validate()`,
+//! whose errors name the failing field path. Node URLs carry secrets: nothing here
+//! prints them except through [`NodeConfig::redacted_url`].
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+pub const DEFAULT_TOPIC_PREFIX: &str = "duplex";
+pub const DEFAULT_PUBLICATION: &str = "duplex";
+pub const DEFAULT_PARTITIONS: i32 = 1;
+pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
+pub const DEFAULT_MAX_IN_FLIGHT_MESSAGES: usize = 20_000;
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_RETRY_INITIAL_MS: u64 = 500;
+pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+pub const DEFAULT_UPDATED_AT: &str = "updated_at";
+/// Replication origins of duplex's apply sessions start with this; the reader drops
+/// transactions carrying such an origin so that applied changes never echo back.
+pub const ORIGIN_PREFIX: &str = "duplex_";
+
+/// Errors in the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub nodes: BTreeMap<String, NodeConfig>,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    pub tables: Vec<TableConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// libpq-style URL; the password may instead come from `DUPLEX_NODES_<NAME>_PASSWORD`.
+    pub url: String,
+    /// Replication slot on this node; default `duplex_<node>`.
+    pub slot: Option<String>,
+    /// Publication on this node; default `duplex`.
+    pub publication: Option<String>,
+    #[serde(skip)]
+    pub password_from_env: Option<String>,
+}
+
+impl fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("url", &self.redacted_url())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .finish()
+    }
+}
+
+impl NodeConfig {
+    /// The URL with any password replaced, safe for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Connection parameters, with the environment's password applied.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut cfg = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|e| invalid("url", format!("not a PostgreSQL URL: {e}")))?;
+        if let Some(pw) = &self.password_from_env {
+            cfg.password(pw.as_bytes());
+        }
+        Ok(cfg)
+    }
+}
+
+/// Replaces the password part of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// Partitions of each change topic when duplex creates it. One keeps the source's
+    /// commit order across all tables, which foreign keys on the target rely on.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Messages produced but not yet acknowledged by the broker, at most.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_messages: usize,
+    /// Passed to librdkafka verbatim (security.protocol, sasl.*, ssl.*, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_topic_prefix() -> String {
+    DEFAULT_TOPIC_PREFIX.to_string()
+}
+fn default_partitions() -> i32 {
+    DEFAULT_PARTITIONS
+}
+fn default_replication_factor() -> i32 {
+    DEFAULT_REPLICATION_FACTOR
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT_MESSAGES
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Standby status updates go to the node at least this often.
+    pub status_interval_ms: u64,
+    /// An idle node gets a logical message this often so its slot keeps advancing.
+    pub heartbeat_interval_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            status_interval_ms: DEFAULT_STATUS_INTERVAL_MS,
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// `both`, or `<from>_to_<to>` with the configured node names.
+    pub direction: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Schema-qualified: `schema.table`.
+    pub name: String,
+    #[serde(default = "default_updated_at")]
+    pub updated_at: String,
+}
+
+fn default_updated_at() -> String {
+    DEFAULT_UPDATED_AT.to_string()
+}
+
+impl TableConfig {
+    /// (schema, table); valid after `Config::validate`.
+    pub fn schema_table(&self) -> (&str, &str) {
+        self.name.split_once('.').unwrap_or(("public", &self.name))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN.to_string(),
+        }
+    }
+}
+
+/// One replication direction: changes read on `from` are applied to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Direction {
+    pub from: String,
+    pub to: String,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_to_{}", self.from, self.to)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, taking node passwords from the
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<config>".into(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Takes `DUPLEX_NODES_<NAME>_PASSWORD` for each node from `env`.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        for (name, node) in self.nodes.iter_mut() {
+            node.password_from_env = env(&password_env_var(name));
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nodes.len() != 2 {
+            return Err(invalid(
+                "nodes",
+                format!("exactly two nodes are needed, found {}", self.nodes.len()),
+            ));
+        }
+        for (name, node) in &self.nodes {
+            let field = format!("nodes.{name}");
+            check_name(&field, name)?;
+            node.pg_config().map_err(|e| match e {
+                ConfigError::Invalid { reason, .. } => invalid(format!("{field}.url"), reason),
+                other => other,
+            })?;
+            if let Some(slot) = &node.slot {
+                check_name(&format!("{field}.slot"), slot)?;
+            }
+            if let Some(publication) = &node.publication {
+                check_name(&format!("{field}.publication"), publication)?;
+            }
+        }
+        self.validate_kafka()?;
+        self.directions()?;
+        self.validate_tables()?;
+        self.metrics_listen()?;
+        let s = &self.source;
+        for (field, v) in [
+            ("source.status_interval_ms", s.status_interval_ms),
+            ("source.heartbeat_interval_ms", s.heartbeat_interval_ms),
+            ("source.connect_timeout_ms", s.connect_timeout_ms),
+            ("source.retry_initial_ms", s.retry_initial_ms),
+            ("source.retry_max_ms", s.retry_max_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if s.retry_max_ms < s.retry_initial_ms {
+            return Err(invalid(
+                "source.retry_max_ms",
+                "must not be smaller than source.retry_initial_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if k.topic_prefix.is_empty()
+            || !k
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(invalid(
+                "kafka.topic_prefix",
+                "must be non-empty and use only ASCII letters, digits, '.', '_' and '-'",
+            ));
+        }
+        if k.partitions < 1 {
+            return Err(invalid("kafka.partitions", "must be at least 1"));
+        }
+        if k.replication_factor < 1 {
+            return Err(invalid("kafka.replication_factor", "must be at least 1"));
+        }
+        if k.max_in_flight_messages == 0 {
+            return Err(invalid(
+                "kafka.max_in_flight_messages",
+                "must be at least 1",
+            ));
+        }
+        for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
+            if k.properties.contains_key(key) {
+                return Err(invalid(
+                    format!("kafka.properties.{key}"),
+                    "is set by duplex itself and may not be overridden",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tables(&self) -> Result<(), ConfigError> {
+        if self.tables.is_empty() {
+            return Err(invalid("tables", "at least one table is needed"));
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            let field = format!("tables[{i}].name");
+            let Some((schema, table)) = t.name.split_once('.') else {
+                return Err(invalid(
+                    field,
+                    "must be schema-qualified, like public.items",
+                ));
+            };
+            if schema.is_empty() || table.is_empty() || table.contains('.') {
+                return Err(invalid(field, "must be exactly schema.table"));
+            }
+            if self.tables[..i].iter().any(|o| o.name == t.name) {
+                return Err(invalid(field, format!("{} is listed twice", t.name)));
+            }
+            if t.updated_at.is_empty() {
+                return Err(invalid(
+                    format!("tables[{i}].updated_at"),
+                    "must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn metrics_listen(&self) -> Result<SocketAddr, ConfigError> {
+        self.metrics
+            .listen
+            .parse()
+            .map_err(|_| invalid("metrics.listen", "must be an address like 127.0.0.1:9187"))
+    }
+
+    /// The configured directions, from `sync.direction`.
+    pub fn directions(&self) -> Result<Vec<Direction>, ConfigError> {
+        let names: Vec<&String> = self.nodes.keys().collect();
+        let (x, y) = match names.as_slice() {
+            [x, y] => (x.to_string(), y.to_string()),
+            _ => return Err(invalid("nodes", "exactly two nodes are needed")),
+        };
+        let xy = Direction {
+            from: x.clone(),
+            to: y.clone(),
+        };
+        let yx = Direction { from: y, to: x };
+        match self.sync.direction.as_deref().unwrap_or("both") {
+            "both" => Ok(vec![xy, yx]),
+            d if d == xy.to_string() => Ok(vec![xy]),
+            d if d == yx.to_string() => Ok(vec![yx]),
+            d => Err(invalid(
+                "sync.direction",
+                format!("{d:?} is not one of \"both\", \"{xy}\", \"{yx}\""),
+            )),
+        }
+    }
+
+    /// Nodes that are the source of some direction: they need a reader.
+    pub fn source_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .directions()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.from)
+            .collect();
+        v.dedup();
+        v
+    }
+
+    pub fn slot_name(&self, node: &str) -> String {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.slot.clone())
+            .unwrap_or_else(|| format!("duplex_{node}"))
+    }
+
+    pub fn publication_name(&self, node: &str) -> String {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.publication.clone())
+            .unwrap_or_else(|| DEFAULT_PUBLICATION.to_string())
+    }
+
+    /// The Kafka topic carrying `node`'s changes.
+    pub fn topic(&self, node: &str) -> String {
+        format!("{}.{node}.changes", self.kafka.topic_prefix)
+    }
+
+    /// The replication origin under which changes from `from` are applied.
+    pub fn origin_name(from: &str) -> String {
+        format!("{ORIGIN_PREFIX}from_{from}")
+    }
+}
+
+/// `DUPLEX_NODES_<NAME>_PASSWORD`, the name upper-cased.
+pub fn password_env_var(node: &str) -> String {
+    format!("DUPLEX_NODES_{}_PASSWORD", node.to_ascii_uppercase())
+}
+
+/// Node, slot and publication names end up in identifiers and topic names: keep them
+/// to what needs no quoting anywhere.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 40
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} must be 1-40 of a-z, 0-9 and _, starting with a letter"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [nodes.legacy]
+        url = "postgres://duplex:s3cret@127.0.0.1:5432/app"
+        [nodes.modern]
+        url = "postgres://duplex@127.0.0.1:5433/app"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        [kafka.properties]
+        "security.protocol" = "plaintext"
+        [sync]
+        direction = "legacy_to_modern"
+        [[tables]]
+        name = "public.items"
+    "#;
+
+    fn err_of(text: &str) -> String {
+        match Config::parse(text).and_then(|c| c.validate().map(|_| c)) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.kafka.topic_prefix, "duplex");
+        assert_eq!(c.tables[0].updated_at, "updated_at");
+        assert_eq!(c.topic("legacy"), "duplex.legacy.changes");
+        assert_eq!(c.slot_name("modern"), "duplex_modern");
+        assert_eq!(
+            c.directions().unwrap(),
+            vec![Direction {
+                from: "legacy".into(),
+                to: "modern".into()
+            }]
+        );
+        assert_eq!(c.source_nodes(), vec!["legacy".to_string()]);
+        assert_eq!(c.source.status_interval_ms, DEFAULT_STATUS_INTERVAL_MS);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = err_of(&GOOD.replace("[sync]", "[sync]\nspeed = 3"));
+        assert!(e.contains("speed"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = err_of(&GOOD.replace("legacy_to_modern", "sideways"));
+        assert!(e.contains("sync.direction"), "{e}");
+        let e = err_of(&GOOD.replace("public.items", "items"));
+        assert!(e.contains("tables[0].name"), "{e}");
+        let e = err_of(&GOOD.replace("127.0.0.1:9092", " "));
+        assert!(e.contains("kafka.brokers"), "{e}");
+        let e = err_of(&GOOD.replace("[nodes.modern]", "[nodes.Modern]"));
+        assert!(e.contains("nodes.Modern"), "{e}");
+        let e = err_of(&GOOD.replace("security.protocol", "enable.idempotence"));
+        assert!(e.contains("kafka.properties.enable.idempotence"), "{e}");
+        let e = err_of(&format!("{GOOD}\n[source]\nretry_max_ms = 0"));
+        assert!(e.contains("source.retry_max_ms"), "{e}");
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        let mut c = Config::parse(GOOD).unwrap();
+        c.apply_env(|k| (k == "DUPLEX_NODES_MODERN_PASSWORD").then(|| "envpw".to_string()));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert!(!dbg.contains("envpw"), "{dbg}");
+        assert!(dbg.contains("duplex:***@127.0.0.1"), "{dbg}");
+        let pg = c.nodes["modern"].pg_config().unwrap();
+        assert_eq!(pg.get_password(), Some(&b"envpw"[..]));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../config/duplex.example.toml");
+        Config::parse(text).unwrap().validate().unwrap();
+    }
+}

@@ -1,0 +1,416 @@
+//! Change events: what one committed row change on a node looks like on Kafka.
+//!
+//! The reader builds a [`ChangeEvent`] for every row change (and one per truncated
+//! table) of a committed transaction; the Kafka sink serialises it with
+//! [`ChangeEvent::to_json`] and the apply side reads it back with
+//! [`ChangeEvent::from_json`]. Values travel as PostgreSQL's own text output so that
+//! every type round-trips exactly; NULL and unchanged-TOAST stay distinct.
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
+
+/// A WAL position (PostgreSQL's `pg_lsn`), printed as `X/Y` in hex like PostgreSQL does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub const ZERO: Lsn = Lsn(0);
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+/// Error for a string that is not an `X/Y` LSN.
+#[derive(Debug, thiserror::Error)]
+#[error("not a PostgreSQL LSN (expected X/Y in hex): {0:?}")]
+pub struct LsnParseError(String);
+
+impl FromStr for Lsn {
+    type Err = LsnParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || LsnParseError(s.to_string());
+        let (hi, lo) = s.split_once('/').ok_or_else(err)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lsn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Where an event sits in the source's history: the commit LSN of its transaction and
+/// its ordinal inside that transaction. Several events share one commit LSN, so the LSN
+/// alone never identifies an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub commit_lsn: Lsn,
+    pub seq: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.seq)
+    }
+}
+
+/// The kind of change, with Debezium's letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    #[serde(rename = "c")]
+    Insert,
+    #[serde(rename = "u")]
+    Update,
+    #[serde(rename = "d")]
+    Delete,
+    #[serde(rename = "t")]
+    Truncate,
+}
+
+/// One column's value as PostgreSQL's text output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Null,
+    /// A TOASTed value the change did not touch: the node did not send it, and the
+    /// target must keep what it has.
+    UnchangedToast,
+    Text(String),
+}
+
+/// Columns of one row image in table order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Row(pub Vec<(String, Value)>);
+
+impl Row {
+    pub fn get(&self, column: &str) -> Option<&Value> {
+        self.0.iter().find(|(c, _)| c == column).map(|(_, v)| v)
+    }
+
+    /// Names of the columns whose value is unchanged-TOAST.
+    pub fn unchanged_toast(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(_, v)| *v == Value::UnchangedToast)
+            .map(|(c, _)| c.as_str())
+            .collect()
+    }
+}
+
+/// Serialises present values as a JSON object in column order; unchanged-TOAST columns
+/// are left out here and listed in the envelope's `unchanged_toast` instead.
+impl Serialize for Row {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let present = self.0.iter().filter(|(_, v)| *v != Value::UnchangedToast);
+        let mut map = s.serialize_map(None)?;
+        for (col, v) in present {
+            match v {
+                Value::Null => map.serialize_entry(col, &())?,
+                Value::Text(t) => map.serialize_entry(col, t)?,
+                Value::UnchangedToast => {}
+            }
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Row {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RowVisitor;
+        impl<'de> Visitor<'de> for RowVisitor {
+            type Value = Row;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of column name to text value or null")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Row, A::Error> {
+                let mut cols = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, Option<String>>()? {
+                    cols.push((k, v.map_or(Value::Null, Value::Text)));
+                }
+                Ok(Row(cols))
+            }
+        }
+        d.deserialize_map(RowVisitor)
+    }
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// The configured name of the node the change was committed on.
+    pub node: String,
+    pub db: String,
+    pub schema: String,
+    pub table: String,
+    /// Commit LSN of the transaction.
+    pub lsn: Lsn,
+    /// Ordinal of this event in its transaction, from 0.
+    pub seq: u32,
+    /// True on the transaction's last event: a consumer may commit after it.
+    pub last: bool,
+    pub xid: u32,
+    /// Commit time in microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+}
+
+/// One change, as it is written to Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEvent {
+    pub op: Op,
+    /// Old image: key columns (or the whole row under REPLICA IDENTITY FULL) for
+    /// updates that changed the key and for deletes; absent otherwise.
+    pub before: Option<Row>,
+    /// New image for inserts and updates.
+    pub after: Option<Row>,
+    /// Primary-key column names, in key order.
+    pub key: Vec<String>,
+    /// Column name → PostgreSQL type as `format_type` prints it, in table order.
+    pub types: Vec<(String, String)>,
+    pub source: Source,
+    /// When duplex read the change, milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unchanged_toast: Vec<String>,
+    key: Vec<String>,
+    types: Types,
+    source: Source,
+    ts_ms: i64,
+}
+
+/// Ordered column → type map.
+struct Types(Vec<(String, String)>);
+
+impl Serialize for Types {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (c, t) in &self.0 {
+            map.serialize_entry(c, t)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Types {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TypesVisitor;
+        impl<'de> Visitor<'de> for TypesVisitor {
+            type Value = Types;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of column name to type name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Types, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, String>()? {
+                    v.push(e);
+                }
+                Ok(Types(v))
+            }
+        }
+        d.deserialize_map(TypesVisitor)
+    }
+}
+
+/// Error for a Kafka message that is not a duplex envelope.
+#[derive(Debug, thiserror::Error)]
+#[error("not a duplex change envelope: {0}")]
+pub struct EnvelopeError(#[from] serde_json::Error);
+
+impl ChangeEvent {
+    pub fn position(&self) -> Position {
+        Position {
+            commit_lsn: self.source.lsn,
+            seq: self.source.seq,
+        }
+    }
+
+    /// The Kafka message key: table and primary-key values, so that compaction and
+    /// partitioning (if ever more than one partition) keep a row's history together.
+    pub fn kafka_key(&self) -> Vec<u8> {
+        let image = match self.op {
+            Op::Delete => self.before.as_ref(),
+            _ => self.after.as_ref(),
+        };
+        let mut key = serde_json::Map::new();
+        for k in &self.key {
+            let v = match image.and_then(|r| r.get(k)) {
+                Some(Value::Text(t)) => serde_json::Value::String(t.clone()),
+                _ => serde_json::Value::Null,
+            };
+            key.insert(k.clone(), v);
+        }
+        let table = format!("{}.{}", self.source.schema, self.source.table);
+        serde_json::json!({ "table": table, "key": key })
+            .to_string()
+            .into_bytes()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut toast: Vec<String> = Vec::new();
+        if let Some(after) = &self.after {
+            toast.extend(after.unchanged_toast().into_iter().map(str::to_string));
+        }
+        let env = EnvelopeRef {
+            op: self.op,
+            before: self.before.as_ref(),
+            after: self.after.as_ref(),
+            unchanged_toast: &toast,
+            key: &self.key,
+            types: TypesRef(&self.types),
+            source: &self.source,
+            ts_ms: self.ts_ms,
+        };
+        // Serialising owned strings and maps cannot fail.
+        serde_json::to_vec(&env).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<ChangeEvent, EnvelopeError> {
+        let env: Envelope = serde_json::from_slice(bytes)?;
+        let after = env.after.map(|mut row| {
+            // Put unchanged-TOAST columns back in table order.
+            for (col, _) in &env.types.0 {
+                if env.unchanged_toast.contains(col) && row.get(col).is_none() {
+                    let pos = env
+                        .types
+                        .0
+                        .iter()
+                        .position(|(c, _)| c == col)
+                        .unwrap_or(row.0.len())
+                        .min(row.0.len());
+                    row.0.insert(pos, (col.clone(), Value::UnchangedToast));
+                }
+            }
+            row
+        });
+        Ok(ChangeEvent {
+            op: env.op,
+            before: env.before,
+            after,
+            key: env.key,
+            types: env.types.0,
+            source: env.source,
+            ts_ms: env.ts_ms,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    op: Op,
+    before: Option<&'a Row>,
+    after: Option<&'a Row>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    unchanged_toast: &'a [String],
+    key: &'a [String],
+    types: TypesRef<'a>,
+    source: &'a Source,
+    ts_ms: i64,
+}
+
+struct TypesRef<'a>(&'a [(String, String)]);
+
+impl Serialize for TypesRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (c, t) in self.0 {
+            map.serialize_entry(c, t)?;
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ChangeEvent {
+        ChangeEvent {
+            op: Op::Update,
+            before: None,
+            after: Some(Row(vec![
+                ("id".into(), Value::Text("42".into())),
+                ("body".into(), Value::UnchangedToast),
+                ("note".into(), Value::Null),
+                (
+                    "name".into(),
+                    Value::Text("Zoë \"quoted\" \u{1F600}".into()),
+                ),
+            ])),
+            key: vec!["id".into()],
+            types: vec![
+                ("id".into(), "bigint".into()),
+                ("body".into(), "text".into()),
+                ("note".into(), "text".into()),
+                ("name".into(), "text".into()),
+            ],
+            source: Source {
+                node: "a".into(),
+                db: "app".into(),
+                schema: "public".into(),
+                table: "items".into(),
+                lsn: Lsn(0x1_0000_00ff),
+                seq: 3,
+                last: true,
+                xid: 900,
+                commit_ts_us: 1_700_000_000_123_456,
+            },
+            ts_ms: 1_700_000_000_200,
+        }
+    }
+
+    #[test]
+    fn lsn_prints_and_parses_like_postgres() {
+        assert_eq!(Lsn(0x16B3748).to_string(), "0/16B3748");
+        assert_eq!(Lsn(0x1_0000_00ff).to_string(), "1/FF");
+        assert_eq!("1/FF".parse::<Lsn>().unwrap(), Lsn(0x1_0000_00ff));
+        assert!("1FF".parse::<Lsn>().is_err());
+        assert!("x/1".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn envelope_round_trips_null_and_unchanged_toast_distinctly() {
+        let ev = sample();
+        let json = ev.to_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains(r#""note":null"#), "{text}");
+        assert!(text.contains(r#""unchanged_toast":["body"]"#), "{text}");
+        assert!(!text.contains(r#""body":"#) || text.contains(r#""body":"text""#));
+        let back = ChangeEvent::from_json(&json).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn kafka_key_names_table_and_key_values() {
+        let key = String::from_utf8(sample().kafka_key()).unwrap();
+        assert_eq!(key, r#"{"key":{"id":"42"},"table":"public.items"}"#);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(ChangeEvent::from_json(b"{").is_err());
+        assert!(ChangeEvent::from_json(br#"{"op":"x"}"#).is_err());
+    }
+}

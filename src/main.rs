@@ -1,0 +1,20 @@
+//! The `duplex` binary: parses the command line and hands it to `duplex::cli`.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = duplex::cli::Cli::parse();
+    duplex::cli::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(duplex::cli::execute(cli))
+}

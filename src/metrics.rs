@@ -1,0 +1,148 @@
+//! Metric names, the Prometheus recorder, and the small HTTP endpoint serving
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Every metric duplex exports is named here once, as
+//! `duplex_<subsystem>_<name>_<unit>[_total]`, with labels from bounded sets (node,
+//! table from the config, op, error class). Components record through the `metrics`
+//! facade; [`serve`] renders the recorder's state on each scrape and reports readiness
+//! from [`Health`].
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Row changes read from a node. Labels: node, table, op.
+pub const SOURCE_EVENTS_TOTAL: &str = "duplex_source_events_total";
+/// Transactions read from a node. Labels: node.
+pub const SOURCE_TRANSACTIONS_TOTAL: &str = "duplex_source_transactions_total";
+/// Transactions dropped because duplex itself applied them. Labels: node.
+pub const SOURCE_ECHOES_SUPPRESSED_TOTAL: &str = "duplex_source_echoes_suppressed_total";
+/// The LSN last confirmed to the node's slot, as a byte position. Labels: node.
+pub const SOURCE_CONFIRMED_LSN_BYTES: &str = "duplex_source_confirmed_lsn_bytes";
+/// 1 while the reader streams from the node. Labels: node.
+pub const SOURCE_CONNECTED: &str = "duplex_source_connected";
+/// Errors of the reader. Labels: node, class (transient|definite).
+pub const SOURCE_ERRORS_TOTAL: &str = "duplex_source_errors_total";
+/// Messages the broker acknowledged. Labels: node.
+pub const SINK_KAFKA_PRODUCED_TOTAL: &str = "duplex_sink_kafka_produced_total";
+/// Always 1. Labels: version.
+pub const BUILD_INFO: &str = "duplex_build_info";
+
+/// Installs the global Prometheus recorder.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Which components are up, for `/readyz`.
+#[derive(Default, Clone)]
+pub struct Health {
+    components: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Health {
+    /// Declares a component that must be up for readiness.
+    pub fn register(&self, name: &str) {
+        self.set(name, false);
+    }
+
+    pub fn set(&self, name: &str, up: bool) {
+        if let Ok(mut m) = self.components.lock() {
+            m.insert(name.to_string(), up);
+        }
+    }
+
+    /// Ready when every registered component is up; otherwise lists those that are not.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let m = self
+            .components
+            .lock()
+            .map_err(|_| vec!["health".to_string()])?;
+        let down: Vec<String> = m
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if down.is_empty() {
+            Ok(())
+        } else {
+            Err(down)
+        }
+    }
+}
+
+/// Serves the endpoints on `listener` until `shutdown` turns true. Requests are
+/// handled one at a time: scrapes are small and rare.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let served = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        respond(stream, &handle, &health),
+                    );
+                    if let Ok(Err(e)) = served.await {
+                        tracing::debug!(error = %e, "metrics request failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    health: &Health,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    let request = String::from_utf8_lossy(&buf[..len]);
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/metrics" => ("200 OK", handle.render()),
+        "/healthz" => ("200 OK", "ok\n".to_string()),
+        "/readyz" => match health.readiness() {
+            Ok(()) => ("200 OK", "ready\n".to_string()),
+            Err(down) => (
+                "503 Service Unavailable",
+                format!("not ready: {}\n", down.join(", ")),
+            ),
+        },
+        _ => ("404 Not Found", "not found\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,464 @@
+//! The source pipeline of one node: slot → decoder → reader → Kafka, and durable
+//! positions back to the slot.
+//!
+//! [`run_source`] keeps one streaming session alive, retrying transient failures with
+//! exponential backoff and stopping on definite ones. A session ([`stream_once`])
+//! checks the node, creates what is missing, starts replication from the slot's
+//! confirmed position and then loops: decode each XLogData, turn it into events,
+//! enqueue them on the producer (pipelined) and their delivery futures on a bounded
+//! queue read by the delivery tracker. Only the tracker's durable LSN, the end of a
+//! commit whose every message the broker acknowledged, is ever confirmed to the slot.
+
+use crate::config::Config;
+use crate::event::Lsn;
+use crate::metrics::{self as m, Health};
+use crate::sink::kafka::{self, ChangeProducer, Pending, SinkError};
+use crate::source::pgoutput::{self, DecodeError, LogicalMessage, Relation};
+use crate::source::reader::{Output, ReaderError, TableInfo, TxnReader};
+use crate::source::slot::{self, sql_class, NodeError};
+use crate::source::walsender::{
+    ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
+};
+use crate::ErrorClass;
+use backoff::backoff::Backoff;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// A session that ran this long resets the backoff: the failure is a new one.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// How long a clean shutdown waits for in-flight messages to be acknowledged.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+
+/// Errors of a node's source pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("node {node}: {source}")]
+    Walsender {
+        node: String,
+        source: WalsenderError,
+    },
+    #[error("node {node}: cannot decode pgoutput message at LSN {lsn}: {source}")]
+    Decode {
+        node: String,
+        lsn: Lsn,
+        source: DecodeError,
+    },
+    #[error("node {node}: {source}")]
+    Reader { node: String, source: ReaderError },
+    #[error("node {node}: {context}: {source}")]
+    Sql {
+        node: String,
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("node {node}: Kafka: {source}")]
+    Sink { node: String, source: SinkError },
+    #[error("node {node} is not ready for duplex:\n  {}", problems.join("\n  "))]
+    Preflight { node: String, problems: Vec<String> },
+}
+
+impl PipelineError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PipelineError::Node(e) => e.class(),
+            PipelineError::Walsender { source, .. } => source.class(),
+            PipelineError::Sql { source, .. } => sql_class(source),
+            PipelineError::Sink { source, .. } => source.class(),
+            // The same bytes decode the same way on every retry.
+            PipelineError::Decode { .. } | PipelineError::Reader { .. } => ErrorClass::Definite,
+            PipelineError::Preflight { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// Streams `node`'s changes to Kafka until `shutdown` turns true; retries transient
+/// failures with backoff, returns definite ones.
+pub async fn run_source(
+    cfg: Arc<Config>,
+    node: String,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let component = format!("source {node}");
+    health.register(&component);
+    let mut backoff = backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
+        max_interval: Duration::from_millis(cfg.source.retry_max_ms),
+        max_elapsed_time: None,
+        ..Default::default()
+    };
+    loop {
+        let started = Instant::now();
+        let result = stream_once(&cfg, &node, &health, &component, &mut shutdown).await;
+        health.set(&component, false);
+        metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.clone()).set(0.0);
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let class = e.class();
+        metrics::counter!(m::SOURCE_ERRORS_TOTAL, "node" => node.clone(), "class" => class.as_str())
+            .increment(1);
+        if class == ErrorClass::Definite {
+            tracing::error!(node = %node, error = %e, "reader stopped: fix the cause and restart duplex");
+            return Err(e);
+        }
+        if started.elapsed() > BACKOFF_RESET_AFTER {
+            backoff.reset();
+        }
+        let delay = backoff.next_backoff().unwrap_or(backoff.max_interval);
+        tracing::warn!(node = %node, error = %e, retry_in_ms = delay.as_millis() as u64, "reader failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// One replication session, from connecting to a failure or shutdown.
+async fn stream_once(
+    cfg: &Config,
+    node: &str,
+    health: &Health,
+    component: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let sql = |context: &'static str| {
+        move |source| PipelineError::Sql {
+            node: node.to_string(),
+            context,
+            source,
+        }
+    };
+    let sink = |source| PipelineError::Sink {
+        node: node.to_string(),
+        source,
+    };
+    let wal_err = |source| PipelineError::Walsender {
+        node: node.to_string(),
+        source,
+    };
+    let client = slot::connect(cfg, node, "reader").await?;
+    let problems = crate::preflight::node_problems(cfg, node, &client, true)
+        .await
+        .map_err(sql("checking the node"))?;
+    if !problems.is_empty() {
+        return Err(PipelineError::Preflight {
+            node: node.to_string(),
+            problems,
+        });
+    }
+    slot::setup(cfg, node).await?;
+    let topic = cfg.topic(node);
+    kafka::ensure_topic(&cfg.kafka, &topic)
+        .await
+        .map_err(sink)?;
+    let producer = ChangeProducer::new(&cfg.kafka, &topic).map_err(sink)?;
+
+    let pg = cfg.nodes[node].pg_config().map_err(|e| {
+        PipelineError::Node(NodeError::Config {
+            node: node.to_string(),
+            detail: e.to_string(),
+        })
+    })?;
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    let mut wal = WalsenderConnection::connect(&pg, &format!("duplex reader {node}"), timeout)
+        .await
+        .map_err(wal_err)?;
+    let ident = wal.identify_system().await.map_err(wal_err)?;
+    let slot_name = cfg.slot_name(node);
+    let stream = wal
+        .start_replication(&slot_name, &cfg.publication_name(node), Lsn::ZERO)
+        .await
+        .map_err(wal_err)?;
+    health.set(component, true);
+    metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.to_string()).set(1.0);
+    tracing::info!(node, slot = %slot_name, topic = %topic, system_id = %ident.system_id, "streaming");
+
+    let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
+    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let produced = metrics::counter!(m::SINK_KAFKA_PRODUCED_TOTAL, "node" => node.to_string());
+    let tracker = tokio::spawn(
+        kafka::track_deliveries(queue_rx, durable_tx, move || produced.increment(1))
+            .instrument(tracing::info_span!("delivery_tracker", node)),
+    );
+    let mut session = Session {
+        cfg,
+        node,
+        client,
+        producer,
+        stream,
+        reader: TxnReader::new(node, &ident.dbname),
+        queue: queue_tx,
+        durable: durable_rx,
+        tracker,
+        last_commit_end: Lsn::ZERO,
+        idle_end: Lsn::ZERO,
+        confirmed: Lsn::ZERO,
+        out: Vec::new(),
+    };
+    session.run(shutdown).await
+}
+
+/// State of one streaming session.
+struct Session<'a> {
+    cfg: &'a Config,
+    node: &'a str,
+    client: tokio_postgres::Client,
+    producer: ChangeProducer,
+    stream: ReplicationStream,
+    reader: TxnReader,
+    queue: mpsc::Sender<Pending>,
+    durable: watch::Receiver<Lsn>,
+    tracker: JoinHandle<Result<(), SinkError>>,
+    /// End LSN of the newest commit handed to the tracker.
+    last_commit_end: Lsn,
+    /// Newest position the node reported with nothing of ours pending before it.
+    idle_end: Lsn,
+    confirmed: Lsn,
+    out: Vec<Output>,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PipelineError> {
+        let mut status =
+            tokio::time::interval(Duration::from_millis(self.cfg.source.status_interval_ms));
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(self.cfg.source.heartbeat_interval_ms));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return self.drain().await,
+                joined = &mut self.tracker => {
+                    let e = match joined {
+                        Ok(Err(e)) => e,
+                        _ => SinkError::TrackerGone,
+                    };
+                    return Err(self.sink_err(e));
+                }
+                msg = self.stream.recv() => {
+                    let msg = msg.map_err(|e| self.wal_err(e))?;
+                    self.on_message(msg).await?;
+                }
+                _ = status.tick() => self.send_status(false).await?,
+                _ = heartbeat.tick() => {
+                    // A WAL record in this database, so the slot moves even when idle.
+                    self.client
+                        .execute("SELECT pg_logical_emit_message(false, 'duplex.heartbeat', '')", &[])
+                        .await
+                        .map_err(|source| PipelineError::Sql { node: self.node.to_string(), context: "emitting heartbeat", source })?;
+                }
+            }
+        }
+    }
+
+    async fn on_message(&mut self, msg: ReplicationMessage) -> Result<(), PipelineError> {
+        match msg {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                self.idle_end = self.idle_end.max(wal_end);
+                if reply_requested {
+                    self.send_status(true).await?;
+                }
+            }
+            ReplicationMessage::XLogData { wal_start, data } => {
+                let decoded = pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
+                    node: self.node.to_string(),
+                    lsn: wal_start,
+                    source,
+                })?;
+                if let LogicalMessage::Relation(rel) = &decoded {
+                    let info = table_info(&self.client, rel).await.map_err(|source| {
+                        PipelineError::Sql {
+                            node: self.node.to_string(),
+                            context: "looking up a table's types and key",
+                            source,
+                        }
+                    })?;
+                    self.reader.add_table(rel.id, info);
+                }
+                if matches!(
+                    decoded,
+                    LogicalMessage::Message {
+                        transactional: false,
+                        ..
+                    }
+                ) {
+                    self.idle_end = self.idle_end.max(wal_start);
+                }
+                let mut out = std::mem::take(&mut self.out);
+                self.reader
+                    .handle(decoded, wal_start, now_ms(), &mut out)
+                    .map_err(|source| PipelineError::Reader {
+                        node: self.node.to_string(),
+                        source,
+                    })?;
+                for o in out.drain(..) {
+                    self.forward(o).await?;
+                }
+                self.out = out;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one output to the producer and the delivery queue. Waits when the queue
+    /// is full: that is the backpressure on reading WAL.
+    async fn forward(&mut self, o: Output) -> Result<(), PipelineError> {
+        let pending = match o {
+            Output::Event(ev) => {
+                metrics::counter!(m::SOURCE_EVENTS_TOTAL,
+                    "node" => self.node.to_string(),
+                    "table" => format!("{}.{}", ev.source.schema, ev.source.table),
+                    "op" => op_label(ev.op))
+                .increment(1);
+                let delivery = self
+                    .producer
+                    .send(&ev)
+                    .await
+                    .map_err(|e| self.sink_err(e))?;
+                Pending::Message {
+                    commit_lsn: ev.source.lsn,
+                    delivery,
+                }
+            }
+            Output::Commit { end_lsn, echo, .. } => {
+                let node = self.node.to_string();
+                metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL, "node" => node.clone())
+                    .increment(1);
+                if echo {
+                    metrics::counter!(m::SOURCE_ECHOES_SUPPRESSED_TOTAL, "node" => node)
+                        .increment(1);
+                }
+                self.last_commit_end = end_lsn;
+                Pending::Commit { end_lsn }
+            }
+        };
+        self.queue
+            .send(pending)
+            .await
+            .map_err(|_| self.sink_err(SinkError::TrackerGone))
+    }
+
+    /// Confirms the newest durable position to the slot.
+    async fn send_status(&mut self, force: bool) -> Result<(), PipelineError> {
+        let durable = *self.durable.borrow();
+        let mut flush = durable;
+        // With every commit we handed over acknowledged and no transaction open, all
+        // the node has sent is handled: its reported position is safe to confirm.
+        if !self.reader.in_transaction() && durable >= self.last_commit_end {
+            flush = flush.max(self.idle_end);
+        }
+        if flush > self.confirmed || (force && flush > Lsn::ZERO) {
+            self.stream
+                .send_status(flush)
+                .await
+                .map_err(|e| self.wal_err(e))?;
+            self.confirmed = self.confirmed.max(flush);
+            metrics::gauge!(m::SOURCE_CONFIRMED_LSN_BYTES, "node" => self.node.to_string())
+                .set(self.confirmed.0 as f64);
+        }
+        Ok(())
+    }
+
+    /// Clean stop: let in-flight messages be acknowledged, confirm them, return.
+    async fn drain(&mut self) -> Result<(), PipelineError> {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.queue, closed));
+        match tokio::time::timeout(SHUTDOWN_DRAIN, &mut self.tracker).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => return Err(self.sink_err(e)),
+            _ => tracing::warn!(
+                node = self.node,
+                "in-flight messages not acknowledged in time; they will be re-read on restart"
+            ),
+        }
+        self.send_status(true).await?;
+        tracing::info!(node = self.node, confirmed = %self.confirmed, "reader stopped");
+        Ok(())
+    }
+
+    fn sink_err(&self, source: SinkError) -> PipelineError {
+        PipelineError::Sink {
+            node: self.node.to_string(),
+            source,
+        }
+    }
+
+    fn wal_err(&self, source: WalsenderError) -> PipelineError {
+        PipelineError::Walsender {
+            node: self.node.to_string(),
+            source,
+        }
+    }
+}
+
+fn op_label(op: crate::event::Op) -> &'static str {
+    match op {
+        crate::event::Op::Insert => "insert",
+        crate::event::Op::Update => "update",
+        crate::event::Op::Delete => "delete",
+        crate::event::Op::Truncate => "truncate",
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Column types (as `format_type` prints them) and primary key of a relation.
+async fn table_info(
+    client: &tokio_postgres::Client,
+    rel: &Relation,
+) -> Result<TableInfo, tokio_postgres::Error> {
+    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+    let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
+    let types = client
+        .query(
+            "SELECT format_type(o, m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(o, m, n) ORDER BY n",
+            &[&oids, &mods],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .collect();
+    let mut key: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&rel.id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if key.is_empty() {
+        // No primary key (preflight refuses such tables, but a table may lose it while
+        // streaming): fall back to the replica identity the stream declares.
+        key = rel
+            .columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.clone())
+            .collect();
+    }
+    Ok(TableInfo {
+        schema: rel.namespace.clone(),
+        name: rel.name.clone(),
+        columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
+        types,
+        key,
+    })
+}

@@ -1,0 +1,6 @@
+//! The sink side: where change events go.
+//!
+//! `kafka` produces a node's events onto its change topic and reports, in order, which
+//! source commits are durable on the broker.
+
+pub mod kafka;

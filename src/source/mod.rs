@@ -1,0 +1,10 @@
+//! The source side: reads a node's committed changes through logical replication.
+//!
+//! `walsender` speaks the streaming replication protocol, `pgoutput` decodes the
+//! plugin's binary messages, `slot` manages the publication, slot, origins and the
+//! `duplex` schema on the node, and `reader` turns decoded messages into change events.
+
+pub mod pgoutput;
+pub mod reader;
+pub mod slot;
+pub mod walsender;

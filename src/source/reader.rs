@@ -1,0 +1,483 @@
+//! Turns a node's decoded pgoutput messages into change events, transaction by
+//! transaction.
+//!
+//! The pipeline feeds every decoded message to [`TxnReader::handle`] in stream order and
+//! gets back what to send downstream: change events (each numbered within its
+//! transaction, the last one flagged) and a commit marker carrying the LSN to confirm
+//! once the events before it are durable. One event is held back until the next one or
+//! the commit arrives, so the `last` flag is right without buffering whole
+//! transactions. Transactions under a duplex replication origin are dropped here: they
+//! are changes duplex itself applied, and must not echo back.
+
+use crate::config::ORIGIN_PREFIX;
+use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value};
+use crate::source::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
+use crate::source::walsender::PG_EPOCH_OFFSET_US;
+use std::collections::HashMap;
+
+/// What the reader found wrong with the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error(
+        "change for relation oid {relation_id} at LSN {lsn} arrived before its Relation message"
+    )]
+    UnknownRelation { relation_id: u32, lsn: Lsn },
+    #[error(
+        "{table}: column {column} at LSN {lsn} is not valid UTF-8 (duplex needs a UTF8 database)"
+    )]
+    NotUtf8 {
+        table: String,
+        column: String,
+        lsn: Lsn,
+    },
+    #[error(
+        "{table}: column {column} at LSN {lsn} came in binary format, which duplex never asks for"
+    )]
+    Binary {
+        table: String,
+        column: String,
+        lsn: Lsn,
+    },
+    #[error("{message} outside a transaction at LSN {lsn}")]
+    OutsideTransaction { message: &'static str, lsn: Lsn },
+}
+
+/// A table as the stream describes it, with what the catalog adds.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<String>,
+    /// `format_type` of each column, same order as `columns`.
+    pub types: Vec<String>,
+    /// Primary-key columns in key order.
+    pub key: Vec<String>,
+}
+
+/// What to send downstream, in this order.
+#[derive(Debug)]
+pub enum Output {
+    Event(Box<ChangeEvent>),
+    /// The transaction is complete: once all events before this are durable, the slot
+    /// may be confirmed up to `end_lsn`.
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        events: u32,
+        echo: bool,
+    },
+}
+
+struct Txn {
+    commit_lsn: Lsn,
+    commit_ts_us: i64,
+    xid: u32,
+    next_seq: u32,
+    echo: bool,
+    held: Option<ChangeEvent>,
+}
+
+/// Per-connection state: relation cache and the open transaction.
+pub struct TxnReader {
+    node: String,
+    db: String,
+    tables: HashMap<u32, TableInfo>,
+    txn: Option<Txn>,
+}
+
+impl TxnReader {
+    pub fn new(node: &str, db: &str) -> TxnReader {
+        TxnReader {
+            node: node.to_string(),
+            db: db.to_string(),
+            tables: HashMap::new(),
+            txn: None,
+        }
+    }
+
+    /// Registers a relation (from a Relation message plus catalog lookups).
+    pub fn add_table(&mut self, relation_id: u32, info: TableInfo) {
+        self.tables.insert(relation_id, info);
+    }
+
+    /// True between Begin and Commit.
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// Handles one message; `wal_start` is its XLogData position, for error messages.
+    pub fn handle(
+        &mut self,
+        msg: LogicalMessage,
+        wal_start: Lsn,
+        now_ms: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ReaderError> {
+        match msg {
+            LogicalMessage::Begin {
+                final_lsn,
+                commit_ts,
+                xid,
+            } => {
+                self.txn = Some(Txn {
+                    commit_lsn: final_lsn,
+                    commit_ts_us: commit_ts + PG_EPOCH_OFFSET_US,
+                    xid,
+                    next_seq: 0,
+                    echo: false,
+                    held: None,
+                });
+            }
+            LogicalMessage::Origin { name, .. } => {
+                if let Some(t) = self.txn.as_mut() {
+                    t.echo = name.starts_with(ORIGIN_PREFIX);
+                }
+            }
+            LogicalMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                ..
+            } => {
+                let Some(mut t) = self.txn.take() else {
+                    return Err(ReaderError::OutsideTransaction {
+                        message: "Commit",
+                        lsn: wal_start,
+                    });
+                };
+                if let Some(mut last) = t.held.take() {
+                    last.source.last = true;
+                    out.push(Output::Event(Box::new(last)));
+                }
+                out.push(Output::Commit {
+                    commit_lsn,
+                    end_lsn,
+                    events: t.next_seq,
+                    echo: t.echo,
+                });
+            }
+            LogicalMessage::Relation(rel) => self.refresh_columns(rel),
+            LogicalMessage::Insert { relation_id, new } => {
+                let after = self.row(relation_id, &new, false, wal_start)?;
+                self.emit(
+                    relation_id,
+                    Op::Insert,
+                    None,
+                    Some(after),
+                    now_ms,
+                    out,
+                    wal_start,
+                )?;
+            }
+            LogicalMessage::Update {
+                relation_id,
+                old,
+                new,
+            } => {
+                let before = old
+                    .map(|o| self.old_row(relation_id, &o, wal_start))
+                    .transpose()?;
+                let after = self.row(relation_id, &new, false, wal_start)?;
+                self.emit(
+                    relation_id,
+                    Op::Update,
+                    before,
+                    Some(after),
+                    now_ms,
+                    out,
+                    wal_start,
+                )?;
+            }
+            LogicalMessage::Delete { relation_id, old } => {
+                let before = self.old_row(relation_id, &old, wal_start)?;
+                self.emit(
+                    relation_id,
+                    Op::Delete,
+                    Some(before),
+                    None,
+                    now_ms,
+                    out,
+                    wal_start,
+                )?;
+            }
+            LogicalMessage::Truncate { relation_ids, .. } => {
+                for id in relation_ids {
+                    self.emit(id, Op::Truncate, None, None, now_ms, out, wal_start)?;
+                }
+            }
+            // Types are resolved through the catalog; messages only advance the stream.
+            LogicalMessage::Type { .. } | LogicalMessage::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A Relation message may arrive again after ALTER TABLE: keep the catalog's key
+    /// and types but follow the stream's column list.
+    fn refresh_columns(&mut self, rel: Relation) {
+        if let Some(t) = self.tables.get_mut(&rel.id) {
+            t.columns = rel.columns.into_iter().map(|c| c.name).collect();
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        relation_id: u32,
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+        now_ms: i64,
+        out: &mut Vec<Output>,
+        wal_start: Lsn,
+    ) -> Result<(), ReaderError> {
+        let table = self.table(relation_id, wal_start)?;
+        let key = table.key.clone();
+        let types = table
+            .columns
+            .iter()
+            .cloned()
+            .zip(table.types.iter().cloned())
+            .collect();
+        let (schema, name) = (table.schema.clone(), table.name.clone());
+        let Some(t) = self.txn.as_mut() else {
+            return Err(ReaderError::OutsideTransaction {
+                message: "row change",
+                lsn: wal_start,
+            });
+        };
+        if t.echo {
+            return Ok(());
+        }
+        let ev = ChangeEvent {
+            op,
+            before,
+            after,
+            key,
+            types,
+            source: Source {
+                node: self.node.clone(),
+                db: self.db.clone(),
+                schema,
+                table: name,
+                lsn: t.commit_lsn,
+                seq: t.next_seq,
+                last: false,
+                xid: t.xid,
+                commit_ts_us: t.commit_ts_us,
+            },
+            ts_ms: now_ms,
+        };
+        t.next_seq += 1;
+        if let Some(prev) = t.held.replace(ev) {
+            out.push(Output::Event(Box::new(prev)));
+        }
+        Ok(())
+    }
+
+    fn table(&self, relation_id: u32, lsn: Lsn) -> Result<&TableInfo, ReaderError> {
+        self.tables
+            .get(&relation_id)
+            .ok_or(ReaderError::UnknownRelation { relation_id, lsn })
+    }
+
+    fn old_row(&self, relation_id: u32, old: &OldTuple, lsn: Lsn) -> Result<Row, ReaderError> {
+        match old {
+            OldTuple::Key(t) => self.row(relation_id, t, true, lsn),
+            OldTuple::Full(t) => self.row(relation_id, t, false, lsn),
+        }
+    }
+
+    /// Pairs tuple values with column names; `key_only` keeps just the key columns
+    /// (pgoutput sends the other columns of a key tuple as NULL).
+    fn row(
+        &self,
+        relation_id: u32,
+        tuple: &TupleData,
+        key_only: bool,
+        lsn: Lsn,
+    ) -> Result<Row, ReaderError> {
+        let table = self.table(relation_id, lsn)?;
+        let mut cols = Vec::with_capacity(tuple.0.len());
+        for (name, data) in table.columns.iter().zip(&tuple.0) {
+            if key_only && !table.key.contains(name) {
+                continue;
+            }
+            let value = match data {
+                ColumnData::Null => Value::Null,
+                ColumnData::UnchangedToast => Value::UnchangedToast,
+                ColumnData::Text(bytes) => {
+                    Value::Text(String::from_utf8(bytes.clone()).map_err(|_| {
+                        ReaderError::NotUtf8 {
+                            table: format!("{}.{}", table.schema, table.name),
+                            column: name.clone(),
+                            lsn,
+                        }
+                    })?)
+                }
+                ColumnData::Binary(_) => {
+                    return Err(ReaderError::Binary {
+                        table: format!("{}.{}", table.schema, table.name),
+                        column: name.clone(),
+                        lsn,
+                    })
+                }
+            };
+            cols.push((name.clone(), value));
+        }
+        Ok(Row(cols))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader() -> TxnReader {
+        let mut r = TxnReader::new("a", "app");
+        r.add_table(
+            7,
+            TableInfo {
+                schema: "public".into(),
+                name: "items".into(),
+                columns: vec!["id".into(), "body".into()],
+                types: vec!["bigint".into(), "text".into()],
+                key: vec!["id".into()],
+            },
+        );
+        r
+    }
+
+    fn text(s: &str) -> ColumnData {
+        ColumnData::Text(s.as_bytes().to_vec())
+    }
+
+    fn feed(r: &mut TxnReader, msgs: Vec<LogicalMessage>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for m in msgs {
+            r.handle(m, Lsn(1), 0, &mut out).unwrap();
+        }
+        out
+    }
+
+    fn begin() -> LogicalMessage {
+        LogicalMessage::Begin {
+            final_lsn: Lsn(100),
+            commit_ts: 0,
+            xid: 9,
+        }
+    }
+
+    fn commit() -> LogicalMessage {
+        LogicalMessage::Commit {
+            flags: 0,
+            commit_lsn: Lsn(100),
+            end_lsn: Lsn(130),
+            commit_ts: 0,
+        }
+    }
+
+    fn insert(id: &str) -> LogicalMessage {
+        LogicalMessage::Insert {
+            relation_id: 7,
+            new: TupleData(vec![text(id), ColumnData::UnchangedToast]),
+        }
+    }
+
+    #[test]
+    fn events_are_numbered_and_the_last_is_flagged() {
+        let mut r = reader();
+        let out = feed(
+            &mut r,
+            vec![begin(), insert("1"), insert("2"), insert("3"), commit()],
+        );
+        let evs: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(evs.len(), 3);
+        assert_eq!(
+            evs.iter()
+                .map(|e| (e.source.seq, e.source.last))
+                .collect::<Vec<_>>(),
+            vec![(0, false), (1, false), (2, true)]
+        );
+        assert!(evs.iter().all(|e| e.source.lsn == Lsn(100)));
+        assert_eq!(
+            evs[0].after.as_ref().unwrap().get("body"),
+            Some(&Value::UnchangedToast)
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Output::Commit {
+                end_lsn: Lsn(130),
+                events: 3,
+                echo: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn duplex_origin_transactions_are_dropped_but_still_committed() {
+        let mut r = reader();
+        let origin = LogicalMessage::Origin {
+            origin_lsn: Lsn(5),
+            name: "duplex_from_b".into(),
+        };
+        let out = feed(&mut r, vec![begin(), origin, insert("1"), commit()]);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0],
+            Output::Commit {
+                echo: true,
+                events: 0,
+                ..
+            }
+        ));
+        // Another tool's origin is not an echo.
+        let other = LogicalMessage::Origin {
+            origin_lsn: Lsn(5),
+            name: "pg_16384".into(),
+        };
+        let out = feed(&mut r, vec![begin(), other, insert("1"), commit()]);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn key_only_old_tuples_keep_just_the_key() {
+        let mut r = reader();
+        let upd = LogicalMessage::Update {
+            relation_id: 7,
+            old: Some(OldTuple::Key(TupleData(vec![text("1"), ColumnData::Null]))),
+            new: TupleData(vec![text("2"), text("x")]),
+        };
+        let out = feed(&mut r, vec![begin(), upd, commit()]);
+        let Output::Event(ev) = &out[0] else { panic!() };
+        assert_eq!(
+            ev.before.as_ref().unwrap().0,
+            vec![("id".to_string(), Value::Text("1".into()))]
+        );
+    }
+
+    #[test]
+    fn unknown_relation_and_bad_utf8_are_errors() {
+        let mut r = reader();
+        let mut out = Vec::new();
+        r.handle(begin(), Lsn(1), 0, &mut out).unwrap();
+        let bad = LogicalMessage::Insert {
+            relation_id: 8,
+            new: TupleData(vec![]),
+        };
+        assert!(r.handle(bad, Lsn(1), 0, &mut out).is_err());
+        let bad = LogicalMessage::Insert {
+            relation_id: 7,
+            new: TupleData(vec![ColumnData::Text(vec![0xff]), ColumnData::Null]),
+        };
+        let e = r.handle(bad, Lsn(1), 0, &mut out).unwrap_err().to_string();
+        assert!(e.contains("public.items") && e.contains("id"), "{e}");
+        assert!(r.handle(commit(), Lsn(1), 0, &mut out).is_ok());
+        assert!(r.handle(commit(), Lsn(1), 0, &mut out).is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! What duplex keeps on a node: its `duplex` schema, the publication, the logical
+//! replication slot and the replication origins of apply sessions.
+//!
+//! `setup` creates whatever is missing and brings the publication's table list in line
+//! with the config; `teardown` removes all of it (an orphaned slot keeps WAL forever,
+//! so removal must be one safe command). Both are idempotent. Everything here runs over
+//! an ordinary SQL session opened by [`connect`].
+
+use crate::config::{Config, ORIGIN_PREFIX};
+use crate::source::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
+use crate::ErrorClass;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+use tracing::Instrument;
+
+/// Errors administering a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {node}: {context}: {source}")]
+    Sql {
+        node: String,
+        context: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("node {node}: connecting timed out")]
+    Timeout { node: String },
+    #[error("node {node}: {0}", .detail)]
+    Config { node: String, detail: String },
+    #[error("node {node}: slot {slot} is in use by process {pid}; stop duplex first")]
+    SlotActive {
+        node: String,
+        slot: String,
+        pid: i32,
+    },
+}
+
+impl NodeError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            NodeError::Sql { source, .. } => sql_class(source),
+            NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
+            NodeError::Config { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// Connection losses are transient; server errors go by SQLSTATE.
+pub fn sql_class(e: &tokio_postgres::Error) -> ErrorClass {
+    match e.code() {
+        Some(code) => class_of_sqlstate(code.code()),
+        None => ErrorClass::Transient,
+    }
+}
+
+fn sql_err(
+    node: &str,
+    context: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> NodeError {
+    let (node, context) = (node.to_string(), context.into());
+    move |source| NodeError::Sql {
+        node,
+        context,
+        source,
+    }
+}
+
+/// Opens an ordinary SQL session to `node`, with duplex's fixed output settings. The
+/// connection task ends when the returned client is dropped.
+pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, NodeError> {
+    let node_cfg = cfg.nodes.get(node).ok_or_else(|| NodeError::Config {
+        node: node.to_string(),
+        detail: "not in the config".into(),
+    })?;
+    let mut pg = node_cfg.pg_config().map_err(|e| NodeError::Config {
+        node: node.to_string(),
+        detail: e.to_string(),
+    })?;
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    pg.application_name(format!("duplex {purpose}"))
+        .connect_timeout(timeout);
+    let options: Vec<String> = OUTPUT_SETTINGS
+        .iter()
+        .filter(|(k, _)| *k != "client_encoding")
+        .map(|(k, v)| format!("-c {k}={}", v.replace(' ', "\\ ")))
+        .collect();
+    pg.options(options.join(" "));
+    let fut = pg.connect(NoTls);
+    let (client, connection) = tokio::time::timeout(timeout + Duration::from_secs(1), fut)
+        .await
+        .map_err(|_| NodeError::Timeout {
+            node: node.to_string(),
+        })?
+        .map_err(sql_err(node, "connecting"))?;
+    let span = tracing::info_span!("pg_connection", node, purpose);
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        }
+        .instrument(span),
+    );
+    Ok(client)
+}
+
+/// Creates what is missing on `node` for the configured directions.
+pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
+    let client = connect(cfg, node, "setup").await?;
+    let mut done = Vec::new();
+    client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(sql_err(node, "creating schema duplex"))?;
+    let directions = cfg.directions().map_err(|e| NodeError::Config {
+        node: node.to_string(),
+        detail: e.to_string(),
+    })?;
+    if directions.iter().any(|d| d.from == node) {
+        done.extend(ensure_publication(cfg, &client, node).await?);
+        done.extend(ensure_slot(cfg, &client, node).await?);
+    }
+    for d in directions.iter().filter(|d| d.to == node) {
+        let origin = Config::origin_name(&d.from);
+        let created: bool = client
+            .query_one(
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
+                 THEN false ELSE pg_replication_origin_create($1) IS NOT NULL END",
+                &[&origin],
+            )
+            .await
+            .map_err(sql_err(
+                node,
+                format!("creating replication origin {origin}"),
+            ))?
+            .get(0);
+        if created {
+            done.push(format!("created replication origin {origin}"));
+        }
+    }
+    Ok(done)
+}
+
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS duplex;
+CREATE TABLE IF NOT EXISTS duplex.schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+";
+
+/// The publication lists exactly the configured tables.
+async fn ensure_publication(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+) -> Result<Option<String>, NodeError> {
+    let publication = cfg.publication_name(node);
+    let tables: Vec<String> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.schema_table();
+            format!("{}.{}", quote_ident(s), quote_ident(n))
+        })
+        .collect();
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication"))?
+        .is_some();
+    let (sql, what) = if exists {
+        let sql = format!(
+            "ALTER PUBLICATION {} SET TABLE {}",
+            quote_ident(&publication),
+            tables.join(", ")
+        );
+        (
+            sql,
+            format!("publication {publication} lists {} table(s)", tables.len()),
+        )
+    } else {
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(&publication),
+            tables.join(", ")
+        );
+        (sql, format!("created publication {publication}"))
+    };
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_err(node, format!("writing publication {publication}")))?;
+    Ok(Some(what))
+}
+
+async fn ensure_slot(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+) -> Result<Option<String>, NodeError> {
+    let slot = cfg.slot_name(node);
+    let row = client
+        .query_opt(
+            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        let plugin: Option<String> = row.get(0);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!("slot {slot} exists but is not a pgoutput logical slot; drop it or set nodes.{node}.slot"),
+            });
+        }
+        return Ok(None);
+    }
+    client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, format!("creating replication slot {slot}")))?;
+    Ok(Some(format!("created replication slot {slot}")))
+}
+
+/// Removes duplex's slot, publication, origins and schema from `node`.
+pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
+    let client = connect(cfg, node, "teardown").await?;
+    let mut done = Vec::new();
+    let slot = cfg.slot_name(node);
+    let row = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(NodeError::SlotActive {
+                node: node.to_string(),
+                slot,
+                pid,
+            });
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(sql_err(node, format!("dropping slot {slot}")))?;
+        done.push(format!("dropped replication slot {slot}"));
+    }
+    let publication = cfg.publication_name(node);
+    let n = client
+        .execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication"))?;
+    if n > 0 {
+        client
+            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&publication)))
+            .await
+            .map_err(sql_err(node, format!("dropping publication {publication}")))?;
+        done.push(format!("dropped publication {publication}"));
+    }
+    let origins = client
+        .query(
+            "SELECT roname, pg_replication_origin_drop(roname) IS NULL FROM pg_replication_origin
+             WHERE starts_with(roname, $1)",
+            &[&ORIGIN_PREFIX],
+        )
+        .await
+        .map_err(sql_err(node, "dropping replication origins"))?;
+    for o in origins {
+        done.push(format!(
+            "dropped replication origin {}",
+            o.get::<_, String>(0)
+        ));
+    }
+    let had_schema = client
+        .execute("SELECT 1 FROM pg_namespace WHERE nspname = 'duplex'", &[])
+        .await
+        .map_err(sql_err(node, "reading pg_namespace"))?;
+    if had_schema > 0 {
+        client
+            .batch_execute("DROP SCHEMA duplex CASCADE")
+            .await
+            .map_err(sql_err(node, "dropping schema duplex"))?;
+        done.push("dropped schema duplex".into());
+    }
+    Ok(done)
+}

@@ -1,0 +1,588 @@
+//! A connection to a node's walsender in `replication=database` mode.
+//!
+//! tokio-postgres cannot open replication connections, so this speaks the protocol
+//! directly over a socket with postgres-protocol's message codecs: startup and
+//! authentication (trust, cleartext, md5, SCRAM-SHA-256), simple queries for the
+//! replication commands, and then COPY BOTH, where the node sends XLogData and
+//! keepalives and we send standby status updates. Bytes read from the socket are kept
+//! in one buffer, so [`ReplicationStream::recv`] can be cancelled (e.g. by a timer in
+//! `select!`) without losing data.
+
+use crate::event::Lsn;
+use crate::ErrorClass;
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// Session settings that fix how values are printed, so the text that reaches Kafka
+/// does not depend on the server's or role's defaults.
+pub const OUTPUT_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+];
+
+/// Errors talking to a walsender.
+#[derive(Debug, thiserror::Error)]
+pub enum WalsenderError {
+    #[error("connection to {endpoint} failed: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("replication connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the node closed the replication connection")]
+    Closed,
+    #[error("node error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Server {
+        code: String,
+        message: String,
+        detail: Option<String>,
+    },
+    #[error("the node asked for a password but none is configured (set it in the URL or DUPLEX_NODES_<NAME>_PASSWORD)")]
+    NoPassword,
+    #[error("unsupported connection setting: {0}")]
+    Unsupported(String),
+    #[error("unexpected replication protocol message: {0}")]
+    Protocol(String),
+}
+
+impl WalsenderError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            WalsenderError::NoPassword | WalsenderError::Unsupported(_) => ErrorClass::Definite,
+            WalsenderError::Server { code, .. } => class_of_sqlstate(code),
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            WalsenderError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Splits SQLSTATEs into those that go away by themselves and those an operator fixes.
+pub fn class_of_sqlstate(code: &str) -> ErrorClass {
+    match code {
+        // Object in use (slot active for a walsender still exiting), too many
+        // connections, shutdown/crash/cannot-connect-now, serialization and deadlock.
+        "55006" | "53300" | "57P01" | "57P02" | "57P03" | "40001" | "40P01" => {
+            ErrorClass::Transient
+        }
+        c if c.starts_with("08") => ErrorClass::Transient,
+        // Auth, privileges, missing objects, bad parameters, config limits.
+        _ => ErrorClass::Definite,
+    }
+}
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// A frame read off the wire: its tag and body (the length header stripped).
+struct Frame {
+    tag: u8,
+    body: Bytes,
+}
+
+/// A walsender connection outside COPY mode: run replication commands on it.
+pub struct WalsenderConnection {
+    socket: Box<dyn Socket>,
+    read: BytesMut,
+    write: BytesMut,
+}
+
+/// Result of IDENTIFY_SYSTEM.
+#[derive(Debug, Clone)]
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: Lsn,
+    pub dbname: String,
+}
+
+impl WalsenderConnection {
+    /// Opens a socket to the first reachable host of `cfg`, starts a replication
+    /// session and authenticates.
+    pub async fn connect(
+        cfg: &tokio_postgres::Config,
+        application_name: &str,
+        timeout: Duration,
+    ) -> Result<WalsenderConnection, WalsenderError> {
+        if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(WalsenderError::Unsupported(
+                "sslmode=require: TLS to the node is not supported yet; use a TLS tunnel or sslmode=prefer on a trusted network".into(),
+            ));
+        }
+        let socket = open_socket(cfg, timeout).await?;
+        let mut conn = WalsenderConnection {
+            socket,
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::with_capacity(1024),
+        };
+        let user = cfg.get_user().unwrap_or("postgres");
+        let dbname = cfg.get_dbname().unwrap_or(user);
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", user),
+            ("database", dbname),
+            ("replication", "database"),
+            ("application_name", application_name),
+        ];
+        params.extend_from_slice(OUTPUT_SETTINGS);
+        frontend::startup_message(params, &mut conn.write)?;
+        conn.flush().await?;
+        conn.authenticate(user, cfg.get_password()).await?;
+        conn.wait_ready().await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), WalsenderError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            let msg = parse_backend(frame)?;
+            match msg {
+                backend::Message::AuthenticationOk => return Ok(()),
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or(WalsenderError::NoPassword)?;
+                    frontend::password_message(pw, &mut self.write)?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or(WalsenderError::NoPassword)?;
+                    let hash =
+                        postgres_protocol::authentication::md5_hash(user.as_bytes(), pw, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.write)?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == "SCRAM-SHA-256";
+                    }
+                    if !has_scram {
+                        return Err(WalsenderError::Unsupported(
+                            "the node offers no SASL mechanism duplex supports (SCRAM-SHA-256)"
+                                .into(),
+                        ));
+                    }
+                    let pw = password.ok_or(WalsenderError::NoPassword)?;
+                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.write)?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| protocol("SASL continue"))?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut self.write)?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| protocol("SASL final"))?;
+                    s.finish(body.data())?;
+                    continue;
+                }
+                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                _ => {
+                    return Err(WalsenderError::Unsupported(
+                        "authentication method (duplex supports trust, password, md5 and SCRAM-SHA-256)".into(),
+                    ))
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Reads past ParameterStatus/BackendKeyData to ReadyForQuery.
+    async fn wait_ready(&mut self) -> Result<(), WalsenderError> {
+        loop {
+            let frame = self.read_frame().await?;
+            match parse_backend(frame)? {
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one simple-protocol command and returns its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, WalsenderError> {
+        frontend::query(sql, &mut self.write)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match parse_backend(frame)? {
+                backend::Message::DataRow(body) => rows.push(data_row(&body)?),
+                backend::Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, WalsenderError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| protocol("IDENTIFY_SYSTEM without a row"))?;
+        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(SystemIdentity {
+            system_id: col(0),
+            timeline: col(1)
+                .parse()
+                .map_err(|_| protocol("IDENTIFY_SYSTEM timeline"))?,
+            xlog_pos: col(2)
+                .parse()
+                .map_err(|_| protocol("IDENTIFY_SYSTEM xlogpos"))?,
+            dbname: col(3),
+        })
+    }
+
+    /// Creates a logical slot with pgoutput; returns its consistent point.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, WalsenderError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let lsn = rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .ok_or_else(|| protocol("CREATE_REPLICATION_SLOT without consistent_point"))?;
+        lsn.parse()
+            .map_err(|_| protocol("CREATE_REPLICATION_SLOT consistent_point"))
+    }
+
+    /// Starts streaming `slot` from `start` (0/0: from the slot's confirmed position).
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<ReplicationStream, WalsenderError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            quote_ident(slot),
+            start,
+            quote_literal(&quote_ident(publication)),
+        );
+        frontend::query(&sql, &mut self.write)?;
+        self.flush().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'W' => break,
+                b'E' | b'N' | b'S' => match parse_backend(frame)? {
+                    backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                    _ => continue,
+                },
+                t => {
+                    return Err(protocol(&format!(
+                        "message '{}' before COPY BOTH",
+                        t as char
+                    )))
+                }
+            }
+        }
+        Ok(ReplicationStream { conn: self })
+    }
+
+    async fn flush(&mut self) -> Result<(), WalsenderError> {
+        self.socket.write_all(&self.write).await?;
+        self.socket.flush().await?;
+        self.write.clear();
+        Ok(())
+    }
+
+    /// Reads one whole frame. Cancel-safe: partial frames stay in `self.read`.
+    async fn read_frame(&mut self) -> Result<Frame, WalsenderError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(frame);
+            }
+            if self.socket.read_buf(&mut self.read).await? == 0 {
+                return Err(WalsenderError::Closed);
+            }
+        }
+    }
+
+    fn try_frame(&mut self) -> Result<Option<Frame>, WalsenderError> {
+        if self.read.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.read[0];
+        let len = u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]);
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len < 4 {
+            return Err(protocol("frame length below 4"));
+        }
+        let total = len.saturating_add(1);
+        if self.read.len() < total {
+            self.read.reserve(total - self.read.len());
+            return Ok(None);
+        }
+        let mut frame = self.read.split_to(total);
+        frame.advance(5);
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
+    }
+}
+
+/// What the node sends during streaming.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// WAL data: one pgoutput message starting at `wal_start`.
+    XLogData { wal_start: Lsn, data: Bytes },
+    /// The node's sent position; `reply_requested` asks for a status update now.
+    Keepalive { wal_end: Lsn, reply_requested: bool },
+}
+
+/// A walsender connection in COPY BOTH mode.
+pub struct ReplicationStream {
+    conn: WalsenderConnection,
+}
+
+impl ReplicationStream {
+    /// The next message from the node. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<ReplicationMessage, WalsenderError> {
+        loop {
+            let frame = self.conn.read_frame().await?;
+            match frame.tag {
+                b'd' => return parse_copy_data(frame.body),
+                b'c' => return Err(WalsenderError::Closed),
+                _ => match parse_backend(frame)? {
+                    backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                    _ => continue,
+                },
+            }
+        }
+    }
+
+    /// Sends a standby status update: everything up to `flushed` is durable downstream.
+    pub async fn send_status(&mut self, flushed: Lsn) -> Result<(), WalsenderError> {
+        let mut body = Vec::with_capacity(34);
+        body.push(b'r');
+        for lsn in [flushed, flushed, flushed] {
+            body.extend_from_slice(&lsn.0.to_be_bytes());
+        }
+        body.extend_from_slice(&now_pg_us().to_be_bytes());
+        body.push(0);
+        frontend::CopyData::new(&body[..])?.write(&mut self.conn.write);
+        self.conn.flush().await
+    }
+}
+
+fn parse_copy_data(mut body: Bytes) -> Result<ReplicationMessage, WalsenderError> {
+    if body.is_empty() {
+        return Err(protocol("empty CopyData"));
+    }
+    match body.get_u8() {
+        b'w' if body.len() >= 24 => {
+            let wal_start = Lsn(body.get_u64());
+            body.advance(16); // wal_end and send time: not needed per message
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                data: body,
+            })
+        }
+        b'k' if body.len() >= 17 => {
+            let wal_end = Lsn(body.get_u64());
+            body.advance(8);
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested: body.get_u8() == 1,
+            })
+        }
+        t => Err(protocol(&format!(
+            "CopyData '{}' of {} bytes",
+            t as char,
+            body.len()
+        ))),
+    }
+}
+
+fn now_pg_us() -> i64 {
+    let unix_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix_us - PG_EPOCH_OFFSET_US
+}
+
+async fn open_socket(
+    cfg: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<Box<dyn Socket>, WalsenderError> {
+    use tokio_postgres::config::Host;
+    let hosts = cfg.get_hosts();
+    let ports = cfg.get_ports();
+    let mut last = WalsenderError::Unsupported("the URL names no host".into());
+    for (i, host) in hosts.iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let endpoint = match host {
+            Host::Tcp(h) => format!("{h}:{port}"),
+            #[cfg(unix)]
+            Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
+        };
+        match tokio::time::timeout(timeout, connect_one(host, port)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(source)) => last = WalsenderError::Connect { endpoint, source },
+            Err(_) => last = WalsenderError::ConnectTimeout(endpoint),
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(
+    host: &tokio_postgres::config::Host,
+    port: u16,
+) -> std::io::Result<Box<dyn Socket>> {
+    use tokio_postgres::config::Host;
+    match host {
+        Host::Tcp(h) => {
+            let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+        }
+    }
+}
+
+fn parse_backend(frame: Frame) -> Result<backend::Message, WalsenderError> {
+    let mut buf = BytesMut::with_capacity(frame.body.len() + 5);
+    buf.extend_from_slice(&[frame.tag]);
+    buf.extend_from_slice(&((frame.body.len() + 4) as u32).to_be_bytes());
+    buf.extend_from_slice(&frame.body);
+    backend::Message::parse(&mut buf)?.ok_or_else(|| protocol("incomplete frame"))
+}
+
+fn data_row(body: &backend::DataRowBody) -> Result<Vec<Option<String>>, WalsenderError> {
+    let buf = body.buffer();
+    let mut out = Vec::new();
+    let mut ranges = body.ranges();
+    while let Some(r) = ranges.next()? {
+        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+    }
+    Ok(out)
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> WalsenderError {
+    let (mut code, mut message, mut detail) = (String::new(), String::new(), None);
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            _ => {}
+        }
+    }
+    WalsenderError::Server {
+        code,
+        message,
+        detail,
+    }
+}
+
+fn protocol(what: &str) -> WalsenderError {
+    WalsenderError::Protocol(what.to_string())
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_and_xlogdata_parse() {
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&0x1_0000_0010u64.to_be_bytes());
+        k.extend_from_slice(&7i64.to_be_bytes());
+        k.push(1);
+        match parse_copy_data(Bytes::from(k)).unwrap() {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            } => {
+                assert_eq!(wal_end, Lsn(0x1_0000_0010));
+                assert!(reply_requested);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&5u64.to_be_bytes());
+        w.extend_from_slice(&[0; 16]);
+        w.extend_from_slice(b"B...");
+        match parse_copy_data(Bytes::from(w)).unwrap() {
+            ReplicationMessage::XLogData { wal_start, data } => {
+                assert_eq!(wal_start, Lsn(5));
+                assert_eq!(&data[..], b"B...");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_copy_data_is_an_error() {
+        assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"w123")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"k1")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"zzzzzzzzzzzzzzzzzzzzzzzzzz")).is_err());
+    }
+
+    #[test]
+    fn sqlstates_are_classified() {
+        assert_eq!(class_of_sqlstate("28P01"), ErrorClass::Definite);
+        assert_eq!(class_of_sqlstate("42704"), ErrorClass::Definite);
+        assert_eq!(class_of_sqlstate("55006"), ErrorClass::Transient);
+        assert_eq!(class_of_sqlstate("08006"), ErrorClass::Transient);
+        assert_eq!(class_of_sqlstate("57P01"), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,214 @@
+//! `duplex check`, `setup` and `teardown`, and how `run` reacts to bad config and bad
+//! connections.
+
+use crate::harness::duplex::Rig;
+use crate::harness::pg::{Cluster, MD5_USER, PLAIN_USER};
+use crate::harness::{free_port, wait_for};
+use std::time::Duration;
+
+const DDL: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());";
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn check_passes_on_a_good_setup() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let out = rig.command(&["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ok:"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn check_names_every_problem() {
+    let rig = Rig::new(
+        "CREATE TABLE nopk (id int, updated_at timestamptz);
+         CREATE TABLE noupd (id int PRIMARY KEY);",
+        &["public.nopk", "public.noupd", "public.ghost"],
+        "",
+    )
+    .await;
+    // Node a: a cluster with wal_level=replica, as a role that may not replicate;
+    // Kafka: a port nobody listens on.
+    let replica = Cluster::start(&[("wal_level", "replica")]);
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let a_url = Cluster::shared().url("postgres", &rig.db_a);
+    let cfg = cfg
+        .replace(&a_url, &replica.url(PLAIN_USER, "postgres"))
+        .replace(
+            &crate::harness::kafka::Broker::shared().brokers(),
+            &format!("127.0.0.1:{}", free_port()),
+        );
+    std::fs::write(&rig.config, cfg).unwrap();
+    let out = rig.command(&["check"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    for expected in [
+        "node a: wal_level is replica; set wal_level = logical",
+        &format!("node a: role {PLAIN_USER} may not replicate"),
+        "node a: table public.nopk does not exist",
+        "node b: table public.nopk has no primary key",
+        "node b: table public.noupd has no column updated_at",
+        "node b: table public.ghost does not exist",
+        "kafka: brokers 127.0.0.1:",
+    ] {
+        assert!(t.contains(expected), "missing {expected:?} in:\n{t}");
+    }
+}
+
+#[tokio::test]
+async fn check_reports_an_unreachable_node() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let a_url = Cluster::shared().url("postgres", &rig.db_a);
+    let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
+    std::fs::write(&rig.config, cfg.replace(&a_url, &dead)).unwrap();
+    let out = rig.command(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("node a: connecting:"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn bad_config_names_the_field() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(&rig.config, cfg.replace("[sync]", "[sync]\nspeed = 1")).unwrap();
+    let out = rig.command(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("speed"), "{}", text(&out));
+    std::fs::write(&rig.config, cfg.replace("a_to_b", "a_to_c")).unwrap();
+    let out = rig.command(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("sync.direction"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn setup_and_teardown_are_idempotent() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cluster = Cluster::shared();
+    for _ in 0..2 {
+        let out = rig.command(&["setup"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let a = cluster.client(&rig.db_a).await;
+    let b = cluster.client(&rig.db_b).await;
+    let count = |sql: &'static str| {
+        let (a, slot) = (&a, rig.slot_a());
+        async move { a.query_one(sql, &[&slot]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1").await,
+        1
+    );
+    let origin: i64 = b
+        .query_one(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname = 'duplex_from_a'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(origin, 1);
+    let tables: i64 = a
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1",
+            &[&rig.prefix],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 1);
+
+    let out = rig.command(&["teardown"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "teardown without --yes must refuse"
+    );
+    let out = rig.command(&["teardown", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("dropped replication slot"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1").await,
+        0
+    );
+    let schema: i64 = a
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'duplex'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema, 0);
+    let out = rig.command(&["teardown", "--yes"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out).contains("node a: nothing to remove"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test]
+async fn run_stops_with_a_message_on_definite_errors() {
+    // A missing table.
+    let rig = Rig::new(DDL, &["public.items", "public.ghost"], "").await;
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(30)).await, Some(1));
+    assert!(
+        d.logs().contains("table public.ghost does not exist"),
+        "{}",
+        d.logs()
+    );
+
+    // A wrong password, given through the environment variable.
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let a_url = Cluster::shared().url("postgres", &rig.db_a);
+    let md5_url = Cluster::shared().url(MD5_USER.0, &rig.db_a);
+    std::fs::write(&rig.config, cfg.replace(&a_url, &md5_url)).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["run", "--config"])
+        .arg(&rig.config)
+        .env("DUPLEX_NODES_A_PASSWORD", "not-the-password")
+        .output()
+        .unwrap();
+    let t = text(&child);
+    assert_eq!(child.status.code(), Some(1), "{t}");
+    assert!(t.contains("password authentication failed"), "{t}");
+    assert!(
+        !t.contains("not-the-password"),
+        "the password leaked into the output:\n{t}"
+    );
+}
+
+#[tokio::test]
+async fn run_retries_an_unreachable_node_until_stopped() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let a_url = Cluster::shared().url("postgres", &rig.db_a);
+    let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
+    std::fs::write(&rig.config, cfg.replace(&a_url, &dead)).unwrap();
+    let d = rig.start();
+    wait_for("three retries in the log", Duration::from_secs(30), || {
+        let n = d.logs().matches("reader failed; retrying").count();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert!(
+        d.logs().contains("Connection refused") || d.logs().contains("connection refused"),
+        "{}",
+        d.logs()
+    );
+    assert_eq!(d.stop().await, Some(0));
+}

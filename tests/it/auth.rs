@@ -1,0 +1,72 @@
+//! The walsender connection authenticates with trust, md5 and SCRAM-SHA-256, and
+//! reports bad credentials as definite errors.
+
+use crate::harness::pg::{Cluster, MD5_USER, SCRAM_USER};
+use duplex::source::walsender::{WalsenderConnection, WalsenderError};
+use duplex::ErrorClass;
+use std::str::FromStr;
+use std::time::Duration;
+
+async fn connect(
+    user: &str,
+    password: Option<&str>,
+) -> Result<WalsenderConnection, WalsenderError> {
+    let cluster = Cluster::shared();
+    let mut cfg = tokio_postgres::Config::from_str(&cluster.url(user, "postgres")).unwrap();
+    if let Some(pw) = password {
+        cfg.password(pw);
+    }
+    WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(10)).await
+}
+
+#[tokio::test]
+async fn trust_md5_and_scram_all_identify_the_system() {
+    for (user, pw) in [
+        ("postgres", None),
+        (MD5_USER.0, Some(MD5_USER.1)),
+        (SCRAM_USER.0, Some(SCRAM_USER.1)),
+    ] {
+        let mut conn = connect(user, pw)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let id = conn.identify_system().await.unwrap();
+        assert_eq!(id.dbname, "postgres", "{user}");
+        assert!(id.timeline >= 1);
+        assert!(id.xlog_pos.0 > 0);
+    }
+}
+
+#[tokio::test]
+async fn wrong_or_missing_passwords_are_definite_errors() {
+    for user in [MD5_USER.0, SCRAM_USER.0] {
+        let e = connect(user, Some("wrong"))
+            .await
+            .err()
+            .expect("wrong password accepted");
+        assert_eq!(e.sqlstate(), Some("28P01"), "{user}: {e}");
+        assert_eq!(e.class(), ErrorClass::Definite);
+        assert!(
+            e.to_string().contains("password authentication failed"),
+            "{e}"
+        );
+        let e = connect(user, None)
+            .await
+            .err()
+            .expect("no password accepted");
+        assert!(matches!(e, WalsenderError::NoPassword), "{user}: {e}");
+        assert_eq!(e.class(), ErrorClass::Definite);
+    }
+}
+
+#[tokio::test]
+async fn unreachable_node_is_transient() {
+    let port = crate::harness::free_port();
+    let cfg =
+        tokio_postgres::Config::from_str(&format!("postgres://x@127.0.0.1:{port}/db")).unwrap();
+    let e = WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(5))
+        .await
+        .err()
+        .expect("connected to nothing");
+    assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    assert!(e.to_string().contains(&port.to_string()), "{e}");
+}

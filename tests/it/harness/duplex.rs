@@ -1,0 +1,153 @@
+//! The duplex binary under test: a config for a test's databases, and the daemon as a
+//! child process that can be stopped cleanly or killed with SIGKILL.
+
+use super::kafka::Broker;
+use super::pg::Cluster;
+use super::{register, temp_dir, unique, Cleanup};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// One test's setup: node `a` (the source) and node `b`, each a database of its own.
+pub struct Rig {
+    pub dir: PathBuf,
+    pub db_a: String,
+    pub db_b: String,
+    pub prefix: String,
+    pub config: PathBuf,
+}
+
+impl Rig {
+    /// Two fresh databases on the shared cluster, the given DDL run on both, and a
+    /// config streaming a → b for `tables`, with `extra` TOML appended.
+    pub async fn new(ddl: &str, tables: &[&str], extra: &str) -> Rig {
+        let cluster = Cluster::shared();
+        let (db_a, db_b) = (cluster.create_db(), cluster.create_db());
+        for db in [&db_a, &db_b] {
+            cluster.client(db).await.batch_execute(ddl).await.unwrap();
+        }
+        let prefix = unique("duplex");
+        let dir = temp_dir("duplex-rig-");
+        let rig = Rig {
+            config: dir.join("duplex.toml"),
+            dir,
+            db_a,
+            db_b,
+            prefix,
+        };
+        rig.write_config(tables, extra);
+        rig
+    }
+
+    pub fn write_config(&self, tables: &[&str], extra: &str) {
+        let cluster = Cluster::shared();
+        let tables: String = tables
+            .iter()
+            .map(|t| format!("[[tables]]\nname = \"{t}\"\n"))
+            .collect();
+        let text = format!(
+            r#"
+[nodes.a]
+url = "{a}"
+slot = "{prefix}_a"
+publication = "{prefix}"
+[nodes.b]
+url = "{b}"
+slot = "{prefix}_b"
+publication = "{prefix}"
+[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+[sync]
+direction = "a_to_b"
+[metrics]
+listen = "127.0.0.1:{metrics}"
+[source]
+status_interval_ms = 500
+heartbeat_interval_ms = 500
+retry_initial_ms = 100
+retry_max_ms = 1000
+{tables}
+{extra}
+"#,
+            a = cluster.url("postgres", &self.db_a),
+            b = cluster.url("postgres", &self.db_b),
+            prefix = self.prefix,
+            brokers = Broker::shared().brokers(),
+            metrics = super::free_port(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn topic(&self) -> String {
+        format!("{}.a.changes", self.prefix)
+    }
+
+    pub fn slot_a(&self) -> String {
+        format!("{}_a", self.prefix)
+    }
+
+    /// Runs a one-shot duplex command (check, setup, teardown, ...).
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `duplex run` in the background.
+    pub fn start(&self) -> Daemon {
+        let log = self.dir.join(format!("{}.log", unique("duplex")));
+        let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        register(Cleanup::Kill(child.id()));
+        Daemon { child, log }
+    }
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or confirm anything.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub async fn stop(mut self) -> Option<i32> {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        super::wait_for("duplex to exit", Duration::from_secs(40), || {
+            let r = self.child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+        .code()
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub async fn exited(&mut self, timeout: Duration) -> Option<i32> {
+        super::wait_for("duplex to exit by itself", timeout, || {
+            let r = self.child.try_wait().unwrap();
+            async move { r }
+        })
+        .await
+        .code()
+    }
+}

@@ -1,0 +1,127 @@
+//! A Tansu broker (Kafka protocol, memory storage) for tests, and a reader of topics.
+
+use super::{free_port, register, temp_dir, Cleanup};
+use duplex::event::ChangeEvent;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct Broker {
+    pub port: u16,
+    /// Killed at exit (see `harness::cleanup_at_exit`).
+    _child: std::sync::Mutex<std::process::Child>,
+}
+
+/// Where the broker binary is: `DUPLEX_TANSU`, the dev-env cache, or PATH.
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("DUPLEX_TANSU") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cached = PathBuf::from(home).join(".cache/duplex/tansu-0.6.0/bin/tansu");
+    if cached.exists() {
+        cached
+    } else {
+        "tansu".into()
+    }
+}
+
+impl Broker {
+    pub fn shared() -> &'static Broker {
+        static SHARED: OnceLock<Broker> = OnceLock::new();
+        SHARED.get_or_init(Broker::start)
+    }
+
+    fn start() -> Broker {
+        let port = free_port();
+        let dir = temp_dir("duplex-tansu-");
+        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                "memory://tansu/",
+                "--cluster-id",
+                "duplex-test",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start tansu ({}): {e}; run scripts/dev-env install",
+                    tansu_bin().display()
+                )
+            });
+        register(Cleanup::Kill(child.id()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            port,
+            _child: std::sync::Mutex::new(child),
+        }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Reads `topic` partition 0 from the start until `done` holds for what was read,
+    /// or `timeout` passes; returns the decoded events. `done` is asked whenever the
+    /// reader has caught up and every 1000 events, so it may be costly.
+    pub async fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        done: impl Fn(&[ChangeEvent]) -> bool + Send + 'static,
+    ) -> Vec<ChangeEvent> {
+        let brokers = self.brokers();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", "duplex-tests")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let deadline = Instant::now() + timeout;
+            let mut events = Vec::new();
+            while Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        let payload = m.payload().expect("message without payload");
+                        events.push(ChangeEvent::from_json(payload).expect("not an envelope"));
+                        if events.len() % 1000 == 0 && done(&events) {
+                            break;
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        if done(&events) {
+                            break;
+                        }
+                    }
+                }
+            }
+            events
+        })
+        .await
+        .unwrap()
+    }
+}

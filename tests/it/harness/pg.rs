@@ -1,0 +1,181 @@
+//! PostgreSQL 15 clusters for tests: initdb into a temp dir, wal_level=logical, a free
+//! loopback port, started with pg_ctl and stopped (SIGQUIT) at exit.
+
+use super::{free_port, register, temp_dir, unique, Cleanup};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tokio_postgres::{Client, NoTls};
+
+/// Roles every test cluster has, for the authentication tests.
+pub const MD5_USER: (&str, &str) = ("duplex_md5", "md5-secret");
+pub const SCRAM_USER: (&str, &str) = ("duplex_scram", "scram-secret");
+/// A role that may log in but not replicate.
+pub const PLAIN_USER: &str = "duplex_plain";
+
+const HBA: &str = "\
+local all all trust
+local replication all trust
+host all duplex_md5 127.0.0.1/32 md5
+host replication duplex_md5 127.0.0.1/32 md5
+host all duplex_scram 127.0.0.1/32 scram-sha-256
+host replication duplex_scram 127.0.0.1/32 scram-sha-256
+host all all 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+";
+
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+fn pg_bin(tool: &str) -> PathBuf {
+    let dir =
+        std::env::var("DUPLEX_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    Path::new(&dir).join(tool)
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` OS user when we are root (initdb and the
+/// server refuse to run as root).
+fn pg_command(tool: &str) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
+        c
+    } else {
+        Command::new(pg_bin(tool))
+    }
+}
+
+fn run(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Cluster {
+    /// The cluster shared by tests that need nothing special.
+    pub fn shared() -> &'static Cluster {
+        static SHARED: OnceLock<Cluster> = OnceLock::new();
+        SHARED.get_or_init(|| Cluster::start(&[]))
+    }
+
+    /// Starts a new cluster with `settings` on top of the test defaults.
+    pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        let dir = temp_dir("duplex-pg-");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["-R", "postgres:postgres"]).arg(&dir);
+                    c
+                },
+                "chown",
+            );
+        }
+        let data = dir.join("data");
+        let mut init = pg_command("initdb");
+        init.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]);
+        run(init, "initdb");
+        std::fs::write(data.join("pg_hba.conf"), HBA).unwrap();
+        let port = free_port();
+        let mut conf = vec![
+            ("listen_addresses", "'127.0.0.1'".to_string()),
+            ("port", port.to_string()),
+            ("unix_socket_directories", format!("'{}'", dir.display())),
+            ("wal_level", "logical".into()),
+            ("max_replication_slots", "64".into()),
+            ("max_wal_senders", "64".into()),
+            ("max_connections", "200".into()),
+            ("fsync", "off".into()),
+            ("full_page_writes", "off".into()),
+            ("wal_sender_timeout", "60s".into()),
+        ];
+        for (k, v) in settings {
+            conf.retain(|(c, _)| c != k);
+            conf.push((k, v.to_string()));
+        }
+        let text: String = conf.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        existing.push_str(&text);
+        std::fs::write(data.join("postgresql.conf"), existing).unwrap();
+        let mut start = pg_command("pg_ctl");
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"]);
+        run(start, "pg_ctl start");
+        let pid_file = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
+        let pid: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        register(Cleanup::Postgres(pid));
+        let cluster = Cluster { port, dir };
+        cluster.psql("postgres", &format!(
+            "SET password_encryption = 'md5'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
+             SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
+             CREATE ROLE {PLAIN_USER} LOGIN;",
+            MD5_USER.0, MD5_USER.1, SCRAM_USER.0, SCRAM_USER.1
+        ));
+        cluster
+    }
+
+    fn psql(&self, db: &str, sql: &str) {
+        let mut c = pg_command("psql");
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]);
+        run(c, "psql");
+    }
+
+    /// A URL for `user` on database `db`.
+    pub fn url(&self, user: &str, db: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A fresh database owned by this test.
+    pub fn create_db(&self) -> String {
+        let db = unique("t");
+        self.psql("postgres", &format!("CREATE DATABASE {db}"));
+        db
+    }
+
+    /// A superuser session on `db` printing values the way duplex's sessions do.
+    pub async fn client(&self, db: &str) -> Client {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .options("-c DateStyle=ISO,\\ MDY -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=postgres");
+        let (client, conn) = cfg.connect(NoTls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests against real PostgreSQL 15 clusters and a real Kafka-protocol
+//! broker (Tansu). `scripts/dev-env install` provides both.
+
+mod admin;
+mod auth;
+mod harness;
+mod source;
