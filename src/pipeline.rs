@@ -50,7 +50,7 @@ pub enum PipelineError {
     },
     #[error("node {node}: {source}")]
     Reader { node: String, source: ReaderError },
-    #[error("node {node}: {context}: {source}")]
+    #[error("node {node}: {context}: {}", slot::describe(source))]
     Sql {
         node: String,
         context: &'static str,

@@ -16,7 +16,7 @@ use tracing::Instrument;
 /// Errors administering a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("node {node}: {context}: {source}")]
+    #[error("node {node}: {context}: {}", describe(source))]
     Sql {
         node: String,
         context: String,
@@ -42,6 +42,25 @@ impl NodeError {
             NodeError::Config { .. } => ErrorClass::Definite,
         }
     }
+}
+
+/// A tokio-postgres error with what its `Display` leaves out: the server's message,
+/// SQLSTATE and detail, or the underlying I/O error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; {d}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 /// Connection losses are transient; server errors go by SQLSTATE.

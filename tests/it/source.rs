@@ -27,7 +27,7 @@ type RowText = Vec<(String, Option<String>)>;
 async fn row_text(c: &Client, table: &str, key_col: &str, key: &str) -> RowText {
     let cols: Vec<String> = c
         .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0
              AND NOT attisdropped ORDER BY attnum",
             &[&table],
         )
@@ -79,6 +79,8 @@ fn assert_commit_order(events: &[ChangeEvent]) {
 #[tokio::test]
 async fn changes_arrive_in_commit_order_with_exact_values() {
     let rig = Rig::new(TYPES_DDL, &["public.items", "public.other"], "").await;
+    // The slot exists from `setup` on: what is committed after it is streamed.
+    assert!(rig.command(&["setup"]).status.success());
     let daemon = rig.start();
     let c = Cluster::shared().client(&rig.db_a).await;
     c.batch_execute(
@@ -261,14 +263,14 @@ fn id_of(e: &ChangeEvent) -> i64 {
 }
 
 async fn confirmed_flush(c: &Client, slot: &str) -> Lsn {
-    let s: Option<String> = c
-        .query_one(
+    let row = c
+        .query_opt(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let s: Option<String> = row.and_then(|r| r.get(0));
     s.map(|s| s.parse().unwrap()).unwrap_or_default()
 }
 
@@ -325,14 +327,15 @@ async fn transactions_under_a_duplex_origin_are_not_published() {
     );
     let d = rig.start();
     let c = Cluster::shared().client(&rig.db_a).await;
-    c.batch_execute(
-        "SELECT pg_replication_origin_session_setup('duplex_from_b');
-         INSERT INTO echo (id) VALUES (1);
-         SELECT pg_replication_origin_session_reset();
-         INSERT INTO echo (id) VALUES (2);",
-    )
-    .await
-    .unwrap();
+    // Each statement its own transaction: the origin is taken at commit.
+    for sql in [
+        "SELECT pg_replication_origin_session_setup('duplex_from_b')",
+        "INSERT INTO echo (id) VALUES (1)",
+        "SELECT pg_replication_origin_session_reset()",
+        "INSERT INTO echo (id) VALUES (2)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
     let events = Broker::shared()
         .read_until(&rig.topic(), Duration::from_secs(30), |e| !e.is_empty())
         .await;
