@@ -400,6 +400,13 @@ impl Session<'_> {
     }
 }
 
+impl Drop for Session<'_> {
+    /// The tracker belongs to this session: a new session starts its own.
+    fn drop(&mut self) {
+        self.tracker.abort();
+    }
+}
+
 fn op_label(op: crate::event::Op) -> &'static str {
     match op {
         crate::event::Op::Insert => "insert",

@@ -19,6 +19,9 @@ use rdkafka::ClientConfig;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
+/// How long creating a topic may take before it counts as a (transient) failure.
+const TOPIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Errors producing to Kafka.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -85,7 +88,7 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkErro
         cfg.partitions,
         TopicReplication::Fixed(cfg.replication_factor),
     );
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let opts = AdminOptions::new().request_timeout(Some(TOPIC_REQUEST_TIMEOUT));
     for result in admin.create_topics([&new], &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

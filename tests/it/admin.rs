@@ -212,3 +212,20 @@ async fn run_retries_an_unreachable_node_until_stopped() {
     );
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn run_retries_an_unreachable_broker_until_stopped() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let brokers = crate::harness::kafka::Broker::shared().brokers();
+    let dead = format!("127.0.0.1:{}", free_port());
+    std::fs::write(&rig.config, cfg.replace(&brokers, &dead)).unwrap();
+    let d = rig.start();
+    wait_for("two retries in the log", Duration::from_secs(60), || {
+        let n = d.logs().matches("reader failed; retrying").count();
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    assert!(d.logs().contains("Kafka"), "{}", d.logs());
+    assert_eq!(d.stop().await, Some(0));
+}
