@@ -66,6 +66,20 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Inspect or retry events a direction could not apply.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Print the deterministic id (UUIDv5) of a natural key.
+    Uuid {
+        /// A UUID, or a name hashed to one.
+        #[arg(long)]
+        namespace: String,
+        /// The natural-key values, in key order.
+        #[arg(required = true)]
+        values: Vec<String>,
+    },
     /// Remove duplex's slots, publications, origins and schema from both nodes.
     Teardown {
         #[arg(long, short)]
@@ -73,6 +87,20 @@ pub enum Command {
         /// Confirm: the slots' positions are lost.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// List dead letters of every direction, oldest first.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Apply every unreplayed dead letter again; those that succeed are marked.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -92,10 +120,14 @@ pub fn init_logging(format: LogFormat) {
 
 pub async fn execute(cli: Cli) -> ExitCode {
     let path = match &cli.command {
+        Command::Uuid { namespace, values } => return uuid(namespace, values),
         Command::Run { config }
         | Command::Check { config }
         | Command::Setup { config }
         | Command::Tail { config, .. }
+        | Command::Dlq {
+            action: DlqAction::List { config } | DlqAction::Replay { config },
+        }
         | Command::Teardown { config, .. } => config,
     };
     let cfg = match Config::load(path) {
@@ -116,6 +148,49 @@ pub async fn execute(cli: Cli) -> ExitCode {
             timeout_ms,
             ..
         } => tail(&cfg, &node, max, timeout_ms).await,
+        Command::Dlq { action } => dlq(&cfg, action).await,
+        Command::Uuid { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn uuid(namespace: &str, values: &[String]) -> ExitCode {
+    let ns = crate::identity::namespace(namespace);
+    let pairs: Vec<(&str, Option<&str>)> =
+        values.iter().map(|v| ("value", Some(v.as_str()))).collect();
+    match crate::identity::derive(&ns, &pairs) {
+        Ok(id) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dlq(cfg: &Config, action: DlqAction) -> ExitCode {
+    let result = match action {
+        DlqAction::List { .. } => crate::sink::dead_letter::list(cfg).await.map(|rows| {
+            rows.iter().for_each(|r| println!("{}", r.line));
+            if rows.is_empty() {
+                println!("no dead letters");
+            }
+        }),
+        DlqAction::Replay { .. } => {
+            crate::sink::dead_letter::replay(cfg)
+                .await
+                .map(|(ok, failing)| {
+                    println!("replayed {ok}, still failing {failing}");
+                })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -215,6 +290,19 @@ async fn run(cfg: Arc<Config>) -> ExitCode {
         let span = tracing::info_span!("source", node = %node);
         let fut = pipeline::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
         tasks.spawn(fut.instrument(span));
+    }
+    for dir in cfg.directions().unwrap_or_default() {
+        let span = tracing::info_span!("apply", direction = %dir);
+        let fut = crate::sink::apply::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
+        // A halted direction stops alone (it logged why, /readyz and the halted gauge
+        // show it); the other direction and the readers keep going.
+        tasks.spawn(
+            async move {
+                let _ = fut.await;
+                Ok(())
+            }
+            .instrument(span),
+        );
     }
     let signal = wait_for_signal();
     tokio::pin!(signal);

@@ -55,6 +55,31 @@ impl<'de> Deserialize<'de> for Lsn {
     }
 }
 
+/// Formats microseconds since the Unix epoch as a PostgreSQL `timestamptz` literal in
+/// UTC, e.g. `2026-11-23 18:09:00.123456+00`.
+pub fn format_unix_us(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let micros = us.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{micros:06}+00",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    )
+}
+
 /// Where an event sits in the source's history: the commit LSN of its transaction and
 /// its ordinal inside that transaction. Several events share one commit LSN, so the LSN
 /// alone never identifies an event.
@@ -379,6 +404,16 @@ mod tests {
             },
             ts_ms: 1_700_000_000_200,
         }
+    }
+
+    #[test]
+    fn unix_microseconds_format_as_utc_timestamps() {
+        assert_eq!(format_unix_us(0), "1970-01-01 00:00:00.000000+00");
+        assert_eq!(
+            format_unix_us(1_709_251_199_123_456),
+            "2024-02-29 23:59:59.123456+00"
+        );
+        assert_eq!(format_unix_us(-1), "1969-12-31 23:59:59.999999+00");
     }
 
     #[test]

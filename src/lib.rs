@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod preflight;
@@ -30,4 +31,9 @@ impl ErrorClass {
             ErrorClass::Definite => "definite",
         }
     }
+}
+
+/// Errors that know how they are handled.
+pub trait Classify {
+    fn class(&self) -> ErrorClass;
 }

@@ -30,6 +30,23 @@ pub const SOURCE_CONNECTED: &str = "duplex_source_connected";
 pub const SOURCE_ERRORS_TOTAL: &str = "duplex_source_errors_total";
 /// Messages the broker acknowledged. Labels: node.
 pub const SINK_KAFKA_PRODUCED_TOTAL: &str = "duplex_sink_kafka_produced_total";
+/// Rows written to a target. Labels: direction, table, op (upsert|delete).
+pub const APPLY_ROWS_TOTAL: &str = "duplex_apply_rows_total";
+/// Source transactions applied. Labels: direction.
+pub const APPLY_TRANSACTIONS_TOTAL: &str = "duplex_apply_transactions_total";
+/// Incoming versions that lost to the target's. Labels: direction, table, resolution.
+pub const APPLY_CONFLICTS_TOTAL: &str = "duplex_apply_conflicts_total";
+/// Events sent to the dead-letter queue. Labels: direction.
+pub const APPLY_DEAD_LETTERS_TOTAL: &str = "duplex_apply_dead_letters_total";
+/// Events skipped because they were applied before (replays). Labels: direction.
+pub const APPLY_DUPLICATES_SKIPPED_TOTAL: &str = "duplex_apply_duplicates_skipped_total";
+/// 1 while a direction is halted on a bad event. Labels: direction.
+pub const APPLY_HALTED: &str = "duplex_apply_halted";
+/// Errors of an apply worker. Labels: direction, class (transient|definite).
+pub const APPLY_ERRORS_TOTAL: &str = "duplex_apply_errors_total";
+/// Source commit to target commit, per applied source transaction. Labels: direction.
+pub const APPLY_COMMIT_TO_APPLY_SECONDS: &str = "duplex_apply_commit_to_apply_seconds";
+
 /// Always 1. Labels: version.
 pub const BUILD_INFO: &str = "duplex_build_info";
 

@@ -19,7 +19,7 @@ use crate::source::slot::{self, sql_class, NodeError};
 use crate::source::walsender::{
     ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
 };
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use backoff::backoff::Backoff;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,8 +62,8 @@ pub enum PipelineError {
     Preflight { node: String, problems: Vec<String> },
 }
 
-impl PipelineError {
-    pub fn class(&self) -> ErrorClass {
+impl Classify for PipelineError {
+    fn class(&self) -> ErrorClass {
         match self {
             PipelineError::Node(e) => e.class(),
             PipelineError::Walsender { source, .. } => source.class(),
@@ -82,10 +82,48 @@ pub async fn run_source(
     cfg: Arc<Config>,
     node: String,
     health: Health,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let component = format!("source {node}");
-    health.register(&component);
+    let what = Supervised {
+        component: &component,
+        errors_metric: m::SOURCE_ERRORS_TOTAL,
+        label: ("node", node.clone()),
+    };
+    supervise(&cfg, &what, &health, shutdown, |mut shutdown| {
+        let (cfg, node, health, component) = (&cfg, &node, &health, &component);
+        async move {
+            let r = stream_once(cfg, node, health, component, &mut shutdown).await;
+            metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.clone()).set(0.0);
+            r
+        }
+    })
+    .await
+}
+
+/// What a supervised task is called in logs, metrics and readiness.
+pub struct Supervised<'a> {
+    pub component: &'a str,
+    pub errors_metric: &'static str,
+    pub label: (&'static str, String),
+}
+
+/// Runs `session` until it returns `Ok` (shutdown) or a definite error; transient
+/// errors are logged once per attempt and retried with exponential backoff. The
+/// component is unready from each failure until the next session marks it up.
+pub async fn supervise<E, F, Fut>(
+    cfg: &Config,
+    what: &Supervised<'_>,
+    health: &Health,
+    mut shutdown: watch::Receiver<bool>,
+    mut session: F,
+) -> Result<(), E>
+where
+    E: std::fmt::Display + Classify,
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    health.register(what.component);
     let mut backoff = backoff::ExponentialBackoff {
         initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
         max_interval: Duration::from_millis(cfg.source.retry_max_ms),
@@ -94,25 +132,24 @@ pub async fn run_source(
     };
     loop {
         let started = Instant::now();
-        let result = stream_once(&cfg, &node, &health, &component, &mut shutdown).await;
-        health.set(&component, false);
-        metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.clone()).set(0.0);
+        let result = session(shutdown.clone()).await;
+        health.set(what.component, false);
         let e = match result {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
         let class = e.class();
-        metrics::counter!(m::SOURCE_ERRORS_TOTAL, "node" => node.clone(), "class" => class.as_str())
-            .increment(1);
+        let (key, value) = (what.label.0, what.label.1.clone());
+        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(1);
         if class == ErrorClass::Definite {
-            tracing::error!(node = %node, error = %e, "reader stopped: fix the cause and restart duplex");
+            tracing::error!(component = what.component, error = %e, "stopped: fix the cause and restart duplex");
             return Err(e);
         }
         if started.elapsed() > BACKOFF_RESET_AFTER {
             backoff.reset();
         }
         let delay = backoff.next_backoff().unwrap_or(backoff.max_interval);
-        tracing::warn!(node = %node, error = %e, retry_in_ms = delay.as_millis() as u64, "reader failed; retrying");
+        tracing::warn!(component = what.component, error = %e, retry_in_ms = delay.as_millis() as u64, "failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return Ok(()),

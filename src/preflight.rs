@@ -76,6 +76,30 @@ pub async fn node_problems(
             "node {node}: server_encoding is {encoding}; duplex needs a UTF8 database"
         ));
     }
+    let is_target = cfg
+        .directions()
+        .unwrap_or_default()
+        .iter()
+        .any(|d| d.to == node);
+    if is_target && !superuser {
+        let row = client
+            .query_one(
+                "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),
+                        has_parameter_privilege('session_replication_role', 'SET')",
+                &[],
+            )
+            .await?;
+        if !row.get::<_, bool>(0) {
+            problems.push(format!(
+                "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
+            ));
+        }
+        if !row.get::<_, bool>(1) {
+            problems.push(format!(
+                "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
+            ));
+        }
+    }
     for t in &cfg.tables {
         problems.extend(table_problems(client, node, &t.name, &t.updated_at).await?);
     }

@@ -85,7 +85,8 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkErro
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let new = NewTopic::new(
         topic,
-        cfg.partitions,
+        // One partition: the node's commit order holds across all its tables.
+        1,
         TopicReplication::Fixed(cfg.replication_factor),
     );
     let opts = AdminOptions::new().request_timeout(Some(TOPIC_REQUEST_TIMEOUT));

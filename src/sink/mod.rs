@@ -3,4 +3,8 @@
 //! `kafka` produces a node's events onto its change topic and reports, in order, which
 //! source commits are durable on the broker.
 
+pub mod apply;
+pub mod dead_letter;
 pub mod kafka;
+pub mod target;
+pub mod writer;

@@ -6,8 +6,8 @@
 //! so removal must be one safe command). Both are idempotent. Everything here runs over
 //! an ordinary SQL session opened by [`connect`].
 
-use crate::config::{Config, ORIGIN_PREFIX};
-use crate::source::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
+use crate::config::Config;
+use crate::source::walsender::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
@@ -125,6 +125,11 @@ pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, 
 /// Creates what is missing on `node` for the configured directions.
 pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
     let client = connect(cfg, node, "setup").await?;
+    // Readers and appliers may set up the same node at once; DDL must not race.
+    client
+        .batch_execute("SELECT pg_advisory_lock(hashtext('duplex setup'))")
+        .await
+        .map_err(sql_err(node, "taking the setup lock"))?;
     let mut done = Vec::new();
     client
         .batch_execute(SCHEMA_SQL)
@@ -134,12 +139,13 @@ pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
         node: node.to_string(),
         detail: e.to_string(),
     })?;
+    done.extend(ensure_triggers(cfg, &client, node).await?);
     if directions.iter().any(|d| d.from == node) {
         done.extend(ensure_publication(cfg, &client, node).await?);
         done.extend(ensure_slot(cfg, &client, node).await?);
     }
     for d in directions.iter().filter(|d| d.to == node) {
-        let origin = Config::origin_name(&d.from);
+        let origin = cfg.origin_name(d);
         let created: bool = client
             .query_one(
                 "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
@@ -156,6 +162,10 @@ pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
             done.push(format!("created replication origin {origin}"));
         }
     }
+    client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('duplex setup'))")
+        .await
+        .map_err(sql_err(node, "releasing the setup lock"))?;
     Ok(done)
 }
 
@@ -166,7 +176,131 @@ CREATE TABLE IF NOT EXISTS duplex.schema_version (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+-- Where each direction into this node stands, written in the same transaction as the
+-- rows it applied.
+CREATE TABLE IF NOT EXISTS duplex.apply_positions (
+    source_node text PRIMARY KEY,
+    next_offset bigint NOT NULL,
+    commit_lsn pg_lsn NOT NULL,
+    seq integer NOT NULL,
+    last_commit_ts timestamptz,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+-- Deleted keys, so that an older insert or update arriving later does not bring the
+-- row back. Pruned after sync.tombstone_retention_ms.
+CREATE TABLE IF NOT EXISTS duplex.tombstones (
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    deleted_at timestamptz NOT NULL,
+    origin text NOT NULL,
+    PRIMARY KEY (table_name, key)
+);
+CREATE INDEX IF NOT EXISTS tombstones_deleted_at ON duplex.tombstones (deleted_at);
+CREATE TABLE IF NOT EXISTS duplex.conflicts (
+    id bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    op text NOT NULL,
+    local_updated_at text,
+    incoming_updated_at text,
+    incoming_node text NOT NULL,
+    incoming_position text NOT NULL,
+    resolution text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS duplex.dead_letters (
+    id bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    source_node text NOT NULL,
+    kafka_offset bigint NOT NULL,
+    table_name text,
+    key text,
+    position text,
+    error text NOT NULL,
+    event text NOT NULL,
+    replayed_at timestamptz
+);
+-- Local deletes leave a tombstone. Apply sessions run as replica, where this trigger
+-- does not fire: they write tombstones themselves, with the source's delete time.
+CREATE OR REPLACE FUNCTION duplex.record_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
+    SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+           jsonb_agg(to_jsonb(OLD) ->> col ORDER BY n), clock_timestamp(), 'local'
+    FROM unnest(TG_ARGV) WITH ORDINALITY AS k(col, n)
+    ON CONFLICT (table_name, key) DO UPDATE
+        SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin;
+    RETURN NULL;
+END $$;
 ";
+
+/// Tombstone triggers on every configured table, and identity triggers where a table
+/// derives its id.
+async fn ensure_triggers(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+) -> Result<Vec<String>, NodeError> {
+    let mut done = Vec::new();
+    for t in &cfg.tables {
+        let (schema, name) = t.schema_table();
+        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let key: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.n",
+                &[&table],
+            )
+            .await
+            .map_err(sql_err(
+                node,
+                format!("reading the primary key of {}", t.name),
+            ))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let args: Vec<String> = key.iter().map(|k| quote_literal(k)).collect();
+        let sql = format!(
+            "CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
+             FOR EACH ROW EXECUTE FUNCTION duplex.record_tombstone({})",
+            args.join(", ")
+        );
+        client.batch_execute(&sql).await.map_err(sql_err(
+            node,
+            format!("creating the tombstone trigger on {}", t.name),
+        ))?;
+        if let Some(id) = &t.identity {
+            let ext = uuid_ossp_schema(client, node).await?;
+            client
+                .batch_execute(&crate::identity::trigger_sql(&table, id, &ext))
+                .await
+                .map_err(sql_err(
+                    node,
+                    format!("creating the identity trigger on {}", t.name),
+                ))?;
+            done.push(format!("{}: identity trigger on {}", t.name, id.column));
+        }
+    }
+    Ok(done)
+}
+
+/// Installs uuid-ossp (for `uuid_generate_v5`) unless present; returns its schema.
+async fn uuid_ossp_schema(client: &Client, node: &str) -> Result<String, NodeError> {
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA duplex")
+        .await
+        .map_err(sql_err(node, "installing the uuid-ossp extension"))?;
+    let row = client
+        .query_one(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'uuid-ossp'",
+            &[],
+        )
+        .await
+        .map_err(sql_err(node, "finding the uuid-ossp extension"))?;
+    Ok(row.get::<_, String>(0).trim_matches('"').to_string())
+}
 
 /// The publication lists exactly the configured tables.
 async fn ensure_publication(
@@ -175,6 +309,7 @@ async fn ensure_publication(
     node: &str,
 ) -> Result<Option<String>, NodeError> {
     let publication = cfg.publication_name(node);
+    // duplex.tombstones travels too: its rows give the peer each delete's exact time.
     let tables: Vec<String> = cfg
         .tables
         .iter()
@@ -182,6 +317,7 @@ async fn ensure_publication(
             let (s, n) = t.schema_table();
             format!("{}.{}", quote_ident(s), quote_ident(n))
         })
+        .chain(std::iter::once("duplex.tombstones".to_string()))
         .collect();
     let exists = client
         .query_opt(
@@ -290,19 +426,24 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
             .map_err(sql_err(node, format!("dropping publication {publication}")))?;
         done.push(format!("dropped publication {publication}"));
     }
-    let origins = client
-        .query(
-            "SELECT roname, pg_replication_origin_drop(roname) IS NULL FROM pg_replication_origin
-             WHERE starts_with(roname, $1)",
-            &[&ORIGIN_PREFIX],
-        )
-        .await
-        .map_err(sql_err(node, "dropping replication origins"))?;
-    for o in origins {
-        done.push(format!(
-            "dropped replication origin {}",
-            o.get::<_, String>(0)
-        ));
+    // Only this deployment's origins: another one may share the cluster.
+    for d in cfg
+        .directions()
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d.to == node)
+    {
+        let origin = cfg.origin_name(d);
+        let dropped = client
+            .query(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(sql_err(node, format!("dropping replication origin {origin}")))?;
+        if !dropped.is_empty() {
+            done.push(format!("dropped replication origin {origin}"));
+        }
     }
     let had_schema = client
         .execute("SELECT 1 FROM pg_namespace WHERE nspname = 'duplex'", &[])

@@ -2,6 +2,7 @@
 //! broker (Tansu). `scripts/dev-env install` provides both.
 
 mod admin;
+mod apply;
 mod auth;
 mod harness;
 mod source;

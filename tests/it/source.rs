@@ -127,14 +127,35 @@ async fn changes_arrive_in_commit_order_with_exact_values() {
         .await
         .unwrap();
     }
-    let total = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 500;
-    let events = Broker::shared()
+    // Row changes, plus the tombstone the delete trigger wrote with the delete.
+    let total = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 500 + 1;
+    let all = Broker::shared()
         .read_until(&rig.topic(), Duration::from_secs(60), move |e| {
             e.len() >= total
         })
         .await;
-    assert_eq!(events.len(), total, "events on the topic");
-    assert_commit_order(&events);
+    assert_eq!(all.len(), total, "events on the topic");
+    assert_commit_order(&all);
+    let tombstone = &all[6];
+    assert_eq!(
+        (
+            tombstone.source.schema.as_str(),
+            tombstone.source.table.as_str()
+        ),
+        ("duplex", "tombstones")
+    );
+    assert_eq!(
+        tombstone.after.as_ref().unwrap().get("key"),
+        Some(&Value::Text("[\"2\"]".into()))
+    );
+    assert_eq!(
+        tombstone.source.lsn, all[5].source.lsn,
+        "the tombstone commits with its delete"
+    );
+    let events: Vec<ChangeEvent> = all
+        .into_iter()
+        .filter(|e| e.source.schema != "duplex")
+        .collect();
     // The first transaction: four inserts with exact values.
     for (ev, (op, row)) in events.iter().zip(&expected) {
         let image = if ev.op == Op::Delete {
@@ -329,7 +350,10 @@ async fn transactions_under_a_duplex_origin_are_not_published() {
     let c = Cluster::shared().client(&rig.db_a).await;
     // Each statement its own transaction: the origin is taken at commit.
     for sql in [
-        "SELECT pg_replication_origin_session_setup('duplex_from_b')",
+        &format!(
+            "SELECT pg_replication_origin_session_setup('{}_a_from_b')",
+            rig.prefix
+        ),
         "INSERT INTO echo (id) VALUES (1)",
         "SELECT pg_replication_origin_session_reset()",
         "INSERT INTO echo (id) VALUES (2)",

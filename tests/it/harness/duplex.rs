@@ -39,6 +39,18 @@ impl Rig {
         rig
     }
 
+    /// Like `new`, syncing both directions.
+    pub async fn both(ddl: &str, tables: &[&str], extra: &str) -> Rig {
+        let rig = Rig::new(ddl, tables, extra).await;
+        let cfg = std::fs::read_to_string(&rig.config).unwrap();
+        std::fs::write(&rig.config, cfg.replace("\"a_to_b\"", "\"both\"")).unwrap();
+        rig
+    }
+
+    pub fn topic_of(&self, node: &str) -> String {
+        format!("{}.{node}.changes", self.prefix)
+    }
+
     pub fn write_config(&self, tables: &[&str], extra: &str) {
         let cluster = Cluster::shared();
         let tables: String = tables
@@ -60,6 +72,7 @@ brokers = "{brokers}"
 topic_prefix = "{prefix}"
 [sync]
 direction = "a_to_b"
+linger_ms = 10
 [metrics]
 listen = "127.0.0.1:{metrics}"
 [source]

@@ -12,9 +12,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
 
+mod sync;
+pub use sync::{IdentityConfig, OnError, SyncConfig, TableConfig};
+
 pub const DEFAULT_TOPIC_PREFIX: &str = "duplex";
 pub const DEFAULT_PUBLICATION: &str = "duplex";
-pub const DEFAULT_PARTITIONS: i32 = 1;
 pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
 pub const DEFAULT_MAX_IN_FLIGHT_MESSAGES: usize = 20_000;
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
@@ -133,10 +135,6 @@ pub struct KafkaConfig {
     pub brokers: String,
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// Partitions of each change topic when duplex creates it. One keeps the source's
-    /// commit order across all tables, which foreign keys on the target rely on.
-    #[serde(default = "default_partitions")]
-    pub partitions: i32,
     #[serde(default = "default_replication_factor")]
     pub replication_factor: i32,
     /// Messages produced but not yet acknowledged by the broker, at most.
@@ -149,9 +147,6 @@ pub struct KafkaConfig {
 
 fn default_topic_prefix() -> String {
     DEFAULT_TOPIC_PREFIX.to_string()
-}
-fn default_partitions() -> i32 {
-    DEFAULT_PARTITIONS
 }
 fn default_replication_factor() -> i32 {
     DEFAULT_REPLICATION_FACTOR
@@ -181,33 +176,6 @@ impl Default for SourceConfig {
             retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
         }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct SyncConfig {
-    /// `both`, or `<from>_to_<to>` with the configured node names.
-    pub direction: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TableConfig {
-    /// Schema-qualified: `schema.table`.
-    pub name: String,
-    #[serde(default = "default_updated_at")]
-    pub updated_at: String,
-}
-
-fn default_updated_at() -> String {
-    DEFAULT_UPDATED_AT.to_string()
-}
-
-impl TableConfig {
-    /// (schema, table); valid after `Config::validate`.
-    pub fn schema_table(&self) -> (&str, &str) {
-        self.name.split_once('.').unwrap_or(("public", &self.name))
     }
 }
 
@@ -335,9 +303,6 @@ impl Config {
                 "must be non-empty and use only ASCII letters, digits, '.', '_' and '-'",
             ));
         }
-        if k.partitions < 1 {
-            return Err(invalid("kafka.partitions", "must be at least 1"));
-        }
         if k.replication_factor < 1 {
             return Err(invalid("kafka.replication_factor", "must be at least 1"));
         }
@@ -363,27 +328,16 @@ impl Config {
             return Err(invalid("tables", "at least one table is needed"));
         }
         for (i, t) in self.tables.iter().enumerate() {
-            let field = format!("tables[{i}].name");
-            let Some((schema, table)) = t.name.split_once('.') else {
-                return Err(invalid(
-                    field,
-                    "must be schema-qualified, like public.items",
-                ));
-            };
-            if schema.is_empty() || table.is_empty() || table.contains('.') {
-                return Err(invalid(field, "must be exactly schema.table"));
-            }
+            t.validate(i)?;
             if self.tables[..i].iter().any(|o| o.name == t.name) {
-                return Err(invalid(field, format!("{} is listed twice", t.name)));
-            }
-            if t.updated_at.is_empty() {
                 return Err(invalid(
-                    format!("tables[{i}].updated_at"),
-                    "must not be empty",
+                    format!("tables[{i}].name"),
+                    format!("{} is listed twice", t.name),
                 ));
             }
         }
-        Ok(())
+        let nodes: Vec<&String> = self.nodes.keys().collect();
+        self.sync.validate(&nodes)
     }
 
     pub fn metrics_listen(&self) -> Result<SocketAddr, ConfigError> {
@@ -447,9 +401,28 @@ impl Config {
         format!("{}.{node}.changes", self.kafka.topic_prefix)
     }
 
+    /// The node whose version wins a tie on `updated_at`.
+    pub fn tie_winner(&self) -> &str {
+        match &self.sync.tie_winner {
+            Some(w) => w,
+            None => self.nodes.keys().next().map(String::as_str).unwrap_or(""),
+        }
+    }
+
+    /// The table config for `schema.table`, if it is configured.
+    pub fn table(&self, schema: &str, table: &str) -> Option<&TableConfig> {
+        self.tables
+            .iter()
+            .find(|t| t.schema_table() == (schema, table))
+    }
+
     /// The replication origin under which changes from `from` are applied.
-    pub fn origin_name(from: &str) -> String {
-        format!("{ORIGIN_PREFIX}from_{from}")
+    /// Origins are cluster-wide, like slots: the target's slot name keeps two duplex
+    /// deployments on one cluster apart.
+    pub fn origin_name(&self, dir: &Direction) -> String {
+        let slot = self.slot_name(&dir.to);
+        let slot = slot.strip_prefix(ORIGIN_PREFIX).unwrap_or(&slot);
+        format!("{ORIGIN_PREFIX}{slot}_from_{}", dir.from)
     }
 }
 
@@ -478,87 +451,4 @@ fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-        [nodes.legacy]
-        url = "postgres://duplex:s3cret@127.0.0.1:5432/app"
-        [nodes.modern]
-        url = "postgres://duplex@127.0.0.1:5433/app"
-        [kafka]
-        brokers = "127.0.0.1:9092"
-        [kafka.properties]
-        "security.protocol" = "plaintext"
-        [sync]
-        direction = "legacy_to_modern"
-        [[tables]]
-        name = "public.items"
-    "#;
-
-    fn err_of(text: &str) -> String {
-        match Config::parse(text).and_then(|c| c.validate().map(|_| c)) {
-            Ok(_) => panic!("expected an error"),
-            Err(e) => e.to_string(),
-        }
-    }
-
-    #[test]
-    fn good_config_gets_defaults() {
-        let c = Config::parse(GOOD).unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.kafka.topic_prefix, "duplex");
-        assert_eq!(c.tables[0].updated_at, "updated_at");
-        assert_eq!(c.topic("legacy"), "duplex.legacy.changes");
-        assert_eq!(c.slot_name("modern"), "duplex_modern");
-        assert_eq!(
-            c.directions().unwrap(),
-            vec![Direction {
-                from: "legacy".into(),
-                to: "modern".into()
-            }]
-        );
-        assert_eq!(c.source_nodes(), vec!["legacy".to_string()]);
-        assert_eq!(c.source.status_interval_ms, DEFAULT_STATUS_INTERVAL_MS);
-    }
-
-    #[test]
-    fn unknown_keys_are_rejected_with_their_name() {
-        let e = err_of(&GOOD.replace("[sync]", "[sync]\nspeed = 3"));
-        assert!(e.contains("speed"), "{e}");
-    }
-
-    #[test]
-    fn bad_values_name_the_field() {
-        let e = err_of(&GOOD.replace("legacy_to_modern", "sideways"));
-        assert!(e.contains("sync.direction"), "{e}");
-        let e = err_of(&GOOD.replace("public.items", "items"));
-        assert!(e.contains("tables[0].name"), "{e}");
-        let e = err_of(&GOOD.replace("127.0.0.1:9092", " "));
-        assert!(e.contains("kafka.brokers"), "{e}");
-        let e = err_of(&GOOD.replace("[nodes.modern]", "[nodes.Modern]"));
-        assert!(e.contains("nodes.Modern"), "{e}");
-        let e = err_of(&GOOD.replace("security.protocol", "enable.idempotence"));
-        assert!(e.contains("kafka.properties.enable.idempotence"), "{e}");
-        let e = err_of(&format!("{GOOD}\n[source]\nretry_max_ms = 0"));
-        assert!(e.contains("source.retry_max_ms"), "{e}");
-    }
-
-    #[test]
-    fn passwords_never_show_in_debug_output() {
-        let mut c = Config::parse(GOOD).unwrap();
-        c.apply_env(|k| (k == "DUPLEX_NODES_MODERN_PASSWORD").then(|| "envpw".to_string()));
-        let dbg = format!("{c:?}");
-        assert!(!dbg.contains("s3cret"), "{dbg}");
-        assert!(!dbg.contains("envpw"), "{dbg}");
-        assert!(dbg.contains("duplex:***@127.0.0.1"), "{dbg}");
-        let pg = c.nodes["modern"].pg_config().unwrap();
-        assert_eq!(pg.get_password(), Some(&b"envpw"[..]));
-    }
-
-    #[test]
-    fn example_config_is_valid() {
-        let text = include_str!("../config/duplex.example.toml");
-        Config::parse(text).unwrap().validate().unwrap();
-    }
-}
+mod tests;

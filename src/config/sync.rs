@@ -1,0 +1,150 @@
+//! The `[sync]` section and `[[tables]]`: how changes are applied to the peer node.
+
+use super::{invalid, ConfigError, DEFAULT_UPDATED_AT};
+use serde::Deserialize;
+
+pub const DEFAULT_BATCH_ROWS: usize = 5_000;
+pub const DEFAULT_LINGER_MS: u64 = 20;
+pub const DEFAULT_TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+pub const DEFAULT_CONFLICTS_KEPT: i64 = 100_000;
+
+/// What a direction does with an event it cannot apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Stop the direction with a message naming table, key, LSN and the error.
+    #[default]
+    Halt,
+    /// Record the event in the dead-letter topic and table, and go on.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// `both`, or `<from>_to_<to>` with the configured node names.
+    pub direction: Option<String>,
+    pub on_error: OnError,
+    /// Rows per target transaction, at most (a larger source transaction is applied
+    /// whole, in several statements of this many rows).
+    pub batch_rows: usize,
+    /// How long a batch waits for more rows before it commits.
+    pub linger_ms: u64,
+    /// The node whose version wins when both carry the same `updated_at`; default the
+    /// node whose name sorts first.
+    pub tie_winner: Option<String>,
+    /// Tombstones older than this are pruned.
+    pub tombstone_retention_ms: u64,
+    /// Rows kept in `duplex.conflicts`; older ones are pruned.
+    pub conflicts_kept: i64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            direction: None,
+            on_error: OnError::Halt,
+            batch_rows: DEFAULT_BATCH_ROWS,
+            linger_ms: DEFAULT_LINGER_MS,
+            tie_winner: None,
+            tombstone_retention_ms: DEFAULT_TOMBSTONE_RETENTION_MS,
+            conflicts_kept: DEFAULT_CONFLICTS_KEPT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Schema-qualified: `schema.table`.
+    pub name: String,
+    #[serde(default = "default_updated_at")]
+    pub updated_at: String,
+    /// Deterministic UUIDv5 primary key derived from natural-key columns.
+    pub identity: Option<IdentityConfig>,
+    /// Incoming versions whose `updated_at` is further than this ahead of the receiving
+    /// node's clock are rejected as bad events.
+    pub max_future_skew_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The uuid column holding the derived id.
+    pub column: String,
+    /// A UUID, or a name hashed to one (see `identity::namespace`).
+    pub namespace: String,
+    /// Natural-key columns, in this order.
+    pub from: Vec<String>,
+}
+
+fn default_updated_at() -> String {
+    DEFAULT_UPDATED_AT.to_string()
+}
+
+impl TableConfig {
+    /// (schema, table); valid after `Config::validate`.
+    pub fn schema_table(&self) -> (&str, &str) {
+        self.name.split_once('.').unwrap_or(("public", &self.name))
+    }
+
+    pub(super) fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let field = format!("tables[{i}].name");
+        let Some((schema, table)) = self.name.split_once('.') else {
+            return Err(invalid(
+                field,
+                "must be schema-qualified, like public.items",
+            ));
+        };
+        if schema.is_empty() || table.is_empty() || table.contains('.') {
+            return Err(invalid(field, "must be exactly schema.table"));
+        }
+        if self.updated_at.is_empty() {
+            return Err(invalid(
+                format!("tables[{i}].updated_at"),
+                "must not be empty",
+            ));
+        }
+        if let Some(id) = &self.identity {
+            if id.column.is_empty() {
+                return Err(invalid(
+                    format!("tables[{i}].identity.column"),
+                    "must not be empty",
+                ));
+            }
+            if id.from.is_empty() || id.from.iter().any(|c| c.is_empty() || *c == id.column) {
+                return Err(invalid(
+                    format!("tables[{i}].identity.from"),
+                    "must name one or more columns other than the identity column",
+                ));
+            }
+            if id.namespace.is_empty() {
+                return Err(invalid(
+                    format!("tables[{i}].identity.namespace"),
+                    "must be a UUID or a name",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SyncConfig {
+    pub(super) fn validate(&self, nodes: &[&String]) -> Result<(), ConfigError> {
+        if self.batch_rows == 0 {
+            return Err(invalid("sync.batch_rows", "must be at least 1"));
+        }
+        if self.conflicts_kept < 0 {
+            return Err(invalid("sync.conflicts_kept", "must not be negative"));
+        }
+        if let Some(w) = &self.tie_winner {
+            if !nodes.contains(&w) {
+                return Err(invalid(
+                    "sync.tie_winner",
+                    format!("{w:?} is not one of the configured nodes"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

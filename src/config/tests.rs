@@ -1,0 +1,83 @@
+//! Tests of config parsing and validation.
+use super::*;
+
+const GOOD: &str = r#"
+    [nodes.legacy]
+    url = "postgres://duplex:s3cret@127.0.0.1:5432/app"
+    [nodes.modern]
+    url = "postgres://duplex@127.0.0.1:5433/app"
+    [kafka]
+    brokers = "127.0.0.1:9092"
+    [kafka.properties]
+    "security.protocol" = "plaintext"
+    [sync]
+    direction = "legacy_to_modern"
+    [[tables]]
+    name = "public.items"
+"#;
+
+fn err_of(text: &str) -> String {
+    match Config::parse(text).and_then(|c| c.validate().map(|_| c)) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn good_config_gets_defaults() {
+    let c = Config::parse(GOOD).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.kafka.topic_prefix, "duplex");
+    assert_eq!(c.tables[0].updated_at, "updated_at");
+    assert_eq!(c.topic("legacy"), "duplex.legacy.changes");
+    assert_eq!(c.slot_name("modern"), "duplex_modern");
+    assert_eq!(
+        c.directions().unwrap(),
+        vec![Direction {
+            from: "legacy".into(),
+            to: "modern".into()
+        }]
+    );
+    assert_eq!(c.source_nodes(), vec!["legacy".to_string()]);
+    assert_eq!(c.source.status_interval_ms, DEFAULT_STATUS_INTERVAL_MS);
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_name() {
+    let e = err_of(&GOOD.replace("[sync]", "[sync]\nspeed = 3"));
+    assert!(e.contains("speed"), "{e}");
+}
+
+#[test]
+fn bad_values_name_the_field() {
+    let e = err_of(&GOOD.replace("legacy_to_modern", "sideways"));
+    assert!(e.contains("sync.direction"), "{e}");
+    let e = err_of(&GOOD.replace("public.items", "items"));
+    assert!(e.contains("tables[0].name"), "{e}");
+    let e = err_of(&GOOD.replace("127.0.0.1:9092", " "));
+    assert!(e.contains("kafka.brokers"), "{e}");
+    let e = err_of(&GOOD.replace("[nodes.modern]", "[nodes.Modern]"));
+    assert!(e.contains("nodes.Modern"), "{e}");
+    let e = err_of(&GOOD.replace("security.protocol", "enable.idempotence"));
+    assert!(e.contains("kafka.properties.enable.idempotence"), "{e}");
+    let e = err_of(&format!("{GOOD}\n[source]\nretry_max_ms = 0"));
+    assert!(e.contains("source.retry_max_ms"), "{e}");
+}
+
+#[test]
+fn passwords_never_show_in_debug_output() {
+    let mut c = Config::parse(GOOD).unwrap();
+    c.apply_env(|k| (k == "DUPLEX_NODES_MODERN_PASSWORD").then(|| "envpw".to_string()));
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("s3cret"), "{dbg}");
+    assert!(!dbg.contains("envpw"), "{dbg}");
+    assert!(dbg.contains("duplex:***@127.0.0.1"), "{dbg}");
+    let pg = c.nodes["modern"].pg_config().unwrap();
+    assert_eq!(pg.get_password(), Some(&b"envpw"[..]));
+}
+
+#[test]
+fn example_config_is_valid() {
+    let text = include_str!("../../config/duplex.example.toml");
+    Config::parse(text).unwrap().validate().unwrap();
+}

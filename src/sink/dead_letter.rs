@@ -1,0 +1,221 @@
+//! The dead-letter queue: events a direction could not apply, kept so that nothing is
+//! lost and they can be retried once the target is fixed.
+//!
+//! With `sync.on_error = "dead_letter"` the apply worker hands a bad event to
+//! [`record`], which writes it with its error to the target's `duplex.dead_letters`
+//! (in the same transaction as the batch, so the position only moves past it once it
+//! is recorded) and to the topic `<prefix>.<source>.dlq`. `duplex dlq list` shows the
+//! table; `duplex dlq replay` applies each unreplayed event again under the same rules
+//! (last-writer-wins, tombstones) and marks those that now succeed.
+
+use crate::config::{Config, Direction};
+use crate::event::ChangeEvent;
+use crate::sink::apply::ApplyError;
+use crate::sink::kafka::{self, client_config, SinkError};
+use crate::sink::writer::{TargetWriter, WriteError};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::time::Duration;
+
+/// A bad event and why it is bad.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub offset: i64,
+    pub kafka_key: Vec<u8>,
+    pub raw: Vec<u8>,
+    pub table: Option<String>,
+    pub key: Option<String>,
+    pub position: Option<String>,
+    pub error: String,
+}
+
+impl DeadLetter {
+    /// A message that is not a change envelope at all.
+    pub fn unparseable(offset: i64, kafka_key: &[u8], raw: &[u8], error: String) -> DeadLetter {
+        DeadLetter {
+            offset,
+            kafka_key: kafka_key.to_vec(),
+            raw: raw.to_vec(),
+            table: None,
+            key: Some(String::from_utf8_lossy(kafka_key).into_owned()),
+            position: None,
+            error,
+        }
+    }
+
+    pub fn of(
+        offset: i64,
+        kafka_key: &[u8],
+        raw: &[u8],
+        ev: &ChangeEvent,
+        error: String,
+    ) -> DeadLetter {
+        DeadLetter {
+            offset,
+            kafka_key: kafka_key.to_vec(),
+            raw: raw.to_vec(),
+            table: Some(format!("{}.{}", ev.source.schema, ev.source.table)),
+            key: Some(String::from_utf8_lossy(&ev.kafka_key()).into_owned()),
+            position: Some(ev.position().to_string()),
+            error,
+        }
+    }
+}
+
+fn sql_err(dir: &Direction, context: &str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+    let (node, context) = (dir.to.clone(), context.to_string());
+    move |source| {
+        ApplyError::Write(WriteError::Sql {
+            node,
+            context,
+            source,
+        })
+    }
+}
+
+/// Records `letter` in the target's table (inside the caller's transaction) and on
+/// the dead-letter topic, waiting for the broker's acknowledgement.
+pub async fn record(
+    cfg: &Config,
+    dir: &Direction,
+    writer: &TargetWriter<'_>,
+    letter: &DeadLetter,
+) -> Result<(), ApplyError> {
+    let event = String::from_utf8_lossy(&letter.raw).into_owned();
+    writer
+        .client
+        .execute(
+            "INSERT INTO duplex.dead_letters (source_node, kafka_offset, table_name, key, position, error, event)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[&dir.from, &letter.offset, &letter.table, &letter.key, &letter.position, &letter.error, &event],
+        )
+        .await
+        .map_err(sql_err(dir, "recording a dead letter"))?;
+    let sink = |source| ApplyError::Sink {
+        direction: dir.to_string(),
+        source,
+    };
+    let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
+    kafka::ensure_topic(&cfg.kafka, &topic)
+        .await
+        .map_err(sink)?;
+    let producer: FutureProducer = client_config(&cfg.kafka)
+        .create()
+        .map_err(|e| sink(SinkError::Kafka(e)))?;
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "duplex_error",
+        value: Some(letter.error.as_bytes()),
+    });
+    let record = FutureRecord::to(&topic)
+        .key(&letter.kafka_key)
+        .payload(&letter.raw)
+        .headers(headers);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| sink(SinkError::Kafka(e)))?;
+    Ok(())
+}
+
+/// One row of `duplex.dead_letters`, for `duplex dlq list`.
+pub struct Listed {
+    pub line: String,
+}
+
+/// Dead letters of every direction, oldest first.
+pub async fn list(cfg: &Config) -> Result<Vec<Listed>, ApplyError> {
+    let mut out = Vec::new();
+    for dir in cfg.directions().unwrap_or_default() {
+        let client = crate::source::slot::connect(cfg, &dir.to, "dlq list").await?;
+        let rows = client
+            .query(
+                "SELECT id, recorded_at::text, coalesce(table_name, '?'), coalesce(key, '?'),
+                        coalesce(position, '?'), error, replayed_at IS NOT NULL
+                 FROM duplex.dead_letters WHERE source_node = $1 ORDER BY id",
+                &[&dir.from],
+            )
+            .await
+            .map_err(sql_err(&dir, "reading duplex.dead_letters"))?;
+        for r in rows {
+            let replayed: bool = r.get(6);
+            out.push(Listed {
+                line: format!(
+                    "{dir} #{} {} {} key={} position={} {}: {}",
+                    r.get::<_, i64>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3),
+                    r.get::<_, String>(4),
+                    if replayed { "replayed" } else { "pending" },
+                    r.get::<_, String>(5),
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Applies every unreplayed dead letter again; returns (replayed, still failing).
+pub async fn replay(cfg: &Config) -> Result<(usize, usize), ApplyError> {
+    let (mut ok, mut failing) = (0, 0);
+    for dir in cfg.directions().unwrap_or_default() {
+        let mut writer = TargetWriter::connect(cfg, &dir).await?;
+        let rows = writer
+            .client
+            .query(
+                "SELECT id, event FROM duplex.dead_letters WHERE source_node = $1 AND replayed_at IS NULL ORDER BY id",
+                &[&dir.from],
+            )
+            .await
+            .map_err(sql_err(&dir, "reading duplex.dead_letters"))?;
+        for r in rows {
+            let id: i64 = r.get(0);
+            let raw: String = r.get(1);
+            let error = match ChangeEvent::from_json(raw.as_bytes()) {
+                Err(e) => Some(e.to_string()),
+                Ok(ev) => replay_one(&mut writer, &ev).await?,
+            };
+            let updated = match &error {
+                None => {
+                    ok += 1;
+                    let sql = "UPDATE duplex.dead_letters SET replayed_at = now() WHERE id = $1";
+                    writer.client.execute(sql, &[&id]).await
+                }
+                Some(e) => {
+                    failing += 1;
+                    let sql = "UPDATE duplex.dead_letters SET error = $2 WHERE id = $1";
+                    writer.client.execute(sql, &[&id, e]).await
+                }
+            };
+            updated.map_err(sql_err(&dir, "updating duplex.dead_letters"))?;
+        }
+    }
+    Ok((ok, failing))
+}
+
+/// Applies one event in its own transaction; the error if it still fails.
+async fn replay_one(
+    writer: &mut TargetWriter<'_>,
+    ev: &ChangeEvent,
+) -> Result<Option<String>, ApplyError> {
+    writer.execute("BEGIN", "beginning a transaction").await?;
+    let outcome = writer
+        .apply(std::slice::from_ref(ev), &Default::default())
+        .await;
+    let error = match outcome {
+        Ok(applied) => applied.bad.into_iter().next().map(|b| b.reason),
+        Err(WriteError::Sql { source, .. })
+            if crate::source::slot::sql_class(&source) == crate::ErrorClass::Definite =>
+        {
+            Some(crate::source::slot::describe(&source))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let end = if error.is_none() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    writer.execute(end, "ending a transaction").await?;
+    Ok(error)
+}

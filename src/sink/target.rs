@@ -1,0 +1,270 @@
+//! What the apply side knows of a table on the target node, and the set-based SQL it
+//! runs against it.
+//!
+//! Every statement takes its rows as parallel text arrays (`unnest($1::text[], ...)`)
+//! and casts them to the target's own column types, so one round trip handles a whole
+//! run of rows and the incoming type names are never spliced into SQL. Identifiers come
+//! from the target's catalog and are always quoted.
+
+use crate::config::TableConfig;
+use crate::source::walsender::quote_ident;
+use tokio_postgres::Client;
+
+/// A column of the target table.
+#[derive(Debug, Clone)]
+pub struct TargetColumn {
+    pub name: String,
+    /// `format_type` of the column, used in casts.
+    pub type_sql: String,
+}
+
+/// A configured table as it exists on the target node.
+#[derive(Debug, Clone)]
+pub struct TargetTable {
+    /// `schema.table` as configured; the key of `duplex.tombstones` and `conflicts`.
+    pub name: String,
+    /// Quoted `"schema"."table"`.
+    pub sql_name: String,
+    pub columns: Vec<TargetColumn>,
+    /// Primary-key column names, in key order.
+    pub key: Vec<String>,
+    pub updated_at: String,
+}
+
+impl TargetTable {
+    /// Reads the table's columns and primary key from the target's catalog.
+    pub async fn load(
+        client: &Client,
+        cfg: &TableConfig,
+    ) -> Result<Option<TargetTable>, tokio_postgres::Error> {
+        let (schema, table) = cfg.schema_table();
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        coalesce((SELECT k.n::int4 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n)
+                                  WHERE k.att = a.attnum), 0)
+                 FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                 WHERE n.nspname = $1 AND c.relname = $2
+                 ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut key: Vec<(i32, String)> = Vec::new();
+        let mut columns = Vec::new();
+        for r in rows {
+            let name: String = r.get(0);
+            let pos: i32 = r.get(2);
+            if pos > 0 {
+                key.push((pos, name.clone()));
+            }
+            columns.push(TargetColumn {
+                name,
+                type_sql: r.get(1),
+            });
+        }
+        key.sort();
+        Ok(Some(TargetTable {
+            name: cfg.name.clone(),
+            sql_name: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            columns,
+            key: key.into_iter().map(|(_, n)| n).collect(),
+            updated_at: cfg.updated_at.clone(),
+        }))
+    }
+
+    pub fn column(&self, name: &str) -> Option<&TargetColumn> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    fn type_of(&self, name: &str) -> &str {
+        self.column(name).map_or("text", |c| c.type_sql.as_str())
+    }
+
+    /// `t.k1 = i.k1::type AND ...` joining the table (alias `t`) to incoming rows
+    /// whose key columns are named `k0, k1, ...`.
+    fn key_join(&self) -> String {
+        self.key
+            .iter()
+            .enumerate()
+            .map(|(n, k)| format!("t.{} = i.k{n}::{}", quote_ident(k), self.type_of(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `jsonb_build_array(i.k0, i.k1, ...)`: the tombstone key of incoming rows.
+    fn tombstone_key(&self) -> String {
+        let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
+        format!("jsonb_build_array({})", ks.join(", "))
+    }
+
+    /// Decides, for incoming rows given as key arrays `$1..$n`, their `updated_at`
+    /// texts `$n+1`, whether each wins: `$n+2` is the table name, `$n+3` true when the
+    /// incoming node wins ties, `$n+4` the allowed future skew in ms (NULL: any).
+    /// Returns per row: ordinal, local `updated_at`, tombstone time, verdict
+    /// (`apply`, `older`, `tombstone`, `null_ts`, `future`).
+    pub fn decide_sql(&self) -> String {
+        let n = self.key.len();
+        let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
+        let names: Vec<String> = (0..n).map(|p| format!("k{p}")).collect();
+        let upd = quote_ident(&self.updated_at);
+        let ts = format!("i.ts::{}", self.type_of(&self.updated_at));
+        format!(
+            "SELECT i.ord::int4, t.{upd}::text, tb.deleted_at::text,
+               CASE WHEN i.ts IS NULL THEN 'null_ts'
+                    WHEN ${skew}::int8 IS NOT NULL AND {ts} > now() + ${skew}::int8 * interval '1 millisecond' THEN 'future'
+                    WHEN tb.deleted_at IS NOT NULL AND tb.deleted_at >= {ts} THEN 'tombstone'
+                    WHEN t.ctid IS NULL OR t.{upd} IS NULL OR t.{upd} < {ts} THEN 'apply'
+                    WHEN t.{upd} = {ts} AND ${tie}::bool THEN 'apply'
+                    ELSE 'older' END
+             FROM unnest({keys}, ${tsp}::text[]) WITH ORDINALITY AS i({names}, ts, ord)
+             LEFT JOIN {table} t ON {join}
+             LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
+             ORDER BY i.ord",
+            keys = keys.join(", "),
+            names = names.join(", "),
+            tsp = n + 1,
+            tbl = n + 2,
+            tie = n + 3,
+            skew = n + 4,
+            table = self.sql_name,
+            join = self.key_join(),
+            tomb = self.tombstone_key(),
+        )
+    }
+
+    /// Upserts rows given as one text array per column of `columns`; the guard repeats
+    /// the LWW rule in case the target changed since the decision. `$n+1`: incoming
+    /// wins ties.
+    pub fn upsert_sql(&self, columns: &[&str]) -> String {
+        let params: Vec<String> = (1..=columns.len())
+            .map(|p| format!("${p}::text[]"))
+            .collect();
+        let names: Vec<String> = (0..columns.len()).map(|p| format!("c{p}")).collect();
+        let casts: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(p, c)| format!("i.c{p}::{}", self.type_of(c)))
+            .collect();
+        let quoted: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+        let sets: Vec<String> = columns
+            .iter()
+            .filter(|c| !self.key.iter().any(|k| k == *c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        let keys: Vec<String> = self.key.iter().map(|k| quote_ident(k)).collect();
+        let upd = quote_ident(&self.updated_at);
+        let action = if sets.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!(
+                "UPDATE SET {sets} WHERE {t}.{upd} IS NULL OR {t}.{upd} < EXCLUDED.{upd}
+                 OR ({t}.{upd} = EXCLUDED.{upd} AND ${tie}::bool)",
+                sets = sets.join(", "),
+                t = self.sql_name,
+                tie = columns.len() + 1,
+            )
+        };
+        format!(
+            "INSERT INTO {table} ({cols}) SELECT {casts} FROM unnest({params}) AS i({names})
+             ON CONFLICT ({keys}) DO {action}",
+            table = self.sql_name,
+            cols = quoted.join(", "),
+            casts = casts.join(", "),
+            params = params.join(", "),
+            names = names.join(", "),
+            keys = keys.join(", "),
+        )
+    }
+
+    /// Deletes rows whose keys are `$1..$n` unless the target's version is newer than
+    /// the delete's time `$n+1`, and records a tombstone for each key at that time
+    /// from node `$n+3`. `$n+2` is the table name.
+    pub fn delete_sql(&self) -> String {
+        let n = self.key.len();
+        let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
+        let names: Vec<String> = (0..n).map(|p| format!("k{p}")).collect();
+        let upd = quote_ident(&self.updated_at);
+        format!(
+            "WITH i AS (SELECT * FROM unnest({keys}, ${ts}::text[]) AS i({names}, ts)),
+             d AS (DELETE FROM {table} t USING i WHERE {join}
+                   AND (t.{upd} IS NULL OR t.{upd} <= i.ts::{ty}))
+             INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
+             SELECT ${tbl}::text, {tomb}, i.ts::timestamptz, ${origin}::text FROM i
+             ON CONFLICT (table_name, key) DO UPDATE
+               SET deleted_at = greatest(duplex.tombstones.deleted_at, EXCLUDED.deleted_at),
+                   origin = EXCLUDED.origin",
+            keys = keys.join(", "),
+            names = names.join(", "),
+            ts = n + 1,
+            tbl = n + 2,
+            origin = n + 3,
+            table = self.sql_name,
+            join = self.key_join(),
+            tomb = self.tombstone_key(),
+            ty = self.type_of(&self.updated_at),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items() -> TargetTable {
+        TargetTable {
+            name: "public.items".into(),
+            sql_name: "\"public\".\"items\"".into(),
+            columns: vec![
+                TargetColumn {
+                    name: "id".into(),
+                    type_sql: "bigint".into(),
+                },
+                TargetColumn {
+                    name: "body".into(),
+                    type_sql: "text".into(),
+                },
+                TargetColumn {
+                    name: "updated_at".into(),
+                    type_sql: "timestamp with time zone".into(),
+                },
+            ],
+            key: vec!["id".into()],
+            updated_at: "updated_at".into(),
+        }
+    }
+
+    #[test]
+    fn upsert_casts_to_target_types_and_guards_lww() {
+        let sql = items().upsert_sql(&["id", "body", "updated_at"]);
+        assert!(
+            sql.contains("i.c0::bigint, i.c1::text, i.c2::timestamp with time zone"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("ON CONFLICT (\"id\") DO UPDATE SET \"body\" = EXCLUDED.\"body\""),
+            "{sql}"
+        );
+        assert!(!sql.contains("\"id\" = EXCLUDED"), "{sql}");
+        assert!(sql.contains("$4::bool"), "{sql}");
+    }
+
+    #[test]
+    fn decide_and_delete_number_their_parameters() {
+        let t = items();
+        let d = t.decide_sql();
+        assert!(d.contains("unnest($1::text[], $2::text[])"), "{d}");
+        assert!(
+            d.contains("$3::text") && d.contains("$4::bool") && d.contains("$5::int8"),
+            "{d}"
+        );
+        let del = t.delete_sql();
+        assert!(del.contains("unnest($1::text[], $2::text[])"), "{del}");
+        assert!(del.contains("t.\"id\" = i.k0::bigint"), "{del}");
+    }
+}

@@ -1,0 +1,508 @@
+//! Writes change events into a target node: the apply session, last-writer-wins
+//! decisions, set-based upserts and deletes, tombstones, conflicts and dead letters.
+//!
+//! A [`TargetWriter`] owns one SQL session on the target, set up like a native
+//! subscriber's: `session_replication_role = replica` (the application's triggers do
+//! not fire again) under the replication origin `duplex_from_<source>` (the target's
+//! reader drops these transactions, so nothing echoes back). [`TargetWriter::apply`]
+//! splits events into runs of one table and kind, keeps the last event per key in a
+//! run, asks the target which versions win, and writes the winners in one statement
+//! per run. Transactions are the caller's: nothing here commits.
+
+use crate::config::{Config, Direction, TableConfig};
+use crate::event::{format_unix_us, ChangeEvent, Op, Row, Value};
+use crate::identity;
+use crate::metrics as m;
+use crate::sink::target::TargetTable;
+use crate::source::slot::{self, describe, sql_class, NodeError};
+use crate::ErrorClass;
+use std::collections::HashMap;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+/// Errors writing to a target node.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("node {node}: {context}: {}", describe(source))]
+    Sql {
+        node: String,
+        context: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl WriteError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            WriteError::Node(e) => e.class(),
+            WriteError::Sql { source, .. } => sql_class(source),
+        }
+    }
+}
+
+/// An event the target cannot take, and why.
+#[derive(Debug, Clone)]
+pub struct BadEvent {
+    pub index: usize,
+    pub reason: String,
+}
+
+/// The outcome of applying a slice of events.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub rows: usize,
+    pub conflicts: usize,
+    pub bad: Vec<BadEvent>,
+}
+
+/// A version that won: event index, key values, `updated_at` (or delete time) text.
+type Winner = (usize, Vec<String>, Option<String>);
+
+/// When each deleted key was deleted on the source, from the tombstones published in
+/// the same transaction: (table, key values) → `deleted_at` text.
+pub type DeleteTimes = HashMap<(String, Vec<String>), String>;
+
+/// One SQL session on a direction's target node.
+pub struct TargetWriter<'a> {
+    cfg: &'a Config,
+    dir: &'a Direction,
+    pub client: Client,
+    tables: HashMap<String, Option<TargetTable>>,
+    incoming_wins_ties: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Upsert,
+    Delete,
+    Truncate,
+}
+
+/// A run of events of one table and kind: indexes into the slice being applied.
+struct Run {
+    table: String,
+    kind: Kind,
+    items: Vec<usize>,
+}
+
+impl<'a> TargetWriter<'a> {
+    /// Opens the apply session on `dir.to`.
+    pub async fn connect(
+        cfg: &'a Config,
+        dir: &'a Direction,
+    ) -> Result<TargetWriter<'a>, WriteError> {
+        let client = slot::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
+        let origin = cfg.origin_name(dir);
+        let w = TargetWriter {
+            cfg,
+            dir,
+            client,
+            tables: HashMap::new(),
+            incoming_wins_ties: cfg.tie_winner() == dir.from,
+        };
+        w.client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(w.sql("setting session_replication_role = replica (needs superuser or GRANT SET ON PARAMETER)"))?;
+        w.client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(w.sql(&format!(
+                "using replication origin {origin} (run duplex setup)"
+            )))?;
+        Ok(w)
+    }
+
+    fn sql(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> WriteError {
+        let (node, context) = (self.dir.to.clone(), context.to_string());
+        move |source| WriteError::Sql {
+            node,
+            context,
+            source,
+        }
+    }
+
+    pub async fn execute(&self, sql: &str, context: &str) -> Result<(), WriteError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(self.sql(context))
+    }
+
+    async fn table(&mut self, name: &str) -> Result<Option<&TargetTable>, WriteError> {
+        if !self.tables.contains_key(name) {
+            let loaded = match self.cfg.tables.iter().find(|t| t.name == name) {
+                Some(tc) => TargetTable::load(&self.client, tc)
+                    .await
+                    .map_err(self.sql(&format!("reading table {name}")))?,
+                None => None,
+            };
+            self.tables.insert(name.to_string(), loaded);
+        }
+        Ok(self.tables.get(name).and_then(Option::as_ref))
+    }
+
+    /// Applies `events` in order inside the caller's transaction. Events the target
+    /// cannot take for a reason found before writing (missing column or table, NULL
+    /// or future `updated_at`, wrong deterministic id) come back in `Applied::bad`;
+    /// a failing statement is an error, after which the caller rolls back.
+    pub async fn apply(
+        &mut self,
+        events: &[ChangeEvent],
+        deleted: &DeleteTimes,
+    ) -> Result<Applied, WriteError> {
+        let mut out = Applied::default();
+        for run in runs(events) {
+            if self.table(&run.table).await?.is_none() {
+                for &i in &run.items {
+                    out.bad.push(BadEvent {
+                        index: i,
+                        reason: format!(
+                            "table {} is not configured or missing on node {}",
+                            run.table, self.dir.to
+                        ),
+                    });
+                }
+                continue;
+            }
+            match run.kind {
+                Kind::Truncate => {
+                    let t = self.tables[&run.table]
+                        .as_ref()
+                        .map(|t| t.sql_name.clone())
+                        .unwrap_or_default();
+                    self.execute(
+                        &format!("TRUNCATE {t}"),
+                        &format!("truncating {}", run.table),
+                    )
+                    .await?;
+                    out.rows += 1;
+                }
+                Kind::Upsert | Kind::Delete => {
+                    self.apply_run(events, &run, deleted, &mut out).await?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply_run(
+        &mut self,
+        events: &[ChangeEvent],
+        run: &Run,
+        deleted: &DeleteTimes,
+        out: &mut Applied,
+    ) -> Result<(), WriteError> {
+        let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
+            return Ok(());
+        };
+        let tc = self.cfg.tables.iter().find(|t| t.name == run.table);
+        // Last event per key wins within a run; earlier ones are superseded versions.
+        let mut rows: Vec<(usize, Vec<String>, Option<String>)> = Vec::new();
+        let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
+        for &i in &run.items {
+            let ev = &events[i];
+            match self.prepare(ev, &table, tc, run.kind, deleted) {
+                Ok((key, ts)) => match index_of.get(&key) {
+                    Some(&slot) => rows[slot] = (i, key, ts),
+                    None => {
+                        index_of.insert(key.clone(), rows.len());
+                        rows.push((i, key, ts));
+                    }
+                },
+                Err(reason) => out.bad.push(BadEvent { index: i, reason }),
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let verdicts = self.decide(&table, &rows, tc).await?;
+        let mut winners = Vec::new();
+        let mut lost = Vec::new();
+        for ((i, key, ts), (local, verdict)) in rows.into_iter().zip(verdicts) {
+            match verdict.as_str() {
+                "apply" => winners.push((i, key, ts)),
+                "older" | "tombstone" => lost.push((i, key, ts, local, verdict)),
+                "null_ts" => out.bad.push(BadEvent {
+                    index: i,
+                    reason: format!(
+                        "{} is NULL: last-writer-wins cannot order this version",
+                        table.updated_at
+                    ),
+                }),
+                _ => out.bad.push(BadEvent {
+                    index: i,
+                    reason: format!(
+                        "{} is further in the future than max_future_skew_ms allows",
+                        table.updated_at
+                    ),
+                }),
+            }
+        }
+        match run.kind {
+            Kind::Upsert => self.upsert(events, &table, &winners).await?,
+            _ => self.delete(&table, &winners).await?,
+        }
+        out.rows += winners.len();
+        out.conflicts += lost.len();
+        self.record_conflicts(events, &table, run.kind, &lost).await
+    }
+
+    /// Key values and the version's `updated_at` text, or why the event is bad.
+    fn prepare(
+        &self,
+        ev: &ChangeEvent,
+        table: &TargetTable,
+        tc: Option<&TableConfig>,
+        kind: Kind,
+        deleted: &DeleteTimes,
+    ) -> Result<(Vec<String>, Option<String>), String> {
+        let image = if kind == Kind::Delete {
+            ev.before.as_ref()
+        } else {
+            ev.after.as_ref()
+        };
+        let image = image.ok_or("the event has no row image")?;
+        let key = table
+            .key
+            .iter()
+            .map(|k| match image.get(k) {
+                Some(Value::Text(t)) => Ok(t.clone()),
+                _ => Err(format!("key column {k} is missing or NULL in the event")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if kind == Kind::Delete {
+            // The source's tombstone time when it published one, else the commit time.
+            let at = deleted
+                .get(&(table.name.clone(), key.clone()))
+                .cloned()
+                .unwrap_or_else(|| format_unix_us(ev.source.commit_ts_us));
+            return Ok((key, Some(at)));
+        }
+        for (col, _) in &image.0 {
+            if table.column(col).is_none() {
+                return Err(format!("column {col} is missing on the target node"));
+            }
+        }
+        if let Some(id) = tc.and_then(|t| t.identity.as_ref()) {
+            check_identity(image, id)?;
+        }
+        let ts = match image.get(&table.updated_at) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            Some(_) => None,
+            None => {
+                return Err(format!(
+                    "column {} is missing from the event",
+                    table.updated_at
+                ))
+            }
+        };
+        Ok((key, ts))
+    }
+
+    async fn decide(
+        &self,
+        table: &TargetTable,
+        rows: &[(usize, Vec<String>, Option<String>)],
+        tc: Option<&TableConfig>,
+    ) -> Result<Vec<(Option<String>, String)>, WriteError> {
+        let mut keys: Vec<Vec<&str>> = vec![Vec::with_capacity(rows.len()); table.key.len()];
+        for (_, key, _) in rows {
+            for (n, v) in key.iter().enumerate() {
+                keys[n].push(v);
+            }
+        }
+        let ts: Vec<Option<&str>> = rows.iter().map(|r| r.2.as_deref()).collect();
+        let skew = tc.and_then(|t| t.max_future_skew_ms).map(|v| v as i64);
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        params.push(&ts);
+        params.push(&table.name);
+        params.push(&self.incoming_wins_ties);
+        params.push(&skew);
+        let result = self
+            .client
+            .query(&table.decide_sql(), &params)
+            .await
+            .map_err(self.sql(&format!("comparing versions in {}", table.name)))?;
+        Ok(result.iter().map(|r| (r.get(1), r.get(3))).collect())
+    }
+
+    async fn upsert(
+        &self,
+        events: &[ChangeEvent],
+        table: &TargetTable,
+        winners: &[Winner],
+    ) -> Result<(), WriteError> {
+        // Rows with the same columns present go in one statement (unchanged-TOAST
+        // columns are left out, so the target keeps its value).
+        let mut groups: Vec<(Vec<&str>, Vec<usize>)> = Vec::new();
+        for (i, _, _) in winners {
+            let cols: Vec<&str> = events[*i]
+                .after
+                .iter()
+                .flat_map(|r| r.0.iter())
+                .filter(|(_, v)| *v != Value::UnchangedToast)
+                .map(|(c, _)| c.as_str())
+                .collect();
+            match groups.iter_mut().find(|(c, _)| *c == cols) {
+                Some((_, members)) => members.push(*i),
+                None => groups.push((cols, vec![*i])),
+            }
+        }
+        for (cols, members) in groups {
+            let arrays: Vec<Vec<Option<&str>>> = cols
+                .iter()
+                .map(|c| {
+                    members
+                        .iter()
+                        .map(|&i| match events[i].after.as_ref().and_then(|r| r.get(c)) {
+                            Some(Value::Text(t)) => Some(t.as_str()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            params.push(&self.incoming_wins_ties);
+            self.client
+                .execute(&table.upsert_sql(&cols), &params)
+                .await
+                .map_err(self.sql(&format!("upserting into {}", table.name)))?;
+            metrics::counter!(m::APPLY_ROWS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "op" => "upsert").increment(members.len() as u64);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, table: &TargetTable, winners: &[Winner]) -> Result<(), WriteError> {
+        if winners.is_empty() {
+            return Ok(());
+        }
+        let mut keys: Vec<Vec<&str>> = vec![Vec::with_capacity(winners.len()); table.key.len()];
+        for (_, key, _) in winners {
+            for (n, v) in key.iter().enumerate() {
+                keys[n].push(v);
+            }
+        }
+        let ts: Vec<Option<&str>> = winners.iter().map(|w| w.2.as_deref()).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
+        params.push(&ts);
+        params.push(&table.name);
+        params.push(&self.dir.from);
+        self.client
+            .execute(&table.delete_sql(), &params)
+            .await
+            .map_err(self.sql(&format!("deleting from {}", table.name)))?;
+        metrics::counter!(m::APPLY_ROWS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "op" => "delete").increment(winners.len() as u64);
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn record_conflicts(
+        &self,
+        events: &[ChangeEvent],
+        table: &TargetTable,
+        kind: Kind,
+        lost: &[(usize, Vec<String>, Option<String>, Option<String>, String)],
+    ) -> Result<(), WriteError> {
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = lost
+            .iter()
+            .map(|l| serde_json::to_string(&l.1).unwrap_or_default())
+            .collect();
+        let local: Vec<Option<&str>> = lost.iter().map(|l| l.3.as_deref()).collect();
+        let incoming: Vec<Option<&str>> = lost.iter().map(|l| l.2.as_deref()).collect();
+        let resolution: Vec<&str> = lost
+            .iter()
+            .map(|l| {
+                if l.4 == "tombstone" {
+                    "dropped_older_than_tombstone"
+                } else {
+                    "kept_local"
+                }
+            })
+            .collect();
+        let lsn: Vec<String> = lost
+            .iter()
+            .map(|l| events[l.0].position().to_string())
+            .collect();
+        let op = if kind == Kind::Delete {
+            "delete"
+        } else {
+            "upsert"
+        };
+        self.client
+            .execute(
+                "INSERT INTO duplex.conflicts (table_name, key, op, local_updated_at, incoming_updated_at, incoming_node, incoming_position, resolution)
+                 SELECT $1, k::jsonb, $2, l, i, $3, p, r FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(k, l, i, p, r)",
+                &[&table.name, &op, &self.dir.from, &keys, &local, &incoming, &lsn, &resolution],
+            )
+            .await
+            .map_err(self.sql("recording conflicts"))?;
+        for r in &resolution {
+            metrics::counter!(m::APPLY_CONFLICTS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "resolution" => *r).increment(1);
+        }
+        Ok(())
+    }
+}
+
+/// The event's id must be the one its natural key derives.
+fn check_identity(image: &Row, id: &crate::config::IdentityConfig) -> Result<(), String> {
+    let values: Vec<(&str, Option<&str>)> = id
+        .from
+        .iter()
+        .map(|c| {
+            (
+                c.as_str(),
+                match image.get(c) {
+                    Some(Value::Text(t)) => Some(t.as_str()),
+                    _ => None,
+                },
+            )
+        })
+        .collect();
+    let derived = identity::derive(&identity::namespace(&id.namespace), &values)
+        .map_err(|e| e.to_string())?;
+    match image.get(&id.column) {
+        Some(Value::Text(t)) if t.eq_ignore_ascii_case(&derived.to_string()) => Ok(()),
+        Some(Value::Text(t)) => Err(format!(
+            "{} is {t} but its natural key derives {derived}",
+            id.column
+        )),
+        _ => Err(format!(
+            "{} is NULL; its natural key derives {derived}",
+            id.column
+        )),
+    }
+}
+
+/// Splits events into runs of one table and kind, in order. An update that changes
+/// the key is a delete of the old key followed by an upsert.
+fn runs(events: &[ChangeEvent]) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        let table = format!("{}.{}", ev.source.schema, ev.source.table);
+        let kind = match ev.op {
+            Op::Insert | Op::Update => Kind::Upsert,
+            Op::Delete => Kind::Delete,
+            Op::Truncate => Kind::Truncate,
+        };
+        match out.last_mut() {
+            Some(r) if r.table == table && r.kind == kind && kind != Kind::Truncate => {
+                r.items.push(i)
+            }
+            _ => out.push(Run {
+                table,
+                kind,
+                items: vec![i],
+            }),
+        }
+    }
+    out
+}
