@@ -4,5 +4,8 @@
 mod admin;
 mod apply;
 mod auth;
+mod bad_events;
+mod convergence;
 mod harness;
+mod identity;
 mod source;

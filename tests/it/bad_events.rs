@@ -1,0 +1,171 @@
+//! Events the target cannot take: halt the direction (default) or go to the
+//! dead-letter queue; nothing is lost either way, and replay applies them once the
+//! target is fixed.
+
+use crate::apply::{converge, rows};
+use crate::harness::duplex::Rig;
+use crate::harness::kafka::Broker;
+use crate::harness::pg::Cluster;
+use crate::harness::wait_for;
+use std::time::Duration;
+
+/// `items` on both nodes; the target (b) is then made stricter in three ways.
+const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, qty text, updated_at timestamptz DEFAULT clock_timestamp());
+                   CREATE TABLE wide (id int PRIMARY KEY, extra text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+const STRICTER_B: &str = "ALTER TABLE items ALTER qty TYPE int USING qty::int;
+                          ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden');
+                          ALTER TABLE wide DROP COLUMN extra;";
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {
+    let rig = Rig::both(DDL, &["public.items"], "").await;
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    b.batch_execute("ALTER TABLE items ALTER qty TYPE int USING qty::int")
+        .await
+        .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    for sql in [
+        "INSERT INTO items (id, val, qty) VALUES (1, 'good', '1')",
+        "INSERT INTO items (id, val, qty) VALUES (2, 'bad', 'not a number')",
+        "INSERT INTO items (id, val, qty) VALUES (3, 'good', '3')",
+    ] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    wait_for("the halt message", Duration::from_secs(30), || {
+        let logs = d.logs();
+        async move { logs.contains("halted on a bad event").then_some(logs) }
+    })
+    .await;
+    let logs = d.logs();
+    for expected in [
+        "direction a_to_b",
+        "table public.items",
+        "\"id\":\"2\"",
+        "source position",
+        "invalid input syntax for type integer",
+    ] {
+        assert!(logs.contains(expected), "missing {expected:?} in:\n{logs}");
+    }
+    // The other direction keeps going.
+    b.batch_execute("INSERT INTO items (id, val, qty) VALUES (100, 'from b', 7)")
+        .await
+        .unwrap();
+    wait_for("b's row on a", Duration::from_secs(30), || {
+        let a = &a;
+        async move { (rows(a, "items").await.iter().any(|r| r.contains("from b"))).then_some(()) }
+    })
+    .await;
+    // The batch holding the bad event was rolled back whole: nothing after the last
+    // commit before it is on b.
+    let on_b = rows(&b, "items").await;
+    assert!(
+        !on_b
+            .iter()
+            .any(|r| r.contains("\"id\":2") || r.contains("\"id\":3")),
+        "{on_b:?}"
+    );
+    assert_eq!(d.stop().await, Some(0));
+    // Fixed target, restart: nothing was lost.
+    b.batch_execute("ALTER TABLE items ALTER qty TYPE text")
+        .await
+        .unwrap();
+    let d = rig.start();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(rows(&b, "items").await.len(), 4);
+    assert_eq!(d.stop().await, Some(0));
+}
+
+#[tokio::test]
+async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
+    let rig = Rig::new(DDL, &["public.items", "public.wide"], "").await;
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        cfg.replace(
+            "linger_ms = 10",
+            "linger_ms = 10\non_error = \"dead_letter\"",
+        ),
+    )
+    .unwrap();
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    b.batch_execute(STRICTER_B).await.unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    for sql in [
+        "INSERT INTO items (id, val, qty) VALUES (1, 'good', '1')",
+        "INSERT INTO items (id, val, qty) VALUES (2, 'type mismatch', 'abc')",
+        "INSERT INTO items (id, val, qty) VALUES (3, 'forbidden', '3')",
+        "INSERT INTO wide (id, extra) VALUES (4, 'column missing on b')",
+        "INSERT INTO items (id, val, qty, updated_at) VALUES (5, 'null updated_at', '5', NULL)",
+        "INSERT INTO items (id, val, qty) VALUES (6, 'good', '6')",
+    ] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    wait_for("the good rows on b", Duration::from_secs(30), || {
+        let b = &b;
+        async move { (rows(b, "items").await.len() == 2).then_some(()) }
+    })
+    .await;
+    let letters: i64 = b
+        .query_one("SELECT count(*) FROM duplex.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(letters, 4);
+    let dlq = Broker::shared()
+        .read_until(
+            &format!("{}.a.dlq", rig.prefix),
+            Duration::from_secs(20),
+            |e| e.len() >= 4,
+        )
+        .await;
+    assert_eq!(dlq.len(), 4);
+    let list = text(&rig.command(&["dlq", "list"]));
+    for expected in [
+        "invalid input syntax for type integer",
+        "no_forbidden",
+        "column extra is missing on the target node",
+        "updated_at is NULL",
+    ] {
+        assert!(list.contains(expected), "missing {expected:?} in:\n{list}");
+    }
+    assert_eq!(list.matches("pending").count(), 4, "{list}");
+    assert_eq!(d.stop().await, Some(0));
+
+    // Fix what can be fixed on the target; the NULL updated_at cannot be.
+    b.batch_execute(
+        "ALTER TABLE items ALTER qty TYPE text; ALTER TABLE items DROP CONSTRAINT no_forbidden;
+         ALTER TABLE wide ADD COLUMN extra text;",
+    )
+    .await
+    .unwrap();
+    let out = rig.command(&["dlq", "replay"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("replayed 3, still failing 1"),
+        "{}",
+        text(&out)
+    );
+    let ids: Vec<i32> = b
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3, 6]);
+    assert_eq!(rows(&b, "wide").await.len(), 1);
+    let list = text(&rig.command(&["dlq", "list"]));
+    assert_eq!(list.matches("replayed").count(), 3, "{list}");
+}
