@@ -28,6 +28,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
+/// librdkafka consumer settings duplex changes from librdkafka's defaults.
+const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("fetch.wait.max.ms", "10"),
+    ("queued.max.messages.kbytes", "16384"),
+];
+
 /// How often conflicts and tombstones are pruned.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
@@ -147,6 +153,13 @@ async fn apply_once(
     cc.set("group.id", format!("duplex-{dir}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    // Latency and memory: don't let a fetch idle for librdkafka's default 500 ms, and
+    // bound the prefetch queue (64 MB by default). The user's properties still win.
+    for (key, value) in CONSUMER_DEFAULTS {
+        if !cfg.kafka.properties.contains_key(*key) {
+            cc.set(*key, *value);
+        }
+    }
     let consumer: StreamConsumer = cc.create().map_err(kafka_err)?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, offset)

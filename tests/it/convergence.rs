@@ -159,7 +159,18 @@ async fn concurrent_writes_on_both_nodes_converge_without_echo() {
     let rig = rig().await;
     let d = rig.start();
     let (changes_a, changes_b) = run_workloads(&rig, 30).await;
+    assert!(
+        changes_a > 1000 && changes_b > 1000,
+        "workload too small: {changes_a}, {changes_b}"
+    );
     assert_identical_and_applied_once(&rig).await;
+    let a = Cluster::shared().client(&rig.db_a).await;
+    let conflicts: i64 = a
+        .query_one("SELECT count(*) FROM duplex.conflicts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eprintln!("changes: a {changes_a}, b {changes_b}; conflicts recorded on a: {conflicts}");
     // No echo: each topic carries exactly its own node's committed changes.
     let broker = Broker::shared();
     for (node, changes) in [("a", changes_a), ("b", changes_b)] {
