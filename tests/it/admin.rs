@@ -38,8 +38,11 @@ async fn check_names_every_problem() {
     let replica = Cluster::start(&[("wal_level", "replica")]);
     let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
+    // Node b, the target, as a role without the privileges applying needs.
+    let b_url = Cluster::shared().url("postgres", &rig.db_b);
     let cfg = cfg
         .replace(&a_url, &replica.url(PLAIN_USER, "postgres"))
+        .replace(&b_url, &Cluster::shared().url(PLAIN_USER, &rig.db_b))
         .replace(
             &crate::harness::kafka::Broker::shared().brokers(),
             &format!("127.0.0.1:{}", free_port()),
@@ -56,6 +59,8 @@ async fn check_names_every_problem() {
         "node b: table public.noupd has no column updated_at",
         "node b: table public.ghost does not exist",
         "kafka: brokers 127.0.0.1:",
+        &format!("node b: role {PLAIN_USER} may not use replication origins"),
+        &format!("node b: role {PLAIN_USER} may not set session_replication_role"),
     ] {
         assert!(t.contains(expected), "missing {expected:?} in:\n{t}");
     }

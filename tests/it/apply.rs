@@ -61,6 +61,15 @@ async fn changes_flow_both_ways_without_echo() {
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     let (a, b) = clients(&rig).await;
+    // An application trigger on b: applied changes must not fire it again.
+    b.batch_execute(
+        "CREATE TABLE audit (id int);
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO audit VALUES (NEW.id); RETURN NULL; END $$;
+         CREATE TRIGGER audit AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION audit();",
+    )
+    .await
+    .unwrap();
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'one'), (2, 'two'), (3, 'three')")
         .await
         .unwrap();
@@ -80,6 +89,18 @@ async fn changes_flow_both_ways_without_echo() {
     converge(&a, &b, &["items"], Duration::from_secs(30)).await;
     assert_eq!(rows(&a, "items").await.len(), 3);
     assert!(rows(&b, "items").await[0].contains("uno"));
+    let audited: Vec<i32> = b
+        .query("SELECT id FROM audit ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        audited,
+        vec![10, 11],
+        "only b's own writes fire b's trigger"
+    );
     // No echo: each topic holds only its own node's changes (3 + 1 on a; 1 + 1 + the
     // key change as one update on b, plus b's tombstone for id 2).
     let broker = crate::harness::kafka::Broker::shared();

@@ -88,15 +88,17 @@ async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {
 #[tokio::test]
 async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
     let rig = Rig::new(DDL, &["public.items", "public.wide"], "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(
-        &rig.config,
-        cfg.replace(
+    let cfg = std::fs::read_to_string(&rig.config)
+        .unwrap()
+        .replace(
             "linger_ms = 10",
             "linger_ms = 10\non_error = \"dead_letter\"",
-        ),
-    )
-    .unwrap();
+        )
+        .replace(
+            "name = \"public.items\"",
+            "name = \"public.items\"\nmax_future_skew_ms = 60000",
+        );
+    std::fs::write(&rig.config, cfg).unwrap();
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     b.batch_execute(STRICTER_B).await.unwrap();
@@ -108,6 +110,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
         "INSERT INTO items (id, val, qty) VALUES (3, 'forbidden', '3')",
         "INSERT INTO wide (id, extra) VALUES (4, 'column missing on b')",
         "INSERT INTO items (id, val, qty, updated_at) VALUES (5, 'null updated_at', '5', NULL)",
+        "INSERT INTO items (id, val, qty, updated_at) VALUES (7, 'from the future', '7', now() + interval '1 day')",
         "INSERT INTO items (id, val, qty) VALUES (6, 'good', '6')",
     ] {
         a.batch_execute(sql).await.unwrap();
@@ -122,28 +125,29 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(letters, 4);
+    assert_eq!(letters, 5);
     let dlq = Broker::shared()
         .read_until(
             &format!("{}.a.dlq", rig.prefix),
             Duration::from_secs(20),
-            |e| e.len() >= 4,
+            |e| e.len() >= 5,
         )
         .await;
-    assert_eq!(dlq.len(), 4);
+    assert_eq!(dlq.len(), 5);
     let list = text(&rig.command(&["dlq", "list"]));
     for expected in [
         "invalid input syntax for type integer",
         "no_forbidden",
         "column extra is missing on the target node",
         "updated_at is NULL",
+        "further in the future than max_future_skew_ms allows",
     ] {
         assert!(list.contains(expected), "missing {expected:?} in:\n{list}");
     }
-    assert_eq!(list.matches("pending").count(), 4, "{list}");
+    assert_eq!(list.matches("pending").count(), 5, "{list}");
     assert_eq!(d.stop().await, Some(0));
 
-    // Fix what can be fixed on the target; the NULL updated_at cannot be.
+    // Fix what can be fixed on the target; the NULL and the future updated_at cannot be.
     b.batch_execute(
         "ALTER TABLE items ALTER qty TYPE text; ALTER TABLE items DROP CONSTRAINT no_forbidden;
          ALTER TABLE wide ADD COLUMN extra text;",
@@ -153,7 +157,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
     let out = rig.command(&["dlq", "replay"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("replayed 3, still failing 1"),
+        text(&out).contains("replayed 3, still failing 2"),
         "{}",
         text(&out)
     );
