@@ -66,6 +66,17 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Show each slot and direction, read from the databases and the broker.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 if a direction is halted or further behind than this many seconds.
+        #[arg(long)]
+        max_lag: Option<f64>,
+    },
     /// Inspect or retry events a direction could not apply.
     Dlq {
         #[command(subcommand)]
@@ -125,6 +136,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         | Command::Check { config }
         | Command::Setup { config }
         | Command::Tail { config, .. }
+        | Command::Status { config, .. }
         | Command::Dlq {
             action: DlqAction::List { config } | DlqAction::Replay { config },
         }
@@ -149,7 +161,29 @@ pub async fn execute(cli: Cli) -> ExitCode {
             ..
         } => tail(&cfg, &node, max, timeout_ms).await,
         Command::Dlq { action } => dlq(&cfg, action).await,
+        Command::Status { json, max_lag, .. } => status(&cfg, json, max_lag).await,
         Command::Uuid { .. } => ExitCode::SUCCESS,
+    }
+}
+
+async fn status(cfg: &Config, json: bool, max_lag: Option<f64>) -> ExitCode {
+    let s = crate::status::collect(cfg).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+    } else {
+        print!("{}", crate::status::render(&s));
+    }
+    let failing = match max_lag {
+        Some(max) => s.gate(max),
+        None => s.problems.clone(),
+    };
+    for f in &failing {
+        eprintln!("not ok: {f}");
+    }
+    if failing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod preflight;
 pub mod sink;
 pub mod source;
+pub mod status;
 
 /// How an error is handled, decided once where it is classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

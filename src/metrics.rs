@@ -28,7 +28,17 @@ pub const SOURCE_CONFIRMED_LSN_BYTES: &str = "duplex_source_confirmed_lsn_bytes"
 pub const SOURCE_CONNECTED: &str = "duplex_source_connected";
 /// Errors of the reader. Labels: node, class (transient|definite).
 pub const SOURCE_ERRORS_TOTAL: &str = "duplex_source_errors_total";
-/// Messages the broker acknowledged. Labels: node.
+/// WAL the slot has not confirmed yet: current WAL LSN − confirmed_flush_lsn. Labels: node.
+pub const SOURCE_SLOT_LAG_BYTES: &str = "duplex_source_slot_lag_bytes";
+/// WAL the slot keeps on the node: current WAL LSN − restart_lsn. Labels: node.
+pub const SOURCE_SLOT_RETAINED_WAL_BYTES: &str = "duplex_source_slot_retained_wal_bytes";
+/// WAL that can still be written before the slot is lost (max_slot_wal_keep_size);
+/// absent when unlimited. Labels: node.
+pub const SOURCE_SLOT_SAFE_WAL_SIZE_BYTES: &str = "duplex_source_slot_safe_wal_size_bytes";
+/// 1 for the slot's current wal_status. Labels: node, status
+/// (reserved|extended|unreserved|lost).
+pub const SOURCE_SLOT_WAL_STATUS: &str = "duplex_source_slot_wal_status";
+/// Messages the broker acknowledged. Labels: node, table, op.
 pub const SINK_KAFKA_PRODUCED_TOTAL: &str = "duplex_sink_kafka_produced_total";
 /// Rows written to a target. Labels: direction, table, op (upsert|delete).
 pub const APPLY_ROWS_TOTAL: &str = "duplex_apply_rows_total";
@@ -46,6 +56,19 @@ pub const APPLY_HALTED: &str = "duplex_apply_halted";
 pub const APPLY_ERRORS_TOTAL: &str = "duplex_apply_errors_total";
 /// Source commit to target commit, per applied source transaction. Labels: direction.
 pub const APPLY_COMMIT_TO_APPLY_SECONDS: &str = "duplex_apply_commit_to_apply_seconds";
+
+/// Now − commit time of the newest applied source transaction; 0 when caught up.
+/// Labels: direction.
+pub const APPLY_LAG_SECONDS: &str = "duplex_apply_lag_seconds";
+/// Messages on the source topic not yet applied: log end offset − applied offset.
+/// Labels: direction.
+pub const APPLY_KAFKA_LAG_MESSAGES: &str = "duplex_apply_kafka_lag_messages";
+/// Rows per flushed batch. Labels: direction.
+pub const APPLY_BATCH_ROWS: &str = "duplex_apply_batch_rows";
+/// Time to write one batch into the target. Labels: direction.
+pub const APPLY_BATCH_SECONDS: &str = "duplex_apply_batch_seconds";
+/// 1 while the apply worker is connected and applying. Labels: direction.
+pub const APPLY_CONNECTED: &str = "duplex_apply_connected";
 
 /// Always 1. Labels: version.
 pub const BUILD_INFO: &str = "duplex_build_info";

@@ -10,7 +10,7 @@
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
 use crate::config::Config;
-use crate::event::Lsn;
+use crate::event::{ChangeEvent, Lsn, Op};
 use crate::metrics::{self as m, Health};
 use crate::sink::kafka::{self, ChangeProducer, Pending, SinkError};
 use crate::source::pgoutput::{self, DecodeError, LogicalMessage, Relation};
@@ -29,6 +29,8 @@ use tracing::Instrument;
 
 /// A session that ran this long resets the backoff: the failure is a new one.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// How often slot statistics are read from the node.
+const SLOT_STATS_EVERY: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits for in-flight messages to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
@@ -124,6 +126,11 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
 {
     health.register(what.component);
+    // Zero series from the start, so rates and alerts see them before the first error.
+    for class in [ErrorClass::Transient, ErrorClass::Definite] {
+        let (key, value) = (what.label.0, what.label.1.clone());
+        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(0);
+    }
     let mut backoff = backoff::ExponentialBackoff {
         initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
         max_interval: Duration::from_millis(cfg.source.retry_max_ms),
@@ -215,13 +222,14 @@ async fn stream_once(
         .map_err(wal_err)?;
     health.set(component, true);
     metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.to_string()).set(1.0);
+    metrics::counter!(m::SOURCE_ECHOES_SUPPRESSED_TOTAL, "node" => node.to_string()).increment(0);
+    metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL, "node" => node.to_string()).increment(0);
     tracing::info!(node, slot = %slot_name, topic = %topic, system_id = %ident.system_id, "streaming");
 
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let produced = metrics::counter!(m::SINK_KAFKA_PRODUCED_TOTAL, "node" => node.to_string());
     let tracker = tokio::spawn(
-        kafka::track_deliveries(queue_rx, durable_tx, move || produced.increment(1))
+        kafka::track_deliveries(queue_rx, durable_tx)
             .instrument(tracing::info_span!("delivery_tracker", node)),
     );
     let mut session = Session {
@@ -238,6 +246,7 @@ async fn stream_once(
         idle_end: Lsn::ZERO,
         confirmed: Lsn::ZERO,
         out: Vec::new(),
+        counters: Vec::new(),
     };
     session.run(shutdown).await
 }
@@ -259,6 +268,9 @@ struct Session<'a> {
     idle_end: Lsn,
     confirmed: Lsn,
     out: Vec<Output>,
+    /// (read, produced) counters per table and op, so the hot path does not build
+    /// label sets per event.
+    counters: Vec<(String, String, Op, metrics::Counter, metrics::Counter)>,
 }
 
 impl Session<'_> {
@@ -267,6 +279,7 @@ impl Session<'_> {
             tokio::time::interval(Duration::from_millis(self.cfg.source.status_interval_ms));
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(self.cfg.source.heartbeat_interval_ms));
+        let mut slot_stats = tokio::time::interval(SLOT_STATS_EVERY);
         loop {
             tokio::select! {
                 biased;
@@ -290,8 +303,48 @@ impl Session<'_> {
                         .await
                         .map_err(|source| PipelineError::Sql { node: self.node.to_string(), context: "emitting heartbeat", source })?;
                 }
+                _ = slot_stats.tick() => self.slot_stats().await?,
             }
         }
+    }
+
+    /// Exports how much WAL the slot holds and how close it is to being lost.
+    async fn slot_stats(&mut self) -> Result<(), PipelineError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8,
+                        (pg_current_wal_lsn() - restart_lsn)::float8, wal_status, safe_wal_size::float8
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot_name(self.node)],
+            )
+            .await
+            .map_err(|source| PipelineError::Sql {
+                node: self.node.to_string(),
+                context: "reading slot statistics",
+                source,
+            })?;
+        let Some(row) = row else { return Ok(()) };
+        let node = self.node.to_string();
+        let gauge = |name: &'static str, v: Option<f64>| {
+            if let Some(v) = v {
+                metrics::gauge!(name, "node" => node.clone()).set(v);
+            }
+        };
+        gauge(m::SOURCE_SLOT_LAG_BYTES, row.get(0));
+        gauge(m::SOURCE_SLOT_RETAINED_WAL_BYTES, row.get(1));
+        gauge(m::SOURCE_SLOT_SAFE_WAL_SIZE_BYTES, row.get(3));
+        let status: Option<String> = row.get(2);
+        for s in ["reserved", "extended", "unreserved", "lost"] {
+            let v = if status.as_deref() == Some(s) {
+                1.0
+            } else {
+                0.0
+            };
+            metrics::gauge!(m::SOURCE_SLOT_WAL_STATUS, "node" => node.clone(), "status" => s)
+                .set(v);
+        }
+        Ok(())
     }
 
     async fn on_message(&mut self, msg: ReplicationMessage) -> Result<(), PipelineError> {
@@ -351,11 +404,8 @@ impl Session<'_> {
     async fn forward(&mut self, o: Output) -> Result<(), PipelineError> {
         let pending = match o {
             Output::Event(ev) => {
-                metrics::counter!(m::SOURCE_EVENTS_TOTAL,
-                    "node" => self.node.to_string(),
-                    "table" => format!("{}.{}", ev.source.schema, ev.source.table),
-                    "op" => op_label(ev.op))
-                .increment(1);
+                let (read, produced) = self.counters_for(&ev);
+                read.increment(1);
                 let delivery = self
                     .producer
                     .send(&ev)
@@ -364,6 +414,7 @@ impl Session<'_> {
                 Pending::Message {
                     commit_lsn: ev.source.lsn,
                     delivery,
+                    produced,
                 }
             }
             Output::Commit { end_lsn, echo, .. } => {
@@ -382,6 +433,34 @@ impl Session<'_> {
             .send(pending)
             .await
             .map_err(|_| self.sink_err(SinkError::TrackerGone))
+    }
+
+    fn counters_for(&mut self, ev: &ChangeEvent) -> (metrics::Counter, metrics::Counter) {
+        let (schema, table) = (&ev.source.schema, &ev.source.table);
+        let found = self
+            .counters
+            .iter()
+            .find(|c| c.0 == *schema && c.1 == *table && c.2 == ev.op);
+        if let Some(c) = found {
+            return (c.3.clone(), c.4.clone());
+        }
+        let labels = [
+            ("node", self.node.to_string()),
+            ("table", format!("{}.{}", ev.source.schema, ev.source.table)),
+            ("op", op_label(ev.op).to_string()),
+        ];
+        let c = (
+            metrics::counter!(m::SOURCE_EVENTS_TOTAL, &labels),
+            metrics::counter!(m::SINK_KAFKA_PRODUCED_TOTAL, &labels),
+        );
+        self.counters.push((
+            schema.clone(),
+            table.clone(),
+            ev.op,
+            c.0.clone(),
+            c.1.clone(),
+        ));
+        c
     }
 
     /// Confirms the newest durable position to the slot.

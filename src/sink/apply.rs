@@ -13,12 +13,13 @@
 //! which then halts the direction or goes to the dead-letter queue.
 
 use crate::config::{Config, Direction, OnError};
-use crate::event::{ChangeEvent, Lsn, Op, Position, Row};
+use crate::event::{ChangeEvent, Lsn, Position};
 use crate::metrics::{self as m, Health};
 use crate::pipeline::{supervise, Supervised};
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::{self, client_config, SinkError};
-use crate::sink::writer::{DeleteTimes, TargetWriter, WriteError};
+use crate::sink::progress::{self, Standing};
+use crate::sink::writer::{prepare_batch, DeleteTimes, TargetWriter, WriteError};
 use crate::source::slot::{self, NodeError};
 use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -27,6 +28,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// librdkafka consumer settings duplex changes from librdkafka's defaults.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
@@ -93,11 +95,16 @@ pub async fn run_apply(
     metrics::gauge!(m::APPLY_HALTED, "direction" => dir.to_string()).set(0.0);
     let result = supervise(&cfg, &what, &health, shutdown, |shutdown| {
         let (cfg, dir, health, component) = (&cfg, &dir, &health, &component);
-        async move { apply_once(cfg, dir, health, component, shutdown).await }
+        async move {
+            let r = apply_once(cfg, dir, health, component, shutdown).await;
+            metrics::gauge!(m::APPLY_CONNECTED, "direction" => dir.to_string()).set(0.0);
+            r
+        }
     })
     .await;
-    if result.is_err() {
+    if let Err(e) = &result {
         metrics::gauge!(m::APPLY_HALTED, "direction" => dir.to_string()).set(1.0);
+        progress::record_halt(&cfg, &dir, &e.to_string()).await;
     }
     result
 }
@@ -114,7 +121,9 @@ async fn apply_once(
     let row = writer
         .client
         .query_opt(
-            "SELECT next_offset, commit_lsn::text, seq FROM duplex.apply_positions WHERE source_node = $1",
+            "SELECT next_offset, commit_lsn::text, seq,
+                    (extract(epoch FROM last_commit_ts) * 1000000)::int8
+             FROM duplex.apply_positions WHERE source_node = $1",
             &[&dir.from],
         )
         .await
@@ -123,6 +132,8 @@ async fn apply_once(
             context: "reading duplex.apply_positions".into(),
             source,
         })?;
+    let last_commit_us: Option<i64> = row.as_ref().and_then(|r| r.get(3));
+    let committed_next: Option<i64> = row.as_ref().map(|r| r.get(0));
     let (offset, applied) = match row {
         Some(r) => {
             let lsn: String = r.get(1);
@@ -160,12 +171,27 @@ async fn apply_once(
             cc.set(*key, *value);
         }
     }
-    let consumer: StreamConsumer = cc.create().map_err(kafka_err)?;
+    let consumer: Arc<StreamConsumer> = Arc::new(cc.create().map_err(kafka_err)?);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, offset)
         .map_err(kafka_err)?;
     consumer.assign(&tpl).map_err(kafka_err)?;
+    progress::set_state(&writer.client, dir, progress::RUNNING, None)
+        .await
+        .map_err(|source| WriteError::Sql {
+            node: dir.to.clone(),
+            context: "writing duplex.apply_state".into(),
+            source,
+        })?;
     health.set(component, true);
+    metrics::gauge!(m::APPLY_CONNECTED, "direction" => dir.to_string()).set(1.0);
+    for zero in [
+        m::APPLY_DEAD_LETTERS_TOTAL,
+        m::APPLY_DUPLICATES_SKIPPED_TOTAL,
+        m::APPLY_TRANSACTIONS_TOTAL,
+    ] {
+        metrics::counter!(zero, "direction" => dir.to_string()).increment(0);
+    }
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
     let mut worker = Worker {
         cfg,
@@ -180,7 +206,25 @@ async fn apply_once(
         first_pending_at: None,
         txn_commits: Vec::new(),
         last_maintenance: Instant::now(),
+        consumed_next: committed_next,
+        committed_next,
+        last_applied_commit_us: last_commit_us,
+        oldest_pending_commit_us: None,
+        standing_tx: None,
     };
+    let (standing_tx, standing_rx) = watch::channel(worker.standing());
+    worker.standing_tx = Some(standing_tx);
+    let reporter = tokio::spawn(
+        progress::report_lag(
+            dir.clone(),
+            consumer.clone(),
+            topic.clone(),
+            standing_rx,
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
+    );
+    let _reporter = AbortOnDrop(reporter);
     loop {
         let deadline = worker
             .first_pending_at
@@ -194,6 +238,15 @@ async fn apply_once(
             }
             _ = sleep_until(deadline), if deadline.is_some() => worker.linger_expired().await?,
         }
+    }
+}
+
+/// Aborts a helper task when the session that owns it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -228,11 +281,34 @@ struct Worker<'a> {
     /// Commit times (µs) of source transactions in the open target transaction.
     txn_commits: Vec<i64>,
     last_maintenance: Instant,
+    consumed_next: Option<i64>,
+    committed_next: Option<i64>,
+    last_applied_commit_us: Option<i64>,
+    oldest_pending_commit_us: Option<i64>,
+    /// Where the lag reporter learns how far this worker is.
+    standing_tx: Option<watch::Sender<Standing>>,
 }
 
 impl Worker<'_> {
+    fn standing(&self) -> Standing {
+        Standing {
+            consumed_next: self.consumed_next,
+            committed_next: self.committed_next,
+            last_applied_commit_us: self.last_applied_commit_us,
+            oldest_pending_commit_us: self.oldest_pending_commit_us,
+            idle: self.pending.is_empty() && !self.in_txn,
+        }
+    }
+
+    fn publish(&self) {
+        if let Some(tx) = &self.standing_tx {
+            tx.send_replace(self.standing());
+        }
+    }
+
     async fn take(&mut self, offset: i64, key: &[u8], raw: &[u8]) -> Result<(), ApplyError> {
         self.next_offset = Some(offset + 1);
+        self.consumed_next = Some(offset + 1);
         let event = match ChangeEvent::from_json(raw) {
             Ok(e) => e,
             Err(e) => {
@@ -255,6 +331,11 @@ impl Worker<'_> {
             raw: raw.to_vec(),
         });
         self.first_pending_at.get_or_insert_with(Instant::now);
+        if self.oldest_pending_commit_us.is_none() {
+            self.oldest_pending_commit_us =
+                self.pending.last().map(|p| p.event.source.commit_ts_us);
+        }
+        self.publish();
         if self.pending.len() >= self.cfg.sync.batch_rows {
             self.flush().await?;
             if self.boundary {
@@ -291,6 +372,7 @@ impl Worker<'_> {
         self.begin().await?;
         let pending = std::mem::take(&mut self.pending);
         let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
+        let batch_started = Instant::now();
         self.writer.execute("SAVEPOINT batch", "savepoint").await?;
         match self.writer.apply(&events, &deleted).await {
             Ok(applied) => {
@@ -324,6 +406,11 @@ impl Worker<'_> {
                 .filter(|p| p.event.source.last)
                 .map(|p| p.event.source.commit_ts_us),
         );
+        let label = self.dir.to_string();
+        metrics::histogram!(m::APPLY_BATCH_ROWS, "direction" => label.clone())
+            .record(events.len() as f64);
+        metrics::histogram!(m::APPLY_BATCH_SECONDS, "direction" => label)
+            .record(batch_started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -409,7 +496,13 @@ impl Worker<'_> {
         self.writer.execute("COMMIT", "committing").await?;
         self.in_txn = false;
         self.committed = self.applied;
+        self.committed_next = Some(next_offset);
         self.next_offset = None;
+        if let Some(ts) = last_commit_ts {
+            self.last_applied_commit_us = Some(ts);
+        }
+        self.oldest_pending_commit_us = None;
+        self.publish();
         let now_us = unix_us();
         for ts in self.txn_commits.drain(..) {
             metrics::histogram!(m::APPLY_COMMIT_TO_APPLY_SECONDS, "direction" => self.dir.to_string())
@@ -447,6 +540,11 @@ impl Worker<'_> {
         } else if self.in_txn {
             self.writer.execute("ROLLBACK", "rolling back").await?;
         }
+        if let Err(e) =
+            progress::set_state(&self.writer.client, self.dir, progress::STOPPED, None).await
+        {
+            tracing::warn!(direction = %self.dir, error = %e, "could not record the stop on the target");
+        }
         tracing::info!(direction = %self.dir, applied = ?self.committed.map(|p| p.to_string()), "apply stopped");
         Ok(())
     }
@@ -464,54 +562,6 @@ fn error_text(e: &WriteError) -> String {
         WriteError::Sql { source, .. } => crate::source::slot::describe(source),
         other => other.to_string(),
     }
-}
-
-/// Readies a batch for the writer. An update that changes the key becomes a delete
-/// of the old key and an upsert. Tombstones the source published (rows of
-/// `duplex.tombstones`, written by its delete trigger in the deleting transaction) are
-/// not rows to apply: they give their deletes the source's exact delete time, so that
-/// both nodes hold the same tombstone.
-fn prepare_batch<'e>(
-    events: impl Iterator<Item = &'e ChangeEvent>,
-) -> (Vec<ChangeEvent>, DeleteTimes) {
-    let mut out = Vec::new();
-    let mut deleted = DeleteTimes::new();
-    for ev in events {
-        if (ev.source.schema.as_str(), ev.source.table.as_str()) == TOMBSTONES {
-            if let Some((k, at)) = ev.after.as_ref().and_then(tombstone_of) {
-                deleted.insert(k, at);
-            }
-            continue;
-        }
-        if ev.op == Op::Update {
-            if let (Some(before), Some(after)) = (&ev.before, &ev.after) {
-                let old: Vec<_> = ev.key.iter().map(|k| before.get(k)).collect();
-                let new: Vec<_> = ev.key.iter().map(|k| after.get(k)).collect();
-                if old != new {
-                    let mut del = ev.clone();
-                    del.op = Op::Delete;
-                    del.after = None;
-                    del.before = Some(Row(before.0.clone()));
-                    out.push(del);
-                }
-            }
-        }
-        out.push(ev.clone());
-    }
-    (out, deleted)
-}
-
-/// The table whose rows are tombstones.
-pub const TOMBSTONES: (&str, &str) = ("duplex", "tombstones");
-
-/// (table, key values) and `deleted_at` of a published tombstone row.
-fn tombstone_of(row: &Row) -> Option<((String, Vec<String>), String)> {
-    let text = |c: &str| match row.get(c) {
-        Some(crate::event::Value::Text(t)) => Some(t.clone()),
-        _ => None,
-    };
-    let key: Vec<String> = serde_json::from_str(&text("key")?).ok()?;
-    Some(((text("table_name")?, key), text("deleted_at")?))
 }
 
 fn unix_us() -> i64 {

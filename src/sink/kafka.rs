@@ -159,6 +159,8 @@ pub enum Pending {
     Message {
         commit_lsn: Lsn,
         delivery: DeliveryFuture,
+        /// Counted once the broker acknowledges the message.
+        produced: metrics::Counter,
     },
     Commit {
         end_lsn: Lsn,
@@ -171,15 +173,15 @@ pub enum Pending {
 pub async fn track_deliveries(
     mut queue: mpsc::Receiver<Pending>,
     durable: watch::Sender<Lsn>,
-    on_delivered: impl Fn(),
 ) -> Result<(), SinkError> {
     while let Some(p) = queue.recv().await {
         match p {
             Pending::Message {
                 commit_lsn,
                 delivery,
+                produced,
             } => match delivery.await {
-                Ok(Ok(_)) => on_delivered(),
+                Ok(Ok(_)) => produced.increment(1),
                 Ok(Err((error, _))) => return Err(SinkError::Delivery { commit_lsn, error }),
                 Err(_) => return Err(SinkError::TrackerGone),
             },

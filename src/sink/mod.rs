@@ -6,5 +6,6 @@
 pub mod apply;
 pub mod dead_letter;
 pub mod kafka;
+pub mod progress;
 pub mod target;
 pub mod writer;

@@ -186,6 +186,13 @@ CREATE TABLE IF NOT EXISTS duplex.apply_positions (
     last_commit_ts timestamptz,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+-- Each direction into this node: running, halted (and why) or stopped.
+CREATE TABLE IF NOT EXISTS duplex.apply_state (
+    source_node text PRIMARY KEY,
+    state text NOT NULL,
+    reason text,
+    since timestamptz NOT NULL DEFAULT now()
+);
 -- Deleted keys, so that an older insert or update arriving later does not bring the
 -- row back. Pruned after sync.tombstone_retention_ms.
 CREATE TABLE IF NOT EXISTS duplex.tombstones (

@@ -8,4 +8,5 @@ mod bad_events;
 mod convergence;
 mod harness;
 mod identity;
+mod observability;
 mod source;

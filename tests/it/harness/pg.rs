@@ -105,6 +105,7 @@ impl Cluster {
             ("fsync", "off".into()),
             ("full_page_writes", "off".into()),
             ("wal_sender_timeout", "60s".into()),
+            ("max_slot_wal_keep_size", "'10GB'".into()),
         ];
         for (k, v) in settings {
             conf.retain(|(c, _)| c != k);

@@ -1,0 +1,119 @@
+//! What an apply worker tells the outside about itself: its state row in the target's
+//! `duplex.apply_state` (read by `duplex status`, so it outlives the process) and its
+//! lag gauges.
+
+use crate::config::{Config, Direction};
+use crate::metrics as m;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+/// How long asking the broker for the log end offset may take.
+const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Direction states as stored in `duplex.apply_state.state`.
+pub const RUNNING: &str = "running";
+pub const HALTED: &str = "halted";
+pub const STOPPED: &str = "stopped";
+
+/// Records the direction's state (and why, for a halt) on its target.
+pub async fn set_state(
+    client: &Client,
+    dir: &Direction,
+    state: &str,
+    reason: Option<&str>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO duplex.apply_state (source_node, state, reason, since) VALUES ($1, $2, $3, now())
+             ON CONFLICT (source_node) DO UPDATE SET state = EXCLUDED.state, reason = EXCLUDED.reason,
+               since = CASE WHEN duplex.apply_state.state = EXCLUDED.state THEN duplex.apply_state.since ELSE now() END",
+            &[&dir.from, &state, &reason],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Records a halt over a fresh connection (the worker's session is gone by then).
+pub async fn record_halt(cfg: &Config, dir: &Direction, reason: &str) {
+    let result = match crate::source::slot::connect(cfg, &dir.to, "apply state").await {
+        Ok(client) => set_state(&client, dir, HALTED, Some(reason))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = result {
+        tracing::warn!(direction = %dir, error = %e, "could not record the halt on the target");
+    }
+}
+
+/// Where a worker stands, for the lag gauges.
+#[derive(Debug, Clone, Default)]
+pub struct Standing {
+    /// Offset after the last message taken from the topic.
+    pub consumed_next: Option<i64>,
+    /// Offset after the last message committed to the target.
+    pub committed_next: Option<i64>,
+    /// Commit time (µs) of the newest applied source transaction.
+    pub last_applied_commit_us: Option<i64>,
+    /// Commit time (µs) of the oldest event taken but not committed yet.
+    pub oldest_pending_commit_us: Option<i64>,
+    /// Nothing taken is waiting to be committed.
+    pub idle: bool,
+}
+
+/// Sets the lag gauges every second from what the worker last published, until
+/// `shutdown` or until the worker drops its sender. Runs beside the worker so the
+/// gauges keep moving while a batch is blocked on the target.
+pub async fn report_lag(
+    dir: Direction,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    mut standing: watch::Receiver<Standing>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = standing.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {
+                let s = standing.borrow().clone();
+                set_lag(&dir, &consumer, &topic, &s).await;
+            }
+        }
+    }
+}
+
+/// Lag in seconds: 0 when caught up and idle; else now − commit time of the oldest
+/// event not yet applied (or of the newest applied one, while the next is unread).
+/// Lag in messages: log end offset − committed offset.
+async fn set_lag(dir: &Direction, consumer: &Arc<StreamConsumer>, topic: &str, s: &Standing) {
+    let (c, t) = (consumer.clone(), topic.to_string());
+    let marks =
+        tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, WATERMARK_TIMEOUT)).await;
+    let Ok(Ok((low, high))) = marks else {
+        return;
+    };
+    let consumed = s.consumed_next.unwrap_or(low);
+    let caught_up = s.idle && consumed >= high;
+    let behind_since = s.oldest_pending_commit_us.or(s.last_applied_commit_us);
+    let lag_s = match (caught_up, behind_since) {
+        (true, _) | (false, None) => 0.0,
+        (false, Some(ts)) => (unix_us() - ts).max(0) as f64 / 1e6,
+    };
+    let label = dir.to_string();
+    metrics::gauge!(m::APPLY_LAG_SECONDS, "direction" => label.clone()).set(lag_s);
+    let committed = s.committed_next.unwrap_or(low);
+    metrics::gauge!(m::APPLY_KAFKA_LAG_MESSAGES, "direction" => label)
+        .set((high - committed).max(0) as f64);
+}
+
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,254 @@
+//! `duplex status`: where each node's slot and each direction stand, read from the
+//! databases (slots, `duplex.apply_state`, `duplex.apply_positions`) and the broker,
+//! never from a running daemon's memory, so it works whether or not duplex runs and
+//! can gate a cutover.
+
+use crate::config::{Config, Direction};
+use crate::sink::kafka::client_config;
+use crate::source::slot::{self, describe};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub slot: String,
+    pub slot_exists: bool,
+    pub slot_active: bool,
+    pub confirmed_flush_lsn: Option<String>,
+    /// Current WAL LSN − confirmed_flush_lsn.
+    pub lag_bytes: Option<i64>,
+    /// Current WAL LSN − restart_lsn: what the slot keeps on disk.
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_status: Option<String>,
+    pub safe_wal_size_bytes: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DirectionStatus {
+    pub direction: String,
+    /// running, halted, stopped, or never_started.
+    pub state: String,
+    pub reason: Option<String>,
+    pub since: Option<String>,
+    /// An apply session is connected to the target right now.
+    pub connected: bool,
+    pub last_applied_commit: Option<String>,
+    /// Now − commit time of the newest applied transaction; 0 when caught up.
+    pub lag_seconds: Option<f64>,
+    /// The source slot's unconfirmed WAL.
+    pub lag_bytes: Option<i64>,
+    /// Messages on the source topic not applied yet.
+    pub kafka_lag_messages: Option<i64>,
+    pub conflicts: i64,
+    pub dead_letters_pending: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub nodes: Vec<NodeStatus>,
+    pub directions: Vec<DirectionStatus>,
+    /// What could not be read (an unreachable node or broker, missing setup).
+    pub problems: Vec<String>,
+}
+
+impl Status {
+    /// Why this status fails a `--max-lag` gate, if it does.
+    pub fn gate(&self, max_lag_seconds: f64) -> Vec<String> {
+        let mut failing = self.problems.clone();
+        for d in &self.directions {
+            if d.state == "halted" {
+                failing.push(format!(
+                    "{} is halted: {}",
+                    d.direction,
+                    d.reason.as_deref().unwrap_or("?")
+                ));
+            }
+            match d.lag_seconds {
+                Some(l) if l > max_lag_seconds => {
+                    failing.push(format!("{} is {l:.1} s behind", d.direction))
+                }
+                None => failing.push(format!("{}: lag unknown", d.direction)),
+                _ => {}
+            }
+        }
+        failing
+    }
+}
+
+/// Reads the status of every node and direction.
+pub async fn collect(cfg: &Config) -> Status {
+    let mut status = Status {
+        nodes: Vec::new(),
+        directions: Vec::new(),
+        problems: Vec::new(),
+    };
+    for node in cfg.source_nodes() {
+        match node_status(cfg, &node).await {
+            Ok(n) => status.nodes.push(n),
+            Err(e) => status.problems.push(e),
+        }
+    }
+    for dir in cfg.directions().unwrap_or_default() {
+        match direction_status(cfg, &dir, &status.nodes).await {
+            Ok(d) => status.directions.push(d),
+            Err(e) => status.problems.push(e),
+        }
+    }
+    status
+}
+
+async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
+    let client = slot::connect(cfg, node, "status")
+        .await
+        .map_err(|e| e.to_string())?;
+    let slot_name = cfg.slot_name(node);
+    let row = client
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, safe_wal_size
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot_name],
+        )
+        .await
+        .map_err(|e| format!("node {node}: reading pg_replication_slots: {}", describe(&e)))?;
+    Ok(match row {
+        Some(r) => NodeStatus {
+            node: node.to_string(),
+            slot: slot_name,
+            slot_exists: true,
+            slot_active: r.get(0),
+            confirmed_flush_lsn: r.get(1),
+            lag_bytes: r.get(2),
+            retained_wal_bytes: r.get(3),
+            wal_status: r.get(4),
+            safe_wal_size_bytes: r.get(5),
+        },
+        None => NodeStatus {
+            node: node.to_string(),
+            slot: slot_name,
+            slot_exists: false,
+            slot_active: false,
+            confirmed_flush_lsn: None,
+            lag_bytes: None,
+            retained_wal_bytes: None,
+            wal_status: None,
+            safe_wal_size_bytes: None,
+        },
+    })
+}
+
+async fn direction_status(
+    cfg: &Config,
+    dir: &Direction,
+    nodes: &[NodeStatus],
+) -> Result<DirectionStatus, String> {
+    let client = slot::connect(cfg, &dir.to, "status")
+        .await
+        .map_err(|e| e.to_string())?;
+    let err = |e: tokio_postgres::Error| {
+        format!("direction {dir}: {} (has duplex setup run?)", describe(&e))
+    };
+    let row = client
+        .query_one(
+            "SELECT s.state, s.reason, s.since::text,
+                    EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+                            AND application_name = $2),
+                    p.last_commit_ts::text, p.next_offset,
+                    (extract(epoch FROM clock_timestamp() - p.last_commit_ts))::float8,
+                    (SELECT count(*) FROM duplex.conflicts WHERE incoming_node = $1),
+                    (SELECT count(*) FROM duplex.dead_letters WHERE source_node = $1 AND replayed_at IS NULL)
+             FROM (SELECT $1::text AS source_node) k
+             LEFT JOIN duplex.apply_state s USING (source_node)
+             LEFT JOIN duplex.apply_positions p USING (source_node)",
+            &[&dir.from, &format!("duplex apply from {}", dir.from)],
+        )
+        .await
+        .map_err(err)?;
+    let next_offset: Option<i64> = row.get(5);
+    let since_commit: Option<f64> = row.get(6);
+    let end = log_end_offset(cfg, &cfg.topic(&dir.from)).await;
+    let kafka_lag = end.map(|end| (end - next_offset.unwrap_or(0)).max(0));
+    let lag_seconds = match (kafka_lag, since_commit) {
+        (Some(0), _) => Some(0.0),
+        (Some(_), Some(s)) => Some(s.max(0.0)),
+        // Behind, and nothing applied yet: as far behind as the backlog is unknown.
+        (Some(_), None) | (None, _) => None,
+    };
+    Ok(DirectionStatus {
+        direction: dir.to_string(),
+        state: row
+            .get::<_, Option<String>>(0)
+            .unwrap_or_else(|| "never_started".into()),
+        reason: row.get(1),
+        since: row.get(2),
+        connected: row.get(3),
+        last_applied_commit: row.get(4),
+        lag_seconds,
+        lag_bytes: nodes
+            .iter()
+            .find(|n| n.node == dir.from)
+            .and_then(|n| n.lag_bytes),
+        kafka_lag_messages: kafka_lag,
+        conflicts: row.get(7),
+        dead_letters_pending: row.get(8),
+    })
+}
+
+/// The topic's log end offset (partition 0), if the broker answers.
+async fn log_end_offset(cfg: &Config, topic: &str) -> Option<i64> {
+    let (cc, topic) = (client_config(&cfg.kafka), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = cc.create().ok()?;
+        consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(5))
+            .ok()
+            .map(|(_, high)| high)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Human-readable lines.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let opt = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+    for n in &s.nodes {
+        out.push_str(&format!(
+            "node {}: slot {} {} confirmed {} lag {} bytes, retains {} bytes, wal_status {}\n",
+            n.node,
+            n.slot,
+            if !n.slot_exists {
+                "MISSING"
+            } else if n.slot_active {
+                "active"
+            } else {
+                "inactive"
+            },
+            n.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+            opt(n.lag_bytes),
+            opt(n.retained_wal_bytes),
+            n.wal_status.as_deref().unwrap_or("-"),
+        ));
+    }
+    for d in &s.directions {
+        out.push_str(&format!(
+            "direction {}: {}{}{} lag {} s, {} messages; last applied commit {}; conflicts {}; dead letters {}\n",
+            d.direction,
+            d.state,
+            d.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default(),
+            if d.connected { ", connected," } else { ", not connected," },
+            d.lag_seconds.map_or("?".to_string(), |l| format!("{l:.1}")),
+            opt(d.kafka_lag_messages),
+            d.last_applied_commit.as_deref().unwrap_or("-"),
+            d.conflicts,
+            d.dead_letters_pending,
+        ));
+    }
+    for p in &s.problems {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out
+}

@@ -1,0 +1,267 @@
+//! What an SRE sees: /metrics moves by the right amounts, lag rises while the apply
+//! side is blocked and returns to 0, conflict and dead-letter counters match what was
+//! provoked, /readyz and `duplex status` report a halted direction, and the dashboard
+//! and alert rules use only metrics duplex exports.
+
+use crate::apply::converge;
+use crate::harness::duplex::Rig;
+use crate::harness::pg::Cluster;
+use crate::harness::wait_for;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn metrics_port(rig: &Rig) -> u16 {
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let line = cfg.lines().find(|l| l.starts_with("listen = ")).unwrap();
+    line.trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// GET `path`; (status code, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        code,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    ))
+}
+
+/// The value of the series whose line starts with `series` (name and labels as
+/// rendered, e.g. `duplex_apply_halted{direction="a_to_b"}`).
+fn value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_value(port: u16, series: &str, what: &str, ok: impl Fn(f64) -> bool) {
+    wait_for(what, Duration::from_secs(60), || {
+        let v = get(port, "/metrics").and_then(|(_, body)| value(&body, series));
+        let hit = v.is_some_and(&ok);
+        async move { hit.then_some(()) }
+    })
+    .await;
+}
+
+const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+
+#[tokio::test]
+async fn metrics_lag_conflicts_dead_letters_and_readiness() {
+    let rig = Rig::both(DDL, &["public.items"], "").await;
+    let dead_letter_cfg = std::fs::read_to_string(&rig.config).unwrap().replace(
+        "linger_ms = 10",
+        "linger_ms = 10\non_error = \"dead_letter\"",
+    );
+    std::fs::write(&rig.config, &dead_letter_cfg).unwrap();
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    b.batch_execute("ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden')")
+        .await
+        .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    let port = metrics_port(&rig);
+    wait_for("/readyz", Duration::from_secs(30), || {
+        let ready = get(port, "/readyz").is_some_and(|(code, _)| code == 200);
+        async move { ready.then_some(()) }
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").map(|r| r.0), Some(200));
+
+    // Throughput: 50 inserts on a (5 transactions), 20 on b.
+    for t in 0..5 {
+        a.batch_execute(&format!(
+            "INSERT INTO items (id, val) SELECT {t} * 10 + g, 'a' FROM generate_series(1, 10) g"
+        ))
+        .await
+        .unwrap();
+    }
+    b.batch_execute(
+        "INSERT INTO items (id, val) SELECT 1000 + g, 'b' FROM generate_series(1, 20) g",
+    )
+    .await
+    .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    let upserts = r#"duplex_apply_rows_total{direction="a_to_b",table="public.items",op="upsert"}"#;
+    wait_value(port, upserts, "50 rows applied a to b", |v| v == 50.0).await;
+    let scrape = get(port, "/metrics").unwrap().1;
+    for (series, expected) in [
+        (
+            r#"duplex_source_events_total{node="a",table="public.items",op="insert"}"#,
+            50.0,
+        ),
+        (
+            r#"duplex_sink_kafka_produced_total{node="a",table="public.items",op="insert"}"#,
+            50.0,
+        ),
+        (
+            r#"duplex_source_events_total{node="b",table="public.items",op="insert"}"#,
+            20.0,
+        ),
+        (
+            r#"duplex_apply_rows_total{direction="b_to_a",table="public.items",op="upsert"}"#,
+            20.0,
+        ),
+        (
+            r#"duplex_apply_transactions_total{direction="a_to_b"}"#,
+            5.0,
+        ),
+    ] {
+        assert_eq!(
+            value(&scrape, series),
+            Some(expected),
+            "{series} in\n{scrape}"
+        );
+    }
+
+    // Lag: block the apply side of a → b with a lock on b, write on a.
+    let blocker = cl.client(&rig.db_b).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (500, 'while blocked')")
+        .await
+        .unwrap();
+    let lag = r#"duplex_apply_lag_seconds{direction="a_to_b"}"#;
+    wait_value(port, lag, "lag to rise above 2 s", |v| v > 2.0).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    wait_value(port, lag, "lag to return to 0", |v| v == 0.0).await;
+    let kafka_lag = r#"duplex_apply_kafka_lag_messages{direction="a_to_b"}"#;
+    wait_value(port, kafka_lag, "Kafka lag to return to 0", |v| v == 0.0).await;
+
+    // A conflict: b's version is newer, a's later edit loses on b.
+    b.batch_execute("UPDATE items SET val = 'future', updated_at = '2100-01-01' WHERE id = 1")
+        .await
+        .unwrap();
+    a.batch_execute("UPDATE items SET val = 'now', updated_at = clock_timestamp() WHERE id = 1")
+        .await
+        .unwrap();
+    let conflicts = r#"duplex_apply_conflicts_total{direction="a_to_b",table="public.items",resolution="kept_local"}"#;
+    wait_value(port, conflicts, "one conflict a to b", |v| v == 1.0).await;
+    // A dead letter.
+    a.batch_execute("INSERT INTO items (id, val) VALUES (600, 'forbidden')")
+        .await
+        .unwrap();
+    wait_value(
+        port,
+        r#"duplex_apply_dead_letters_total{direction="a_to_b"}"#,
+        "one dead letter",
+        |v| v == 1.0,
+    )
+    .await;
+
+    // Every metric the dashboard and the alert rules use is exported.
+    let scrape = get(port, "/metrics").unwrap().1;
+    check_deploy_files(&scrape);
+    assert_eq!(d.stop().await, Some(0));
+
+    // Halt: readiness flips, the gauge and `duplex status` say why.
+    std::fs::write(
+        &rig.config,
+        dead_letter_cfg.replace("on_error = \"dead_letter\"", ""),
+    )
+    .unwrap();
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (601, 'forbidden')")
+        .await
+        .unwrap();
+    wait_value(
+        port,
+        r#"duplex_apply_halted{direction="a_to_b"}"#,
+        "the halted gauge",
+        |v| v == 1.0,
+    )
+    .await;
+    let (code, body) = get(port, "/readyz").unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("apply a_to_b"), "{body}");
+    let out = rig.command(&["status", "--max-lag", "60"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("direction a_to_b: halted") && text.contains("no_forbidden"),
+        "{text}"
+    );
+    let out = rig.command(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dirs = json["directions"].as_array().unwrap();
+    let b_to_a = dirs.iter().find(|d| d["direction"] == "b_to_a").unwrap();
+    assert_eq!(b_to_a["state"], "running");
+    assert_eq!(b_to_a["connected"], true);
+    assert_eq!(json["nodes"][0]["slot_active"], true);
+    assert_eq!(d.stop().await, Some(0));
+}
+
+/// Names `duplex_*` used by the dashboard and the alert rules must be in `scrape`.
+fn check_deploy_files(scrape: &str) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/duplex.json")).unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("dashboard is not JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    let alerts = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap();
+    assert!(alerts.matches("- alert: ").count() >= 8);
+    let exported: BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for text in [&dashboard, &alerts] {
+        for name in metric_names(text) {
+            assert!(
+                exported.contains(name.as_str()),
+                "{name} is used but not exported; exported: {exported:?}"
+            );
+        }
+    }
+    if let Ok(out) = std::process::Command::new("promtool")
+        .args([
+            "check",
+            "rules",
+            &format!("{root}/deploy/prometheus/alerts.yml"),
+        ])
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "promtool: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("duplex_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let preceded =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        if !preceded {
+            names.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
