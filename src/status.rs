@@ -161,8 +161,8 @@ async fn direction_status(
                     (SELECT count(*) FROM duplex.dead_letters WHERE source_node = $1 AND replayed_at IS NULL)
              FROM (SELECT $1::text AS source_node) k
              LEFT JOIN duplex.apply_state s USING (source_node)
-             LEFT JOIN duplex.apply_positions p USING (source_node)",
-            &[&dir.from, &format!("duplex apply from {}", dir.from)],
+             LEFT JOIN duplex.apply_positions p ON p.source_node = k.source_node AND p.topic = $3",
+            &[&dir.from, &format!("duplex apply from {}", dir.from), &cfg.topic(&dir.from)],
         )
         .await
         .map_err(err)?;

@@ -123,8 +123,8 @@ async fn apply_once(
         .query_opt(
             "SELECT next_offset, commit_lsn::text, seq,
                     (extract(epoch FROM last_commit_ts) * 1000000)::int8
-             FROM duplex.apply_positions WHERE source_node = $1",
-            &[&dir.from],
+             FROM duplex.apply_positions WHERE source_node = $1 AND topic = $2",
+            &[&dir.from, &cfg.topic(&dir.from)],
         )
         .await
         .map_err(|source| WriteError::Sql {
@@ -480,12 +480,19 @@ impl Worker<'_> {
         self.writer
             .client
             .execute(
-                "INSERT INTO duplex.apply_positions (source_node, next_offset, commit_lsn, seq, last_commit_ts, applied_at)
-                 VALUES ($1, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now())
-                 ON CONFLICT (source_node) DO UPDATE SET next_offset = EXCLUDED.next_offset,
+                "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at)
+                 VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now())
+                 ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
                    commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(),
                    last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
-                &[&self.dir.from, &next_offset, &pos.commit_lsn.to_string(), &(pos.seq as i32), &last_commit_ts],
+                &[
+                    &self.dir.from,
+                    &next_offset,
+                    &pos.commit_lsn.to_string(),
+                    &(pos.seq as i32),
+                    &last_commit_ts,
+                    &self.cfg.topic(&self.dir.from),
+                ],
             )
             .await
             .map_err(|source| WriteError::Sql {

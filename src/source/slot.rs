@@ -179,12 +179,15 @@ INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
 -- Where each direction into this node stands, written in the same transaction as the
 -- rows it applied.
 CREATE TABLE IF NOT EXISTS duplex.apply_positions (
-    source_node text PRIMARY KEY,
+    source_node text NOT NULL,
+    -- A new topic (another topic_prefix, a recreated topic) is a new stream.
+    topic text NOT NULL,
     next_offset bigint NOT NULL,
     commit_lsn pg_lsn NOT NULL,
     seq integer NOT NULL,
     last_commit_ts timestamptz,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_node, topic)
 );
 -- Each direction into this node: running, halted (and why) or stopped.
 CREATE TABLE IF NOT EXISTS duplex.apply_state (

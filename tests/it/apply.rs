@@ -216,3 +216,31 @@ async fn parent_and_child_in_one_transaction_apply_in_order() {
     assert!(!d.logs().contains("halted"), "{}", d.logs());
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn a_new_topic_prefix_is_read_from_its_beginning() {
+    let rig = Rig::both(ITEMS, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let (a, b) = clients(&rig).await;
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) SELECT g, 'first' FROM generate_series(1, 5) g")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(d.stop().await, Some(0));
+    // Another topic is another stream: positions stored for the old one do not apply.
+    let cfg = std::fs::read_to_string(&rig.config).unwrap();
+    let old = format!("topic_prefix = \"{}\"", rig.prefix);
+    std::fs::write(
+        &rig.config,
+        cfg.replace(&old, &format!("topic_prefix = \"{}_v2\"", rig.prefix)),
+    )
+    .unwrap();
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (6, 'second'), (7, 'second')")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(rows(&b, "items").await.len(), 7);
+    assert_eq!(d.stop().await, Some(0));
+}
