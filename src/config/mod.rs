@@ -18,7 +18,7 @@ pub use sync::{IdentityConfig, OnError, SyncConfig, TableConfig};
 pub const DEFAULT_TOPIC_PREFIX: &str = "duplex";
 pub const DEFAULT_PUBLICATION: &str = "duplex";
 pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
-pub const DEFAULT_MAX_IN_FLIGHT_MESSAGES: usize = 20_000;
+pub const DEFAULT_MAX_IN_FLIGHT_MESSAGES: usize = 10_000;
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;

@@ -33,7 +33,8 @@ use tracing::Instrument;
 /// librdkafka consumer settings duplex changes from librdkafka's defaults.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "10"),
-    ("queued.max.messages.kbytes", "16384"),
+    ("queued.min.messages", "10000"),
+    ("queued.max.messages.kbytes", "8192"),
 ];
 
 /// How often conflicts and tombstones are pruned.
@@ -165,7 +166,8 @@ async fn apply_once(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     // Latency and memory: don't let a fetch idle for librdkafka's default 500 ms, and
-    // bound the prefetch queue (64 MB by default). The user's properties still win.
+    // bound the prefetch queue (100k messages or 64 MB by default). The user's
+    // properties still win.
     for (key, value) in CONSUMER_DEFAULTS {
         if !cfg.kafka.properties.contains_key(*key) {
             cc.set(*key, *value);

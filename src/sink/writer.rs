@@ -59,6 +59,17 @@ pub struct Applied {
 
 /// A version that won: event index, key values, `updated_at` (or delete time) text.
 type Winner = (usize, Vec<String>, Option<String>);
+/// An event's final version of a key: index, kind, key values, `updated_at` text.
+type Candidate = (usize, Kind, Vec<String>, Option<String>);
+/// A version that lost: as a candidate, plus the target's `updated_at` and the verdict.
+type Lost = (
+    usize,
+    Kind,
+    Vec<String>,
+    Option<String>,
+    Option<String>,
+    String,
+);
 
 /// When each deleted key was deleted on the source, from the tombstones published in
 /// the same transaction: (table, key values) → `deleted_at` text.
@@ -80,7 +91,8 @@ enum Kind {
     Truncate,
 }
 
-/// A run of events of one table and kind: indexes into the slice being applied.
+/// A run of events of one table: indexes into the slice being applied. `kind` is
+/// `Truncate` for a truncate, else `Upsert` for row changes of any kind.
 struct Run {
     table: String,
     kind: Kind,
@@ -199,17 +211,19 @@ impl<'a> TargetWriter<'a> {
             return Ok(());
         };
         let tc = self.cfg.tables.iter().find(|t| t.name == run.table);
-        // Last event per key wins within a run; earlier ones are superseded versions.
-        let mut rows: Vec<(usize, Vec<String>, Option<String>)> = Vec::new();
+        // The last event per key decides the key's final state: earlier ones are
+        // superseded versions from the same source. Keys are independent (foreign keys
+        // do not fire in replica mode), so one statement per kind serves the table.
+        let mut rows: Vec<Candidate> = Vec::new();
         let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
         for &i in &run.items {
-            let ev = &events[i];
-            match self.prepare(ev, &table, tc, run.kind, deleted) {
+            let kind = kind_of(&events[i]);
+            match self.prepare(&events[i], &table, tc, kind, deleted) {
                 Ok((key, ts)) => match index_of.get(&key) {
-                    Some(&slot) => rows[slot] = (i, key, ts),
+                    Some(&slot) => rows[slot] = (i, kind, key, ts),
                     None => {
                         index_of.insert(key.clone(), rows.len());
-                        rows.push((i, key, ts));
+                        rows.push((i, kind, key, ts));
                     }
                 },
                 Err(reason) => out.bad.push(BadEvent { index: i, reason }),
@@ -219,12 +233,12 @@ impl<'a> TargetWriter<'a> {
             return Ok(());
         }
         let verdicts = self.decide(&table, &rows, tc).await?;
-        let mut winners = Vec::new();
-        let mut lost = Vec::new();
-        for ((i, key, ts), (local, verdict)) in rows.into_iter().zip(verdicts) {
+        let (mut upserts, mut deletes, mut lost) = (Vec::new(), Vec::new(), Vec::new());
+        for ((i, kind, key, ts), (local, verdict)) in rows.into_iter().zip(verdicts) {
             match verdict.as_str() {
-                "apply" => winners.push((i, key, ts)),
-                "older" | "tombstone" => lost.push((i, key, ts, local, verdict)),
+                "apply" if kind == Kind::Delete => deletes.push((i, key, ts)),
+                "apply" => upserts.push((i, key, ts)),
+                "older" | "tombstone" => lost.push((i, kind, key, ts, local, verdict)),
                 "null_ts" => out.bad.push(BadEvent {
                     index: i,
                     reason: format!(
@@ -241,13 +255,11 @@ impl<'a> TargetWriter<'a> {
                 }),
             }
         }
-        match run.kind {
-            Kind::Upsert => self.upsert(events, &table, &winners).await?,
-            _ => self.delete(&table, &winners).await?,
-        }
-        out.rows += winners.len();
+        self.upsert(events, &table, &upserts).await?;
+        self.delete(&table, &deletes).await?;
+        out.rows += upserts.len() + deletes.len();
         out.conflicts += lost.len();
-        self.record_conflicts(events, &table, run.kind, &lost).await
+        self.record_conflicts(events, &table, &lost).await
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.
@@ -305,16 +317,16 @@ impl<'a> TargetWriter<'a> {
     async fn decide(
         &self,
         table: &TargetTable,
-        rows: &[(usize, Vec<String>, Option<String>)],
+        rows: &[Candidate],
         tc: Option<&TableConfig>,
     ) -> Result<Vec<(Option<String>, String)>, WriteError> {
         let mut keys: Vec<Vec<&str>> = vec![Vec::with_capacity(rows.len()); table.key.len()];
-        for (_, key, _) in rows {
+        for (_, _, key, _) in rows {
             for (n, v) in key.iter().enumerate() {
                 keys[n].push(v);
             }
         }
-        let ts: Vec<Option<&str>> = rows.iter().map(|r| r.2.as_deref()).collect();
+        let ts: Vec<Option<&str>> = rows.iter().map(|r| r.3.as_deref()).collect();
         let skew = tc.and_then(|t| t.max_future_skew_ms).map(|v| v as i64);
         let mut params: Vec<&(dyn ToSql + Sync)> =
             keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
@@ -406,22 +418,21 @@ impl<'a> TargetWriter<'a> {
         &self,
         events: &[ChangeEvent],
         table: &TargetTable,
-        kind: Kind,
-        lost: &[(usize, Vec<String>, Option<String>, Option<String>, String)],
+        lost: &[Lost],
     ) -> Result<(), WriteError> {
         if lost.is_empty() {
             return Ok(());
         }
         let keys: Vec<String> = lost
             .iter()
-            .map(|l| serde_json::to_string(&l.1).unwrap_or_default())
+            .map(|l| serde_json::to_string(&l.2).unwrap_or_default())
             .collect();
-        let local: Vec<Option<&str>> = lost.iter().map(|l| l.3.as_deref()).collect();
-        let incoming: Vec<Option<&str>> = lost.iter().map(|l| l.2.as_deref()).collect();
+        let local: Vec<Option<&str>> = lost.iter().map(|l| l.4.as_deref()).collect();
+        let incoming: Vec<Option<&str>> = lost.iter().map(|l| l.3.as_deref()).collect();
         let resolution: Vec<&str> = lost
             .iter()
             .map(|l| {
-                if l.4 == "tombstone" {
+                if l.5 == "tombstone" {
                     "dropped_older_than_tombstone"
                 } else {
                     "kept_local"
@@ -432,16 +443,22 @@ impl<'a> TargetWriter<'a> {
             .iter()
             .map(|l| events[l.0].position().to_string())
             .collect();
-        let op = if kind == Kind::Delete {
-            "delete"
-        } else {
-            "upsert"
-        };
+        let ops: Vec<&str> = lost
+            .iter()
+            .map(|l| {
+                if l.1 == Kind::Delete {
+                    "delete"
+                } else {
+                    "upsert"
+                }
+            })
+            .collect();
         self.client
             .execute(
                 "INSERT INTO duplex.conflicts (table_name, key, op, local_updated_at, incoming_updated_at, incoming_node, incoming_position, resolution)
-                 SELECT $1, k::jsonb, $2, l, i, $3, p, r FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(k, l, i, p, r)",
-                &[&table.name, &op, &self.dir.from, &keys, &local, &incoming, &lsn, &resolution],
+                 SELECT $1, k::jsonb, o, l, i, $3, p, r
+                 FROM unnest($2::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(o, k, l, i, p, r)",
+                &[&table.name, &ops, &self.dir.from, &keys, &local, &incoming, &lsn, &resolution],
             )
             .await
             .map_err(self.sql("recording conflicts"))?;
@@ -482,29 +499,41 @@ fn check_identity(image: &Row, id: &crate::config::IdentityConfig) -> Result<(),
     }
 }
 
-/// Splits events into runs of one table and kind, in order. An update that changes
-/// the key is a delete of the old key followed by an upsert.
+/// Groups events into runs: one per table with all its row changes, in order of first
+/// appearance; a truncate is a run of its own and a barrier nothing moves across.
 fn runs(events: &[ChangeEvent]) -> Vec<Run> {
     let mut out: Vec<Run> = Vec::new();
+    let mut segment = 0;
     for (i, ev) in events.iter().enumerate() {
         let table = format!("{}.{}", ev.source.schema, ev.source.table);
-        let kind = match ev.op {
-            Op::Insert | Op::Update => Kind::Upsert,
-            Op::Delete => Kind::Delete,
-            Op::Truncate => Kind::Truncate,
-        };
-        match out.last_mut() {
-            Some(r) if r.table == table && r.kind == kind && kind != Kind::Truncate => {
-                r.items.push(i)
-            }
-            _ => out.push(Run {
+        if ev.op == Op::Truncate {
+            out.push(Run {
                 table,
-                kind,
+                kind: Kind::Truncate,
+                items: vec![i],
+            });
+            segment = out.len();
+            continue;
+        }
+        match out[segment..].iter_mut().find(|r| r.table == table) {
+            Some(r) => r.items.push(i),
+            None => out.push(Run {
+                table,
+                kind: Kind::Upsert,
                 items: vec![i],
             }),
         }
     }
     out
+}
+
+/// How an event changes its row.
+fn kind_of(ev: &ChangeEvent) -> Kind {
+    match ev.op {
+        Op::Insert | Op::Update => Kind::Upsert,
+        Op::Delete => Kind::Delete,
+        Op::Truncate => Kind::Truncate,
+    }
 }
 
 /// Readies a batch for the writer. An update that changes the key becomes a delete
@@ -553,4 +582,54 @@ fn tombstone_of(row: &Row) -> Option<((String, Vec<String>), String)> {
     };
     let key: Vec<String> = serde_json::from_str(&text("key")?).ok()?;
     Some(((text("table_name")?, key), text("deleted_at")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Lsn, Source};
+
+    fn ev(table: &str, op: Op) -> ChangeEvent {
+        ChangeEvent {
+            op,
+            before: None,
+            after: None,
+            key: vec![],
+            types: vec![],
+            source: Source {
+                node: "a".into(),
+                db: "app".into(),
+                schema: "public".into(),
+                table: table.into(),
+                lsn: Lsn(1),
+                seq: 0,
+                last: false,
+                xid: 1,
+                commit_ts_us: 0,
+            },
+            ts_ms: 0,
+        }
+    }
+
+    #[test]
+    fn runs_group_a_table_until_a_truncate() {
+        let events = [
+            ev("t1", Op::Insert),
+            ev("t2", Op::Insert),
+            ev("t1", Op::Delete),
+            ev("t1", Op::Truncate),
+            ev("t1", Op::Update),
+        ];
+        let got: Vec<(String, Vec<usize>)> = runs(&events)
+            .into_iter()
+            .map(|r| (r.table, r.items))
+            .collect();
+        let want = [
+            ("public.t1", vec![0, 2]),
+            ("public.t2", vec![1]),
+            ("public.t1", vec![3]),
+            ("public.t1", vec![4]),
+        ];
+        assert_eq!(got, want.map(|(t, i)| (t.to_string(), i)));
+    }
 }

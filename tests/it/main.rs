@@ -5,6 +5,7 @@ mod admin;
 mod apply;
 mod auth;
 mod bad_events;
+mod bench_smoke;
 mod convergence;
 mod harness;
 mod identity;
