@@ -25,6 +25,7 @@ use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -420,7 +421,7 @@ impl Worker<'_> {
     async fn one_by_one(
         &mut self,
         pending: &[Pending],
-        events: &[ChangeEvent],
+        events: &[Cow<'_, ChangeEvent>],
         deleted: &DeleteTimes,
     ) -> Result<(), ApplyError> {
         for ev in events {

@@ -200,7 +200,7 @@ async fn replay_one(
 ) -> Result<Option<String>, ApplyError> {
     writer.execute("BEGIN", "beginning a transaction").await?;
     let outcome = writer
-        .apply(std::slice::from_ref(ev), &Default::default())
+        .apply(&[std::borrow::Cow::Borrowed(ev)], &Default::default())
         .await;
     let error = match outcome {
         Ok(applied) => applied.bad.into_iter().next().map(|b| b.reason),

@@ -16,6 +16,7 @@ use crate::metrics as m;
 use crate::sink::target::TargetTable;
 use crate::source::slot::{self, describe, sql_class, NodeError};
 use crate::ErrorClass;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -162,7 +163,7 @@ impl<'a> TargetWriter<'a> {
     /// a failing statement is an error, after which the caller rolls back.
     pub async fn apply(
         &mut self,
-        events: &[ChangeEvent],
+        events: &[Cow<'_, ChangeEvent>],
         deleted: &DeleteTimes,
     ) -> Result<Applied, WriteError> {
         let mut out = Applied::default();
@@ -202,7 +203,7 @@ impl<'a> TargetWriter<'a> {
 
     async fn apply_run(
         &mut self,
-        events: &[ChangeEvent],
+        events: &[Cow<'_, ChangeEvent>],
         run: &Run,
         deleted: &DeleteTimes,
         out: &mut Applied,
@@ -344,7 +345,7 @@ impl<'a> TargetWriter<'a> {
 
     async fn upsert(
         &self,
-        events: &[ChangeEvent],
+        events: &[Cow<'_, ChangeEvent>],
         table: &TargetTable,
         winners: &[Winner],
     ) -> Result<(), WriteError> {
@@ -416,7 +417,7 @@ impl<'a> TargetWriter<'a> {
     #[allow(clippy::type_complexity)]
     async fn record_conflicts(
         &self,
-        events: &[ChangeEvent],
+        events: &[Cow<'_, ChangeEvent>],
         table: &TargetTable,
         lost: &[Lost],
     ) -> Result<(), WriteError> {
@@ -501,7 +502,7 @@ fn check_identity(image: &Row, id: &crate::config::IdentityConfig) -> Result<(),
 
 /// Groups events into runs: one per table with all its row changes, in order of first
 /// appearance; a truncate is a run of its own and a barrier nothing moves across.
-fn runs(events: &[ChangeEvent]) -> Vec<Run> {
+fn runs(events: &[Cow<'_, ChangeEvent>]) -> Vec<Run> {
     let mut out: Vec<Run> = Vec::new();
     let mut segment = 0;
     for (i, ev) in events.iter().enumerate() {
@@ -543,7 +544,7 @@ fn kind_of(ev: &ChangeEvent) -> Kind {
 /// both nodes hold the same tombstone.
 pub fn prepare_batch<'e>(
     events: impl Iterator<Item = &'e ChangeEvent>,
-) -> (Vec<ChangeEvent>, DeleteTimes) {
+) -> (Vec<Cow<'e, ChangeEvent>>, DeleteTimes) {
     let mut out = Vec::new();
     let mut deleted = DeleteTimes::new();
     for ev in events {
@@ -562,11 +563,11 @@ pub fn prepare_batch<'e>(
                     del.op = Op::Delete;
                     del.after = None;
                     del.before = Some(Row(before.0.clone()));
-                    out.push(del);
+                    out.push(Cow::Owned(del));
                 }
             }
         }
-        out.push(ev.clone());
+        out.push(Cow::Borrowed(ev));
     }
     (out, deleted)
 }
@@ -620,6 +621,7 @@ mod tests {
             ev("t1", Op::Truncate),
             ev("t1", Op::Update),
         ];
+        let events: Vec<Cow<ChangeEvent>> = events.iter().map(Cow::Borrowed).collect();
         let got: Vec<(String, Vec<usize>)> = runs(&events)
             .into_iter()
             .map(|r| (r.table, r.items))
