@@ -4,6 +4,7 @@
 //! source commits are durable on the broker.
 
 pub mod apply;
+pub mod batch;
 pub mod dead_letter;
 pub mod kafka;
 pub mod progress;

@@ -2,19 +2,12 @@
 //! connections.
 
 use crate::harness::duplex::Rig;
+use crate::harness::output_text as text;
 use crate::harness::pg::{Cluster, MD5_USER, PLAIN_USER};
 use crate::harness::{free_port, wait_for};
 use std::time::Duration;
 
 const DDL: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());";
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[tokio::test]
 async fn check_passes_on_a_good_setup() {

@@ -5,6 +5,7 @@
 use crate::apply::{converge, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
+use crate::harness::output_text as text;
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
 use std::time::Duration;
@@ -15,14 +16,6 @@ const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, qty text, u
 const STRICTER_B: &str = "ALTER TABLE items ALTER qty TYPE int USING qty::int;
                           ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden');
                           ALTER TABLE wide DROP COLUMN extra;";
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[tokio::test]
 async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {

@@ -71,6 +71,15 @@ fn register(item: Cleanup) {
     CLEANUP.lock().unwrap().push(item);
 }
 
+/// A finished command's stdout and stderr, for assertions and failure messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
