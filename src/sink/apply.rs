@@ -215,6 +215,7 @@ async fn apply_once(
         last_applied_commit_us: last_commit_us,
         oldest_pending_commit_us: None,
         standing_tx: None,
+        duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
     };
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.standing_tx = Some(standing_tx);
@@ -291,6 +292,7 @@ struct Worker<'a> {
     oldest_pending_commit_us: Option<i64>,
     /// Where the lag reporter learns how far this worker is.
     standing_tx: Option<watch::Sender<Standing>>,
+    duplicates: metrics::Counter,
 }
 
 impl Worker<'_> {
@@ -322,8 +324,11 @@ impl Worker<'_> {
             }
         };
         if self.applied.is_some_and(|a| event.position() <= a) {
-            metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => self.dir.to_string())
-                .increment(1);
+            self.duplicates.increment(1);
+            if self.pending.is_empty() && !self.in_txn {
+                // Nothing else will publish: let the reporter see the replay end.
+                self.publish();
+            }
             return Ok(());
         }
         self.applied = Some(event.position());
@@ -335,11 +340,13 @@ impl Worker<'_> {
             raw: raw.to_vec(),
         });
         self.first_pending_at.get_or_insert_with(Instant::now);
+        // The lag reporter learns of a batch when it starts and when it commits, not
+        // per message: waking it for every event would cost more than it tells.
         if self.oldest_pending_commit_us.is_none() {
             self.oldest_pending_commit_us =
                 self.pending.last().map(|p| p.event.source.commit_ts_us);
+            self.publish();
         }
-        self.publish();
         if self.pending.len() >= self.cfg.sync.batch_rows {
             self.flush().await?;
             if self.boundary {

@@ -2,9 +2,9 @@
 //! connections.
 
 use crate::harness::duplex::Rig;
+use crate::harness::free_port;
 use crate::harness::output_text as text;
 use crate::harness::pg::{Cluster, MD5_USER, PLAIN_USER};
-use crate::harness::{free_port, wait_for};
 use std::time::Duration;
 
 const DDL: &str = "CREATE TABLE items (id bigint PRIMARY KEY, v text, updated_at timestamptz NOT NULL DEFAULT now());";
@@ -62,10 +62,9 @@ async fn check_names_every_problem() {
 #[tokio::test]
 async fn check_reports_an_unreachable_node() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
     let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
-    std::fs::write(&rig.config, cfg.replace(&a_url, &dead)).unwrap();
+    rig.edit_config(&[(&a_url, &dead)]);
     let out = rig.command(&["check"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("node a: connecting:"), "{}", text(&out));
@@ -171,10 +170,9 @@ async fn run_stops_with_a_message_on_definite_errors() {
 
     // A wrong password, given through the environment variable.
     let rig = Rig::new(DDL, &["public.items"], "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
     let md5_url = Cluster::shared().url(MD5_USER.0, &rig.db_a);
-    std::fs::write(&rig.config, cfg.replace(&a_url, &md5_url)).unwrap();
+    rig.edit_config(&[(&a_url, &md5_url)]);
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
         .args(["run", "--config"])
         .arg(&rig.config)
@@ -193,16 +191,12 @@ async fn run_stops_with_a_message_on_definite_errors() {
 #[tokio::test]
 async fn run_retries_an_unreachable_node_until_stopped() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
     let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
-    std::fs::write(&rig.config, cfg.replace(&a_url, &dead)).unwrap();
+    rig.edit_config(&[(&a_url, &dead)]);
     let d = rig.start();
-    wait_for("three retries in the log", Duration::from_secs(30), || {
-        let n = d.logs().matches("failed; retrying").count();
-        async move { (n >= 3).then_some(()) }
-    })
-    .await;
+    d.wait_log("failed; retrying", 3, Duration::from_secs(30))
+        .await;
     assert!(
         d.logs().contains("Connection refused") || d.logs().contains("connection refused"),
         "{}",
@@ -214,16 +208,12 @@ async fn run_retries_an_unreachable_node_until_stopped() {
 #[tokio::test]
 async fn run_retries_an_unreachable_broker_until_stopped() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let brokers = crate::harness::kafka::Broker::shared().brokers();
     let dead = format!("127.0.0.1:{}", free_port());
-    std::fs::write(&rig.config, cfg.replace(&brokers, &dead)).unwrap();
+    rig.edit_config(&[(&brokers, &dead)]);
     let d = rig.start();
-    wait_for("two retries in the log", Duration::from_secs(60), || {
-        let n = d.logs().matches("failed; retrying").count();
-        async move { (n >= 2).then_some(()) }
-    })
-    .await;
+    d.wait_log("failed; retrying", 2, Duration::from_secs(60))
+        .await;
     assert!(d.logs().contains("Kafka"), "{}", d.logs());
     assert_eq!(d.stop().await, Some(0));
 }

@@ -229,13 +229,8 @@ async fn a_new_topic_prefix_is_read_from_its_beginning() {
     converge(&a, &b, &["items"], Duration::from_secs(30)).await;
     assert_eq!(d.stop().await, Some(0));
     // Another topic is another stream: positions stored for the old one do not apply.
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let old = format!("topic_prefix = \"{}\"", rig.prefix);
-    std::fs::write(
-        &rig.config,
-        cfg.replace(&old, &format!("topic_prefix = \"{}_v2\"", rig.prefix)),
-    )
-    .unwrap();
+    rig.edit_config(&[(&old, &format!("topic_prefix = \"{}_v2\"", rig.prefix))]);
     let d = rig.start();
     a.batch_execute("INSERT INTO items (id, val) VALUES (6, 'second'), (7, 'second')")
         .await

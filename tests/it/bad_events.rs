@@ -34,12 +34,9 @@ async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {
     ] {
         a.batch_execute(sql).await.unwrap();
     }
-    wait_for("the halt message", Duration::from_secs(30), || {
-        let logs = d.logs();
-        async move { logs.contains("halted on a bad event").then_some(logs) }
-    })
-    .await;
-    let logs = d.logs();
+    let logs = d
+        .wait_log("halted on a bad event", 1, Duration::from_secs(30))
+        .await;
     for expected in [
         "direction a_to_b",
         "table public.items",

@@ -41,11 +41,7 @@ const TABLES: &[&str] = &[
 
 async fn rig() -> Rig {
     let rig = Rig::both(DDL, TABLES, "").await;
-    let cfg = std::fs::read_to_string(&rig.config).unwrap().replace(
-        "name = \"public.users\"",
-        "name = \"public.users\"\nidentity = { column = \"id\", namespace = \"users\", from = [\"email\"] }",
-    );
-    std::fs::write(&rig.config, cfg).unwrap();
+    rig.add_identity("public.users", "users", &["email"]);
     assert!(rig.command(&["setup"]).status.success());
     rig
 }

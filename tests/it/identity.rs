@@ -5,7 +5,6 @@
 use crate::apply::{converge, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
-use crate::harness::wait_for;
 use std::process::Command;
 use std::time::Duration;
 
@@ -25,12 +24,9 @@ const CASES: &[(&str, &[&str])] = &[
     ("orders", &["acme", "42", ""]),
 ];
 
-fn duplex_uuid(ns: &str, values: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args(["uuid", "--namespace", ns])
-        .args(values)
-        .output()
-        .unwrap();
+/// Runs `cmd`, which must succeed, and returns its trimmed stdout.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -39,25 +35,27 @@ fn duplex_uuid(ns: &str, values: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+fn duplex_uuid(ns: &str, values: &[&str]) -> String {
+    stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(["uuid", "--namespace", ns])
+            .args(values),
+    )
+}
+
 fn python_uuid(ns: &str, values: &[&str]) -> String {
     let script = "import sys, uuid\n\
         ns = sys.argv[1]\n\
         try:\n    ns = uuid.UUID(ns)\n\
         except ValueError:\n    ns = uuid.uuid5(uuid.NAMESPACE_URL, ns)\n\
         print(uuid.uuid5(ns, '\\x1f'.join(sys.argv[2:])))";
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(ns)
-        .args(values)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    stdout_of(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(ns)
+            .args(values),
+    )
 }
 
 #[tokio::test]
@@ -86,12 +84,7 @@ async fn duplex_python_and_postgres_derive_the_same_ids() {
 }
 
 fn with_identity(rig: &Rig) {
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    let cfg = cfg.replace(
-        "name = \"public.users\"",
-        "name = \"public.users\"\nidentity = { column = \"id\", namespace = \"customers\", from = [\"email\", \"org\"] }",
-    );
-    std::fs::write(&rig.config, cfg).unwrap();
+    rig.add_identity("public.users", "customers", &["email", "org"]);
 }
 
 #[tokio::test]
@@ -156,11 +149,9 @@ async fn an_incoming_row_whose_id_disagrees_is_rejected() {
     .await
     .unwrap();
     let d = rig.start();
-    let logs = wait_for("the identity rejection", Duration::from_secs(30), || {
-        let logs = d.logs();
-        async move { logs.contains("halted on a bad event").then_some(logs) }
-    })
-    .await;
+    let logs = d
+        .wait_log("halted on a bad event", 1, Duration::from_secs(30))
+        .await;
     let expected = duplex_uuid("customers", &["y@example.com", "acme"]);
     assert!(
         logs.contains(&format!("its natural key derives {expected}")),

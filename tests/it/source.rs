@@ -338,8 +338,7 @@ async fn transactions_under_a_duplex_origin_are_not_published() {
         "CREATE TABLE echo (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now());";
     let rig = Rig::new(ddl, &["public.echo"], "").await;
     // Both directions, so node a has the origin for changes applied from b.
-    let cfg = std::fs::read_to_string(&rig.config).unwrap();
-    std::fs::write(&rig.config, cfg.replace("\"a_to_b\"", "\"both\"")).unwrap();
+    rig.edit_config(&[("\"a_to_b\"", "\"both\"")]);
     let out = rig.command(&["setup"]);
     assert!(
         out.status.success(),

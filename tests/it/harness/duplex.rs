@@ -42,9 +42,29 @@ impl Rig {
     /// Like `new`, syncing both directions.
     pub async fn both(ddl: &str, tables: &[&str], extra: &str) -> Rig {
         let rig = Rig::new(ddl, tables, extra).await;
-        let cfg = std::fs::read_to_string(&rig.config).unwrap();
-        std::fs::write(&rig.config, cfg.replace("\"a_to_b\"", "\"both\"")).unwrap();
+        rig.edit_config(&[("\"a_to_b\"", "\"both\"")]);
         rig
+    }
+
+    /// Replaces text in the config file, each pair in turn.
+    pub fn edit_config(&self, replacements: &[(&str, &str)]) {
+        let mut cfg = std::fs::read_to_string(&self.config).unwrap();
+        for (from, to) in replacements {
+            assert!(cfg.contains(from), "{from:?} is not in the config");
+            cfg = cfg.replace(from, to);
+        }
+        std::fs::write(&self.config, cfg).unwrap();
+    }
+
+    /// Gives table `table` a deterministic id derived from `from` under `namespace`.
+    pub fn add_identity(&self, table: &str, namespace: &str, from: &[&str]) {
+        let name = format!("name = \"{table}\"");
+        let from: Vec<String> = from.iter().map(|c| format!("\"{c}\"")).collect();
+        let with = format!(
+            "{name}\nidentity = {{ column = \"id\", namespace = \"{namespace}\", from = [{}] }}",
+            from.join(", ")
+        );
+        self.edit_config(&[(&name, &with)]);
     }
 
     pub fn topic_of(&self, node: &str) -> String {
@@ -134,6 +154,16 @@ pub struct Daemon {
 impl Daemon {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `needle` occurs `count` times in the log; returns the log.
+    pub async fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> String {
+        let what = format!("{count} × {needle:?} in the log");
+        super::wait_for(&what, timeout, || {
+            let logs = self.logs();
+            async move { (logs.matches(needle).count() >= count).then_some(logs) }
+        })
+        .await
     }
 
     /// SIGKILL: no chance to flush or confirm anything.
