@@ -95,6 +95,15 @@ impl fmt::Display for Position {
     }
 }
 
+/// duplex's own table of tombstones: its rows travel with deletes and give the peer
+/// each delete's exact time.
+pub const TOMBSTONES: (&str, &str) = ("duplex", "tombstones");
+
+/// duplex's own table of repairs: the winning version of a key, written by an apply
+/// session that rejected an older one, so that the node that sent the loser learns the
+/// winner. Inserts into it are published even from apply sessions (they are not echoes).
+pub const REPAIRS: (&str, &str) = ("duplex", "repairs");
+
 /// The kind of change, with Debezium's letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {

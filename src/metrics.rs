@@ -46,6 +46,9 @@ pub const APPLY_ROWS_TOTAL: &str = "duplex_apply_rows_total";
 pub const APPLY_TRANSACTIONS_TOTAL: &str = "duplex_apply_transactions_total";
 /// Incoming versions that lost to the target's. Labels: direction, table, resolution.
 pub const APPLY_CONFLICTS_TOTAL: &str = "duplex_apply_conflicts_total";
+/// Winning versions re-published to the peer because its incoming version lost (see
+/// `duplex.repairs`). Labels: direction (the one whose incoming version lost), table.
+pub const APPLY_REPAIRS_TOTAL: &str = "duplex_apply_repairs_total";
 /// Events sent to the dead-letter queue. Labels: direction.
 pub const APPLY_DEAD_LETTERS_TOTAL: &str = "duplex_apply_dead_letters_total";
 /// Events skipped because they were applied before (replays). Labels: direction.

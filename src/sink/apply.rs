@@ -534,14 +534,16 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Prunes old tombstones and conflicts.
+    /// Prunes old tombstones, conflicts and repairs (a repair is published when it
+    /// commits; the row is kept only to be inspected).
     async fn maintain(&mut self) -> Result<(), ApplyError> {
         self.last_maintenance = Instant::now();
         let retention_ms = self.cfg.sync.tombstone_retention_ms as i64;
         let sql = format!(
             "DELETE FROM duplex.tombstones WHERE deleted_at < now() - {retention_ms} * interval '1 millisecond';
-             DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {};",
-            self.cfg.sync.conflicts_kept
+             DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
+             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
+            kept = self.cfg.sync.conflicts_kept
         );
         Ok(self
             .writer

@@ -1,14 +1,18 @@
 //! Readies a batch of consumed events for the writer: key changes split into a delete
-//! and an upsert, and the source's published tombstones turned into exact delete
-//! times instead of rows to apply.
+//! and an upsert, the source's published tombstones turned into exact delete times
+//! instead of rows to apply, and the source's repairs turned back into the row change
+//! (or delete) of the table they name.
 
-use crate::event::{ChangeEvent, Op, Row};
+use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// When each deleted key was deleted on the source, from the tombstones published in
 /// the same transaction: (table, key values) → `deleted_at` text.
-pub type DeleteTimes = HashMap<(String, Vec<String>), String>;
+pub type DeleteTimes = HashMap<DeletedKey, String>;
+
+/// A deleted key: table name and key values.
+pub type DeletedKey = (String, Vec<String>);
 
 /// Readies a batch for the writer. An update that changes the key becomes a delete
 /// of the old key and an upsert. Tombstones the source published (rows of
@@ -21,9 +25,17 @@ pub fn prepare_batch<'e>(
     let mut out = Vec::new();
     let mut deleted = DeleteTimes::new();
     for ev in events {
-        if (ev.source.schema.as_str(), ev.source.table.as_str()) == TOMBSTONES {
+        let table = (ev.source.schema.as_str(), ev.source.table.as_str());
+        if table == TOMBSTONES {
             if let Some((k, at)) = ev.after.as_ref().and_then(tombstone_of) {
                 deleted.insert(k, at);
+            }
+            continue;
+        }
+        if table == REPAIRS {
+            if let Some((repair, tombstone)) = repair_of(ev) {
+                deleted.extend(tombstone);
+                out.push(Cow::Owned(repair));
             }
             continue;
         }
@@ -45,15 +57,128 @@ pub fn prepare_batch<'e>(
     (out, deleted)
 }
 
-/// The table whose rows are tombstones.
-pub const TOMBSTONES: (&str, &str) = ("duplex", "tombstones");
+/// A text column of a duplex row.
+fn text(row: &Row, col: &str) -> Option<String> {
+    match row.get(col) {
+        Some(Value::Text(t)) => Some(t.clone()),
+        _ => None,
+    }
+}
 
 /// (table, key values) and `deleted_at` of a published tombstone row.
-fn tombstone_of(row: &Row) -> Option<((String, Vec<String>), String)> {
-    let text = |c: &str| match row.get(c) {
-        Some(crate::event::Value::Text(t)) => Some(t.clone()),
-        _ => None,
-    };
-    let key: Vec<String> = serde_json::from_str(&text("key")?).ok()?;
-    Some(((text("table_name")?, key), text("deleted_at")?))
+fn tombstone_of(row: &Row) -> Option<(DeletedKey, String)> {
+    let key: Vec<String> = serde_json::from_str(&text(row, "key")?).ok()?;
+    Some(((text(row, "table_name")?, key), text(row, "deleted_at")?))
+}
+
+/// The change a published repair row stands for: an upsert of the winning row, or a
+/// delete at the winning tombstone's time (returned too, as for a source delete). The
+/// event keeps the repair's position, so replays of it are skipped like any other.
+/// Anything but an insert (duplex pruning the table) is no change.
+fn repair_of(ev: &ChangeEvent) -> Option<(ChangeEvent, Option<(DeletedKey, String)>)> {
+    let row = ev.after.as_ref().filter(|_| ev.op == Op::Insert)?;
+    let table_name = text(row, "table_name")?;
+    let (schema, table) = table_name.split_once('.')?;
+    let image: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text(row, "image")?).ok()?;
+    let image = Row(image
+        .into_iter()
+        .map(|(col, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => Value::Text(s),
+                _ => Value::Null,
+            };
+            (col, v)
+        })
+        .collect());
+    let mut repair = ev.clone();
+    repair.source.schema = schema.to_string();
+    repair.source.table = table.to_string();
+    repair.key = vec![];
+    repair.types = vec![];
+    match text(row, "deleted_at") {
+        Some(at) => {
+            let key: Vec<String> = serde_json::from_str(&text(row, "key")?).ok()?;
+            (repair.op, repair.before, repair.after) = (Op::Delete, Some(image), None);
+            Some((repair, Some(((table_name, key), at))))
+        }
+        None => {
+            (repair.op, repair.before, repair.after) = (Op::Update, None, Some(image));
+            Some((repair, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Lsn, Source};
+
+    fn repair(image: &str, deleted_at: Option<&str>, op: Op) -> ChangeEvent {
+        let mut cols = vec![
+            ("id".to_string(), Value::Text("9".into())),
+            ("table_name".to_string(), Value::Text("public.items".into())),
+            ("key".to_string(), Value::Text("[\"5\"]".into())),
+            ("image".to_string(), Value::Text(image.into())),
+        ];
+        cols.push((
+            "deleted_at".to_string(),
+            deleted_at.map_or(Value::Null, |d| Value::Text(d.into())),
+        ));
+        ChangeEvent {
+            op,
+            before: None,
+            after: Some(Row(cols)),
+            key: vec!["id".into()],
+            types: vec![],
+            source: Source {
+                node: "a".into(),
+                db: "app".into(),
+                schema: "duplex".into(),
+                table: "repairs".into(),
+                lsn: Lsn(7),
+                seq: 3,
+                last: true,
+                xid: 1,
+                commit_ts_us: 0,
+            },
+            ts_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_repaired_row_becomes_an_upsert_of_its_table() {
+        let ev = repair(r#"{"id": "5", "body": null, "val": "x"}"#, None, Op::Insert);
+        let (events, deleted) = prepare_batch([&ev].into_iter());
+        assert!(deleted.is_empty());
+        let e = &events[0];
+        assert_eq!(
+            (e.op, e.source.schema.as_str(), e.source.table.as_str()),
+            (Op::Update, "public", "items")
+        );
+        assert_eq!(e.position(), ev.position());
+        let after = e.after.as_ref().unwrap();
+        assert_eq!(after.get("val"), Some(&Value::Text("x".into())));
+        assert_eq!(after.get("body"), Some(&Value::Null));
+    }
+
+    #[test]
+    fn a_repaired_tombstone_becomes_a_delete_at_its_time() {
+        let at = "2026-11-30 04:00:00.000001+00";
+        let ev = repair(r#"{"id": "5"}"#, Some(at), Op::Insert);
+        let (events, deleted) = prepare_batch([&ev].into_iter());
+        assert_eq!(events[0].op, Op::Delete);
+        assert_eq!(
+            events[0].before.as_ref().unwrap().get("id"),
+            Some(&Value::Text("5".into()))
+        );
+        let key = ("public.items".to_string(), vec!["5".to_string()]);
+        assert_eq!(deleted.get(&key).map(String::as_str), Some(at));
+    }
+
+    #[test]
+    fn pruning_repairs_is_no_change() {
+        let ev = repair(r#"{"id": "5"}"#, None, Op::Delete);
+        assert!(prepare_batch([&ev].into_iter()).0.is_empty());
+    }
 }

@@ -7,7 +7,7 @@
 //! from the target's catalog and are always quoted.
 
 use crate::config::TableConfig;
-use crate::source::walsender::quote_ident;
+use crate::source::walsender::{quote_ident, quote_literal};
 use tokio_postgres::Client;
 
 /// A column of the target table.
@@ -107,7 +107,8 @@ impl TargetTable {
     /// texts `$n+1`, whether each wins: `$n+2` is the table name, `$n+3` true when the
     /// incoming node wins ties, `$n+4` the allowed future skew in ms (NULL: any).
     /// Returns per row: ordinal, local `updated_at`, tombstone time, verdict
-    /// (`apply`, `older`, `tombstone`, `null_ts`, `future`).
+    /// (`apply`, `older`, `tombstone`, `null_ts`, `future`), and whether the target has
+    /// no row for the key.
     pub fn decide_sql(&self) -> String {
         let n = self.key.len();
         let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
@@ -121,7 +122,8 @@ impl TargetTable {
                     WHEN tb.deleted_at IS NOT NULL AND tb.deleted_at >= {ts} THEN 'tombstone'
                     WHEN t.ctid IS NULL OR t.{upd} IS NULL OR t.{upd} < {ts} THEN 'apply'
                     WHEN t.{upd} = {ts} AND ${tie}::bool THEN 'apply'
-                    ELSE 'older' END
+                    ELSE 'older' END,
+               t.ctid IS NULL
              FROM unnest({keys}, ${tsp}::text[]) WITH ORDINALITY AS i({names}, ts, ord)
              LEFT JOIN {table} t ON {join}
              LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
@@ -170,15 +172,115 @@ impl TargetTable {
                 tie = columns.len() + 1,
             )
         };
+        // Rows are locked in key order, as an application that orders its writes does,
+        // so that the two rarely deadlock.
+        let order: Vec<String> = self
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .map(|p| format!("{}", p + 1))
+            .collect();
         format!(
             "INSERT INTO {table} ({cols}) SELECT {casts} FROM unnest({params}) AS i({names})
-             ON CONFLICT ({keys}) DO {action}",
+             {order} ON CONFLICT ({keys}) DO {action}",
             table = self.sql_name,
             cols = quoted.join(", "),
             casts = casts.join(", "),
             params = params.join(", "),
             names = names.join(", "),
+            order = if order.is_empty() {
+                String::new()
+            } else {
+                format!("ORDER BY {}", order.join(", "))
+            },
             keys = keys.join(", "),
+        )
+    }
+
+    /// `WITH i AS (...)`: incoming keys `$1..$n` as rows `k0, k1, ...`.
+    fn keys_cte(&self) -> String {
+        let n = self.key.len();
+        let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
+        let names: Vec<String> = (0..n).map(|p| format!("k{p}")).collect();
+        format!(
+            "WITH i AS (SELECT * FROM unnest({}) AS i({}))",
+            keys.join(", "),
+            names.join(", ")
+        )
+    }
+
+    /// Deletes, among the rows just inserted for keys `$1..$n`, those older than a
+    /// tombstone of table `$n+1`: a local delete that committed after the decision
+    /// (the statement's new snapshot sees it; later deletes find the row locked).
+    /// Returns their keys and `updated_at`.
+    pub fn settle_sql(&self) -> String {
+        let upd = quote_ident(&self.updated_at);
+        let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
+        format!(
+            "{cte}
+             DELETE FROM {table} t USING i, duplex.tombstones tb
+             WHERE {join} AND tb.table_name = ${tbl}::text AND tb.key = {tomb}
+               AND (t.{upd} IS NULL OR tb.deleted_at >= t.{upd})
+             RETURNING {ks}, t.{upd}::text",
+            cte = self.keys_cte(),
+            table = self.sql_name,
+            join = self.key_join(),
+            tbl = self.key.len() + 1,
+            tomb = self.tombstone_key(),
+            ks = ks.join(", "),
+        )
+    }
+
+    /// Writes a repair for each of the keys `$1..$n` of table `$n+1`: the target's
+    /// current winner, the row (every column as text) or, when a tombstone is newer,
+    /// the tombstone. Keys with neither are skipped.
+    pub fn repair_sql(&self) -> String {
+        let upd = quote_ident(&self.updated_at);
+        // jsonb_build_object takes at most 100 arguments: 50 columns per call.
+        let pairs = |cols: Vec<(String, String)>| -> String {
+            let parts: Vec<String> = cols
+                .chunks(50)
+                .map(|chunk| {
+                    let args: Vec<String> = chunk
+                        .iter()
+                        .map(|(name, value)| format!("{}, {value}", quote_literal(name)))
+                        .collect();
+                    format!("jsonb_build_object({})", args.join(", "))
+                })
+                .collect();
+            parts.join(" || ")
+        };
+        let row = pairs(
+            self.columns
+                .iter()
+                .map(|c| (c.name.clone(), format!("t.{}::text", quote_ident(&c.name))))
+                .collect(),
+        );
+        let key = pairs(
+            self.key
+                .iter()
+                .enumerate()
+                .map(|(n, k)| (k.clone(), format!("i.k{n}")))
+                .collect(),
+        );
+        let live = format!(
+            "t.ctid IS NOT NULL AND (tb.deleted_at IS NULL OR (t.{upd} IS NOT NULL AND tb.deleted_at < t.{upd}))"
+        );
+        format!(
+            "{cte}
+             INSERT INTO duplex.repairs (table_name, key, image, deleted_at)
+             SELECT ${tbl}::text, {tomb},
+                    CASE WHEN {live} THEN {row} ELSE {key} END,
+                    CASE WHEN {live} THEN NULL ELSE tb.deleted_at END
+             FROM i
+             LEFT JOIN {table} t ON {join}
+             LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
+             WHERE t.ctid IS NOT NULL OR tb.deleted_at IS NOT NULL",
+            cte = self.keys_cte(),
+            tbl = self.key.len() + 1,
+            tomb = self.tombstone_key(),
+            table = self.sql_name,
+            join = self.key_join(),
         )
     }
 
@@ -252,6 +354,20 @@ mod tests {
         );
         assert!(!sql.contains("\"id\" = EXCLUDED"), "{sql}");
         assert!(sql.contains("$4::bool"), "{sql}");
+    }
+
+    #[test]
+    fn upserts_lock_in_key_order_and_repairs_carry_every_column() {
+        let t = items();
+        let sql = t.upsert_sql(&["body", "id", "updated_at"]);
+        assert!(sql.contains("ORDER BY 2 ON CONFLICT"), "{sql}");
+        let r = t.repair_sql();
+        assert!(
+            r.contains("jsonb_build_object('id', t.\"id\"::text, 'body', t.\"body\"::text, 'updated_at', t.\"updated_at\"::text)"),
+            "{r}"
+        );
+        assert!(r.contains("ELSE jsonb_build_object('id', i.k0) END"), "{r}");
+        assert!(t.settle_sql().contains("tb.table_name = $2::text"));
     }
 
     #[test]

@@ -16,10 +16,13 @@ use crate::metrics as m;
 use crate::sink::target::TargetTable;
 use crate::source::slot::{self, describe, sql_class, NodeError};
 use crate::ErrorClass;
+use lww::{Candidate, Lost, Resolution, Verdict};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
+
+mod lww;
 
 /// Errors writing to a target node.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum WriteError {
         context: String,
         source: tokio_postgres::Error,
     },
+    #[error("node {node}: {detail}")]
+    Internal { node: String, detail: String },
 }
 
 impl WriteError {
@@ -39,6 +44,7 @@ impl WriteError {
         match self {
             WriteError::Node(e) => e.class(),
             WriteError::Sql { source, .. } => sql_class(source),
+            WriteError::Internal { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -58,20 +64,6 @@ pub struct Applied {
     pub bad: Vec<BadEvent>,
 }
 
-/// A version that won: event index, key values, `updated_at` (or delete time) text.
-type Winner = (usize, Vec<String>, Option<String>);
-/// An event's final version of a key: index, kind, key values, `updated_at` text.
-type Candidate = (usize, Kind, Vec<String>, Option<String>);
-/// A version that lost: as a candidate, plus the target's `updated_at` and the verdict.
-type Lost = (
-    usize,
-    Kind,
-    Vec<String>,
-    Option<String>,
-    Option<String>,
-    String,
-);
-
 pub use crate::sink::batch::DeleteTimes;
 
 /// One SQL session on a direction's target node.
@@ -81,9 +73,11 @@ pub struct TargetWriter<'a> {
     pub client: Client,
     tables: HashMap<String, Option<TargetTable>>,
     incoming_wins_ties: bool,
+    /// The peer receives from this node, so repairs written here reach it.
+    peer_receives: bool,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Upsert,
     Delete,
@@ -112,6 +106,11 @@ impl<'a> TargetWriter<'a> {
             client,
             tables: HashMap::new(),
             incoming_wins_ties: cfg.tie_winner() == dir.from,
+            peer_receives: cfg
+                .directions()
+                .unwrap_or_default()
+                .iter()
+                .any(|d| d.from == dir.to && d.to == dir.from),
         };
         w.client
             .batch_execute("SET session_replication_role = replica")
@@ -215,50 +214,79 @@ impl<'a> TargetWriter<'a> {
         // do not fire in replica mode), so one statement per kind serves the table.
         let mut rows: Vec<Candidate> = Vec::new();
         let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
-        for &i in &run.items {
-            let kind = kind_of(&events[i]);
-            match self.prepare(&events[i], &table, tc, kind, deleted) {
-                Ok((key, ts)) => match index_of.get(&key) {
-                    Some(&slot) => rows[slot] = (i, kind, key, ts),
-                    None => {
-                        index_of.insert(key.clone(), rows.len());
-                        rows.push((i, kind, key, ts));
+        for &index in &run.items {
+            let kind = kind_of(&events[index]);
+            match self.prepare(&events[index], &table, tc, kind, deleted) {
+                Ok((key, ts)) => {
+                    let c = Candidate {
+                        index,
+                        kind,
+                        key,
+                        ts,
+                    };
+                    match index_of.get(&c.key) {
+                        Some(&slot) => rows[slot] = c,
+                        None => {
+                            index_of.insert(c.key.clone(), rows.len());
+                            rows.push(c);
+                        }
                     }
-                },
-                Err(reason) => out.bad.push(BadEvent { index: i, reason }),
+                }
+                Err(reason) => out.bad.push(BadEvent { index, reason }),
             }
         }
         if rows.is_empty() {
             return Ok(());
         }
-        let verdicts = self.decide(&table, &rows, tc).await?;
-        let (mut upserts, mut deletes, mut lost) = (Vec::new(), Vec::new(), Vec::new());
-        for ((i, kind, key, ts), (local, verdict)) in rows.into_iter().zip(verdicts) {
-            match verdict.as_str() {
-                "apply" if kind == Kind::Delete => deletes.push((i, key, ts)),
-                "apply" => upserts.push((i, key, ts)),
-                "older" | "tombstone" => lost.push((i, kind, key, ts, local, verdict)),
-                "null_ts" => out.bad.push(BadEvent {
-                    index: i,
-                    reason: format!(
-                        "{} is NULL: last-writer-wins cannot order this version",
-                        table.updated_at
-                    ),
-                }),
-                _ => out.bad.push(BadEvent {
-                    index: i,
-                    reason: format!(
-                        "{} is further in the future than max_future_skew_ms allows",
-                        table.updated_at
-                    ),
-                }),
-            }
+        let decisions = self.decide(&table, &rows, tc).await?;
+        let (mut upserts, mut deletes, mut lost, mut inserted) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (c, d) in rows.into_iter().zip(decisions) {
+            let resolution = match d.verdict {
+                Verdict::Apply if c.kind == Kind::Delete => {
+                    deletes.push(c);
+                    continue;
+                }
+                Verdict::Apply => {
+                    if d.absent {
+                        inserted.push(c.clone());
+                    }
+                    upserts.push(c);
+                    continue;
+                }
+                Verdict::Older => Resolution::KeptLocal,
+                Verdict::Tombstone => Resolution::DroppedOlderThanTombstone,
+                Verdict::NullTs | Verdict::Future => {
+                    out.bad.push(BadEvent {
+                        index: c.index,
+                        reason: if d.verdict == Verdict::NullTs {
+                            format!(
+                                "{} is NULL: last-writer-wins cannot order this version",
+                                table.updated_at
+                            )
+                        } else {
+                            format!(
+                                "{} is further in the future than max_future_skew_ms allows",
+                                table.updated_at
+                            )
+                        },
+                    });
+                    continue;
+                }
+            };
+            lost.push(Lost {
+                candidate: c,
+                local_ts: d.local_ts,
+                resolution,
+            });
         }
         self.upsert(events, &table, &upserts).await?;
         self.delete(&table, &deletes).await?;
-        out.rows += upserts.len() + deletes.len();
+        let settled = self.settle(&table, inserted).await?;
+        out.rows += upserts.len() + deletes.len() - settled.len();
+        lost.extend(settled);
         out.conflicts += lost.len();
-        self.record_conflicts(events, &table, &lost).await
+        self.record_losers(events, &table, &lost).await
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.
@@ -313,44 +341,16 @@ impl<'a> TargetWriter<'a> {
         Ok((key, ts))
     }
 
-    async fn decide(
-        &self,
-        table: &TargetTable,
-        rows: &[Candidate],
-        tc: Option<&TableConfig>,
-    ) -> Result<Vec<(Option<String>, String)>, WriteError> {
-        let mut keys: Vec<Vec<&str>> = vec![Vec::with_capacity(rows.len()); table.key.len()];
-        for (_, _, key, _) in rows {
-            for (n, v) in key.iter().enumerate() {
-                keys[n].push(v);
-            }
-        }
-        let ts: Vec<Option<&str>> = rows.iter().map(|r| r.3.as_deref()).collect();
-        let skew = tc.and_then(|t| t.max_future_skew_ms).map(|v| v as i64);
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
-        params.push(&ts);
-        params.push(&table.name);
-        params.push(&self.incoming_wins_ties);
-        params.push(&skew);
-        let result = self
-            .client
-            .query(&table.decide_sql(), &params)
-            .await
-            .map_err(self.sql(&format!("comparing versions in {}", table.name)))?;
-        Ok(result.iter().map(|r| (r.get(1), r.get(3))).collect())
-    }
-
     async fn upsert(
         &self,
         events: &[Cow<'_, ChangeEvent>],
         table: &TargetTable,
-        winners: &[Winner],
+        winners: &[Candidate],
     ) -> Result<(), WriteError> {
         // Rows with the same columns present go in one statement (unchanged-TOAST
         // columns are left out, so the target keeps its value).
         let mut groups: Vec<(Vec<&str>, Vec<usize>)> = Vec::new();
-        for (i, _, _) in winners {
+        for Candidate { index: i, .. } in winners {
             let cols: Vec<&str> = events[*i]
                 .after
                 .iter()
@@ -388,17 +388,17 @@ impl<'a> TargetWriter<'a> {
         Ok(())
     }
 
-    async fn delete(&self, table: &TargetTable, winners: &[Winner]) -> Result<(), WriteError> {
+    async fn delete(&self, table: &TargetTable, winners: &[Candidate]) -> Result<(), WriteError> {
         if winners.is_empty() {
             return Ok(());
         }
         let mut keys: Vec<Vec<&str>> = vec![Vec::with_capacity(winners.len()); table.key.len()];
-        for (_, key, _) in winners {
-            for (n, v) in key.iter().enumerate() {
+        for c in winners {
+            for (n, v) in c.key.iter().enumerate() {
                 keys[n].push(v);
             }
         }
-        let ts: Vec<Option<&str>> = winners.iter().map(|w| w.2.as_deref()).collect();
+        let ts: Vec<Option<&str>> = winners.iter().map(|c| c.ts.as_deref()).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> =
             keys.iter().map(|k| k as &(dyn ToSql + Sync)).collect();
         params.push(&ts);
@@ -409,61 +409,6 @@ impl<'a> TargetWriter<'a> {
             .await
             .map_err(self.sql(&format!("deleting from {}", table.name)))?;
         metrics::counter!(m::APPLY_ROWS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "op" => "delete").increment(winners.len() as u64);
-        Ok(())
-    }
-
-    #[allow(clippy::type_complexity)]
-    async fn record_conflicts(
-        &self,
-        events: &[Cow<'_, ChangeEvent>],
-        table: &TargetTable,
-        lost: &[Lost],
-    ) -> Result<(), WriteError> {
-        if lost.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<String> = lost
-            .iter()
-            .map(|l| serde_json::to_string(&l.2).unwrap_or_default())
-            .collect();
-        let local: Vec<Option<&str>> = lost.iter().map(|l| l.4.as_deref()).collect();
-        let incoming: Vec<Option<&str>> = lost.iter().map(|l| l.3.as_deref()).collect();
-        let resolution: Vec<&str> = lost
-            .iter()
-            .map(|l| {
-                if l.5 == "tombstone" {
-                    "dropped_older_than_tombstone"
-                } else {
-                    "kept_local"
-                }
-            })
-            .collect();
-        let lsn: Vec<String> = lost
-            .iter()
-            .map(|l| events[l.0].position().to_string())
-            .collect();
-        let ops: Vec<&str> = lost
-            .iter()
-            .map(|l| {
-                if l.1 == Kind::Delete {
-                    "delete"
-                } else {
-                    "upsert"
-                }
-            })
-            .collect();
-        self.client
-            .execute(
-                "INSERT INTO duplex.conflicts (table_name, key, op, local_updated_at, incoming_updated_at, incoming_node, incoming_position, resolution)
-                 SELECT $1, k::jsonb, o, l, i, $3, p, r
-                 FROM unnest($2::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(o, k, l, i, p, r)",
-                &[&table.name, &ops, &self.dir.from, &keys, &local, &incoming, &lsn, &resolution],
-            )
-            .await
-            .map_err(self.sql("recording conflicts"))?;
-        for r in &resolution {
-            metrics::counter!(m::APPLY_CONFLICTS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "resolution" => *r).increment(1);
-        }
         Ok(())
     }
 }

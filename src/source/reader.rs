@@ -7,10 +7,11 @@
 //! once the events before it are durable. One event is held back until the next one or
 //! the commit arrives, so the `last` flag is right without buffering whole
 //! transactions. Transactions under a duplex replication origin are dropped here: they
-//! are changes duplex itself applied, and must not echo back.
+//! are changes duplex itself applied, and must not echo back; only the repairs they
+//! write (the winning version of a key whose incoming version lost) go through.
 
 use crate::config::ORIGIN_PREFIX;
-use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value};
+use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, REPAIRS};
 use crate::source::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
 use crate::source::walsender::PG_EPOCH_OFFSET_US;
 use std::collections::HashMap;
@@ -244,7 +245,8 @@ impl TxnReader {
                 lsn: wal_start,
             });
         };
-        if t.echo {
+        // A repair is the one thing an apply session writes that the peer must see.
+        if t.echo && !(op == Op::Insert && (schema.as_str(), name.as_str()) == REPAIRS) {
             return Ok(());
         }
         let ev = ChangeEvent {
@@ -442,6 +444,51 @@ mod tests {
             name: "pg_16384".into(),
         };
         let out = feed(&mut r, vec![begin(), other, insert("1"), commit()]);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn repairs_written_by_apply_sessions_are_published() {
+        let mut r = reader();
+        r.add_table(
+            8,
+            TableInfo {
+                schema: "duplex".into(),
+                name: "repairs".into(),
+                columns: vec!["id".into()],
+                types: vec!["bigint".into()],
+                key: vec!["id".into()],
+            },
+        );
+        let origin = LogicalMessage::Origin {
+            origin_lsn: Lsn(5),
+            name: "duplex_from_b".into(),
+        };
+        let repair = LogicalMessage::Insert {
+            relation_id: 8,
+            new: TupleData(vec![text("1")]),
+        };
+        let pruned = LogicalMessage::Delete {
+            relation_id: 8,
+            old: OldTuple::Key(TupleData(vec![text("1")])),
+        };
+        let out = feed(
+            &mut r,
+            vec![begin(), origin, insert("1"), repair, pruned, commit()],
+        );
+        let Output::Event(ev) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((ev.source.table.as_str(), ev.source.seq), ("repairs", 0));
+        assert!(ev.source.last);
+        assert!(matches!(
+            out[1],
+            Output::Commit {
+                events: 1,
+                echo: true,
+                ..
+            }
+        ));
         assert_eq!(out.len(), 2);
     }
 

@@ -206,6 +206,17 @@ CREATE TABLE IF NOT EXISTS duplex.tombstones (
     PRIMARY KEY (table_name, key)
 );
 CREATE INDEX IF NOT EXISTS tombstones_deleted_at ON duplex.tombstones (deleted_at);
+-- The winner of a key whose incoming version lost here, written by the apply session
+-- and published (the one exception to echo suppression), so the peer converges on it:
+-- `image` is every column as text, or the key columns when `deleted_at` is set.
+CREATE TABLE IF NOT EXISTS duplex.repairs (
+    id bigserial PRIMARY KEY,
+    made_at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    image jsonb NOT NULL,
+    deleted_at timestamptz
+);
 CREATE TABLE IF NOT EXISTS duplex.conflicts (
     id bigserial PRIMARY KEY,
     recorded_at timestamptz NOT NULL DEFAULT now(),
@@ -319,7 +330,8 @@ async fn ensure_publication(
     node: &str,
 ) -> Result<Option<String>, NodeError> {
     let publication = cfg.publication_name(node);
-    // duplex.tombstones travels too: its rows give the peer each delete's exact time.
+    // duplex.tombstones travels too: its rows give the peer each delete's exact time;
+    // so does duplex.repairs, the winners of conflicts lost on this node.
     let tables: Vec<String> = cfg
         .tables
         .iter()
@@ -327,7 +339,10 @@ async fn ensure_publication(
             let (s, n) = t.schema_table();
             format!("{}.{}", quote_ident(s), quote_ident(n))
         })
-        .chain(std::iter::once("duplex.tombstones".to_string()))
+        .chain([
+            "duplex.tombstones".to_string(),
+            "duplex.repairs".to_string(),
+        ])
         .collect();
     let exists = client
         .query_opt(

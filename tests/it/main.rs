@@ -9,5 +9,6 @@ mod bench_smoke;
 mod convergence;
 mod harness;
 mod identity;
+mod interleavings;
 mod observability;
 mod source;

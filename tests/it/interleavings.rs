@@ -1,0 +1,260 @@
+//! Convergence under the interleavings real applications produce: `updated_at` stamped
+//! by the client's clock before the statement (as ORMs do) or by `now()` (the
+//! transaction's start), transactions held open for a few milliseconds, several
+//! statements per transaction, deletes and re-inserts of the same keys, several
+//! writers per node, on a small shared key space. Such versions often arrive at a node
+//! that already holds a newer one, and local writes often land older than what duplex
+//! applied: both nodes must still end identical, with nothing applied twice except
+//! the winners re-sent as repairs.
+
+use crate::apply::converge;
+use crate::harness::duplex::Rig;
+use crate::harness::pg::Cluster;
+use std::time::{Duration, Instant, SystemTime};
+use tokio_postgres::Client;
+
+const DDL: &str = "
+CREATE TABLE items (id int PRIMARY KEY, val text, n int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL);
+CREATE TABLE apply_log (tbl text, id text, updated_at timestamptz);
+CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF pg_replication_origin_session_is_setup() THEN
+    INSERT INTO apply_log VALUES (TG_TABLE_NAME, NEW.id::text, NEW.updated_at);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER log_items AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION log_apply();
+ALTER TABLE items ENABLE ALWAYS TRIGGER log_items;
+";
+
+/// Keys shared by every writer of both nodes.
+const KEYS: u64 = 24;
+/// Writers per node.
+const WRITERS: u64 = 3;
+
+/// A small deterministic generator, so a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// What the writers of one run did.
+#[derive(Default, Debug)]
+struct Tally {
+    committed: u64,
+    /// Application transactions that failed (deadlock with a peer writer or with
+    /// duplex, unique violation of a concurrent insert) and were rolled back.
+    failed: u64,
+}
+
+/// One application transaction on `k` (and sometimes a second key), stamped as an ORM
+/// would, held open a few milliseconds.
+async fn transaction(c: &Client, rng: &mut Rng, tag: &str) -> Result<(), tokio_postgres::Error> {
+    let k = rng.below(KEYS) as i32;
+    let hold = Duration::from_millis(rng.below(6));
+    // The client's clock, read before the statement is sent.
+    let stamped = SystemTime::now();
+    c.batch_execute("BEGIN").await?;
+    match rng.below(8) {
+        0..=2 => {
+            tokio::time::sleep(hold).await;
+            c.execute(
+                "INSERT INTO items (id, val, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = items.n + 1,
+                 updated_at = EXCLUDED.updated_at",
+                &[&k, &tag, &stamped],
+            )
+            .await?;
+        }
+        3 | 4 => {
+            // now(): the transaction's start, older than anything committed meanwhile.
+            let k2 = rng.below(KEYS) as i32;
+            c.execute(
+                "UPDATE items SET val = $2, n = n + 1, updated_at = now() WHERE id = $1",
+                &[&k, &tag],
+            )
+            .await?;
+            tokio::time::sleep(hold).await;
+            c.execute(
+                "INSERT INTO items (id, val, updated_at) VALUES ($1, $2, now())
+                 ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, updated_at = now()",
+                &[&k2, &tag],
+            )
+            .await?;
+        }
+        5 | 6 => {
+            c.execute("DELETE FROM items WHERE id = $1", &[&k]).await?;
+            tokio::time::sleep(hold).await;
+        }
+        _ => {
+            // Delete and re-insert the same key in one transaction.
+            c.execute("DELETE FROM items WHERE id = $1", &[&k]).await?;
+            tokio::time::sleep(hold).await;
+            c.execute(
+                "INSERT INTO items (id, val, updated_at) VALUES ($1, $2, $3)",
+                &[&k, &format!("re-{tag}"), &SystemTime::now()],
+            )
+            .await?;
+        }
+    }
+    c.batch_execute("COMMIT").await
+}
+
+/// One writer: transactions back to back until `until`.
+async fn writer(c: Client, seed: u64, tag: String, until: Instant) -> Tally {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut tally = Tally::default();
+    while Instant::now() < until {
+        match transaction(&c, &mut rng, &tag).await {
+            Ok(()) => tally.committed += 1,
+            Err(e) => {
+                // What an application does: roll back, count, go on.
+                assert!(e.code().is_some(), "writer lost its connection: {e}");
+                c.batch_execute("ROLLBACK").await.unwrap();
+                tally.failed += 1;
+            }
+        }
+    }
+    tally
+}
+
+/// Runs `WRITERS` writers on each node for `secs`, with `seed` varying the run.
+async fn run_writers(dbs: [String; 2], secs: u64, seed: u64) -> Tally {
+    let cl = Cluster::shared();
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for (n, db) in dbs.iter().enumerate() {
+        for w in 0..WRITERS {
+            let c = cl.client(db).await;
+            let tag = format!("{}{w}", ["a", "b"][n]);
+            let seed = seed * 100 + n as u64 * 10 + w;
+            tasks.push(tokio::spawn(writer(c, seed, tag, until)));
+        }
+    }
+    let mut total = Tally::default();
+    for t in tasks {
+        let t = t.await.unwrap();
+        total.committed += t.committed;
+        total.failed += t.failed;
+    }
+    total
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Versions applied more than once on `c` (per its `apply_log`) that the peer did not
+/// re-send as a repair: a replayed event must never be applied twice.
+pub async fn applied_twice(c: &Client, peer_db: &str) -> i64 {
+    let peer = Cluster::shared().client(peer_db).await;
+    let repaired = peer
+        .query(
+            "SELECT split_part(table_name, '.', 2), image->>'id', image->>'updated_at'
+             FROM duplex.repairs WHERE deleted_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    let column = |n: usize| -> Vec<String> { repaired.iter().map(|r| r.get(n)).collect() };
+    let (tables, ids, times) = (column(0), column(1), column(2));
+    c.query_one(
+        "SELECT count(*) FROM (SELECT tbl, id, updated_at FROM apply_log
+                               GROUP BY tbl, id, updated_at HAVING count(*) > 1) d
+         WHERE (tbl, id, updated_at) NOT IN
+               (SELECT t, i, u::timestamptz FROM unnest($1::text[], $2::text[], $3::text[]) AS r(t, i, u))",
+        &[&tables, &ids, &times],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn rig() -> Rig {
+    let rig = Rig::both(DDL, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    rig
+}
+
+/// Waits for both nodes to hold the same rows, and checks nothing was applied twice
+/// but repairs. Returns (conflicts, repairs) recorded on both nodes.
+async fn assert_converged(rig: &Rig) -> (i64, i64) {
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    converge(&a, &b, &["items"], Duration::from_secs(120)).await;
+    assert_eq!(applied_twice(&a, &rig.db_b).await, 0, "applied twice on a");
+    assert_eq!(applied_twice(&b, &rig.db_a).await, 0, "applied twice on b");
+    let mut totals = (0, 0);
+    for c in [&a, &b] {
+        totals.0 += count(c, "SELECT count(*) FROM duplex.conflicts").await;
+        totals.1 += count(c, "SELECT count(*) FROM duplex.repairs").await;
+    }
+    totals
+}
+
+/// One run of the ORM-style workload against a running duplex, killed with SIGKILL
+/// at random moments if `kill`; returns what the writers did and the conflicts and
+/// repairs it caused.
+async fn one_run(secs: u64, seed: u64, kill: bool) -> (Tally, (i64, i64)) {
+    let rig = rig().await;
+    let writers = tokio::spawn(run_writers(
+        [rig.db_a.clone(), rig.db_b.clone()],
+        secs,
+        seed,
+    ));
+    let mut rng = Rng(seed + 7);
+    while kill && !writers.is_finished() {
+        let d = rig.start();
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(2000))).await;
+        d.kill9();
+    }
+    let d = rig.start();
+    let tally = writers.await.unwrap();
+    let resolved = assert_converged(&rig).await;
+    assert_eq!(d.stop().await, Some(0));
+    (tally, resolved)
+}
+
+#[tokio::test]
+async fn orm_stamped_writes_on_both_nodes_converge() {
+    let (tally, (conflicts, repairs)) = one_run(30, 1, false).await;
+    eprintln!("{tally:?}; conflicts {conflicts}, repairs {repairs}");
+    assert!(tally.committed > 1000, "workload too small: {tally:?}");
+    assert!(conflicts > 0, "the workload provoked no conflict");
+}
+
+#[tokio::test]
+async fn orm_stamped_writes_converge_with_duplex_killed_at_random_moments() {
+    let (tally, (conflicts, repairs)) = one_run(25, 2, true).await;
+    eprintln!("{tally:?}; conflicts {conflicts}, repairs {repairs}");
+    assert!(tally.committed > 500, "workload too small: {tally:?}");
+}
+
+/// The convergence loop: `DUPLEX_LOOP_RUNS` runs (default 20) of 30 s each, every one
+/// on fresh databases and with another seed; with `DUPLEX_LOOP_KILL=1` duplex is also
+/// killed with SIGKILL at random moments. Run it with
+/// `cargo test --test it interleavings::loop_ -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn loop_orm_stamped_writes_converge_every_run() {
+    let runs: u64 = std::env::var("DUPLEX_LOOP_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let kill = std::env::var("DUPLEX_LOOP_KILL").is_ok_and(|v| v == "1");
+    for run in 0..runs {
+        let started = Instant::now();
+        let (tally, (conflicts, repairs)) = one_run(30, 1000 + run, kill).await;
+        eprintln!(
+            "run {}/{runs} (kill: {kill}): converged {:?} after start; {tally:?}; conflicts {conflicts}, repairs {repairs}",
+            run + 1,
+            started.elapsed()
+        );
+    }
+}
