@@ -12,23 +12,21 @@
 //! back to a savepoint and its batch retried one event at a time to find the culprit,
 //! which then halts the direction or goes to the dead-letter queue.
 
-use crate::config::{Config, Direction, OnError};
-use crate::event::{ChangeEvent, Lsn, Position};
+use crate::config::{Config, Direction};
+use crate::event::{Lsn, Position};
 use crate::metrics::{self as m, Health};
 use crate::pipeline::{supervise, Supervised};
-use crate::sink::batch::{prepare_batch, DeleteTimes};
-use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::kafka::{self, client_config, SinkError};
-use crate::sink::progress::{self, Standing};
+use crate::sink::progress;
+use crate::sink::worker::Worker;
 use crate::sink::writer::{TargetWriter, WriteError};
 use crate::source::slot::{self, NodeError};
 use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -38,9 +36,6 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("queued.min.messages", "10000"),
     ("queued.max.messages.kbytes", "8192"),
 ];
-
-/// How often conflicts and tombstones are pruned.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors of an apply worker.
 #[derive(Debug, thiserror::Error)]
@@ -197,28 +192,9 @@ async fn apply_once(
         metrics::counter!(zero, "direction" => dir.to_string()).increment(0);
     }
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
-    let mut worker = Worker {
-        cfg,
-        dir,
-        writer,
-        applied,
-        committed: applied,
-        next_offset: None,
-        pending: Vec::new(),
-        boundary: true,
-        in_txn: false,
-        first_pending_at: None,
-        txn_commits: Vec::new(),
-        last_maintenance: Instant::now(),
-        consumed_next: committed_next,
-        committed_next,
-        last_applied_commit_us: last_commit_us,
-        oldest_pending_commit_us: None,
-        standing_tx: None,
-        duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
-    };
+    let mut worker = Worker::new(cfg, dir, writer, applied, committed_next, last_commit_us);
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
-    worker.standing_tx = Some(standing_tx);
+    worker.report_to(standing_tx);
     let reporter = tokio::spawn(
         progress::report_lag(
             dir.clone(),
@@ -231,9 +207,7 @@ async fn apply_once(
     );
     let _reporter = AbortOnDrop(reporter);
     loop {
-        let deadline = worker
-            .first_pending_at
-            .map(|t| t + Duration::from_millis(cfg.sync.linger_ms));
+        let deadline = worker.linger_deadline();
         tokio::select! {
             biased;
             _ = shutdown.changed() => return worker.finish().await,
@@ -259,334 +233,4 @@ async fn sleep_until(deadline: Option<Instant>) {
     if let Some(d) = deadline {
         tokio::time::sleep_until(d.into()).await;
     }
-}
-
-/// An event waiting in the batch, with its Kafka coordinates.
-struct Pending {
-    event: ChangeEvent,
-    offset: i64,
-    key: Vec<u8>,
-    raw: Vec<u8>,
-}
-
-struct Worker<'a> {
-    cfg: &'a Config,
-    dir: &'a Direction,
-    writer: TargetWriter<'a>,
-    /// Highest position applied, committed or in the open transaction.
-    applied: Option<Position>,
-    committed: Option<Position>,
-    /// Offset after the last message taken, not yet committed.
-    next_offset: Option<i64>,
-    pending: Vec<Pending>,
-    /// The last event taken ended its source transaction.
-    boundary: bool,
-    in_txn: bool,
-    first_pending_at: Option<Instant>,
-    /// Commit times (µs) of source transactions in the open target transaction.
-    txn_commits: Vec<i64>,
-    last_maintenance: Instant,
-    consumed_next: Option<i64>,
-    committed_next: Option<i64>,
-    last_applied_commit_us: Option<i64>,
-    oldest_pending_commit_us: Option<i64>,
-    /// Where the lag reporter learns how far this worker is.
-    standing_tx: Option<watch::Sender<Standing>>,
-    duplicates: metrics::Counter,
-}
-
-impl Worker<'_> {
-    fn standing(&self) -> Standing {
-        Standing {
-            consumed_next: self.consumed_next,
-            committed_next: self.committed_next,
-            last_applied_commit_us: self.last_applied_commit_us,
-            oldest_pending_commit_us: self.oldest_pending_commit_us,
-            idle: self.pending.is_empty() && !self.in_txn,
-        }
-    }
-
-    fn publish(&self) {
-        if let Some(tx) = &self.standing_tx {
-            tx.send_replace(self.standing());
-        }
-    }
-
-    async fn take(&mut self, offset: i64, key: &[u8], raw: &[u8]) -> Result<(), ApplyError> {
-        self.next_offset = Some(offset + 1);
-        self.consumed_next = Some(offset + 1);
-        let event = match ChangeEvent::from_json(raw) {
-            Ok(e) => e,
-            Err(e) => {
-                let letter = DeadLetter::unparseable(offset, key, raw, e.to_string());
-                self.begin().await?;
-                return self.bad(letter).await;
-            }
-        };
-        if self.applied.is_some_and(|a| event.position() <= a) {
-            self.duplicates.increment(1);
-            if self.pending.is_empty() && !self.in_txn {
-                // Nothing else will publish: let the reporter see the replay end.
-                self.publish();
-            }
-            return Ok(());
-        }
-        self.applied = Some(event.position());
-        self.boundary = event.source.last;
-        self.pending.push(Pending {
-            event,
-            offset,
-            key: key.to_vec(),
-            raw: raw.to_vec(),
-        });
-        self.first_pending_at.get_or_insert_with(Instant::now);
-        // The lag reporter learns of a batch when it starts and when it commits, not
-        // per message: waking it for every event would cost more than it tells.
-        if self.oldest_pending_commit_us.is_none() {
-            self.oldest_pending_commit_us =
-                self.pending.last().map(|p| p.event.source.commit_ts_us);
-            self.publish();
-        }
-        if self.pending.len() >= self.cfg.sync.batch_rows {
-            self.flush().await?;
-            if self.boundary {
-                self.commit().await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn linger_expired(&mut self) -> Result<(), ApplyError> {
-        self.flush().await?;
-        if self.boundary {
-            self.commit().await?;
-        }
-        Ok(())
-    }
-
-    async fn begin(&mut self) -> Result<(), ApplyError> {
-        if !self.in_txn {
-            self.writer
-                .execute("BEGIN", "beginning a transaction")
-                .await?;
-            self.in_txn = true;
-        }
-        Ok(())
-    }
-
-    /// Writes the batch into the open transaction (without committing).
-    async fn flush(&mut self) -> Result<(), ApplyError> {
-        self.first_pending_at = None;
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.begin().await?;
-        let pending = std::mem::take(&mut self.pending);
-        let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
-        let batch_started = Instant::now();
-        self.writer.execute("SAVEPOINT batch", "savepoint").await?;
-        match self.writer.apply(&events, &deleted).await {
-            Ok(applied) => {
-                self.writer
-                    .execute("RELEASE SAVEPOINT batch", "savepoint")
-                    .await?;
-                for bad in applied.bad {
-                    let p = pending_of(&pending, &events[bad.index]);
-                    self.bad(DeadLetter::of(
-                        p.offset,
-                        &p.key,
-                        &p.raw,
-                        &events[bad.index],
-                        bad.reason,
-                    ))
-                    .await?;
-                }
-            }
-            Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(direction = %self.dir, error = %e, "a batch failed; retrying it event by event");
-                self.writer
-                    .execute("ROLLBACK TO SAVEPOINT batch", "savepoint")
-                    .await?;
-                self.one_by_one(&pending, &events, &deleted).await?;
-            }
-        }
-        self.txn_commits.extend(
-            pending
-                .iter()
-                .filter(|p| p.event.source.last)
-                .map(|p| p.event.source.commit_ts_us),
-        );
-        let label = self.dir.to_string();
-        metrics::histogram!(m::APPLY_BATCH_ROWS, "direction" => label.clone())
-            .record(events.len() as f64);
-        metrics::histogram!(m::APPLY_BATCH_SECONDS, "direction" => label)
-            .record(batch_started.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    /// Applies events singly, each under its own savepoint, to find the bad ones.
-    async fn one_by_one(
-        &mut self,
-        pending: &[Pending],
-        events: &[Cow<'_, ChangeEvent>],
-        deleted: &DeleteTimes,
-    ) -> Result<(), ApplyError> {
-        for ev in events {
-            self.writer.execute("SAVEPOINT one", "savepoint").await?;
-            let p = pending_of(pending, ev);
-            match self.writer.apply(std::slice::from_ref(ev), deleted).await {
-                Ok(applied) => {
-                    self.writer
-                        .execute("RELEASE SAVEPOINT one", "savepoint")
-                        .await?;
-                    if let Some(bad) = applied.bad.into_iter().next() {
-                        self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, bad.reason))
-                            .await?;
-                    }
-                }
-                Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
-                Err(e) => {
-                    self.writer
-                        .execute("ROLLBACK TO SAVEPOINT one", "savepoint")
-                        .await?;
-                    self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, error_text(&e)))
-                        .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A bad event halts the direction or goes to the dead-letter queue.
-    async fn bad(&mut self, letter: DeadLetter) -> Result<(), ApplyError> {
-        if self.cfg.sync.on_error == OnError::Halt {
-            return Err(ApplyError::BadEvent {
-                direction: self.dir.to_string(),
-                table: letter.table.unwrap_or_else(|| "?".into()),
-                key: letter.key.unwrap_or_else(|| "?".into()),
-                position: letter.position.unwrap_or_else(|| "?".into()),
-                offset: letter.offset,
-                reason: letter.error,
-            });
-        }
-        tracing::warn!(direction = %self.dir, table = ?letter.table, key = ?letter.key, position = ?letter.position, error = %letter.error, "event sent to the dead-letter queue");
-        dead_letter::record(self.cfg, self.dir, &self.writer, &letter).await?;
-        metrics::counter!(m::APPLY_DEAD_LETTERS_TOTAL, "direction" => self.dir.to_string())
-            .increment(1);
-        Ok(())
-    }
-
-    /// Stores the position and commits the open transaction.
-    async fn commit(&mut self) -> Result<(), ApplyError> {
-        let Some(next_offset) = self.next_offset else {
-            return Ok(());
-        };
-        self.begin().await?;
-        let pos = self.applied.unwrap_or(Position {
-            commit_lsn: Lsn::ZERO,
-            seq: 0,
-        });
-        let last_commit_ts = self.txn_commits.last().copied();
-        self.writer
-            .client
-            .execute(
-                "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at)
-                 VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now())
-                 ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
-                   commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(),
-                   last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
-                &[
-                    &self.dir.from,
-                    &next_offset,
-                    &pos.commit_lsn.to_string(),
-                    &(pos.seq as i32),
-                    &last_commit_ts,
-                    &self.cfg.topic(&self.dir.from),
-                ],
-            )
-            .await
-            .map_err(|source| WriteError::Sql {
-                node: self.dir.to.clone(),
-                context: "storing the apply position".into(),
-                source,
-            })?;
-        self.writer.execute("COMMIT", "committing").await?;
-        self.in_txn = false;
-        self.committed = self.applied;
-        self.committed_next = Some(next_offset);
-        self.next_offset = None;
-        if let Some(ts) = last_commit_ts {
-            self.last_applied_commit_us = Some(ts);
-        }
-        self.oldest_pending_commit_us = None;
-        self.publish();
-        let now_us = unix_us();
-        for ts in self.txn_commits.drain(..) {
-            metrics::histogram!(m::APPLY_COMMIT_TO_APPLY_SECONDS, "direction" => self.dir.to_string())
-                .record((now_us - ts).max(0) as f64 / 1e6);
-            metrics::counter!(m::APPLY_TRANSACTIONS_TOTAL, "direction" => self.dir.to_string())
-                .increment(1);
-        }
-        if self.last_maintenance.elapsed() > MAINTENANCE_EVERY {
-            self.maintain().await?;
-        }
-        Ok(())
-    }
-
-    /// Prunes old tombstones, conflicts and repairs (a repair is published when it
-    /// commits; the row is kept only to be inspected).
-    async fn maintain(&mut self) -> Result<(), ApplyError> {
-        self.last_maintenance = Instant::now();
-        let retention_ms = self.cfg.sync.tombstone_retention_ms as i64;
-        let sql = format!(
-            "DELETE FROM duplex.tombstones WHERE deleted_at < now() - {retention_ms} * interval '1 millisecond';
-             DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
-             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
-            kept = self.cfg.sync.conflicts_kept
-        );
-        Ok(self
-            .writer
-            .execute(&sql, "pruning tombstones and conflicts")
-            .await?)
-    }
-
-    /// Clean stop: commit what forms whole source transactions, drop the rest (it is
-    /// read again on the next start).
-    async fn finish(&mut self) -> Result<(), ApplyError> {
-        if self.boundary {
-            self.flush().await?;
-            self.commit().await?;
-        } else if self.in_txn {
-            self.writer.execute("ROLLBACK", "rolling back").await?;
-        }
-        if let Err(e) =
-            progress::set_state(&self.writer.client, self.dir, progress::STOPPED, None).await
-        {
-            tracing::warn!(direction = %self.dir, error = %e, "could not record the stop on the target");
-        }
-        tracing::info!(direction = %self.dir, applied = ?self.committed.map(|p| p.to_string()), "apply stopped");
-        Ok(())
-    }
-}
-
-fn pending_of<'p>(pending: &'p [Pending], ev: &ChangeEvent) -> &'p Pending {
-    pending
-        .iter()
-        .find(|p| p.event.position() == ev.position())
-        .unwrap_or(&pending[0])
-}
-
-fn error_text(e: &WriteError) -> String {
-    match e {
-        WriteError::Sql { source, .. } => crate::source::slot::describe(source),
-        other => other.to_string(),
-    }
-}
-
-fn unix_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

@@ -9,4 +9,5 @@ pub mod dead_letter;
 pub mod kafka;
 pub mod progress;
 pub mod target;
+mod worker;
 pub mod writer;
