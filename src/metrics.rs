@@ -49,6 +49,10 @@ pub const APPLY_CONFLICTS_TOTAL: &str = "duplex_apply_conflicts_total";
 /// Winning versions re-published to the peer because its incoming version lost (see
 /// `duplex.repairs`). Labels: direction (the one whose incoming version lost), table.
 pub const APPLY_REPAIRS_TOTAL: &str = "duplex_apply_repairs_total";
+/// Target transactions rolled back and written again in place after losing to a
+/// concurrent transaction. Labels: direction, reason
+/// (deadlock|serialization_failure|lock_timeout).
+pub const APPLY_RETRIES_TOTAL: &str = "duplex_apply_retries_total";
 /// Events sent to the dead-letter queue. Labels: direction.
 pub const APPLY_DEAD_LETTERS_TOTAL: &str = "duplex_apply_dead_letters_total";
 /// Events skipped because they were applied before (replays). Labels: direction.

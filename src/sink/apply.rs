@@ -195,6 +195,7 @@ async fn apply_once(
     let mut worker = Worker::new(cfg, dir, writer, applied, committed_next, last_commit_us);
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.report_to(standing_tx);
+    worker.zero_counters();
     let reporter = tokio::spawn(
         progress::report_lag(
             dir.clone(),

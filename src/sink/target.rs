@@ -104,11 +104,12 @@ impl TargetTable {
     }
 
     /// Decides, for incoming rows given as key arrays `$1..$n`, their `updated_at`
-    /// texts `$n+1`, whether each wins: `$n+2` is the table name, `$n+3` true when the
-    /// incoming node wins ties, `$n+4` the allowed future skew in ms (NULL: any).
+    /// texts `$n+1` (the delete time for a delete), whether each wins: `$n+2` is the
+    /// table name, `$n+3` true when the incoming node wins ties, `$n+4` the allowed
+    /// future skew in ms (NULL: any), `$n+5` true for each delete. A delete wins over a
+    /// row as new or older, and only meets a tombstone where no row is left.
     /// Returns per row: ordinal, local `updated_at`, tombstone time, verdict
-    /// (`apply`, `older`, `tombstone`, `null_ts`, `future`), and whether the target has
-    /// no row for the key.
+    /// (`apply`, `older`, `tombstone`, `null_ts`, `future`).
     pub fn decide_sql(&self) -> String {
         let n = self.key.len();
         let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
@@ -119,12 +120,15 @@ impl TargetTable {
             "SELECT i.ord::int4, t.{upd}::text, tb.deleted_at::text,
                CASE WHEN i.ts IS NULL THEN 'null_ts'
                     WHEN ${skew}::int8 IS NOT NULL AND {ts} > now() + ${skew}::int8 * interval '1 millisecond' THEN 'future'
+                    WHEN i.del THEN CASE
+                         WHEN t.ctid IS NOT NULL AND t.{upd} > {ts} THEN 'older'
+                         WHEN t.ctid IS NULL AND tb.deleted_at >= {ts} THEN 'tombstone'
+                         ELSE 'apply' END
                     WHEN tb.deleted_at IS NOT NULL AND tb.deleted_at >= {ts} THEN 'tombstone'
                     WHEN t.ctid IS NULL OR t.{upd} IS NULL OR t.{upd} < {ts} THEN 'apply'
                     WHEN t.{upd} = {ts} AND ${tie}::bool THEN 'apply'
-                    ELSE 'older' END,
-               t.ctid IS NULL
-             FROM unnest({keys}, ${tsp}::text[]) WITH ORDINALITY AS i({names}, ts, ord)
+                    ELSE 'older' END
+             FROM unnest({keys}, ${tsp}::text[], ${del}::bool[]) WITH ORDINALITY AS i({names}, ts, del, ord)
              LEFT JOIN {table} t ON {join}
              LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
              ORDER BY i.ord",
@@ -134,6 +138,7 @@ impl TargetTable {
             tbl = n + 2,
             tie = n + 3,
             skew = n + 4,
+            del = n + 5,
             table = self.sql_name,
             join = self.key_join(),
             tomb = self.tombstone_key(),
@@ -209,7 +214,7 @@ impl TargetTable {
         )
     }
 
-    /// Deletes, among the rows just inserted for keys `$1..$n`, those older than a
+    /// Deletes, among the rows just written for keys `$1..$n`, those older than a
     /// tombstone of table `$n+1`: a local delete that committed after the decision
     /// (the statement's new snapshot sees it; later deletes find the row locked).
     /// Returns their keys and `updated_at`.
@@ -374,9 +379,15 @@ mod tests {
     fn decide_and_delete_number_their_parameters() {
         let t = items();
         let d = t.decide_sql();
-        assert!(d.contains("unnest($1::text[], $2::text[])"), "{d}");
         assert!(
-            d.contains("$3::text") && d.contains("$4::bool") && d.contains("$5::int8"),
+            d.contains("unnest($1::text[], $2::text[], $6::bool[])"),
+            "{d}"
+        );
+        assert!(
+            d.contains("$3::text")
+                && d.contains("$4::bool")
+                && d.contains("$5::int8")
+                && d.contains("$6::bool[]"),
             "{d}"
         );
         let del = t.delete_sql();

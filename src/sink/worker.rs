@@ -23,6 +23,10 @@ use tokio::sync::watch;
 /// How often conflicts, repairs and tombstones are pruned.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
+/// Times a transaction that met a deadlock, serialization failure or lock timeout is
+/// rolled back and written again in place before the session restarts instead.
+const IN_PLACE_ATTEMPTS: u32 = 5;
+
 /// An event waiting in the batch, with its Kafka coordinates.
 struct Pending {
     event: ChangeEvent,
@@ -54,6 +58,11 @@ pub(super) struct Worker<'a> {
     oldest_pending_commit_us: Option<i64>,
     /// Where the lag reporter learns how far this worker is.
     standing_tx: Option<watch::Sender<Standing>>,
+    /// Events written into the open target transaction, kept while they are at most
+    /// `sync.batch_rows`, so that a deadlock can be retried without reconnecting.
+    written: Vec<Pending>,
+    /// `written` holds every event of the open transaction.
+    written_complete: bool,
     duplicates: metrics::Counter,
 }
 
@@ -85,7 +94,21 @@ impl<'a> Worker<'a> {
             last_applied_commit_us,
             oldest_pending_commit_us: None,
             standing_tx: None,
+            written: Vec::new(),
+            written_complete: true,
             duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
+        }
+    }
+
+    /// Exports the worker's counters at zero, so rates and alerts see them from the
+    /// start.
+    pub(super) fn zero_counters(&self) {
+        let direction = self.dir.to_string();
+        for reason in ["deadlock", "serialization_failure", "lock_timeout"] {
+            metrics::counter!(m::APPLY_RETRIES_TOTAL, "direction" => direction.clone(), "reason" => reason).increment(0);
+        }
+        for table in &self.cfg.tables {
+            metrics::counter!(m::APPLY_REPAIRS_TOTAL, "direction" => direction.clone(), "table" => table.name.clone()).increment(0);
         }
     }
 
@@ -129,6 +152,8 @@ impl<'a> Worker<'a> {
             Err(e) => {
                 let letter = DeadLetter::unparseable(offset, key, raw, e.to_string());
                 self.begin().await?;
+                // Not among `written`: a retry in place would lose its record.
+                self.written_complete = false;
                 return self.bad(letter).await;
             }
         };
@@ -183,14 +208,56 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Writes the batch into the open transaction (without committing).
+    /// Writes the batch into the open transaction (without committing). A deadlock or
+    /// serialization failure rolls the transaction back and writes it again, from
+    /// `written`, when that holds all of it; else the session restarts.
     async fn flush(&mut self) -> Result<(), ApplyError> {
         self.first_pending_at = None;
-        if self.pending.is_empty() {
-            return Ok(());
+        let mut attempt = 0;
+        loop {
+            let pending = std::mem::take(&mut self.pending);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let e = match self.write(&pending).await {
+                Ok(()) => {
+                    if self.written_complete
+                        && self.written.len() + pending.len() <= self.cfg.sync.batch_rows
+                    {
+                        self.written.extend(pending);
+                    } else {
+                        self.written.clear();
+                        self.written_complete = false;
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            self.pending = pending;
+            let reason = match &e {
+                ApplyError::Write(w) if self.written_complete && attempt < IN_PLACE_ATTEMPTS => {
+                    w.retry_in_place()
+                }
+                _ => None,
+            };
+            let Some(reason) = reason else { return Err(e) };
+            attempt += 1;
+            metrics::counter!(m::APPLY_RETRIES_TOTAL, "direction" => self.dir.to_string(), "reason" => reason).increment(1);
+            tracing::info!(direction = %self.dir, error = %e, attempt, "rolled back; writing the transaction again");
+            self.writer.execute("ROLLBACK", "rolling back").await?;
+            self.in_txn = false;
+            self.txn_commits.clear();
+            let mut again = std::mem::take(&mut self.written);
+            again.append(&mut self.pending);
+            self.pending = again;
+            // The other transaction goes first.
+            tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
         }
+    }
+
+    /// Writes `pending` into the open transaction.
+    async fn write(&mut self, pending: &[Pending]) -> Result<(), ApplyError> {
         self.begin().await?;
-        let pending = std::mem::take(&mut self.pending);
         let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
         let batch_started = Instant::now();
         self.writer.execute("SAVEPOINT batch", "savepoint").await?;
@@ -200,7 +267,7 @@ impl<'a> Worker<'a> {
                     .execute("RELEASE SAVEPOINT batch", "savepoint")
                     .await?;
                 for bad in applied.bad {
-                    let p = pending_of(&pending, &events[bad.index]);
+                    let p = pending_of(pending, &events[bad.index]);
                     self.bad(DeadLetter::of(
                         p.offset,
                         &p.key,
@@ -217,7 +284,7 @@ impl<'a> Worker<'a> {
                 self.writer
                     .execute("ROLLBACK TO SAVEPOINT batch", "savepoint")
                     .await?;
-                self.one_by_one(&pending, &events, &deleted).await?;
+                self.one_by_one(pending, &events, &deleted).await?;
             }
         }
         self.txn_commits.extend(
@@ -322,6 +389,8 @@ impl<'a> Worker<'a> {
             })?;
         self.writer.execute("COMMIT", "committing").await?;
         self.in_txn = false;
+        self.written.clear();
+        self.written_complete = true;
         self.committed = self.applied;
         self.committed_next = Some(next_offset);
         self.next_offset = None;

@@ -47,6 +47,21 @@ impl WriteError {
             WriteError::Internal { .. } => ErrorClass::Definite,
         }
     }
+
+    /// For a transaction that lost to a concurrent one (deadlock, serialization
+    /// failure, lock timeout), the reason: rolling back and writing it again succeeds
+    /// once the other has finished.
+    pub fn retry_in_place(&self) -> Option<&'static str> {
+        let WriteError::Sql { source, .. } = self else {
+            return None;
+        };
+        match source.code()?.code() {
+            "40P01" => Some("deadlock"),
+            "40001" => Some("serialization_failure"),
+            "55P03" => Some("lock_timeout"),
+            _ => None,
+        }
+    }
 }
 
 /// An event the target cannot take, and why.
@@ -209,9 +224,9 @@ impl<'a> TargetWriter<'a> {
             return Ok(());
         };
         let tc = self.cfg.tables.iter().find(|t| t.name == run.table);
-        // The last event per key decides the key's final state: earlier ones are
-        // superseded versions from the same source. Keys are independent (foreign keys
-        // do not fire in replica mode), so one statement per kind serves the table.
+        // One version per key goes on: the highest, as applying the events one by one
+        // under last-writer-wins would leave. Keys are independent (foreign keys do not
+        // fire in replica mode), so one statement per kind serves the table.
         let mut rows: Vec<Candidate> = Vec::new();
         let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
         for &index in &run.items {
@@ -223,9 +238,10 @@ impl<'a> TargetWriter<'a> {
                         kind,
                         key,
                         ts,
+                        repair: false,
                     };
                     match index_of.get(&c.key) {
-                        Some(&slot) => rows[slot] = c,
+                        Some(&slot) => rows[slot].supersede(c),
                         None => {
                             index_of.insert(c.key.clone(), rows.len());
                             rows.push(c);
@@ -239,19 +255,18 @@ impl<'a> TargetWriter<'a> {
             return Ok(());
         }
         let decisions = self.decide(&table, &rows, tc).await?;
-        let (mut upserts, mut deletes, mut lost, mut inserted) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut upserts, mut deletes, mut lost) = (Vec::new(), Vec::new(), Vec::new());
+        let mut also_repair = Vec::new();
         for (c, d) in rows.into_iter().zip(decisions) {
             let resolution = match d.verdict {
-                Verdict::Apply if c.kind == Kind::Delete => {
-                    deletes.push(c);
-                    continue;
-                }
                 Verdict::Apply => {
-                    if d.absent {
-                        inserted.push(c.clone());
+                    if c.repair {
+                        also_repair.push(c.key.clone());
                     }
-                    upserts.push(c);
+                    match c.kind {
+                        Kind::Delete => deletes.push(c),
+                        _ => upserts.push(c),
+                    }
                     continue;
                 }
                 Verdict::Older => Resolution::KeptLocal,
@@ -282,11 +297,12 @@ impl<'a> TargetWriter<'a> {
         }
         self.upsert(events, &table, &upserts).await?;
         self.delete(&table, &deletes).await?;
-        let settled = self.settle(&table, inserted).await?;
+        let settled = self.settle(&table, &upserts).await?;
         out.rows += upserts.len() + deletes.len() - settled.len();
         lost.extend(settled);
         out.conflicts += lost.len();
-        self.record_losers(events, &table, &lost).await
+        self.record_losers(events, &table, &lost).await?;
+        self.repair(&table, also_repair).await
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.

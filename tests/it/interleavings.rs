@@ -30,7 +30,7 @@ ALTER TABLE items ENABLE ALWAYS TRIGGER log_items;
 /// Keys shared by every writer of both nodes.
 const KEYS: u64 = 24;
 /// Writers per node.
-const WRITERS: u64 = 3;
+const WRITERS: u64 = 4;
 
 /// A small deterministic generator, so a failing run can be repeated.
 struct Rng(u64);
@@ -57,7 +57,12 @@ struct Tally {
 /// would, held open a few milliseconds.
 async fn transaction(c: &Client, rng: &mut Rng, tag: &str) -> Result<(), tokio_postgres::Error> {
     let k = rng.below(KEYS) as i32;
-    let hold = Duration::from_millis(rng.below(6));
+    // Most transactions are short; some stay open longer than a change takes to
+    // reach the peer, so versions cross while they are open.
+    let hold = Duration::from_millis(match rng.below(10) {
+        0..=6 => rng.below(6),
+        _ => 20 + rng.below(60),
+    });
     // The client's clock, read before the statement is sent.
     let stamped = SystemTime::now();
     c.batch_execute("BEGIN").await?;
@@ -187,7 +192,33 @@ async fn rig() -> Rig {
 async fn assert_converged(rig: &Rig) -> (i64, i64) {
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
-    converge(&a, &b, &["items"], Duration::from_secs(120)).await;
+    let checked = tokio::spawn({
+        let (db_a, db_b) = (rig.db_a.clone(), rig.db_b.clone());
+        async move {
+            let cl = Cluster::shared();
+            let (a, b) = (cl.client(&db_a).await, cl.client(&db_b).await);
+            converge(&a, &b, &["items"], Duration::from_secs(120)).await
+        }
+    })
+    .await;
+    if checked.is_err() {
+        for (name, c) in [("a", &a), ("b", &b)] {
+            for r in c
+                .query(
+                    "SELECT 'row', row_to_json(r)::text FROM items r
+                     UNION ALL SELECT 'tombstone', row_to_json(t)::text FROM duplex.tombstones t
+                     UNION ALL SELECT 'repair', row_to_json(p)::text FROM duplex.repairs p
+                     UNION ALL SELECT 'conflict', row_to_json(f)::text FROM duplex.conflicts f",
+                    &[],
+                )
+                .await
+                .unwrap()
+            {
+                eprintln!("{name} {} {}", r.get::<_, &str>(0), r.get::<_, String>(1));
+            }
+        }
+        panic!("a and b did not converge; their state is above");
+    }
     assert_eq!(applied_twice(&a, &rig.db_b).await, 0, "applied twice on a");
     assert_eq!(applied_twice(&b, &rig.db_a).await, 0, "applied twice on b");
     let mut totals = (0, 0);
@@ -217,8 +248,61 @@ async fn one_run(secs: u64, seed: u64, kill: bool) -> (Tally, (i64, i64)) {
     let d = rig.start();
     let tally = writers.await.unwrap();
     let resolved = assert_converged(&rig).await;
+    let deadlocks = d.logs().matches("deadlock detected").count();
+    eprintln!("deadlocks between apply and the writers (last daemon): {deadlocks}");
     assert_eq!(d.stop().await, Some(0));
     (tally, resolved)
+}
+
+/// Waits until `sql` returns `want` on `c`.
+async fn wait_value(c: &Client, sql: &str, want: i64) {
+    crate::harness::wait_for(
+        &format!("{sql} = {want}"),
+        Duration::from_secs(30),
+        || async { (count(c, sql).await == want).then_some(()) },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_local_write_older_than_what_was_applied_is_repaired_by_the_peer() {
+    let rig = rig().await;
+    let d = rig.start();
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    // Key 1 is deleted on a after b has it; key 2 is updated on a.
+    a.batch_execute(
+        "INSERT INTO items (id, val, updated_at) VALUES (1, 'a', now()), (2, 'a', now())",
+    )
+    .await
+    .unwrap();
+    wait_value(&b, "SELECT count(*) FROM items", 2).await;
+    a.batch_execute("DELETE FROM items WHERE id = 1; UPDATE items SET val = 'a2', updated_at = now() WHERE id = 2")
+        .await
+        .unwrap();
+    wait_value(
+        &b,
+        "SELECT count(*) FROM items WHERE val = 'a2' AND NOT EXISTS (SELECT FROM items WHERE id = 1)",
+        1,
+    )
+    .await;
+    // b's application writes versions stamped a minute ago (a slow client's clock): they
+    // land on b, older than what b holds from a, and reach a, which keeps its own.
+    b.batch_execute(
+        "INSERT INTO items (id, val, updated_at) VALUES (1, 'late', now() - interval '1 minute');
+         UPDATE items SET val = 'late', updated_at = now() - interval '1 minute' WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    // a re-sends its winners; b converges on them.
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM items WHERE val = 'late'").await,
+        0
+    );
+    assert_eq!(count(&a, "SELECT count(*) FROM duplex.repairs").await, 2);
+    assert_eq!(count(&b, "SELECT count(*) FROM duplex.repairs").await, 0);
+    assert_eq!(d.stop().await, Some(0));
 }
 
 #[tokio::test]

@@ -12,3 +12,4 @@ mod identity;
 mod interleavings;
 mod observability;
 mod source;
+mod timeouts;

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-fn metrics_port(rig: &Rig) -> u16 {
+pub fn metrics_port(rig: &Rig) -> u16 {
     let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let line = cfg.lines().find(|l| l.starts_with("listen = ")).unwrap();
     line.trim_end_matches('"')
@@ -23,7 +23,7 @@ fn metrics_port(rig: &Rig) -> u16 {
 }
 
 /// GET `path`; (status code, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
     let mut text = String::new();
@@ -40,7 +40,7 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// The value of the series whose line starts with `series` (name and labels as
 /// rendered, e.g. `duplex_apply_halted{direction="a_to_b"}`).
-fn value(scrape: &str, series: &str) -> Option<f64> {
+pub fn value(scrape: &str, series: &str) -> Option<f64> {
     scrape
         .lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
@@ -48,7 +48,7 @@ fn value(scrape: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn wait_value(port: u16, series: &str, what: &str, ok: impl Fn(f64) -> bool) {
+pub async fn wait_value(port: u16, series: &str, what: &str, ok: impl Fn(f64) -> bool) {
     wait_for(what, Duration::from_secs(60), || {
         let v = get(port, "/metrics").and_then(|(_, body)| value(&body, series));
         let hit = v.is_some_and(&ok);

@@ -29,6 +29,56 @@ pub(super) struct Candidate {
     pub key: Vec<String>,
     /// `updated_at` text (the delete time for a delete).
     pub ts: Option<String>,
+    /// A later event of the same key in the batch carried a lower version: the source
+    /// ended on that one, so it must be told the winner.
+    pub repair: bool,
+}
+
+impl Candidate {
+    /// Folds in `later`, the next event of the same key in stream order: the higher
+    /// version stays. A source's versions need not rise in commit order (clients
+    /// stamp `updated_at`, and a repair may carry a version the source has passed).
+    pub fn supersede(&mut self, later: Candidate) {
+        if later.outranks(self) {
+            *self = later;
+        } else {
+            self.repair = true;
+        }
+    }
+
+    /// At least as high as `earlier` in the version order: newer `updated_at`; at the
+    /// same time a delete over a row, else the later event. Versions that cannot be
+    /// compared go by stream order.
+    fn outranks(&self, earlier: &Candidate) -> bool {
+        let (Some(new), Some(old)) = (
+            self.ts.as_deref().and_then(sortable_ts),
+            earlier.ts.as_deref().and_then(sortable_ts),
+        ) else {
+            return true;
+        };
+        new > old || (new == old && !(earlier.kind == Kind::Delete && self.kind != Kind::Delete))
+    }
+}
+
+/// A timestamp as PostgreSQL prints it under duplex's session settings (ISO, UTC),
+/// `2026-11-23 18:09:00.1234+00` (`timestamptz`) or without the offset (`timestamp`),
+/// made comparable as text: the fraction padded to microseconds, the UTC offset
+/// dropped. `None` for anything else (BC dates, other offsets, infinity).
+fn sortable_ts(ts: &str) -> Option<String> {
+    let ts = ts.strip_suffix("+00").unwrap_or(ts);
+    let (whole, frac) = ts.split_once('.').unwrap_or((ts, ""));
+    let b = whole.as_bytes();
+    let shape = b.len() == 19
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b' ',
+            13 | 16 => *c == b':',
+            _ => c.is_ascii_digit(),
+        });
+    if !shape || frac.len() > 6 || !frac.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(format!("{whole}.{frac:0<6}"))
 }
 
 /// What the target says of a candidate.
@@ -65,8 +115,6 @@ pub(super) struct Decision {
     pub verdict: Verdict,
     /// The target's `updated_at` text, when it has the row.
     pub local_ts: Option<String>,
-    /// The target has no row for the key (an applied upsert inserts).
-    pub absent: bool,
 }
 
 /// How an incoming version lost.
@@ -127,6 +175,8 @@ impl TargetWriter<'_> {
         p.push(&table.name);
         p.push(&self.incoming_wins_ties);
         p.push(&skew);
+        let deletes: Vec<bool> = rows.iter().map(|c| c.kind == Kind::Delete).collect();
+        p.push(&deletes);
         let result = self
             .client
             .query(&table.decide_sql(), &p)
@@ -142,23 +192,23 @@ impl TargetWriter<'_> {
                         detail: format!("unknown verdict {verdict:?} for {}", table.name),
                     })?,
                     local_ts: r.get(1),
-                    absent: r.get(4),
                 })
             })
             .collect()
     }
 
-    /// Removes rows just inserted for `inserted` whose key a local delete tombstoned
-    /// meanwhile at the same time or later; returns them as lost.
+    /// Removes rows just written for `written` whose key a local delete tombstoned
+    /// at the same time or later while the upsert waited for it (the delete removed
+    /// the row the decision saw, so the upsert inserted); returns them as lost.
     pub(super) async fn settle(
         &self,
         table: &TargetTable,
-        inserted: Vec<Candidate>,
+        written: &[Candidate],
     ) -> Result<Vec<Lost>, WriteError> {
-        if inserted.is_empty() {
+        if written.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = key_arrays(table.key.len(), inserted.iter().map(|c| &c.key));
+        let keys = key_arrays(table.key.len(), written.iter().map(|c| &c.key));
         let mut p = params(&keys);
         p.push(&table.name);
         let rows = self
@@ -171,7 +221,7 @@ impl TargetWriter<'_> {
             .iter()
             .filter_map(|r| {
                 let key: Vec<String> = (0..n).map(|i| r.get(i)).collect();
-                let candidate = inserted.iter().find(|c| c.key == key)?.clone();
+                let candidate = written.iter().find(|c| c.key == key)?.clone();
                 Some(Lost {
                     candidate,
                     local_ts: r.get(n),
@@ -181,8 +231,7 @@ impl TargetWriter<'_> {
             .collect())
     }
 
-    /// Records the losers in `duplex.conflicts` and, when the peer receives from this
-    /// node, writes repairs carrying this node's winners.
+    /// Records the losers in `duplex.conflicts` and repairs their keys.
     pub(super) async fn record_losers(
         &self,
         events: &[Cow<'_, ChangeEvent>],
@@ -193,22 +242,30 @@ impl TargetWriter<'_> {
             return Ok(());
         }
         self.record_conflicts(events, table, lost).await?;
-        if !self.peer_receives {
-            return Ok(());
-        }
         // A delete that meets a tombstone finds the key deleted already: nothing to
         // tell the peer (and re-sending equal tombstones back and forth never ends).
-        let to_repair: Vec<&Lost> = lost
+        let keys = lost
             .iter()
             .filter(|l| {
                 !(l.candidate.kind == Kind::Delete
                     && l.resolution == Resolution::DroppedOlderThanTombstone)
             })
+            .map(|l| l.candidate.key.clone())
             .collect();
-        if to_repair.is_empty() {
+        self.repair(table, keys).await
+    }
+
+    /// When the peer receives from this node, writes repairs carrying this node's
+    /// current version of each of `keys`.
+    pub(super) async fn repair(
+        &self,
+        table: &TargetTable,
+        keys: Vec<Vec<String>>,
+    ) -> Result<(), WriteError> {
+        if !self.peer_receives || keys.is_empty() {
             return Ok(());
         }
-        let keys = key_arrays(table.key.len(), to_repair.iter().map(|l| &l.candidate.key));
+        let keys = key_arrays(table.key.len(), keys.iter());
         let mut p = params(&keys);
         p.push(&table.name);
         let repaired = self
@@ -272,6 +329,58 @@ mod tests {
         assert_eq!(Verdict::parse("future"), Some(Verdict::Future));
         assert_eq!(Verdict::parse("Apply"), None);
         assert_eq!(Verdict::parse(""), None);
+    }
+
+    fn cand(index: usize, kind: Kind, ts: &str) -> Candidate {
+        Candidate {
+            index,
+            kind,
+            key: vec!["1".into()],
+            ts: Some(ts.into()),
+            repair: false,
+        }
+    }
+
+    #[test]
+    fn timestamps_compare_as_postgresql_orders_them() {
+        let t = |s| sortable_ts(s).unwrap();
+        assert!(t("2026-11-30 04:57:48.65+00") < t("2026-11-30 04:57:48.652675+00"));
+        assert!(t("2026-11-30 04:57:48+00") < t("2026-11-30 04:57:48.000001+00"));
+        assert_eq!(
+            t("2026-11-30 04:57:48.5"),
+            t("2026-11-30 04:57:48.500000+00")
+        );
+        assert!(t("2026-11-30 04:57:48.9") < t("2026-11-30 04:57:49"));
+        for odd in [
+            "infinity",
+            "0044-03-15 12:00:00 BC",
+            "2026-11-30 04:57:48+02",
+            "",
+        ] {
+            assert_eq!(sortable_ts(odd), None, "{odd}");
+        }
+    }
+
+    #[test]
+    fn the_highest_version_of_a_key_goes_on_and_a_lower_last_one_asks_for_a_repair() {
+        // Later and higher: replaces.
+        let mut c = cand(0, Kind::Upsert, "2026-11-30 04:00:00.1+00");
+        c.supersede(cand(1, Kind::Upsert, "2026-11-30 04:00:00.2+00"));
+        assert_eq!((c.index, c.repair), (1, false));
+        // Later but lower (a client's stale stamp, a stale repair): kept, repaired.
+        c.supersede(cand(2, Kind::Delete, "2026-11-30 04:00:00.15+00"));
+        assert_eq!((c.index, c.repair), (1, true));
+        // Then higher again: the source ends on the winner, no repair needed.
+        c.supersede(cand(3, Kind::Upsert, "2026-11-30 04:00:00.3+00"));
+        assert_eq!((c.index, c.repair), (3, false));
+        // Same time: a delete beats a row, a row does not beat a delete.
+        c.supersede(cand(4, Kind::Delete, "2026-11-30 04:00:00.3+00"));
+        assert_eq!(c.index, 4);
+        c.supersede(cand(5, Kind::Upsert, "2026-11-30 04:00:00.3+00"));
+        assert_eq!((c.index, c.repair), (4, true));
+        // Versions that cannot be compared go by stream order.
+        c.supersede(cand(6, Kind::Upsert, "infinity"));
+        assert_eq!(c.index, 6);
     }
 
     #[test]
