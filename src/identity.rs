@@ -1,12 +1,13 @@
 //! Deterministic identities: a UUIDv5 derived from a row's natural key, so that a row
 //! created independently on both nodes gets the same primary key on each.
 //!
-//! Canonical encoding, byte for byte: the natural-key columns' values as PostgreSQL's
-//! text output (`col::text`), in the configured order, encoded as UTF-8 and joined with
+//! Canonical encoding, byte for byte: the natural-key columns' values as their types'
+//! output functions print them, in the configured order, encoded as UTF-8 and joined with
 //! the single byte 0x1F (ASCII unit separator); no prefix, suffix or normalisation.
 //! The id is `uuid5(namespace, that byte string)` — the same as Python's
 //! `uuid.uuid5(ns, "\x1f".join(values))` and PostgreSQL's
-//! `uuid_generate_v5(ns, concat_ws(E'\x1f', c1::text, c2::text))`. A NULL in a key
+//! `uuid_generate_v5(ns, concat_ws(E'\x1f', c1, c2))` (not `c1::text`: a bool casts
+//! to `true` but prints as `t`). A NULL in a key
 //! column has no encoding and is an error. The namespace is a UUID, or any other string
 //! `s`, which stands for `uuid5(6ba7b811-9dad-11d1-80b4-00c04fd430c8, s)` (the URL
 //! namespace).
@@ -47,45 +48,61 @@ pub fn derive(ns: &Uuid, values: &[(&str, Option<&str>)]) -> Result<Uuid, Identi
     Ok(Uuid::new_v5(ns, &name))
 }
 
-/// SQL creating the trigger that fills in a missing id on `table` (quoted) and
-/// rejects a row whose id disagrees with its natural key, with `uuid_generate_v5` from
-/// the uuid-ossp extension installed in `ext_schema`. Applied rows are checked by the
-/// apply side instead: apply sessions run as replica, where this trigger does not fire.
-pub fn trigger_sql(table: &str, id: &IdentityConfig, ext_schema: &str) -> String {
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let mut args = vec![
-        quote(&id.column),
-        quote(&namespace(&id.namespace).to_string()),
-    ];
-    args.extend(id.from.iter().map(|c| quote(c)));
+/// SQL creating the trigger that fills in a missing id on `table` (quoted; configured
+/// as `table_name`) and rejects a row whose id disagrees with its natural key, with
+/// `uuid_generate_v5` from the uuid-ossp extension installed in `ext_schema`. Each
+/// natural-key column is printed by its type's output function (`concat_ws` does so;
+/// `col::text` would print a bool as `true`, not `t`) under duplex's fixed output
+/// settings, as pgoutput prints it and the apply side checks. Applied rows are checked
+/// by the apply side instead: apply sessions run as replica, where this trigger does
+/// not fire.
+pub fn trigger_sql(table_name: &str, table: &str, id: &IdentityConfig, ext_schema: &str) -> String {
+    let q = crate::source::walsender::quote_ident;
+    let literal = crate::source::walsender::quote_literal;
+    let function = format!(
+        "duplex.{}",
+        crate::source::slot::per_table_name("identity", table_name)
+    );
+    let checks: Vec<String> = id
+        .from
+        .iter()
+        .map(|c| {
+            format!(
+                "    IF NEW.{col} IS NULL THEN
+        RAISE EXCEPTION 'duplex: natural-key column % of % is NULL', {name}, {tbl};
+    END IF;",
+                col = q(c),
+                name = literal(c),
+                tbl = literal(table_name),
+            )
+        })
+        .collect();
+    let values: Vec<String> = id.from.iter().map(|c| format!("NEW.{}", q(c))).collect();
     format!(
-        r#"CREATE OR REPLACE FUNCTION duplex.derive_identity() RETURNS trigger LANGUAGE plpgsql AS $fn$
+        r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
 DECLARE
-    img jsonb := to_jsonb(NEW);
-    vals text[] := '{{}}';
-    v text;
     derived uuid;
 BEGIN
-    FOR i IN 2 .. TG_NARGS - 1 LOOP
-        v := img ->> TG_ARGV[i];
-        IF v IS NULL THEN
-            RAISE EXCEPTION 'duplex: natural-key column % of %.% is NULL', TG_ARGV[i], TG_TABLE_SCHEMA, TG_TABLE_NAME;
-        END IF;
-        vals := vals || v;
-    END LOOP;
-    derived := {ext}.uuid_generate_v5(TG_ARGV[1]::uuid, array_to_string(vals, E''));
-    IF img ->> TG_ARGV[0] IS NULL THEN
-        NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], derived));
-    ELSIF (img ->> TG_ARGV[0])::uuid <> derived THEN
-        RAISE EXCEPTION 'duplex: % of %.% is % but its natural key derives %',
-            TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME, img ->> TG_ARGV[0], derived;
+{checks}
+    derived := {ext}.uuid_generate_v5({ns}::uuid, concat_ws(E'\x1f', {values}));
+    IF NEW.{col} IS NULL THEN
+        NEW.{col} := derived;
+    ELSIF NEW.{col} <> derived THEN
+        RAISE EXCEPTION 'duplex: % of % is % but its natural key derives %',
+            {col_name}, {tbl}, NEW.{col}, derived;
     END IF;
     RETURN NEW;
 END $fn$;
 CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION duplex.derive_identity({args});"#,
-        ext = crate::source::walsender::quote_ident(ext_schema),
-        args = args.join(", "),
+    FOR EACH ROW EXECUTE FUNCTION {function}();"#,
+        settings = crate::source::slot::trigger_function_settings(),
+        checks = checks.join("\n"),
+        ext = q(ext_schema),
+        ns = literal(&namespace(&id.namespace).to_string()),
+        values = values.join(", "),
+        col = q(&id.column),
+        col_name = literal(&id.column),
+        tbl = literal(table_name),
     )
 }
 

@@ -241,19 +241,71 @@ CREATE TABLE IF NOT EXISTS duplex.dead_letters (
     event text NOT NULL,
     replayed_at timestamptz
 );
--- Local deletes leave a tombstone. Apply sessions run as replica, where this trigger
--- does not fire: they write tombstones themselves, with the source's delete time.
-CREATE OR REPLACE FUNCTION duplex.record_tombstone() RETURNS trigger LANGUAGE plpgsql AS $$
+";
+
+/// How duplex's trigger functions run, whoever writes the table: as the role that ran
+/// `setup` (the application's roles need no grants on schema `duplex`), with a search
+/// path nobody can plant objects in, and with the session settings the reader and the
+/// apply sessions use, so that a key printed as text here matches the key the stream
+/// carries byte for byte.
+pub fn trigger_function_settings() -> String {
+    let mut s = String::from("SECURITY DEFINER SET search_path = pg_catalog, pg_temp");
+    for (k, v) in OUTPUT_SETTINGS
+        .iter()
+        .filter(|(k, _)| *k != "client_encoding")
+    {
+        s.push_str(&format!(" SET {k} = {}", quote_literal(v)));
+    }
+    s
+}
+
+/// A stable name for a per-table object of duplex: `prefix_` and 16 hex digits of
+/// the FNV-1a hash of the configured table name (identifiers are limited to 63 bytes).
+pub fn per_table_name(prefix: &str, table: &str) -> String {
+    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{prefix}_{hash:016x}")
+}
+
+/// The tombstone function and triggers of a table: a delete, or an update that
+/// changes the key, records (table, key, now) in `duplex.tombstones` in the same
+/// transaction. Key values are printed by their type's output function (`concat(x)`;
+/// `x::text` differs for bool and inet), as pgoutput prints them. Apply sessions run as replica, where these triggers do not fire:
+/// they write tombstones themselves, with the source's delete time.
+fn tombstone_sql(table_name: &str, table: &str, key: &[String]) -> String {
+    let function = format!("duplex.{}", per_table_name("tombstone", table_name));
+    let old: Vec<String> = key
+        .iter()
+        .map(|k| format!("concat(OLD.{})", quote_ident(k)))
+        .collect();
+    let row = |rec: &str| -> String {
+        let cols: Vec<String> = key
+            .iter()
+            .map(|k| format!("{rec}.{}", quote_ident(k)))
+            .collect();
+        format!("ROW({})", cols.join(", "))
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
 BEGIN
     INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
-    SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
-           jsonb_agg(to_jsonb(OLD) ->> col ORDER BY n), clock_timestamp(), 'local'
-    FROM unnest(TG_ARGV) WITH ORDINALITY AS k(col, n)
+    VALUES ({name}, jsonb_build_array({old}), clock_timestamp(), 'local')
     ON CONFLICT (table_name, key) DO UPDATE
         SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin;
     RETURN NULL;
-END $$;
-";
+END $fn$;
+CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER duplex_tombstone_key AFTER UPDATE ON {table}
+    FOR EACH ROW WHEN ({old_row} IS DISTINCT FROM {new_row}) EXECUTE FUNCTION {function}();",
+        settings = trigger_function_settings(),
+        name = quote_literal(table_name),
+        old = old.join(", "),
+        old_row = row("OLD"),
+        new_row = row("NEW"),
+    )
+}
 
 /// Tombstone triggers on every configured table, and identity triggers where a table
 /// derives its id.
@@ -282,12 +334,13 @@ async fn ensure_triggers(
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let args: Vec<String> = key.iter().map(|k| quote_literal(k)).collect();
-        let sql = format!(
-            "CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
-             FOR EACH ROW EXECUTE FUNCTION duplex.record_tombstone({})",
-            args.join(", ")
-        );
+        if key.is_empty() {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!("table {} has no primary key", t.name),
+            });
+        }
+        let sql = tombstone_sql(&t.name, &table, &key);
         client.batch_execute(&sql).await.map_err(sql_err(
             node,
             format!("creating the tombstone trigger on {}", t.name),
@@ -295,7 +348,7 @@ async fn ensure_triggers(
         if let Some(id) = &t.identity {
             let ext = uuid_ossp_schema(client, node).await?;
             client
-                .batch_execute(&crate::identity::trigger_sql(&table, id, &ext))
+                .batch_execute(&crate::identity::trigger_sql(&t.name, &table, id, &ext))
                 .await
                 .map_err(sql_err(
                     node,

@@ -13,3 +13,4 @@ mod interleavings;
 mod observability;
 mod source;
 mod timeouts;
+mod tombstones;

@@ -51,11 +51,11 @@ async fn lock_and_statement_timeouts_on_the_target_are_retried_not_dead_lettered
     ))
     .await
     .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'v1')")
         .await
         .unwrap();
-    assert!(rig.command(&["setup"]).status.success());
-    let d = rig.start();
     wait_val(&b, "v1").await;
 
     // A lock timeout: the transaction is rolled back and written again in place.

@@ -1,0 +1,155 @@
+//! Tombstones written by duplex's triggers on a node: on a key change as on a delete,
+//! with the key printed exactly as the stream prints it whatever its type, and without
+//! any grant on schema `duplex` for the application's own roles.
+
+use crate::apply::converge;
+use crate::harness::duplex::Rig;
+use crate::harness::pg::Cluster;
+use crate::harness::{unique, wait_for};
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn wait_count(c: &Client, sql: &str, want: i64) {
+    wait_for(
+        &format!("{sql} = {want}"),
+        Duration::from_secs(30),
+        || async { (count(c, sql).await == want).then_some(()) },
+    )
+    .await
+}
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+
+#[tokio::test]
+async fn a_key_change_leaves_a_tombstone_so_an_older_update_of_the_old_key_loses() {
+    let rig = Rig::both(ITEMS, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x')")
+        .await
+        .unwrap();
+    wait_count(&b, "SELECT count(*) FROM items", 1).await;
+    assert_eq!(d.stop().await, Some(0));
+    // While duplex is down: b updates key 1, then a renames key 1 to 2. a's change is
+    // the newer one, so key 1 must be gone on both nodes.
+    b.batch_execute("UPDATE items SET val = 'b', updated_at = clock_timestamp() WHERE id = 1")
+        .await
+        .unwrap();
+    a.batch_execute("UPDATE items SET id = 2, updated_at = clock_timestamp() WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &a,
+            "SELECT count(*) FROM duplex.tombstones WHERE key = '[\"1\"]'"
+        )
+        .await,
+        1,
+        "the key change left no tombstone"
+    );
+    let d = rig.start();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&a, "SELECT count(*) FROM items WHERE id = 2").await,
+        1
+    );
+    assert_eq!(count(&a, "SELECT count(*) FROM items").await, 1);
+    assert_eq!(d.stop().await, Some(0));
+}
+
+#[tokio::test]
+async fn tombstone_keys_match_the_stream_for_timestamp_bool_and_float_keys() {
+    let ddl = "CREATE TABLE readings (at timestamptz, flag bool, score float8, val text,
+                 updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 PRIMARY KEY (at, flag, score));";
+    let rig = Rig::both(ddl, &["public.readings"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let d = rig.start();
+    let key = "'2026-11-30 10:00:00.5+01'::timestamptz, true, 0.1::float8";
+    a.batch_execute(&format!(
+        "INSERT INTO readings (at, flag, score, val) VALUES ({key}, 'x')"
+    ))
+    .await
+    .unwrap();
+    wait_count(&b, "SELECT count(*) FROM readings", 1).await;
+    a.batch_execute("DELETE FROM readings").await.unwrap();
+    wait_count(&b, "SELECT count(*) FROM readings", 0).await;
+    // Both nodes hold the same tombstone key: the trigger's on a, the stream's on b.
+    let tomb = "SELECT key::text FROM duplex.tombstones WHERE table_name = 'public.readings'";
+    let ka: String = a.query_one(tomb, &[]).await.unwrap().get(0);
+    let kb: String = b.query_one(tomb, &[]).await.unwrap().get(0);
+    assert_eq!(ka, kb);
+    assert_eq!(ka, r#"["2026-11-30 09:00:00.5+00", "t", "0.1"]"#);
+    // An insert on b stamped before the delete must not bring the row back.
+    b.batch_execute(&format!(
+        "INSERT INTO readings (at, flag, score, val, updated_at)
+         VALUES ({key}, 'late', now() - interval '1 minute')"
+    ))
+    .await
+    .unwrap();
+    wait_count(
+        &a,
+        "SELECT count(*) FROM duplex.conflicts WHERE resolution = 'dropped_older_than_tombstone'",
+        1,
+    )
+    .await;
+    converge(&a, &b, &["readings"], Duration::from_secs(30)).await;
+    assert_eq!(count(&a, "SELECT count(*) FROM readings").await, 0);
+    assert_eq!(d.stop().await, Some(0));
+}
+
+#[tokio::test]
+async fn an_application_role_without_grants_on_duplex_can_write() {
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+               CREATE TABLE users (id uuid PRIMARY KEY, email text NOT NULL, active bool NOT NULL,
+                                   updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let rig = Rig::both(ddl, &["public.items", "public.users"], "").await;
+    rig.add_identity("public.users", "users", &["email", "active"]);
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let role = unique("app");
+    a.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON items, users TO {role}"
+    ))
+    .await
+    .unwrap();
+    let (app, conn) = tokio_postgres::connect(&cl.url(&role, &rig.db_a), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let d = rig.start();
+    app.batch_execute(
+        "INSERT INTO items (id, val) VALUES (1, 'x'), (2, 'y');
+         DELETE FROM items WHERE id = 1;
+         UPDATE items SET id = 3, updated_at = clock_timestamp() WHERE id = 2;
+         INSERT INTO users (email, active) VALUES ('zoe@example.com', true);",
+    )
+    .await
+    .unwrap();
+    converge(&a, &b, &["items", "users"], Duration::from_secs(30)).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM items").await, 1);
+    // The id derives from the natural key printed as text: true prints as "t".
+    let id: String = b
+        .query_one("SELECT id::text FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["uuid", "--namespace", "users", "zoe@example.com", "t"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    assert_eq!(d.stop().await, Some(0));
+    a.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}
