@@ -118,7 +118,7 @@ pub enum Op {
 }
 
 /// One column's value as PostgreSQL's text output.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     /// A TOASTed value the change did not touch: the node did not send it, and the

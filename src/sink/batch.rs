@@ -18,12 +18,16 @@ pub type DeletedKey = (String, Vec<String>);
 /// of the old key and an upsert. Tombstones the source published (rows of
 /// `duplex.tombstones`, written by its delete trigger in the deleting transaction) are
 /// not rows to apply: they give their deletes the source's exact delete time, so that
-/// both nodes hold the same tombstone.
+/// both nodes hold the same tombstone. A column PostgreSQL did not send (unchanged
+/// TOAST) is filled in from the event's old row (under `REPLICA IDENTITY FULL`) or
+/// from the key's previous version in the batch, so that whichever version of a key
+/// the writer keeps carries every value the batch knows.
 pub fn prepare_batch<'e>(
     events: impl Iterator<Item = &'e ChangeEvent>,
 ) -> (Vec<Cow<'e, ChangeEvent>>, DeleteTimes) {
     let mut out = Vec::new();
     let mut deleted = DeleteTimes::new();
+    let mut images = Images::default();
     for ev in events {
         let table = (ev.source.schema.as_str(), ev.source.table.as_str());
         if table == TOMBSTONES {
@@ -39,11 +43,10 @@ pub fn prepare_batch<'e>(
             }
             continue;
         }
+        let old_key = ev.before.as_ref().map(|b| images.key(ev, b));
         if ev.op == Op::Update {
             if let (Some(before), Some(after)) = (&ev.before, &ev.after) {
-                let old: Vec<_> = ev.key.iter().map(|k| before.get(k)).collect();
-                let new: Vec<_> = ev.key.iter().map(|k| after.get(k)).collect();
-                if old != new {
+                if old_key.as_ref() != Some(&images.key(ev, after)) {
                     let mut del = ev.clone();
                     del.op = Op::Delete;
                     del.after = None;
@@ -52,9 +55,70 @@ pub fn prepare_batch<'e>(
                 }
             }
         }
-        out.push(Cow::Borrowed(ev));
+        // The key this event changes: its old row's, or (no old row sent) its own.
+        let prior = old_key.or_else(|| ev.after.as_ref().map(|a| images.key(ev, a)));
+        let ev = images.complete(ev, prior);
+        out.push(ev);
     }
     (out, deleted)
+}
+
+/// The latest image of each key seen in a batch: (table, key values) → row.
+#[derive(Default)]
+struct Images(HashMap<(String, Vec<Value>), Row>);
+
+impl Images {
+    fn key(&self, ev: &ChangeEvent, row: &Row) -> (String, Vec<Value>) {
+        let values = ev
+            .key
+            .iter()
+            .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
+            .collect();
+        (format!("{}.{}", ev.source.schema, ev.source.table), values)
+    }
+
+    /// `ev` with its unchanged-TOAST columns filled in where the old row or the
+    /// previous image of the key it changes (`prior`) has them; remembers the result
+    /// as its key's image (a delete forgets it).
+    fn complete<'e>(
+        &mut self,
+        ev: &'e ChangeEvent,
+        prior: Option<(String, Vec<Value>)>,
+    ) -> Cow<'e, ChangeEvent> {
+        let previous = prior.as_ref().and_then(|k| self.0.remove(k));
+        let Some(after) = &ev.after else {
+            return Cow::Borrowed(ev);
+        };
+        let known = |col: &str| -> Option<Value> {
+            [ev.before.as_ref(), previous.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|row| row.get(col))
+                .find(|v| **v != Value::UnchangedToast)
+                .cloned()
+        };
+        let mut filled: Option<Row> = None;
+        for (i, (col, v)) in after.0.iter().enumerate() {
+            if *v == Value::UnchangedToast {
+                if let Some(value) = known(col) {
+                    filled.get_or_insert_with(|| after.clone()).0[i].1 = value;
+                }
+            }
+        }
+        let key = self.key(ev, after);
+        match filled {
+            None => {
+                self.0.insert(key, after.clone());
+                Cow::Borrowed(ev)
+            }
+            Some(row) => {
+                self.0.insert(key, row.clone());
+                let mut ev = ev.clone();
+                ev.after = Some(row);
+                Cow::Owned(ev)
+            }
+        }
+    }
 }
 
 /// A text column of a duplex row.
@@ -174,6 +238,48 @@ mod tests {
         );
         let key = ("public.items".to_string(), vec!["5".to_string()]);
         assert_eq!(deleted.get(&key).map(String::as_str), Some(at));
+    }
+
+    fn change(op: Op, id: &str, body: Value, val: &str) -> ChangeEvent {
+        let mut ev = repair("{}", None, op);
+        ev.source.schema = "public".into();
+        ev.source.table = "items".into();
+        let row = Row(vec![
+            ("id".into(), Value::Text(id.into())),
+            ("body".into(), body),
+            ("val".into(), Value::Text(val.into())),
+        ]);
+        if op == Op::Delete {
+            (ev.before, ev.after) = (Some(row), None);
+        } else {
+            ev.after = Some(row);
+        }
+        ev
+    }
+
+    #[test]
+    fn unchanged_toast_is_filled_from_the_keys_earlier_version() {
+        let big = || Value::Text("x".repeat(10));
+        let events = [
+            change(Op::Insert, "1", big(), "a"),
+            change(Op::Update, "1", Value::UnchangedToast, "b"),
+            change(Op::Delete, "1", Value::Null, ""),
+            change(Op::Insert, "1", Value::UnchangedToast, "c"),
+        ];
+        let (out, _) = prepare_batch(events.iter());
+        let body = |i: usize| out[i].after.as_ref().unwrap().get("body").cloned();
+        assert_eq!(body(1), Some(big()));
+        // After a delete nothing is known of the key.
+        assert_eq!(body(3), Some(Value::UnchangedToast));
+        // An old row under REPLICA IDENTITY FULL fills it too.
+        let mut full = change(Op::Update, "2", Value::UnchangedToast, "d");
+        full.before = Some(Row(vec![
+            ("id".into(), Value::Text("2".into())),
+            ("body".into(), Value::Text("old".into())),
+        ]));
+        let (out, _) = prepare_batch([&full].into_iter());
+        let after = out[0].after.as_ref().unwrap();
+        assert_eq!(after.get("body"), Some(&Value::Text("old".into())));
     }
 
     #[test]

@@ -202,6 +202,38 @@ impl TargetTable {
         )
     }
 
+    /// Copies `columns` from the row with key `$n+1..$2n` to the row with key
+    /// `$1..$n` (a key change that did not carry unchanged TOAST values).
+    pub fn carry_sql(&self, columns: &[&str]) -> String {
+        let n = self.key.len();
+        let sets: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{0} = o.{0}", quote_ident(c)))
+            .collect();
+        let cond = |alias: &str, first: usize| -> Vec<String> {
+            self.key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    format!(
+                        "{alias}.{} = ${}::text::{}",
+                        quote_ident(k),
+                        first + i,
+                        self.type_of(k)
+                    )
+                })
+                .collect()
+        };
+        let mut conds = cond("n", 1);
+        conds.extend(cond("o", n + 1));
+        format!(
+            "UPDATE {t} n SET {sets} FROM {t} o WHERE {conds}",
+            t = self.sql_name,
+            sets = sets.join(", "),
+            conds = conds.join(" AND "),
+        )
+    }
+
     /// `WITH i AS (...)`: incoming keys `$1..$n` as rows `k0, k1, ...`.
     fn keys_cte(&self) -> String {
         let n = self.key.len();

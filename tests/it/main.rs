@@ -13,4 +13,5 @@ mod interleavings;
 mod observability;
 mod source;
 mod timeouts;
+mod toast;
 mod tombstones;
