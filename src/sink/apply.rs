@@ -26,7 +26,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -54,6 +54,14 @@ pub enum ApplyError {
         direction: String,
         source: SinkError,
     },
+    #[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them: resynchronise the target from the source (copy the tables, then delete this direction's row from duplex.apply_positions on node {to}) and restart duplex")]
+    PositionLost {
+        direction: String,
+        to: String,
+        topic: String,
+        offset: i64,
+        detail: String,
+    },
     #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
     BadEvent {
         direction: String,
@@ -72,7 +80,7 @@ impl Classify for ApplyError {
             ApplyError::Node(e) => e.class(),
             ApplyError::Kafka { .. } => ErrorClass::Transient,
             ApplyError::Sink { source, .. } => source.class(),
-            ApplyError::BadEvent { .. } => ErrorClass::Definite,
+            ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -170,6 +178,9 @@ async fn apply_once(
             cc.set(*key, *value);
         }
     }
+    // A stored offset the broker no longer has (retention passed it, the topic was
+    // recreated) must stop this direction, never jump silently to either end.
+    cc.set("auto.offset.reset", "error");
     let consumer: Arc<StreamConsumer> = Arc::new(cc.create().map_err(kafka_err)?);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, offset)
@@ -207,17 +218,96 @@ async fn apply_once(
         .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
     );
     let _reporter = AbortOnDrop(reporter);
+    if let Some(stored) = committed_next {
+        check_in_log(consumer.clone(), dir, &topic, stored).await?;
+    }
+    // The first message must be the stored one: anything else means a gap.
+    let mut expect_first = committed_next;
     loop {
         let deadline = worker.linger_deadline();
         tokio::select! {
             biased;
             _ = shutdown.changed() => return worker.finish().await,
             msg = consumer.recv() => {
-                let msg = msg.map_err(kafka_err)?;
+                let msg = msg.map_err(|e| position_lost(dir, &topic, committed_next, e))?;
+                if let Some(expected) = expect_first.take() {
+                    if msg.offset() != expected {
+                        return Err(lost(dir, &topic, expected, format!(
+                            "the first message read is at offset {}, so messages were removed from the log", msg.offset()
+                        )));
+                    }
+                }
                 worker.take(msg.offset(), msg.key().unwrap_or_default(), msg.payload().unwrap_or_default()).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => worker.linger_expired().await?,
         }
+    }
+}
+
+fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
+    ApplyError::PositionLost {
+        direction: dir.to_string(),
+        to: dir.to.clone(),
+        topic: topic.to_string(),
+        offset,
+        detail,
+    }
+}
+
+/// The stored offset must lie within the partition's log: from its first retained
+/// message to its end (the next offset to be written).
+async fn check_in_log(
+    consumer: Arc<StreamConsumer>,
+    dir: &Direction,
+    topic: &str,
+    stored: i64,
+) -> Result<(), ApplyError> {
+    let t = topic.to_string();
+    let marks = tokio::task::spawn_blocking(move || {
+        consumer.fetch_watermarks(&t, 0, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|e| ApplyError::Sink {
+        direction: dir.to_string(),
+        source: SinkError::Task(e.to_string()),
+    })?;
+    let (low, high) = marks.map_err(|source| ApplyError::Kafka {
+        direction: dir.to_string(),
+        source,
+    })?;
+    if stored > high {
+        return Err(lost(dir, topic, stored, format!(
+            "the topic ends at offset {high} (was it deleted and created again, or is the broker's log gone?)"
+        )));
+    }
+    if stored < low {
+        return Err(lost(
+            dir,
+            topic,
+            stored,
+            format!(
+            "the topic's oldest retained message is at offset {low} (retention removed the rest)"
+        ),
+        ));
+    }
+    Ok(())
+}
+
+/// A consumer error: the stored offset out of the log's range is definite (it will
+/// not come back), anything else transient.
+fn position_lost(dir: &Direction, topic: &str, offset: Option<i64>, e: KafkaError) -> ApplyError {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match e.rdkafka_error_code() {
+        Some(Code::AutoOffsetReset | Code::OffsetOutOfRange) => lost(
+            dir,
+            topic,
+            offset.unwrap_or(0),
+            format!("the broker says {e}"),
+        ),
+        _ => ApplyError::Kafka {
+            direction: dir.to_string(),
+            source: e,
+        },
     }
 }
 

@@ -36,6 +36,16 @@ pub enum SinkError {
     Delivery { commit_lsn: Lsn, error: KafkaError },
     #[error("the delivery tracker stopped")]
     TrackerGone,
+    #[error("the change to {table} key {key} at LSN {lsn} is {bytes} bytes as a message, more than the producer or broker accepts ({error}): raise message.max.bytes in [kafka.properties] and the topic's max.message.bytes on the broker, then restart duplex")]
+    TooLarge {
+        table: String,
+        key: String,
+        lsn: Lsn,
+        bytes: usize,
+        error: String,
+    },
+    #[error("reading the topic's offsets: {0}")]
+    Task(String),
 }
 
 impl SinkError {
@@ -51,6 +61,7 @@ impl SinkError {
                     | RDKafkaErrorCode::InvalidPartitions
                     | RDKafkaErrorCode::InvalidTopic
                     | RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::MessageSizeTooLarge
             )
         };
         match self {
@@ -64,6 +75,8 @@ impl SinkError {
                 }
             }
             SinkError::CreateTopic { code, .. } if definite_code(code) => ErrorClass::Definite,
+            // The same event would be too large on every retry.
+            SinkError::TooLarge { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }
@@ -142,6 +155,17 @@ impl ChangeProducer {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // The queue drains as the broker acknowledges; poll again shortly.
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+                {
+                    return Err(SinkError::TooLarge {
+                        table: format!("{}.{}", ev.source.schema, ev.source.table),
+                        key: String::from_utf8_lossy(&key).into_owned(),
+                        lsn: ev.source.lsn,
+                        bytes: key.len() + payload.len(),
+                        error: e.to_string(),
+                    })
                 }
                 Err((e, _)) => return Err(SinkError::Kafka(e)),
             }

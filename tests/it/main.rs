@@ -11,6 +11,8 @@ mod harness;
 mod identity;
 mod interleavings;
 mod observability;
+mod oversize;
+mod positions;
 mod source;
 mod timeouts;
 mod toast;
