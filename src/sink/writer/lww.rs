@@ -243,12 +243,14 @@ impl TargetWriter<'_> {
         }
         self.record_conflicts(events, table, lost).await?;
         // A delete that meets a tombstone finds the key deleted already: nothing to
-        // tell the peer (and re-sending equal tombstones back and forth never ends).
+        // tell the peer (and re-sending equal tombstones back and forth never ends),
+        // unless the source ended the batch on a lower version of the key.
         let keys = lost
             .iter()
             .filter(|l| {
-                !(l.candidate.kind == Kind::Delete
-                    && l.resolution == Resolution::DroppedOlderThanTombstone)
+                l.candidate.repair
+                    || !(l.candidate.kind == Kind::Delete
+                        && l.resolution == Resolution::DroppedOlderThanTombstone)
             })
             .map(|l| l.candidate.key.clone())
             .collect();
