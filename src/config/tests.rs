@@ -81,3 +81,16 @@ fn example_config_is_valid() {
     let text = include_str!("../../config/duplex.example.toml");
     Config::parse(text).unwrap().validate().unwrap();
 }
+
+#[test]
+fn kafka_secrets_never_show_in_debug_output() {
+    let text = GOOD.replace(
+        "[kafka.properties]",
+        "[kafka.properties]\n\"sasl.password\" = \"kafkapw\"\n\"ssl.key.password\" = \"keypw\"\n\"sasl.username\" = \"svc\"",
+    );
+    let c = Config::parse(&text).unwrap();
+    let dbg = format!("{c:?}");
+    assert!(!dbg.contains("kafkapw") && !dbg.contains("keypw"), "{dbg}");
+    assert!(dbg.contains("\"sasl.username\": \"svc\""), "{dbg}");
+    assert!(dbg.contains("\"sasl.password\": \"<redacted>\""), "{dbg}");
+}

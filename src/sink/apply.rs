@@ -207,6 +207,9 @@ async fn apply_once(
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.report_to(standing_tx);
     worker.zero_counters();
+    // Prune once at the start too, before anything is applied: a session that ends
+    // within a minute must not keep its tables unpruned.
+    worker.maintain().await?;
     let reporter = tokio::spawn(
         progress::report_lag(
             dir.clone(),

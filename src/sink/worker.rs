@@ -15,6 +15,7 @@ use crate::sink::batch::{prepare_batch, DeleteTimes};
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::progress::{self, Standing};
 use crate::sink::writer::{TargetWriter, WriteError};
+use crate::source::walsender::quote_literal;
 use crate::ErrorClass;
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +23,9 @@ use tokio::sync::watch;
 
 /// How often conflicts, repairs and tombstones are pruned.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// The longest tombstone retention honoured (100 years).
+const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// Times a transaction that met a deadlock, serialization failure or lock timeout is
 /// rolled back and written again in place before the session restarts instead.
@@ -413,15 +417,24 @@ impl<'a> Worker<'a> {
     }
 
     /// Prunes old tombstones, conflicts and repairs (a repair is published when it
-    /// commits; the row is kept only to be inspected).
-    async fn maintain(&mut self) -> Result<(), ApplyError> {
+    /// commits; the row is kept only to be inspected). A tombstone guards against the
+    /// source's older versions still to come, so its age counts from how far this
+    /// direction has applied (the source commit time of the newest change applied;
+    /// nothing is pruned before the first), not from the wall clock: a direction
+    /// halted for longer than the retention keeps every tombstone its backlog may meet.
+    pub(super) async fn maintain(&mut self) -> Result<(), ApplyError> {
         self.last_maintenance = Instant::now();
-        let retention_ms = self.cfg.sync.tombstone_retention_ms as i64;
+        // Beyond a century the interval would overflow; nothing is that old anyway.
+        let retention_ms = self.cfg.sync.tombstone_retention_ms.min(MAX_RETENTION_MS);
         let sql = format!(
-            "DELETE FROM duplex.tombstones WHERE deleted_at < now() - {retention_ms} * interval '1 millisecond';
+            "DELETE FROM duplex.tombstones WHERE deleted_at < least(now(), coalesce(
+               (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
+               '-infinity')) - {retention_ms} * interval '1 millisecond';
              DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
              DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
-            kept = self.cfg.sync.conflicts_kept
+            kept = self.cfg.sync.conflicts_kept,
+            from = quote_literal(&self.dir.from),
+            topic = quote_literal(&self.cfg.topic(&self.dir.from)),
         );
         Ok(self
             .writer

@@ -153,3 +153,49 @@ async fn an_application_role_without_grants_on_duplex_can_write() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn tombstones_outlive_their_retention_while_the_backlog_they_guard_is_unapplied() {
+    let rig = Rig::both(ITEMS, &["public.items"], "").await;
+    rig.edit_config(&[(
+        "linger_ms = 10",
+        "linger_ms = 10\ntombstone_retention_ms = 1000",
+    )]);
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x')")
+        .await
+        .unwrap();
+    b.batch_execute("INSERT INTO items (id, val) VALUES (2, 'y')")
+        .await
+        .unwrap();
+    wait_count(&b, "SELECT count(*) FROM items", 2).await;
+    wait_count(&a, "SELECT count(*) FROM items", 2).await;
+    assert_eq!(d.stop().await, Some(0));
+    // While duplex is down: b updates the row, then a deletes it (the newer change).
+    b.batch_execute("UPDATE items SET val = 'b', updated_at = clock_timestamp() WHERE id = 1")
+        .await
+        .unwrap();
+    a.batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .unwrap();
+    // The retention passes by the wall clock before b's update is applied to a.
+    wait_for("the retention to pass", Duration::from_secs(10), || async {
+        let passed = count(
+            &a,
+            "SELECT count(*) FROM duplex.tombstones WHERE deleted_at < now() - interval '1500 ms'",
+        )
+        .await;
+        (passed == 1).then_some(())
+    })
+    .await;
+    let d = rig.start();
+    converge(&a, &b, &["items"], Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&a, "SELECT count(*) FROM items WHERE id = 1").await,
+        0
+    );
+    assert_eq!(d.stop().await, Some(0));
+}
