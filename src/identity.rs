@@ -56,12 +56,17 @@ pub fn derive(ns: &Uuid, values: &[(&str, Option<&str>)]) -> Result<Uuid, Identi
 /// settings, as pgoutput prints it and the apply side checks. Applied rows are checked
 /// by the apply side instead: apply sessions run as replica, where this trigger does
 /// not fire.
-pub fn trigger_sql(table_name: &str, table: &str, id: &IdentityConfig, ext_schema: &str) -> String {
+pub fn trigger_ddl(
+    table_name: &str,
+    table: &str,
+    id: &IdentityConfig,
+    ext_schema: &str,
+) -> crate::source::triggers::TriggerDdl {
     let q = crate::source::walsender::quote_ident;
     let literal = crate::source::walsender::quote_literal;
     let function = format!(
         "duplex.{}",
-        crate::source::slot::per_table_name("identity", table_name)
+        crate::source::triggers::per_table_name("identity", table_name)
     );
     let checks: Vec<String> = id
         .from
@@ -78,8 +83,8 @@ pub fn trigger_sql(table_name: &str, table: &str, id: &IdentityConfig, ext_schem
         })
         .collect();
     let values: Vec<String> = id.from.iter().map(|c| format!("NEW.{}", q(c))).collect();
-    format!(
-        r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
+    let body = format!(
+        r#"
 DECLARE
     derived uuid;
 BEGIN
@@ -92,10 +97,7 @@ BEGIN
             {col_name}, {tbl}, NEW.{col}, derived;
     END IF;
     RETURN NEW;
-END $fn$;
-CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {function}();"#,
-        settings = crate::source::slot::trigger_function_settings(),
+END "#,
         checks = checks.join("\n"),
         ext = q(ext_schema),
         ns = literal(&namespace(&id.namespace).to_string()),
@@ -103,7 +105,19 @@ CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
         col = q(&id.column),
         col_name = literal(&id.column),
         tbl = literal(table_name),
-    )
+    );
+    let sql = format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn${body}$fn$;
+CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();",
+        settings = crate::source::triggers::trigger_function_settings(),
+    );
+    crate::source::triggers::TriggerDdl {
+        function,
+        body,
+        triggers: vec!["duplex_identity"],
+        sql,
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! an ordinary SQL session opened by [`connect`].
 
 use crate::config::Config;
-use crate::source::walsender::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTINGS};
+use crate::event::{REPAIRS, TOMBSTONES};
+use crate::source::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
@@ -71,7 +72,7 @@ pub fn sql_class(e: &tokio_postgres::Error) -> ErrorClass {
     }
 }
 
-fn sql_err(
+pub(crate) fn sql_err(
     node: &str,
     context: impl Into<String>,
 ) -> impl FnOnce(tokio_postgres::Error) -> NodeError {
@@ -122,12 +123,19 @@ pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, 
     Ok(client)
 }
 
+/// How long setup's DDL waits for a lock before it fails (and is retried).
+const SETUP_LOCK_TIMEOUT_MS: u64 = 5_000;
+
 /// Creates what is missing on `node` for the configured directions.
 pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
     let client = connect(cfg, node, "setup").await?;
+    // DDL that waits for a lock holds up every write queued behind it: give up soon
+    // and retry later rather than stall the application.
     // Readers and appliers may set up the same node at once; DDL must not race.
     client
-        .batch_execute("SELECT pg_advisory_lock(hashtext('duplex setup'))")
+        .batch_execute(&format!(
+            "SET lock_timeout = {SETUP_LOCK_TIMEOUT_MS}; SELECT pg_advisory_lock(hashtext('duplex setup'))"
+        ))
         .await
         .map_err(sql_err(node, "taking the setup lock"))?;
     let mut done = Vec::new();
@@ -139,7 +147,7 @@ pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
         node: node.to_string(),
         detail: e.to_string(),
     })?;
-    done.extend(ensure_triggers(cfg, &client, node).await?);
+    done.extend(crate::source::triggers::ensure_triggers(cfg, &client, node).await?);
     if directions.iter().any(|d| d.from == node) {
         done.extend(ensure_publication(cfg, &client, node).await?);
         done.extend(ensure_slot(cfg, &client, node).await?);
@@ -243,139 +251,6 @@ CREATE TABLE IF NOT EXISTS duplex.dead_letters (
 );
 ";
 
-/// How duplex's trigger functions run, whoever writes the table: as the role that ran
-/// `setup` (the application's roles need no grants on schema `duplex`), with a search
-/// path nobody can plant objects in, and with the session settings the reader and the
-/// apply sessions use, so that a key printed as text here matches the key the stream
-/// carries byte for byte.
-pub fn trigger_function_settings() -> String {
-    let mut s = String::from("SECURITY DEFINER SET search_path = pg_catalog, pg_temp");
-    for (k, v) in OUTPUT_SETTINGS
-        .iter()
-        .filter(|(k, _)| *k != "client_encoding")
-    {
-        s.push_str(&format!(" SET {k} = {}", quote_literal(v)));
-    }
-    s
-}
-
-/// A stable name for a per-table object of duplex: `prefix_` and 16 hex digits of
-/// the FNV-1a hash of the configured table name (identifiers are limited to 63 bytes).
-pub fn per_table_name(prefix: &str, table: &str) -> String {
-    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{prefix}_{hash:016x}")
-}
-
-/// The tombstone function and triggers of a table: a delete, or an update that
-/// changes the key, records (table, key, now) in `duplex.tombstones` in the same
-/// transaction. Key values are printed by their type's output function (`concat(x)`;
-/// `x::text` differs for bool and inet), as pgoutput prints them. Apply sessions run as replica, where these triggers do not fire:
-/// they write tombstones themselves, with the source's delete time.
-fn tombstone_sql(table_name: &str, table: &str, key: &[String]) -> String {
-    let function = format!("duplex.{}", per_table_name("tombstone", table_name));
-    let old: Vec<String> = key
-        .iter()
-        .map(|k| format!("concat(OLD.{})", quote_ident(k)))
-        .collect();
-    let row = |rec: &str| -> String {
-        let cols: Vec<String> = key
-            .iter()
-            .map(|k| format!("{rec}.{}", quote_ident(k)))
-            .collect();
-        format!("ROW({})", cols.join(", "))
-    };
-    format!(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn$
-BEGIN
-    INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
-    VALUES ({name}, jsonb_build_array({old}), clock_timestamp(), 'local')
-    ON CONFLICT (table_name, key) DO UPDATE
-        SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin;
-    RETURN NULL;
-END $fn$;
-CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {function}();
-CREATE OR REPLACE TRIGGER duplex_tombstone_key AFTER UPDATE ON {table}
-    FOR EACH ROW WHEN ({old_row} IS DISTINCT FROM {new_row}) EXECUTE FUNCTION {function}();",
-        settings = trigger_function_settings(),
-        name = quote_literal(table_name),
-        old = old.join(", "),
-        old_row = row("OLD"),
-        new_row = row("NEW"),
-    )
-}
-
-/// Tombstone triggers on every configured table, and identity triggers where a table
-/// derives its id.
-async fn ensure_triggers(
-    cfg: &Config,
-    client: &Client,
-    node: &str,
-) -> Result<Vec<String>, NodeError> {
-    let mut done = Vec::new();
-    for t in &cfg.tables {
-        let (schema, name) = t.schema_table();
-        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
-        let key: Vec<String> = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i
-                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.n",
-                &[&table],
-            )
-            .await
-            .map_err(sql_err(
-                node,
-                format!("reading the primary key of {}", t.name),
-            ))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if key.is_empty() {
-            return Err(NodeError::Config {
-                node: node.to_string(),
-                detail: format!("table {} has no primary key", t.name),
-            });
-        }
-        let sql = tombstone_sql(&t.name, &table, &key);
-        client.batch_execute(&sql).await.map_err(sql_err(
-            node,
-            format!("creating the tombstone trigger on {}", t.name),
-        ))?;
-        if let Some(id) = &t.identity {
-            let ext = uuid_ossp_schema(client, node).await?;
-            client
-                .batch_execute(&crate::identity::trigger_sql(&t.name, &table, id, &ext))
-                .await
-                .map_err(sql_err(
-                    node,
-                    format!("creating the identity trigger on {}", t.name),
-                ))?;
-            done.push(format!("{}: identity trigger on {}", t.name, id.column));
-        }
-    }
-    Ok(done)
-}
-
-/// Installs uuid-ossp (for `uuid_generate_v5`) unless present; returns its schema.
-async fn uuid_ossp_schema(client: &Client, node: &str) -> Result<String, NodeError> {
-    client
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA duplex")
-        .await
-        .map_err(sql_err(node, "installing the uuid-ossp extension"))?;
-    let row = client
-        .query_one(
-            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'uuid-ossp'",
-            &[],
-        )
-        .await
-        .map_err(sql_err(node, "finding the uuid-ossp extension"))?;
-    Ok(row.get::<_, String>(0).trim_matches('"').to_string())
-}
-
 /// The publication lists exactly the configured tables.
 async fn ensure_publication(
     cfg: &Config,
@@ -405,6 +280,32 @@ async fn ensure_publication(
         .await
         .map_err(sql_err(node, "reading pg_publication"))?
         .is_some();
+    // ALTER PUBLICATION only when the list differs: setup runs on every reconnect.
+    let mut want: Vec<(String, String)> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.schema_table();
+            (s.to_string(), n.to_string())
+        })
+        .chain([TOMBSTONES, REPAIRS].map(|(s, n)| (s.to_string(), n.to_string())))
+        .collect();
+    want.sort();
+    let mut have: Vec<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication_tables"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    have.sort();
+    if exists && have == want {
+        return Ok(None);
+    }
     let (sql, what) = if exists {
         let sql = format!(
             "ALTER PUBLICATION {} SET TABLE {}",

@@ -119,7 +119,7 @@ async fn setup_and_teardown_are_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 2, "the table and duplex.tombstones");
+    assert_eq!(tables, 3, "the table, duplex.tombstones and duplex.repairs");
 
     let out = rig.command(&["teardown"]);
     assert_eq!(
@@ -215,5 +215,70 @@ async fn run_retries_an_unreachable_broker_until_stopped() {
     d.wait_log("failed; retrying", 2, Duration::from_secs(60))
         .await;
     assert!(d.logs().contains("Kafka"), "{}", d.logs());
+    assert_eq!(d.stop().await, Some(0));
+}
+
+/// After a reconnect, setup finds everything in place and runs no DDL: it neither
+/// waits for the application's open transactions nor holds up the writes behind them.
+#[tokio::test]
+async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let again = rig.command(&["setup"]);
+    assert!(
+        !text(&again).contains("trigger") && !text(&again).contains("publication"),
+        "a second setup changed something: {}",
+        text(&again)
+    );
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, v) VALUES (1, 'x')")
+        .await
+        .unwrap();
+    crate::harness::wait_for("row 1 on b", Duration::from_secs(30), || async {
+        let n: i64 = b
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    // An application transaction stays open on b, holding its table lock.
+    let open = cl.client(&rig.db_b).await;
+    open.batch_execute("BEGIN; INSERT INTO items (id, v) VALUES (100, 'open')")
+        .await
+        .unwrap();
+    // The apply session drops (a network blip) and reconnects, running setup.
+    b.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'duplex apply%'",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("INSERT INTO items (id, v) VALUES (2, 'y')")
+        .await
+        .unwrap();
+    // Row 2 arrives, and another application write goes through, both while the
+    // transaction is still open.
+    crate::harness::wait_for("row 2 on b", Duration::from_secs(30), || async {
+        let n: i64 = b
+            .query_one("SELECT count(*) FROM items WHERE id = 2", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let writer = cl.client(&rig.db_b).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        writer.batch_execute("INSERT INTO items (id, v) VALUES (101, 'next')"),
+    )
+    .await
+    .expect("an application write waited behind duplex's DDL")
+    .unwrap();
+    open.batch_execute("COMMIT").await.unwrap();
     assert_eq!(d.stop().await, Some(0));
 }

@@ -1,0 +1,230 @@
+//! What duplex installs on the application's tables: per table, a tombstone function
+//! with its delete and key-change triggers, and an identity function and trigger where
+//! the table derives its id.
+//!
+//! Creating a trigger locks the table against writes, so [`ensure_triggers`] compares
+//! each function's source and its triggers with what it would create and runs DDL only
+//! when something differs or is missing (the setup session also sets a lock timeout):
+//! a reconnect never queues behind, and in front of, the application's transactions.
+
+use super::slot::{sql_err, NodeError};
+use crate::config::Config;
+use crate::source::walsender::{quote_ident, quote_literal, OUTPUT_SETTINGS};
+use tokio_postgres::Client;
+
+/// A trigger function and the triggers calling it, as DDL.
+pub struct TriggerDdl {
+    /// `duplex.name`, unquoted (duplex's names need no quoting).
+    pub function: String,
+    /// The function's source, between the dollar quotes.
+    pub body: String,
+    /// The triggers' names.
+    pub triggers: Vec<&'static str>,
+    /// Creates or replaces the function and the triggers.
+    pub sql: String,
+}
+
+/// How duplex's trigger functions run, whoever writes the table: as the role that ran
+/// `setup` (the application's roles need no grants on schema `duplex`), with a search
+/// path nobody can plant objects in, and with the session settings the reader and the
+/// apply sessions use, so that a key printed as text here matches the key the stream
+/// carries byte for byte.
+pub fn trigger_function_settings() -> String {
+    let mut s = String::from("SECURITY DEFINER SET search_path = pg_catalog, pg_temp");
+    for (k, v) in OUTPUT_SETTINGS
+        .iter()
+        .filter(|(k, _)| *k != "client_encoding")
+    {
+        s.push_str(&format!(" SET {k} = {}", quote_literal(v)));
+    }
+    s
+}
+
+/// A stable name for a per-table object of duplex: `prefix_` and 16 hex digits of
+/// the FNV-1a hash of the configured table name (identifiers are limited to 63 bytes).
+pub fn per_table_name(prefix: &str, table: &str) -> String {
+    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{prefix}_{hash:016x}")
+}
+
+/// The tombstone function and triggers of a table: a delete, or an update that
+/// changes the key, records (table, key, now) in `duplex.tombstones` in the same
+/// transaction. Key values are printed by their type's output function (`concat(x)`;
+/// `x::text` differs for bool and inet), as pgoutput prints them. Apply sessions run as replica, where these triggers do not fire:
+/// they write tombstones themselves, with the source's delete time.
+fn tombstone_ddl(table_name: &str, table: &str, key: &[String]) -> TriggerDdl {
+    let function = format!("duplex.{}", per_table_name("tombstone", table_name));
+    let old: Vec<String> = key
+        .iter()
+        .map(|k| format!("concat(OLD.{})", quote_ident(k)))
+        .collect();
+    let row = |rec: &str| -> String {
+        let cols: Vec<String> = key
+            .iter()
+            .map(|k| format!("{rec}.{}", quote_ident(k)))
+            .collect();
+        format!("ROW({})", cols.join(", "))
+    };
+    let body = format!(
+        "
+BEGIN
+    INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
+    VALUES ({name}, jsonb_build_array({old}), clock_timestamp(), 'local')
+    ON CONFLICT (table_name, key) DO UPDATE
+        SET deleted_at = EXCLUDED.deleted_at, origin = EXCLUDED.origin;
+    RETURN NULL;
+END ",
+        name = quote_literal(table_name),
+        old = old.join(", "),
+    );
+    let sql = format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn${body}$fn$;
+CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER duplex_tombstone_key AFTER UPDATE ON {table}
+    FOR EACH ROW WHEN ({old_row} IS DISTINCT FROM {new_row}) EXECUTE FUNCTION {function}();",
+        settings = trigger_function_settings(),
+        old_row = row("OLD"),
+        new_row = row("NEW"),
+    );
+    TriggerDdl {
+        function,
+        body,
+        triggers: vec!["duplex_tombstone", "duplex_tombstone_key"],
+        sql,
+    }
+}
+
+/// Runs `ddl` on `table` unless its function has that source already and every one
+/// of its triggers exists on the table calling it. Returns whether it ran.
+async fn install(
+    client: &Client,
+    node: &str,
+    table: &str,
+    ddl: &TriggerDdl,
+    what: &str,
+) -> Result<bool, NodeError> {
+    let current: bool = client
+        .query_opt(
+            "SELECT p.prosrc = $2 AND p.prosecdef
+                    AND (SELECT count(*) FROM pg_trigger t
+                         WHERE t.tgrelid = $3::text::regclass AND t.tgfoid = p.oid
+                           AND t.tgname = ANY($4)) = cardinality($4)
+             FROM pg_proc p WHERE p.oid = to_regproc($1)",
+            &[&ddl.function, &ddl.body, &table, &ddl.triggers],
+        )
+        .await
+        .map_err(sql_err(node, format!("reading {what}")))?
+        .is_some_and(|r| r.get(0));
+    if current {
+        return Ok(false);
+    }
+    client
+        .batch_execute(&ddl.sql)
+        .await
+        .map_err(sql_err(node, format!("creating {what}")))?;
+    Ok(true)
+}
+
+/// Tombstone triggers on every configured table, and identity triggers where a table
+/// derives its id.
+pub async fn ensure_triggers(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+) -> Result<Vec<String>, NodeError> {
+    let mut done = Vec::new();
+    for t in &cfg.tables {
+        let (schema, name) = t.schema_table();
+        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let key: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.n",
+                &[&table],
+            )
+            .await
+            .map_err(sql_err(
+                node,
+                format!("reading the primary key of {}", t.name),
+            ))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if key.is_empty() {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!("table {} has no primary key", t.name),
+            });
+        }
+        let ddl = tombstone_ddl(&t.name, &table, &key);
+        let what = format!("the tombstone triggers on {}", t.name);
+        if install(client, node, &table, &ddl, &what).await? {
+            done.push(format!("{}: tombstone triggers", t.name));
+        }
+        if let Some(id) = &t.identity {
+            let ext = uuid_ossp_schema(client, node).await?;
+            let ddl = crate::identity::trigger_ddl(&t.name, &table, id, &ext);
+            let what = format!("the identity trigger on {}", t.name);
+            if install(client, node, &table, &ddl, &what).await? {
+                done.push(format!("{}: identity trigger on {}", t.name, id.column));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Installs uuid-ossp (for `uuid_generate_v5`) unless present; returns its schema.
+async fn uuid_ossp_schema(client: &Client, node: &str) -> Result<String, NodeError> {
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA duplex")
+        .await
+        .map_err(sql_err(node, "installing the uuid-ossp extension"))?;
+    let row = client
+        .query_one(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'uuid-ossp'",
+            &[],
+        )
+        .await
+        .map_err(sql_err(node, "finding the uuid-ossp extension"))?;
+    Ok(row.get::<_, String>(0).trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tombstone_triggers_print_keys_by_output_function_and_fire_on_key_changes() {
+        let ddl = tombstone_ddl(
+            "public.items",
+            "\"public\".\"items\"",
+            &["id".into(), "at".into()],
+        );
+        assert!(ddl.function.starts_with("duplex.tombstone_"));
+        assert!(ddl
+            .body
+            .contains("jsonb_build_array(concat(OLD.\"id\"), concat(OLD.\"at\"))"));
+        assert!(ddl.sql.contains(&format!("$fn${}$fn$", ddl.body)));
+        assert!(ddl.sql.contains(
+            "WHEN (ROW(OLD.\"id\", OLD.\"at\") IS DISTINCT FROM ROW(NEW.\"id\", NEW.\"at\"))"
+        ));
+        assert!(ddl
+            .sql
+            .contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"));
+        assert!(ddl.sql.contains("SET TimeZone = 'UTC'"));
+        // Stable across runs, distinct per table.
+        assert_eq!(
+            per_table_name("t", "public.items"),
+            per_table_name("t", "public.items")
+        );
+        assert_ne!(
+            per_table_name("t", "public.items"),
+            per_table_name("t", "public.item")
+        );
+    }
+}
