@@ -291,11 +291,14 @@ impl Session<'_> {
                     };
                     return Err(self.sink_err(e));
                 }
+                // Timers before the stream: during a catch-up the stream is always
+                // ready, and the node must still hear from us within its
+                // wal_sender_timeout.
+                _ = status.tick() => self.send_status(true).await?,
                 msg = self.stream.recv() => {
                     let msg = msg.map_err(|e| self.wal_err(e))?;
                     self.on_message(msg).await?;
                 }
-                _ = status.tick() => self.send_status(false).await?,
                 _ = heartbeat.tick() => {
                     // A WAL record in this database, so the slot moves even when idle.
                     self.client
@@ -472,7 +475,11 @@ impl Session<'_> {
         if !self.reader.in_transaction() && durable >= self.last_commit_end {
             flush = flush.max(self.idle_end);
         }
-        if flush > self.confirmed || (force && flush > Lsn::ZERO) {
+        // A forced status is a reply the node waits for: send it even when nothing is
+        // durable yet (inside a session's first transaction); a zero or unchanged
+        // position confirms nothing new.
+        if flush > self.confirmed || force {
+            let flush = flush.max(self.confirmed);
             self.stream
                 .send_status(flush)
                 .await

@@ -10,6 +10,7 @@ mod convergence;
 mod harness;
 mod identity;
 mod interleavings;
+mod long_transactions;
 mod observability;
 mod oversize;
 mod positions;
