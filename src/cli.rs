@@ -244,7 +244,7 @@ async fn check(cfg: &Config) -> ExitCode {
 async fn setup(cfg: &Config) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
     for node in cfg.nodes.keys() {
-        match crate::source::slot::setup(cfg, node).await {
+        match crate::source::slot::setup(cfg, node, crate::source::slot::LostSlot::Recreate).await {
             Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
             Err(e) => {
                 eprintln!("error: {e}");

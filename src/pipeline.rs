@@ -197,7 +197,7 @@ async fn stream_once(
             problems,
         });
     }
-    slot::setup(cfg, node).await?;
+    slot::setup(cfg, node, slot::LostSlot::Refuse).await?;
     let topic = cfg.topic(node);
     kafka::ensure_topic(&cfg.kafka, &topic)
         .await

@@ -122,7 +122,7 @@ async fn apply_once(
     component: &str,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    slot::setup(cfg, &dir.to).await?;
+    slot::setup(cfg, &dir.to, slot::LostSlot::Refuse).await?;
     let writer = TargetWriter::connect(cfg, dir).await?;
     let row = writer
         .client

@@ -27,6 +27,13 @@ pub enum NodeError {
     Timeout { node: String },
     #[error("node {node}: {0}", .detail)]
     Config { node: String, detail: String },
+    #[error("node {node}: replication slot {slot} is gone (duplex created it at LSN {created_lsn} on {created_at}): changes made on this node since it was lost were never read. Bring the peer level with this node (copy the configured tables), then run `duplex setup` to create the slot again")]
+    SlotLost {
+        node: String,
+        slot: String,
+        created_lsn: String,
+        created_at: String,
+    },
     #[error("node {node}: slot {slot} is in use by process {pid}; stop duplex first")]
     SlotActive {
         node: String,
@@ -40,7 +47,7 @@ impl NodeError {
         match self {
             NodeError::Sql { source, .. } => sql_class(source),
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
-            NodeError::Config { .. } => ErrorClass::Definite,
+            NodeError::Config { .. } | NodeError::SlotLost { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -126,8 +133,17 @@ pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, 
 /// How long setup's DDL waits for a lock before it fails (and is retried).
 const SETUP_LOCK_TIMEOUT_MS: u64 = 5_000;
 
+/// What setup may do about a slot duplex created before and that has disappeared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostSlot {
+    /// Stop with [`NodeError::SlotLost`]: the daemon never papers over lost changes.
+    Refuse,
+    /// Create it again: the operator ran `duplex setup` after resynchronising.
+    Recreate,
+}
+
 /// Creates what is missing on `node` for the configured directions.
-pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
+pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<String>, NodeError> {
     let client = connect(cfg, node, "setup").await?;
     // DDL that waits for a lock holds up every write queued behind it: give up soon
     // and retry later rather than stall the application.
@@ -150,7 +166,7 @@ pub async fn setup(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
     done.extend(crate::source::triggers::ensure_triggers(cfg, &client, node).await?);
     if directions.iter().any(|d| d.from == node) {
         done.extend(ensure_publication(cfg, &client, node).await?);
-        done.extend(ensure_slot(cfg, &client, node).await?);
+        done.extend(ensure_slot(cfg, &client, node, lost).await?);
     }
     for d in directions.iter().filter(|d| d.to == node) {
         let origin = cfg.origin_name(d);
@@ -224,6 +240,13 @@ CREATE TABLE IF NOT EXISTS duplex.repairs (
     key jsonb NOT NULL,
     image jsonb NOT NULL,
     deleted_at timestamptz
+);
+-- Slots duplex created here: one that disappears later took changes with it, and
+-- the daemon must say so rather than quietly create a new one.
+CREATE TABLE IF NOT EXISTS duplex.slots (
+    slot_name text PRIMARY KEY,
+    created_lsn pg_lsn NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS duplex.conflicts (
     id bigserial PRIMARY KEY,
@@ -331,10 +354,14 @@ async fn ensure_publication(
     Ok(Some(what))
 }
 
+/// The slot exists and is duplex's; else it is created, unless duplex created it
+/// before (`duplex.slots` remembers that) and `lost` refuses: a slot that vanished
+/// (dropped, a failover to a standby, a restore) took the changes since with it.
 async fn ensure_slot(
     cfg: &Config,
     client: &Client,
     node: &str,
+    lost: LostSlot,
 ) -> Result<Option<String>, NodeError> {
     let slot = cfg.slot_name(node);
     let row = client
@@ -352,16 +379,50 @@ async fn ensure_slot(
                 detail: format!("slot {slot} exists but is not a pgoutput logical slot; drop it or set nodes.{node}.slot"),
             });
         }
+        // A slot made before duplex kept this record: remember it from now on.
+        client
+            .execute(
+                "INSERT INTO duplex.slots (slot_name, created_lsn)
+                 SELECT slot_name, coalesce(confirmed_flush_lsn, restart_lsn, '0/0')
+                 FROM pg_replication_slots WHERE slot_name = $1
+                 ON CONFLICT (slot_name) DO NOTHING",
+                &[&slot],
+            )
+            .await
+            .map_err(sql_err(node, "writing duplex.slots"))?;
         return Ok(None);
     }
+    let before = client
+        .query_opt(
+            "SELECT created_lsn::text, created_at::text FROM duplex.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading duplex.slots"))?;
+    if let (Some(row), LostSlot::Refuse) = (&before, lost) {
+        return Err(NodeError::SlotLost {
+            node: node.to_string(),
+            slot,
+            created_lsn: row.get(0),
+            created_at: row.get(1),
+        });
+    }
     client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        .execute(
+            "WITH s AS (SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput'))
+             INSERT INTO duplex.slots (slot_name, created_lsn)
+             SELECT $1, lsn FROM s
+             ON CONFLICT (slot_name) DO UPDATE SET created_lsn = EXCLUDED.created_lsn, created_at = now()",
             &[&slot],
         )
         .await
         .map_err(sql_err(node, format!("creating replication slot {slot}")))?;
-    Ok(Some(format!("created replication slot {slot}")))
+    Ok(Some(match before {
+        Some(_) => format!(
+            "created replication slot {slot} again (it had been lost; changes made while it was gone were not read)"
+        ),
+        None => format!("created replication slot {slot}"),
+    }))
 }
 
 /// Removes duplex's slot, publication, origins and schema from `node`.

@@ -282,3 +282,39 @@ async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
     open.batch_execute("COMMIT").await.unwrap();
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// A slot duplex created that has disappeared (dropped, a failover, a restore) took the
+/// changes since with it: `run` stops and says how to resynchronise; the operator's
+/// `setup` creates it again.
+#[tokio::test]
+async fn a_lost_slot_stops_run_until_the_operator_recreates_it() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let a = cl.client(&rig.db_a).await;
+    a.batch_execute(&format!(
+        "SELECT pg_drop_replication_slot('{}')",
+        rig.slot_a()
+    ))
+    .await
+    .unwrap();
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
+    let logs = d.logs();
+    assert!(
+        logs.contains(&format!("replication slot {} is gone", rig.slot_a()))
+            && logs.contains("run `duplex setup`"),
+        "{logs}"
+    );
+    let out = rig.command(&["setup"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("created replication slot"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("again"), "{}", text(&out));
+    let d = rig.start();
+    d.wait_log("streaming", 1, Duration::from_secs(30)).await;
+    assert_eq!(d.stop().await, Some(0));
+}
