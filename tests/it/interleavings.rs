@@ -8,7 +8,7 @@
 //! the winners re-sent as repairs.
 
 use crate::apply::converge;
-use crate::harness::duplex::Rig;
+use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::pg::Cluster;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
@@ -189,7 +189,7 @@ async fn rig() -> Rig {
 
 /// Waits for both nodes to hold the same rows, and checks nothing was applied twice
 /// but repairs. Returns (conflicts, repairs) recorded on both nodes.
-async fn assert_converged(rig: &Rig) -> (i64, i64) {
+async fn assert_converged(rig: &Rig, d: &Daemon) -> (i64, i64) {
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     let checked = tokio::spawn({
@@ -217,7 +217,10 @@ async fn assert_converged(rig: &Rig) -> (i64, i64) {
                 eprintln!("{name} {} {}", r.get::<_, &str>(0), r.get::<_, String>(1));
             }
         }
-        panic!("a and b did not converge; their state is above");
+        for line in d.logs().lines().filter(|l| !l.contains(" INFO ")) {
+            eprintln!("log {line}");
+        }
+        panic!("a and b did not converge; their state and duplex's warnings are above");
     }
     assert_eq!(applied_twice(&a, &rig.db_b).await, 0, "applied twice on a");
     assert_eq!(applied_twice(&b, &rig.db_a).await, 0, "applied twice on b");
@@ -247,7 +250,7 @@ async fn one_run(secs: u64, seed: u64, kill: bool) -> (Tally, (i64, i64)) {
     }
     let d = rig.start();
     let tally = writers.await.unwrap();
-    let resolved = assert_converged(&rig).await;
+    let resolved = assert_converged(&rig, &d).await;
     let deadlocks = d.logs().matches("deadlock detected").count();
     eprintln!("deadlocks between apply and the writers (last daemon): {deadlocks}");
     assert_eq!(d.stop().await, Some(0));
