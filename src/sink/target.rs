@@ -147,7 +147,7 @@ impl TargetTable {
 
     /// Upserts rows given as one text array per column of `columns`; the guard repeats
     /// the LWW rule in case the target changed since the decision. `$n+1`: incoming
-    /// wins ties.
+    /// wins ties. Rows keep the source's values of `GENERATED ALWAYS` identity columns.
     pub fn upsert_sql(&self, columns: &[&str]) -> String {
         let params: Vec<String> = (1..=columns.len())
             .map(|p| format!("${p}::text[]"))
@@ -186,7 +186,8 @@ impl TargetTable {
             .map(|p| format!("{}", p + 1))
             .collect();
         format!(
-            "INSERT INTO {table} ({cols}) SELECT {casts} FROM unnest({params}) AS i({names})
+            "INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE
+             SELECT {casts} FROM unnest({params}) AS i({names})
              {order} ON CONFLICT ({keys}) DO {action}",
             table = self.sql_name,
             cols = quoted.join(", "),

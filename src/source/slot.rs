@@ -295,14 +295,16 @@ async fn ensure_publication(
             "duplex.repairs".to_string(),
         ])
         .collect();
-    let exists = client
+    // Partitioned tables are published under their own name, not their partitions'.
+    let via_root: Option<bool> = client
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
         .map_err(sql_err(node, "reading pg_publication"))?
-        .is_some();
+        .map(|r| r.get(0));
+    let exists = via_root.is_some();
     // ALTER PUBLICATION only when the list differs: setup runs on every reconnect.
     let mut want: Vec<(String, String)> = cfg
         .tables
@@ -326,12 +328,12 @@ async fn ensure_publication(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     have.sort();
-    if exists && have == want {
+    if via_root == Some(true) && have == want {
         return Ok(None);
     }
     let (sql, what) = if exists {
         let sql = format!(
-            "ALTER PUBLICATION {} SET TABLE {}",
+            "ALTER PUBLICATION {0} SET TABLE {1}; ALTER PUBLICATION {0} SET (publish_via_partition_root = true)",
             quote_ident(&publication),
             tables.join(", ")
         );
@@ -341,7 +343,7 @@ async fn ensure_publication(
         )
     } else {
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
             quote_ident(&publication),
             tables.join(", ")
         );

@@ -239,3 +239,36 @@ async fn a_new_topic_prefix_is_read_from_its_beginning() {
     assert_eq!(rows(&b, "items").await.len(), 7);
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn partitioned_tables_and_generated_always_identities_sync() {
+    let ddl = "CREATE TABLE events (id int GENERATED ALWAYS AS IDENTITY, day date, val text,
+                 updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                 PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+               CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+               CREATE TABLE events_2027 PARTITION OF events FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');";
+    let rig = Rig::both(ddl, &["public.events"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    let (a, b) = clients(&rig).await;
+    a.batch_execute(
+        "INSERT INTO events (day, val) VALUES ('2026-05-01', 'x'), ('2027-05-01', 'y');
+         UPDATE events SET val = 'x2', updated_at = clock_timestamp() WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("DELETE FROM events WHERE false")
+        .await
+        .unwrap();
+    converge(&a, &b, &["events"], Duration::from_secs(30)).await;
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM events WHERE val IN ('x2', 'y')").await,
+        2
+    );
+    b.batch_execute("DELETE FROM events WHERE id = 2")
+        .await
+        .unwrap();
+    converge(&a, &b, &["events"], Duration::from_secs(30)).await;
+    assert_eq!(count(&a, "SELECT count(*) FROM events").await, 1);
+    assert_eq!(d.stop().await, Some(0));
+}
