@@ -99,6 +99,11 @@ impl fmt::Display for Position {
 /// each delete's exact time.
 pub const TOMBSTONES: (&str, &str) = ("duplex", "tombstones");
 
+/// duplex's own table of truncations: when each table was last truncated, written by
+/// a trigger in the truncating transaction; it travels with the truncate and acts as a
+/// tombstone for every key of the table older than it.
+pub const TRUNCATIONS: (&str, &str) = ("duplex", "truncations");
+
 /// duplex's own table of repairs: the winning version of a key, written by an apply
 /// session that rejected an older one, so that the node that sent the loser learns the
 /// winner. Inserts into it are published even from apply sessions (they are not echoes).

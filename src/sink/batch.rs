@@ -3,13 +3,35 @@
 //! instead of rows to apply, and the source's repairs turned back into the row change
 //! (or delete) of the table they name.
 
-use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES};
+use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES, TRUNCATIONS};
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// When each deleted key was deleted on the source, from the tombstones published in
-/// the same transaction: (table, key values) → `deleted_at` text.
-pub type DeleteTimes = HashMap<DeletedKey, String>;
+/// When each deleted key was deleted, and each truncated table truncated, on the
+/// source, from the tombstones and truncation rows published in the same transaction.
+#[derive(Debug, Default)]
+pub struct DeleteTimes {
+    /// (table, key values) → `deleted_at` text.
+    keys: HashMap<DeletedKey, String>,
+    /// table → `truncated_at` text.
+    tables: HashMap<String, String>,
+}
+
+impl DeleteTimes {
+    /// When the source deleted `key`, if it published it.
+    pub fn get(&self, key: &DeletedKey) -> Option<&String> {
+        self.keys.get(key)
+    }
+
+    /// When the source truncated `table`, if it published it.
+    pub fn truncated(&self, table: &str) -> Option<&String> {
+        self.tables.get(table)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.tables.is_empty()
+    }
+}
 
 /// A deleted key: table name and key values.
 pub type DeletedKey = (String, Vec<String>);
@@ -26,19 +48,29 @@ pub fn prepare_batch<'e>(
     events: impl Iterator<Item = &'e ChangeEvent>,
 ) -> (Vec<Cow<'e, ChangeEvent>>, DeleteTimes) {
     let mut out = Vec::new();
-    let mut deleted = DeleteTimes::new();
+    let mut deleted = DeleteTimes::default();
     let mut images = Images::default();
     for ev in events {
         let table = (ev.source.schema.as_str(), ev.source.table.as_str());
         if table == TOMBSTONES {
             if let Some((k, at)) = ev.after.as_ref().and_then(tombstone_of) {
-                deleted.insert(k, at);
+                deleted.keys.insert(k, at);
+            }
+            continue;
+        }
+        if table == TRUNCATIONS {
+            let row = ev.after.as_ref();
+            if let (Some(t), Some(at)) = (
+                row.and_then(|r| text(r, "table_name")),
+                row.and_then(|r| text(r, "truncated_at")),
+            ) {
+                deleted.tables.insert(t, at);
             }
             continue;
         }
         if table == REPAIRS {
             if let Some((repair, tombstone)) = repair_of(ev) {
-                deleted.extend(tombstone);
+                deleted.keys.extend(tombstone);
                 out.push(Cow::Owned(repair));
             }
             continue;

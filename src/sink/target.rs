@@ -97,6 +97,35 @@ impl TargetTable {
             .join(" AND ")
     }
 
+    /// `LATERAL` subquery `tb` with the key's `deleted_at`: its tombstone's time or the
+    /// table's last truncation, whichever is later (NULL: neither). `$p` is the table
+    /// name; incoming keys are `i.k0, ...`.
+    fn deleted_lateral(&self, p: usize) -> String {
+        format!(
+            "LATERAL (SELECT greatest(
+                (SELECT deleted_at FROM duplex.tombstones WHERE table_name = ${p}::text AND key = {tomb}),
+                (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)) AS deleted_at) tb",
+            tomb = self.tombstone_key(),
+        )
+    }
+
+    /// Applies a truncate of the source at time `$1` as a delete of every row not
+    /// newer, and records the truncation (`$2` table name, `$3` source node): rows
+    /// written later survive, and a truncate replayed late wipes nothing newer.
+    pub fn truncate_sql(&self) -> String {
+        let upd = quote_ident(&self.updated_at);
+        format!(
+            "WITH d AS (DELETE FROM {table} t WHERE t.{upd} IS NULL OR t.{upd} <= $1::text::{ty})
+             INSERT INTO duplex.truncations (table_name, truncated_at, origin)
+             VALUES ($2::text, $1::text::timestamptz, $3::text)
+             ON CONFLICT (table_name) DO UPDATE
+               SET truncated_at = greatest(duplex.truncations.truncated_at, EXCLUDED.truncated_at),
+                   origin = EXCLUDED.origin",
+            table = self.sql_name,
+            ty = self.type_of(&self.updated_at),
+        )
+    }
+
     /// `jsonb_build_array(i.k0, i.k1, ...)`: the tombstone key of incoming rows.
     fn tombstone_key(&self) -> String {
         let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
@@ -130,18 +159,17 @@ impl TargetTable {
                     ELSE 'older' END
              FROM unnest({keys}, ${tsp}::text[], ${del}::bool[]) WITH ORDINALITY AS i({names}, ts, del, ord)
              LEFT JOIN {table} t ON {join}
-             LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
+             LEFT JOIN {deleted} ON true
              ORDER BY i.ord",
             keys = keys.join(", "),
             names = names.join(", "),
             tsp = n + 1,
-            tbl = n + 2,
             tie = n + 3,
             skew = n + 4,
             del = n + 5,
             table = self.sql_name,
             join = self.key_join(),
-            tomb = self.tombstone_key(),
+            deleted = self.deleted_lateral(n + 2),
         )
     }
 
@@ -256,15 +284,14 @@ impl TargetTable {
         let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
         format!(
             "{cte}
-             DELETE FROM {table} t USING i, duplex.tombstones tb
-             WHERE {join} AND tb.table_name = ${tbl}::text AND tb.key = {tomb}
+             DELETE FROM {table} t USING i, {deleted}
+             WHERE {join} AND tb.deleted_at IS NOT NULL
                AND (t.{upd} IS NULL OR tb.deleted_at >= t.{upd})
              RETURNING {ks}, t.{upd}::text",
             cte = self.keys_cte(),
             table = self.sql_name,
             join = self.key_join(),
-            tbl = self.key.len() + 1,
-            tomb = self.tombstone_key(),
+            deleted = self.deleted_lateral(self.key.len() + 1),
             ks = ks.join(", "),
         )
     }
@@ -317,13 +344,14 @@ impl TargetTable {
                     CASE WHEN {live} THEN NULL ELSE tb.deleted_at END
              FROM i
              LEFT JOIN {table} t ON {join}
-             LEFT JOIN duplex.tombstones tb ON tb.table_name = ${tbl}::text AND tb.key = {tomb}
+             LEFT JOIN {deleted} ON true
              WHERE t.ctid IS NOT NULL OR tb.deleted_at IS NOT NULL",
             cte = self.keys_cte(),
             tbl = self.key.len() + 1,
             tomb = self.tombstone_key(),
             table = self.sql_name,
             join = self.key_join(),
+            deleted = self.deleted_lateral(self.key.len() + 1),
         )
     }
 

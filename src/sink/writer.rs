@@ -194,15 +194,8 @@ impl<'a> TargetWriter<'a> {
             }
             match run.kind {
                 Kind::Truncate => {
-                    let t = self.tables[&run.table]
-                        .as_ref()
-                        .map(|t| t.sql_name.clone())
-                        .unwrap_or_default();
-                    self.execute(
-                        &format!("TRUNCATE {t}"),
-                        &format!("truncating {}", run.table),
-                    )
-                    .await?;
+                    self.truncate(&events[run.items[0]], &run.table, deleted)
+                        .await?;
                     out.rows += 1;
                 }
                 Kind::Upsert | Kind::Delete => {
@@ -303,6 +296,29 @@ impl<'a> TargetWriter<'a> {
         out.conflicts += lost.len();
         self.record_losers(events, &table, &lost).await?;
         self.repair(&table, also_repair).await
+    }
+
+    /// A truncate on the source, applied as of the time the source recorded for it
+    /// (else its commit time): rows not newer go, newer ones stay (foreign keys do not
+    /// fire in replica mode, so referenced tables are no special case).
+    async fn truncate(
+        &mut self,
+        ev: &ChangeEvent,
+        table: &str,
+        deleted: &DeleteTimes,
+    ) -> Result<(), WriteError> {
+        let Some(t) = self.tables.get(table).cloned().flatten() else {
+            return Ok(());
+        };
+        let at = deleted
+            .truncated(table)
+            .cloned()
+            .unwrap_or_else(|| format_unix_us(ev.source.commit_ts_us));
+        self.client
+            .execute(&t.truncate_sql(), &[&at, &t.name, &self.dir.from])
+            .await
+            .map_err(self.sql(&format!("truncating {table}")))?;
+        Ok(())
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.

@@ -7,7 +7,7 @@
 //! an ordinary SQL session opened by [`connect`].
 
 use crate::config::Config;
-use crate::event::{REPAIRS, TOMBSTONES};
+use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
 use crate::source::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use std::time::Duration;
@@ -230,6 +230,13 @@ CREATE TABLE IF NOT EXISTS duplex.tombstones (
     PRIMARY KEY (table_name, key)
 );
 CREATE INDEX IF NOT EXISTS tombstones_deleted_at ON duplex.tombstones (deleted_at);
+-- When each table was last truncated (by the application, or by applying a peer's
+-- truncate): a tombstone for every key of the table older than that.
+CREATE TABLE IF NOT EXISTS duplex.truncations (
+    table_name text PRIMARY KEY,
+    truncated_at timestamptz NOT NULL,
+    origin text NOT NULL
+);
 -- The winner of a key whose incoming version lost here, written by the apply session
 -- and published (the one exception to echo suppression), so the peer converges on it:
 -- `image` is every column as text, or the key columns when `deleted_at` is set.
@@ -290,10 +297,7 @@ async fn ensure_publication(
             let (s, n) = t.schema_table();
             format!("{}.{}", quote_ident(s), quote_ident(n))
         })
-        .chain([
-            "duplex.tombstones".to_string(),
-            "duplex.repairs".to_string(),
-        ])
+        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| format!("{s}.{n}")))
         .collect();
     // Partitioned tables are published under their own name, not their partitions'.
     let via_root: Option<bool> = client
@@ -313,7 +317,7 @@ async fn ensure_publication(
             let (s, n) = t.schema_table();
             (s.to_string(), n.to_string())
         })
-        .chain([TOMBSTONES, REPAIRS].map(|(s, n)| (s.to_string(), n.to_string())))
+        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| (s.to_string(), n.to_string())))
         .collect();
     want.sort();
     let mut have: Vec<(String, String)> = client

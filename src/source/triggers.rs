@@ -51,7 +51,7 @@ pub fn per_table_name(prefix: &str, table: &str) -> String {
 
 /// The tombstone function and triggers of a table: a delete, or an update that
 /// changes the key, records (table, key, now) in `duplex.tombstones` in the same
-/// transaction. Key values are printed by their type's output function (`concat(x)`;
+/// transaction, and a truncate records (table, now) in `duplex.truncations`. Key values are printed by their type's output function (`concat(x)`;
 /// `x::text` differs for bool and inet), as pgoutput prints them. Apply sessions run as replica, where these triggers do not fire:
 /// they write tombstones themselves, with the source's delete time.
 fn tombstone_ddl(table_name: &str, table: &str, key: &[String]) -> TriggerDdl {
@@ -70,6 +70,13 @@ fn tombstone_ddl(table_name: &str, table: &str, key: &[String]) -> TriggerDdl {
     let body = format!(
         "
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO duplex.truncations (table_name, truncated_at, origin)
+        VALUES ({name}, clock_timestamp(), 'local')
+        ON CONFLICT (table_name) DO UPDATE
+            SET truncated_at = EXCLUDED.truncated_at, origin = EXCLUDED.origin;
+        RETURN NULL;
+    END IF;
     INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
     VALUES ({name}, jsonb_build_array({old}), clock_timestamp(), 'local')
     ON CONFLICT (table_name, key) DO UPDATE
@@ -84,7 +91,9 @@ END ",
 CREATE OR REPLACE TRIGGER duplex_tombstone AFTER DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 CREATE OR REPLACE TRIGGER duplex_tombstone_key AFTER UPDATE ON {table}
-    FOR EACH ROW WHEN ({old_row} IS DISTINCT FROM {new_row}) EXECUTE FUNCTION {function}();",
+    FOR EACH ROW WHEN ({old_row} IS DISTINCT FROM {new_row}) EXECUTE FUNCTION {function}();
+CREATE OR REPLACE TRIGGER duplex_truncation BEFORE TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {function}();",
         settings = trigger_function_settings(),
         old_row = row("OLD"),
         new_row = row("NEW"),
@@ -92,7 +101,11 @@ CREATE OR REPLACE TRIGGER duplex_tombstone_key AFTER UPDATE ON {table}
     TriggerDdl {
         function,
         body,
-        triggers: vec!["duplex_tombstone", "duplex_tombstone_key"],
+        triggers: vec![
+            "duplex_tombstone",
+            "duplex_tombstone_key",
+            "duplex_truncation",
+        ],
         sql,
     }
 }

@@ -272,3 +272,43 @@ async fn partitioned_tables_and_generated_always_identities_sync() {
     assert_eq!(count(&a, "SELECT count(*) FROM events").await, 1);
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn a_truncate_removes_what_is_older_and_keeps_what_is_newer() {
+    let ddl = "CREATE TABLE parent (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+               CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent(id), note text,
+                                   updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let rig = Rig::both(ddl, &["public.parent", "public.child"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let (a, b) = clients(&rig).await;
+    let d = rig.start();
+    a.batch_execute(
+        "INSERT INTO parent (id, name) VALUES (1, 'one'), (2, 'two');
+         INSERT INTO child (id, parent_id, note) VALUES (1, 1, 'c');",
+    )
+    .await
+    .unwrap();
+    converge(&a, &b, &["parent", "child"], Duration::from_secs(30)).await;
+    assert_eq!(d.stop().await, Some(0));
+    // While duplex is down: b edits parent 2, a truncates both tables (the later
+    // change), then b adds parent 3 (later still).
+    b.batch_execute(
+        "UPDATE parent SET name = 'two on b', updated_at = clock_timestamp() WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    a.batch_execute("TRUNCATE parent, child").await.unwrap();
+    b.batch_execute("INSERT INTO parent (id, name) VALUES (3, 'three')")
+        .await
+        .unwrap();
+    let d = rig.start();
+    converge(&a, &b, &["parent", "child"], Duration::from_secs(30)).await;
+    let names: String = a
+        .query_one("SELECT string_agg(name, ',' ORDER BY id) FROM parent", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(names, "three");
+    assert_eq!(count(&b, "SELECT count(*) FROM child").await, 0);
+    assert_eq!(d.stop().await, Some(0));
+}

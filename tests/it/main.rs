@@ -13,7 +13,6 @@ mod interleavings;
 mod long_transactions;
 mod observability;
 mod oversize;
-mod positions;
 mod source;
 mod timeouts;
 mod toast;

@@ -127,8 +127,9 @@ async fn changes_arrive_in_commit_order_with_exact_values() {
         .await
         .unwrap();
     }
-    // Row changes, plus the tombstone the delete trigger wrote with the delete.
-    let total = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 500 + 1;
+    // Row changes, plus the tombstones the triggers wrote with the delete and the key
+    // change, and the truncation record written with the truncate.
+    let total = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 500 + 1;
     let all = Broker::shared()
         .read_until(&rig.topic(), Duration::from_secs(60), move |e| {
             e.len() >= total
@@ -152,6 +153,16 @@ async fn changes_arrive_in_commit_order_with_exact_values() {
         tombstone.source.lsn, all[5].source.lsn,
         "the tombstone commits with its delete"
     );
+    let truncation = all
+        .iter()
+        .find(|e| e.source.table == "truncations")
+        .expect("no truncation record on the topic");
+    assert_eq!(
+        truncation.after.as_ref().unwrap().get("table_name"),
+        Some(&Value::Text("public.other".into()))
+    );
+    let truncate = all.iter().find(|e| e.op == Op::Truncate).unwrap();
+    assert_eq!(truncation.source.lsn, truncate.source.lsn);
     let events: Vec<ChangeEvent> = all
         .into_iter()
         .filter(|e| e.source.schema != "duplex")
