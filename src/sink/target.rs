@@ -437,7 +437,15 @@ mod tests {
             r.contains("jsonb_build_object('id', CASE WHEN t.\"id\" IS NULL THEN NULL ELSE concat(t.\"id\") END, 'body', CASE"),
         );
         assert!(r.contains("ELSE jsonb_build_object('id', i.k0) END"), "{r}");
-        assert!(t.settle_sql().contains("tb.table_name = $2::text"));
+        let settle = t.settle_sql();
+        assert!(
+            settle.contains("WHERE table_name = $2::text AND key = jsonb_build_array(i.k0)"),
+            "{settle}"
+        );
+        assert!(
+            settle.contains("FROM duplex.truncations WHERE table_name = $2::text"),
+            "{settle}"
+        );
     }
 
     #[test]

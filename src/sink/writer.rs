@@ -23,6 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 mod lww;
+mod toast;
 
 /// Errors writing to a target node.
 #[derive(Debug, thiserror::Error)]
@@ -420,49 +421,6 @@ impl<'a> TargetWriter<'a> {
         for c in winners {
             self.carry_toast(&events[c.index], table).await?;
         }
-        Ok(())
-    }
-
-    /// A key change whose new row lacks unchanged-TOAST values: they stay in the old
-    /// key's row on the target (deleted only after the upserts), so copy them over.
-    async fn carry_toast(&self, ev: &ChangeEvent, table: &TargetTable) -> Result<(), WriteError> {
-        let (Some(before), Some(after)) = (&ev.before, &ev.after) else {
-            return Ok(());
-        };
-        let key_of = |row: &Row| -> Option<Vec<String>> {
-            table
-                .key
-                .iter()
-                .map(|k| match row.get(k) {
-                    Some(Value::Text(t)) => Some(t.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        let (Some(old), Some(new)) = (key_of(before), key_of(after)) else {
-            return Ok(());
-        };
-        let unchanged: Vec<&str> = after
-            .0
-            .iter()
-            .filter(|(_, v)| *v == Value::UnchangedToast)
-            .map(|(c, _)| c.as_str())
-            .collect();
-        if old == new || unchanged.is_empty() {
-            return Ok(());
-        }
-        let params: Vec<&(dyn ToSql + Sync)> = new
-            .iter()
-            .chain(old.iter())
-            .map(|k| k as &(dyn ToSql + Sync))
-            .collect();
-        self.client
-            .execute(&table.carry_sql(&unchanged), &params)
-            .await
-            .map_err(self.sql(&format!(
-                "copying unchanged values to a new key in {}",
-                table.name
-            )))?;
         Ok(())
     }
 

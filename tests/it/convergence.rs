@@ -6,7 +6,7 @@ use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
-use crate::interleavings::applied_twice;
+use crate::interleavings::{applied_twice, apply_log_ddl};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -17,20 +17,6 @@ CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent
                     updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE users (id uuid PRIMARY KEY, email text NOT NULL, name text,
                     updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
--- Every version an apply session writes, to prove none is written twice. It fires in
--- apply sessions (ALWAYS) and only there (origin set).
-CREATE TABLE apply_log (tbl text, id text, updated_at timestamptz);
-CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF pg_replication_origin_session_is_setup() THEN
-    INSERT INTO apply_log VALUES (TG_TABLE_NAME, NEW.id::text, NEW.updated_at);
-  END IF;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER log_items AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION log_apply();
-ALTER TABLE items ENABLE ALWAYS TRIGGER log_items;
-CREATE TRIGGER log_users AFTER INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION log_apply();
-ALTER TABLE users ENABLE ALWAYS TRIGGER log_users;
 ";
 
 const TABLES: &[&str] = &[
@@ -41,7 +27,8 @@ const TABLES: &[&str] = &[
 ];
 
 async fn rig() -> Rig {
-    let rig = Rig::both(DDL, TABLES, "").await;
+    let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
+    let rig = Rig::both(&ddl, TABLES, "").await;
     rig.add_identity("public.users", "users", &["email"]);
     assert!(rig.command(&["setup"]).status.success());
     rig

@@ -13,19 +13,30 @@ use crate::harness::pg::Cluster;
 use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
-const DDL: &str = "
-CREATE TABLE items (id int PRIMARY KEY, val text, n int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL);
-CREATE TABLE apply_log (tbl text, id text, updated_at timestamptz);
-CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF pg_replication_origin_session_is_setup() THEN
-    INSERT INTO apply_log VALUES (TG_TABLE_NAME, NEW.id::text, NEW.updated_at);
-  END IF;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER log_items AFTER INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION log_apply();
-ALTER TABLE items ENABLE ALWAYS TRIGGER log_items;
-";
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, n int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL);";
+
+/// Every version an apply session writes to `tables`, in `apply_log`, to prove none is
+/// written twice: the trigger fires in apply sessions (ALWAYS) and only there (origin
+/// set).
+pub fn apply_log_ddl(tables: &[&str]) -> String {
+    let mut ddl = String::from(
+        "CREATE TABLE apply_log (tbl text, id text, updated_at timestamptz);
+         CREATE FUNCTION log_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF pg_replication_origin_session_is_setup() THEN
+             INSERT INTO apply_log VALUES (TG_TABLE_NAME, NEW.id::text, NEW.updated_at);
+           END IF;
+           RETURN NULL;
+         END $$;",
+    );
+    for t in tables {
+        ddl.push_str(&format!(
+            "CREATE TRIGGER log_{t} AFTER INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION log_apply();
+             ALTER TABLE {t} ENABLE ALWAYS TRIGGER log_{t};"
+        ));
+    }
+    ddl
+}
 
 /// Keys shared by every writer of both nodes.
 const KEYS: u64 = 24;
@@ -182,7 +193,8 @@ pub async fn applied_twice(c: &Client, peer_db: &str) -> i64 {
 }
 
 async fn rig() -> Rig {
-    let rig = Rig::both(DDL, &["public.items"], "").await;
+    let ddl = format!("{ITEMS}{}", apply_log_ddl(&["items"]));
+    let rig = Rig::both(&ddl, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     rig
 }
