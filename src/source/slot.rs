@@ -166,6 +166,12 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
     done.extend(crate::source::triggers::ensure_triggers(cfg, &client, node).await?);
     if directions.iter().any(|d| d.from == node) {
         done.extend(ensure_publication(cfg, &client, node).await?);
+        // Creating a slot waits for every transaction running on the cluster to end:
+        // no lock timeout there, an application's long transaction is no error.
+        client
+            .batch_execute("SET lock_timeout = 0")
+            .await
+            .map_err(sql_err(node, "resetting lock_timeout"))?;
         done.extend(ensure_slot(cfg, &client, node, lost).await?);
     }
     for d in directions.iter().filter(|d| d.to == node) {

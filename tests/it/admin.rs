@@ -119,7 +119,10 @@ async fn setup_and_teardown_are_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(tables, 3, "the table, duplex.tombstones and duplex.repairs");
+    assert_eq!(
+        tables, 4,
+        "the table, duplex.tombstones, truncations and repairs"
+    );
 
     let out = rig.command(&["teardown"]);
     assert_eq!(

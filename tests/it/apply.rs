@@ -102,7 +102,7 @@ async fn changes_flow_both_ways_without_echo() {
         "only b's own writes fire b's trigger"
     );
     // No echo: each topic holds only its own node's changes (3 + 1 on a; 1 + 1 + the
-    // key change as one update on b, plus b's tombstone for id 2).
+    // key change as one update on b, plus b's tombstones for the old key and id 2).
     let broker = crate::harness::kafka::Broker::shared();
     let on_a = broker
         .read_until(&rig.topic_of("a"), Duration::from_secs(10), |e| {
@@ -111,13 +111,13 @@ async fn changes_flow_both_ways_without_echo() {
         .await;
     let on_b = broker
         .read_until(&rig.topic_of("b"), Duration::from_secs(10), |e| {
-            e.len() >= 4
+            e.len() >= 5
         })
         .await;
     assert_eq!(on_a.len(), 4, "a's topic: {on_a:?}");
     assert_eq!(
         on_b.len(),
-        4,
+        5,
         "b's topic: {:?}",
         on_b.iter().map(|e| &e.source.table).collect::<Vec<_>>()
     );
