@@ -90,7 +90,9 @@ async fn transaction(c: &Client, rng: &mut Rng, tag: &str) -> Result<(), tokio_p
         }
         3 | 4 => {
             // now(): the transaction's start, older than anything committed meanwhile.
-            let k2 = rng.below(KEYS) as i32;
+            // Another key: two writes of one key in one transaction would carry the
+            // same version, which the applied-twice check could not tell apart.
+            let k2 = ((k as u64 + 1 + rng.below(KEYS - 1)) % KEYS) as i32;
             c.execute(
                 "UPDATE items SET val = $2, n = n + 1, updated_at = now() WHERE id = $1",
                 &[&k, &tag],
