@@ -18,7 +18,7 @@ use crate::metrics::{self as m, Health};
 use crate::pipeline::{supervise, Supervised};
 use crate::sink::kafka::{self, client_config, SinkError};
 use crate::sink::progress;
-use crate::sink::worker::Worker;
+use crate::sink::worker::{Worker, SWEEP_EVERY};
 use crate::sink::writer::{TargetWriter, WriteError};
 use crate::source::slot::{self, NodeError};
 use crate::{Classify, ErrorClass};
@@ -224,6 +224,8 @@ async fn apply_once(
     if let Some(stored) = committed_next {
         check_in_log(consumer.clone(), dir, &topic, stored).await?;
     }
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first message must be the stored one: anything else means a gap.
     let mut expect_first = committed_next;
     loop {
@@ -243,6 +245,7 @@ async fn apply_once(
                 worker.take(msg.offset(), msg.key().unwrap_or_default(), msg.payload().unwrap_or_default()).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => worker.linger_expired().await?,
+            _ = sweep.tick() => worker.sweep().await?,
         }
     }
 }

@@ -126,6 +126,29 @@ impl TargetTable {
         )
     }
 
+    /// Deletes rows older than (or as old as) a tombstone of their key recorded in
+    /// the last `$2` ms, `$1` being the table name: an application's insert stamped
+    /// before a delete of the same key but committed after it leaves such a row, and
+    /// last-writer-wins says the delete won (the peer, which applied both in commit
+    /// order, has no row).
+    pub fn sweep_sql(&self) -> String {
+        let upd = quote_ident(&self.updated_at);
+        let keys: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, k)| format!("t.{} = (tb.key->>{n})::{}", quote_ident(k), self.type_of(k)))
+            .collect();
+        format!(
+            "DELETE FROM {table} t USING (
+               SELECT key, deleted_at FROM duplex.tombstones
+               WHERE table_name = $1::text AND deleted_at > now() - $2::int8 * interval '1 millisecond') tb
+             WHERE {keys} AND (t.{upd} IS NULL OR t.{upd} <= tb.deleted_at)",
+            table = self.sql_name,
+            keys = keys.join(" AND "),
+        )
+    }
+
     /// `jsonb_build_array(i.k0, i.k1, ...)`: the tombstone key of incoming rows.
     fn tombstone_key(&self) -> String {
         let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();

@@ -24,6 +24,13 @@ use tokio::sync::watch;
 /// How often conflicts, repairs and tombstones are pruned.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
+/// How far back the sweep looks for tombstones that outdate a row of their key: longer
+/// than an application transaction is expected to stay open.
+const SWEEP_WINDOW_MS: i64 = 60_000;
+
+/// How often the sweep runs.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// The longest tombstone retention honoured (100 years).
 const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
@@ -412,6 +419,19 @@ impl<'a> Worker<'a> {
         }
         if self.last_maintenance.elapsed() > MAINTENANCE_EVERY {
             self.maintain().await?;
+        }
+        Ok(())
+    }
+
+    /// Between transactions: removes rows that a recent tombstone of their own node
+    /// outdates (see [`TargetWriter::sweep`]).
+    pub(super) async fn sweep(&mut self) -> Result<(), ApplyError> {
+        if self.in_txn || !self.pending.is_empty() {
+            return Ok(());
+        }
+        let removed = self.writer.sweep(SWEEP_WINDOW_MS).await?;
+        if removed > 0 {
+            tracing::info!(direction = %self.dir, removed, "removed rows older than their key's tombstone");
         }
         Ok(())
     }

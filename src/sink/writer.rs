@@ -157,6 +157,28 @@ impl<'a> TargetWriter<'a> {
             .map_err(self.sql(context))
     }
 
+    /// Removes, in every configured table, rows older than a tombstone of their key
+    /// recorded in the last `window_ms` (see [`TargetTable::sweep_sql`]). Runs outside
+    /// any transaction, under the apply session's origin: the peer has the tombstone
+    /// already. Returns how many rows went.
+    pub async fn sweep(&mut self, window_ms: i64) -> Result<u64, WriteError> {
+        let mut removed = 0;
+        for tc in &self.cfg.tables {
+            let Some(t) = self.table(&tc.name).await?.cloned() else {
+                continue;
+            };
+            removed += self
+                .client
+                .execute(&t.sweep_sql(), &[&t.name, &window_ms])
+                .await
+                .map_err(self.sql(&format!(
+                    "removing rows older than their tombstone in {}",
+                    t.name
+                )))?;
+        }
+        Ok(removed)
+    }
+
     async fn table(&mut self, name: &str) -> Result<Option<&TargetTable>, WriteError> {
         if !self.tables.contains_key(name) {
             let loaded = match self.cfg.tables.iter().find(|t| t.name == name) {
