@@ -170,27 +170,30 @@ impl Daemon {
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+        super::forget(self.child.id());
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit code.
     pub async fn stop(mut self) -> Option<i32> {
         // SAFETY: signals our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        super::wait_for("duplex to exit", Duration::from_secs(40), || {
+        let status = super::wait_for("duplex to exit", Duration::from_secs(40), || {
             let r = self.child.try_wait().unwrap();
             async move { r }
         })
-        .await
-        .code()
+        .await;
+        super::forget(self.child.id());
+        status.code()
     }
 
     /// Waits for the process to exit by itself; returns its exit code.
     pub async fn exited(&mut self, timeout: Duration) -> Option<i32> {
-        super::wait_for("duplex to exit by itself", timeout, || {
+        let status = super::wait_for("duplex to exit by itself", timeout, || {
             let r = self.child.try_wait().unwrap();
             async move { r }
         })
-        .await
-        .code()
+        .await;
+        super::forget(self.child.id());
+        status.code()
     }
 }

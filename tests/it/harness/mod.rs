@@ -62,6 +62,13 @@ extern "C" fn cleanup_at_exit() {
     }
 }
 
+/// Forgets a child that has been reaped: its pid may belong to another process soon.
+fn forget(pid: u32) {
+    if let Ok(mut v) = CLEANUP.lock() {
+        v.retain(|item| !matches!(item, Cleanup::Kill(p) if *p == pid));
+    }
+}
+
 fn register(item: Cleanup) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
