@@ -8,6 +8,7 @@
 //! the winners re-sent as repairs.
 
 use crate::apply::converge;
+use crate::convergence::Rng;
 use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::pg::Cluster;
 use std::time::{Duration, Instant, SystemTime};
@@ -42,18 +43,6 @@ pub fn apply_log_ddl(tables: &[&str]) -> String {
 const KEYS: u64 = 24;
 /// Writers per node.
 const WRITERS: u64 = 4;
-
-/// A small deterministic generator, so a failing run can be repeated.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// What the writers of one run did.
 #[derive(Default, Debug)]

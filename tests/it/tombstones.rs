@@ -24,8 +24,8 @@ async fn wait_count(c: &Client, sql: &str, want: i64) {
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
 
-#[tokio::test]
-async fn a_key_change_leaves_a_tombstone_so_an_older_update_of_the_old_key_loses() {
+/// Both nodes synced both ways, item 1 written on a and applied on b, duplex stopped.
+async fn item_on_both_then_stopped() -> (Rig, Client, Client) {
     let rig = Rig::both(ITEMS, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
@@ -36,6 +36,12 @@ async fn a_key_change_leaves_a_tombstone_so_an_older_update_of_the_old_key_loses
         .unwrap();
     wait_count(&b, "SELECT count(*) FROM items", 1).await;
     assert_eq!(d.stop().await, Some(0));
+    (rig, a, b)
+}
+
+#[tokio::test]
+async fn a_key_change_leaves_a_tombstone_so_an_older_update_of_the_old_key_loses() {
+    let (rig, a, b) = item_on_both_then_stopped().await;
     // While duplex is down: b updates key 1, then a renames key 1 to 2. a's change is
     // the newer one, so key 1 must be gone on both nodes.
     b.batch_execute("UPDATE items SET val = 'b', updated_at = clock_timestamp() WHERE id = 1")
@@ -205,16 +211,7 @@ async fn tombstones_outlive_their_retention_while_the_backlog_they_guard_is_unap
 /// too, as it did on the peer.
 #[tokio::test]
 async fn a_row_older_than_its_nodes_tombstone_is_removed() {
-    let rig = Rig::both(ITEMS, &["public.items"], "").await;
-    assert!(rig.command(&["setup"]).status.success());
-    let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
-    let d = rig.start();
-    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x')")
-        .await
-        .unwrap();
-    wait_count(&b, "SELECT count(*) FROM items", 1).await;
-    assert_eq!(d.stop().await, Some(0));
+    let (rig, a, b) = item_on_both_then_stopped().await;
     // The end state of that race, written directly: on a the row with a newer local
     // tombstone; on b (which applied both changes in commit order) no row.
     a.batch_execute(
