@@ -23,6 +23,12 @@ pub enum NodeError {
         context: String,
         source: tokio_postgres::Error,
     },
+    #[error("node {node}: creating replication slot {slot}: {}", describe(source))]
+    SlotCreation {
+        node: String,
+        slot: String,
+        source: tokio_postgres::Error,
+    },
     #[error("node {node}: connecting timed out")]
     Timeout { node: String },
     #[error("node {node}: {0}", .detail)]
@@ -46,6 +52,15 @@ impl NodeError {
     pub fn class(&self) -> ErrorClass {
         match self {
             NodeError::Sql { source, .. } => sql_class(source),
+            // The slot was not made; PostgreSQL 15 sometimes fails an attempt that has
+            // to wait for concurrent transactions with an internal error (XX000) that
+            // the next attempt does not meet.
+            NodeError::SlotCreation { source, .. }
+                if source.code().is_some_and(|c| c.code() == "XX000") =>
+            {
+                ErrorClass::Transient
+            }
+            NodeError::SlotCreation { source, .. } => sql_class(source),
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
             NodeError::Config { .. } | NodeError::SlotLost { .. } => ErrorClass::Definite,
         }
@@ -419,16 +434,29 @@ async fn ensure_slot(
             created_at: row.get(1),
         });
     }
-    client
-        .execute(
-            "WITH s AS (SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput'))
-             INSERT INTO duplex.slots (slot_name, created_lsn)
-             SELECT $1, lsn FROM s
-             ON CONFLICT (slot_name) DO UPDATE SET created_lsn = EXCLUDED.created_lsn, created_at = now()",
+    // Alone in its statement: the less the session holds while the slot waits for
+    // concurrent transactions, the better. A slot made but not yet recorded is
+    // recorded by the next setup, which finds it.
+    let created: String = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&slot],
         )
         .await
-        .map_err(sql_err(node, format!("creating replication slot {slot}")))?;
+        .map_err(|source| NodeError::SlotCreation {
+            node: node.to_string(),
+            slot: slot.clone(),
+            source,
+        })?
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO duplex.slots (slot_name, created_lsn) VALUES ($1, $2::text::pg_lsn)
+             ON CONFLICT (slot_name) DO UPDATE SET created_lsn = EXCLUDED.created_lsn, created_at = now()",
+            &[&slot, &created],
+        )
+        .await
+        .map_err(sql_err(node, "writing duplex.slots"))?;
     Ok(Some(match before {
         Some(_) => format!(
             "created replication slot {slot} again (it had been lost; changes made while it was gone were not read)"
