@@ -57,6 +57,9 @@ pub const APPLY_RETRIES_TOTAL: &str = "duplex_apply_retries_total";
 pub const APPLY_DEAD_LETTERS_TOTAL: &str = "duplex_apply_dead_letters_total";
 /// Events skipped because they were applied before (replays). Labels: direction.
 pub const APPLY_DUPLICATES_SKIPPED_TOTAL: &str = "duplex_apply_duplicates_skipped_total";
+/// Source transactions that arrived with events missing (a producer gave up on a
+/// message) and were discarded until the source published them again. Labels: direction.
+pub const APPLY_INCOMPLETE_TRANSACTIONS_TOTAL: &str = "duplex_apply_incomplete_transactions_total";
 /// 1 while a direction is halted on a bad event. Labels: direction.
 pub const APPLY_HALTED: &str = "duplex_apply_halted";
 /// Errors of an apply worker. Labels: direction, class (transient|definite).

@@ -8,7 +8,8 @@
 //! position row is updated in it, so a crash at any instant leaves the target either
 //! before or after whole source transactions, and the restart resumes exactly there.
 //! Events at or below the applied position (the source may publish a transaction
-//! twice after a crash) are skipped. A statement that fails on a bad event is rolled
+//! twice after a crash) are skipped; a transaction that arrives with a hole is
+//! discarded until its next copy (see [`super::sequence`]). A statement that fails on a bad event is rolled
 //! back to a savepoint and its batch retried one event at a time to find the culprit,
 //! which then halts the direction or goes to the dead-letter queue.
 
@@ -18,6 +19,7 @@ use crate::metrics::{self as m, Health};
 use crate::pipeline::{supervise, Supervised};
 use crate::sink::kafka::{self, client_config, SinkError};
 use crate::sink::progress;
+use crate::sink::sequence::Gap;
 use crate::sink::worker::{Worker, SWEEP_EVERY};
 use crate::sink::writer::{TargetWriter, WriteError};
 use crate::source::slot::{self, NodeError};
@@ -62,6 +64,8 @@ pub enum ApplyError {
         offset: i64,
         detail: String,
     },
+    #[error("direction {direction}: source transaction {} arrived with events missing (found {} at Kafka offset {}, expected {}); rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again", gap.commit_lsn, gap.found, gap.offset, gap.expected.map_or("a new transaction".into(), |s| format!("seq {s}")))]
+    IncompleteTransaction { direction: String, gap: Gap },
     #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
     BadEvent {
         direction: String,
@@ -78,7 +82,9 @@ impl Classify for ApplyError {
         match self {
             ApplyError::Write(e) => e.class(),
             ApplyError::Node(e) => e.class(),
-            ApplyError::Kafka { .. } => ErrorClass::Transient,
+            ApplyError::Kafka { .. } | ApplyError::IncompleteTransaction { .. } => {
+                ErrorClass::Transient
+            }
             ApplyError::Sink { source, .. } => source.class(),
             ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
         }
@@ -99,10 +105,20 @@ pub async fn run_apply(
         label: ("direction", dir.to_string()),
     };
     metrics::gauge!(m::APPLY_HALTED, "direction" => dir.to_string()).set(0.0);
+    // A transaction found incomplete is waited for across sessions: the next one
+    // reads its broken copy again.
+    let awaiting = std::sync::Mutex::new(None);
     let result = supervise(&cfg, &what, &health, shutdown, |shutdown| {
         let (cfg, dir, health, component) = (&cfg, &dir, &health, &component);
+        let awaiting = &awaiting;
         async move {
-            let r = apply_once(cfg, dir, health, component, shutdown).await;
+            let carried = awaiting.lock().ok().and_then(|mut a| a.take());
+            let r = apply_once(cfg, dir, health, component, carried, shutdown).await;
+            if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
+                if let Ok(mut a) = awaiting.lock() {
+                    *a = Some(*gap);
+                }
+            }
             metrics::gauge!(m::APPLY_CONNECTED, "direction" => dir.to_string()).set(0.0);
             r
         }
@@ -120,6 +136,7 @@ async fn apply_once(
     dir: &Direction,
     health: &Health,
     component: &str,
+    awaiting: Option<Gap>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     slot::setup(cfg, &dir.to, slot::LostSlot::Refuse).await?;
@@ -198,12 +215,21 @@ async fn apply_once(
     for zero in [
         m::APPLY_DEAD_LETTERS_TOTAL,
         m::APPLY_DUPLICATES_SKIPPED_TOTAL,
+        m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL,
         m::APPLY_TRANSACTIONS_TOTAL,
     ] {
         metrics::counter!(zero, "direction" => dir.to_string()).increment(0);
     }
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
-    let mut worker = Worker::new(cfg, dir, writer, applied, committed_next, last_commit_us);
+    let mut worker = Worker::new(
+        cfg,
+        dir,
+        writer,
+        applied,
+        committed_next,
+        last_commit_us,
+        awaiting,
+    );
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.report_to(standing_tx);
     worker.zero_counters();

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod dead_letter;
 pub mod kafka;
 pub mod progress;
+mod sequence;
 pub mod target;
 mod worker;
 pub mod writer;

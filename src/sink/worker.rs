@@ -14,6 +14,7 @@ use crate::sink::apply::ApplyError;
 use crate::sink::batch::{prepare_batch, DeleteTimes};
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::progress::{self, Standing};
+use crate::sink::sequence::{Gap, Next, Sequence};
 use crate::sink::writer::{TargetWriter, WriteError};
 use crate::source::walsender::quote_literal;
 use crate::ErrorClass;
@@ -50,14 +51,12 @@ pub(super) struct Worker<'a> {
     cfg: &'a Config,
     dir: &'a Direction,
     writer: TargetWriter<'a>,
-    /// Highest position applied, committed or in the open transaction.
-    applied: Option<Position>,
+    /// Where the events taken reach, committed or in the open transaction.
+    sequence: Sequence,
     committed: Option<Position>,
     /// Offset after the last message taken, not yet committed.
     next_offset: Option<i64>,
     pending: Vec<Pending>,
-    /// The last event taken ended its source transaction.
-    boundary: bool,
     in_txn: bool,
     first_pending_at: Option<Instant>,
     /// Commit times (µs) of source transactions in the open target transaction.
@@ -75,10 +74,12 @@ pub(super) struct Worker<'a> {
     /// `written` holds every event of the open transaction.
     written_complete: bool,
     duplicates: metrics::Counter,
+    gaps: metrics::Counter,
 }
 
 impl<'a> Worker<'a> {
-    /// A worker resuming after `applied` (Kafka offset `committed_next`).
+    /// A worker resuming after `applied` (Kafka offset `committed_next`), still
+    /// waiting for the next copy of a transaction found incomplete if `awaiting`.
     pub(super) fn new(
         cfg: &'a Config,
         dir: &'a Direction,
@@ -86,16 +87,16 @@ impl<'a> Worker<'a> {
         applied: Option<Position>,
         committed_next: Option<i64>,
         last_applied_commit_us: Option<i64>,
+        awaiting: Option<Gap>,
     ) -> Worker<'a> {
         Worker {
             cfg,
             dir,
             writer,
-            applied,
+            sequence: Sequence::new(applied, awaiting),
             committed: applied,
             next_offset: None,
             pending: Vec::new(),
-            boundary: true,
             in_txn: false,
             first_pending_at: None,
             txn_commits: Vec::new(),
@@ -108,6 +109,7 @@ impl<'a> Worker<'a> {
             written: Vec::new(),
             written_complete: true,
             duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
+            gaps: metrics::counter!(m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL, "direction" => dir.to_string()),
         }
     }
 
@@ -168,16 +170,23 @@ impl<'a> Worker<'a> {
                 return self.bad(letter).await;
             }
         };
-        if self.applied.is_some_and(|a| event.position() <= a) {
-            self.duplicates.increment(1);
-            if self.pending.is_empty() && !self.in_txn {
-                // Nothing else will publish: let the reporter see the replay end.
-                self.publish();
+        let next = self
+            .sequence
+            .next(event.position(), event.source.last, offset);
+        match next {
+            Next::Take => {}
+            Next::Duplicate | Next::Skip => {
+                if next == Next::Duplicate {
+                    self.duplicates.increment(1);
+                }
+                if self.pending.is_empty() && !self.in_txn {
+                    // Nothing else will publish: let the reporter see the replay end.
+                    self.publish();
+                }
+                return Ok(());
             }
-            return Ok(());
+            Next::Gap { gap, taken } => return self.discard(gap, taken).await,
         }
-        self.applied = Some(event.position());
-        self.boundary = event.source.last;
         self.pending.push(Pending {
             event,
             offset,
@@ -194,16 +203,45 @@ impl<'a> Worker<'a> {
         }
         if self.pending.len() >= self.cfg.sync.batch_rows {
             self.flush().await?;
-            if self.boundary {
+            if self.sequence.at_boundary() {
                 self.commit().await?;
             }
         }
         Ok(())
     }
 
+    /// The open source transaction has a hole (see [`Sequence`]): its `taken` events
+    /// are dropped if none was written yet; else the target transaction is rolled back
+    /// and the session restarts from the committed offset, skipping the broken copy.
+    async fn discard(&mut self, gap: Gap, taken: usize) -> Result<(), ApplyError> {
+        self.gaps.increment(1);
+        if taken <= self.pending.len() {
+            tracing::warn!(direction = %self.dir, commit_lsn = %gap.commit_lsn, found = %gap.found, expected_seq = ?gap.expected, offset = gap.offset,
+                "a source transaction arrived with events missing; discarded it, waiting for the source to publish it again");
+            self.pending.truncate(self.pending.len() - taken);
+            if self.pending.is_empty() {
+                self.first_pending_at = None;
+                self.oldest_pending_commit_us = None;
+            }
+            return Ok(());
+        }
+        if self.in_txn {
+            self.writer.execute("ROLLBACK", "rolling back").await?;
+            self.in_txn = false;
+        }
+        self.pending.clear();
+        self.written.clear();
+        self.written_complete = true;
+        self.txn_commits.clear();
+        Err(ApplyError::IncompleteTransaction {
+            direction: self.dir.to_string(),
+            gap,
+        })
+    }
+
     pub(super) async fn linger_expired(&mut self) -> Result<(), ApplyError> {
         self.flush().await?;
-        if self.boundary {
+        if self.sequence.at_boundary() {
             self.commit().await?;
         }
         Ok(())
@@ -370,7 +408,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         self.begin().await?;
-        let pos = self.applied.unwrap_or(Position {
+        let pos = self.sequence.applied().unwrap_or(Position {
             commit_lsn: Lsn::ZERO,
             seq: 0,
         });
@@ -402,7 +440,7 @@ impl<'a> Worker<'a> {
         self.in_txn = false;
         self.written.clear();
         self.written_complete = true;
-        self.committed = self.applied;
+        self.committed = self.sequence.applied();
         self.committed_next = Some(next_offset);
         self.next_offset = None;
         if let Some(ts) = last_commit_ts {
@@ -465,7 +503,7 @@ impl<'a> Worker<'a> {
     /// Clean stop: commit what forms whole source transactions, drop the rest (it is
     /// read again on the next start).
     pub(super) async fn finish(&mut self) -> Result<(), ApplyError> {
-        if self.boundary {
+        if self.sequence.at_boundary() {
             self.flush().await?;
             self.commit().await?;
         } else if self.in_txn {

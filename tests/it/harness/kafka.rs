@@ -3,6 +3,7 @@
 use super::{free_port, register, temp_dir, Cleanup};
 use duplex::event::ChangeEvent;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -123,5 +124,27 @@ impl Broker {
         })
         .await
         .unwrap()
+    }
+
+    /// Writes `events` to `topic` partition 0, in order, as the reader would.
+    pub fn produce(&self, topic: &str, events: &[ChangeEvent]) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        for ev in events {
+            let (key, payload) = (ev.kafka_key(), ev.to_json());
+            producer
+                .send(
+                    BaseRecord::to(topic)
+                        .partition(0)
+                        .key(&key)
+                        .payload(&payload),
+                )
+                .unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
     }
 }

@@ -1,0 +1,158 @@
+//! A source transaction that reaches the topic with a hole (a producer gave up on one
+//! of its messages and the source then published it again whole) is never applied in
+//! part: the broken copy is discarded and the next copy applied.
+
+use crate::apply::rows;
+use crate::harness::duplex::Rig;
+use crate::harness::kafka::Broker;
+use crate::harness::pg::Cluster;
+use duplex::event::{format_unix_us, ChangeEvent, Lsn, Op, Row, Source, Value};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const DDL: &str =
+    "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL)";
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// Transaction `lsn` of node a, inserting `ids` (one event each, the last flagged).
+fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
+    let at = now_us() - 1_000_000;
+    ids.iter()
+        .enumerate()
+        .map(|(seq, id)| ChangeEvent {
+            op: Op::Insert,
+            before: None,
+            after: Some(Row(vec![
+                ("id".into(), Value::Text(id.to_string())),
+                ("val".into(), Value::Text(format!("row {id}"))),
+                ("updated_at".into(), Value::Text(format_unix_us(at))),
+            ])),
+            key: vec!["id".into()],
+            types: [
+                ("id", "integer"),
+                ("val", "text"),
+                ("updated_at", "timestamp with time zone"),
+            ]
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .to_vec(),
+            source: Source {
+                node: "a".into(),
+                db: db.into(),
+                schema: "public".into(),
+                table: "items".into(),
+                lsn: Lsn(lsn),
+                seq: seq as u32,
+                last: seq + 1 == ids.len(),
+                xid: 1000 + lsn as u32,
+                commit_ts_us: at,
+            },
+            ts_ms: at / 1000,
+        })
+        .collect()
+}
+
+/// `events` without the one at `seq`.
+fn without(mut events: Vec<ChangeEvent>, seq: usize) -> Vec<ChangeEvent> {
+    events.remove(seq);
+    events
+}
+
+/// Starts duplex on `rig`, writes `events` to a's topic, waits until b holds `expect`
+/// ids; returns the daemon's log.
+async fn apply(rig: &Rig, events: &[ChangeEvent], expect: &[i32]) -> String {
+    let b = Cluster::shared().client(&rig.db_b).await;
+    let d = rig.start();
+    d.wait_log("applying", 1, Duration::from_secs(30)).await;
+    Broker::shared().produce(&rig.topic(), events);
+    let want: Vec<String> = expect.iter().map(|i| format!("row {i}")).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: Vec<String> = b
+            .query("SELECT val FROM items ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b holds {got:?}, not {want:?}; log:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = d.logs();
+    assert_eq!(d.stop().await, Some(0));
+    logs
+}
+
+#[tokio::test]
+async fn a_transaction_with_a_hole_is_applied_from_its_next_copy() {
+    // A long linger keeps the broken copy unwritten until the hole shows.
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    rig.edit_config(&[("linger_ms = 10", "linger_ms = 3000")]);
+    let db = rig.db_a.clone();
+    let events = [
+        txn(&db, 0x100, &[1]),
+        without(txn(&db, 0x200, &[2, 3, 4, 5, 6]), 2),
+        txn(&db, 0x300, &[7]),
+        // The source restarts from its confirmed LSN and publishes again.
+        txn(&db, 0x200, &[2, 3, 4, 5, 6]),
+        txn(&db, 0x300, &[7]),
+    ]
+    .concat();
+    let logs = apply(&rig, &events, &[1, 2, 3, 4, 5, 6, 7]).await;
+    assert!(
+        logs.contains("arrived with events missing; discarded it"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_hole_found_after_part_of_the_transaction_was_written_rolls_it_back() {
+    // Batches of 2 rows: the broken copy's head is written before the hole shows.
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    rig.edit_config(&[("linger_ms = 10", "linger_ms = 10\nbatch_rows = 2")]);
+    let db = rig.db_a.clone();
+    let events = [
+        txn(&db, 0x100, &[1]),
+        without(txn(&db, 0x200, &[2, 3, 4, 5, 6, 7]), 3),
+        txn(&db, 0x100, &[1]),
+        txn(&db, 0x200, &[2, 3, 4, 5, 6, 7]),
+        txn(&db, 0x300, &[8]),
+    ]
+    .concat();
+    let logs = apply(&rig, &events, &[1, 2, 3, 4, 5, 6, 7, 8]).await;
+    assert!(
+        logs.contains("rolled back what was written of it"),
+        "{logs}"
+    );
+    // Nothing of the broken copy stayed: each row was written once, by the next copy.
+    let b = Cluster::shared().client(&rig.db_b).await;
+    assert_eq!(rows(&b, "items").await.len(), 8);
+}
+
+#[tokio::test]
+async fn a_transaction_whose_tail_is_missing_waits_for_its_next_copy() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let db = rig.db_a.clone();
+    let mut broken = txn(&db, 0x200, &[2, 3, 4]);
+    broken.truncate(2);
+    let events = [
+        broken,
+        txn(&db, 0x300, &[5]),
+        txn(&db, 0x200, &[2, 3, 4]),
+        txn(&db, 0x300, &[5]),
+    ]
+    .concat();
+    let logs = apply(&rig, &events, &[2, 3, 4, 5]).await;
+    assert!(logs.contains("arrived with events missing"), "{logs}");
+}
