@@ -47,7 +47,7 @@ fn insert_message() -> Vec<u8> {
 }
 
 fn reader() -> TxnReader {
-    let mut r = TxnReader::new("a", "app");
+    let mut r = TxnReader::new("a", "app", Some("0123456789abcdef".into()));
     r.add_table(
         16384,
         TableInfo {

@@ -206,6 +206,12 @@ pub struct Source {
     pub xid: u32,
     /// Commit time in microseconds since the Unix epoch.
     pub commit_ts_us: i64,
+    /// The slot the change was read through, one id per slot created: LSNs are
+    /// comparable only within one stream (a slot created again after a restore or a
+    /// loss starts a new stream, whose LSNs may be lower). Absent from events of
+    /// earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 /// One change, as it is written to Kafka.
@@ -415,6 +421,7 @@ mod tests {
                 last: true,
                 xid: 900,
                 commit_ts_us: 1_700_000_000_123_456,
+                stream: Some("5f1c2d3e4a5b6c7d".into()),
             },
             ts_ms: 1_700_000_000_200,
         }

@@ -198,6 +198,12 @@ async fn stream_once(
         });
     }
     slot::setup(cfg, node, slot::LostSlot::Refuse).await?;
+    let slot_stream = slot::stream_of(&client, node, &cfg.slot_name(node)).await?;
+    for dir in cfg.directions().unwrap_or_default() {
+        if dir.from == node {
+            crate::source::history::check(cfg, &dir).await?;
+        }
+    }
     let topic = cfg.topic(node);
     kafka::ensure_topic(&cfg.kafka, &topic)
         .await
@@ -238,7 +244,7 @@ async fn stream_once(
         client,
         producer,
         stream,
-        reader: TxnReader::new(node, &ident.dbname),
+        reader: TxnReader::new(node, &ident.dbname, slot_stream),
         queue: queue_tx,
         durable: durable_rx,
         tracker,

@@ -14,7 +14,6 @@
 //! which then halts the direction or goes to the dead-letter queue.
 
 use crate::config::{Config, Direction};
-use crate::event::{Lsn, Position};
 use crate::metrics::{self as m, Health};
 use crate::pipeline::{supervise, Supervised};
 use crate::sink::kafka::{self, client_config, SinkError};
@@ -140,38 +139,17 @@ async fn apply_once(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     slot::setup(cfg, &dir.to, slot::LostSlot::Refuse).await?;
+    crate::source::history::check(cfg, dir).await?;
     let writer = TargetWriter::connect(cfg, dir).await?;
-    let row = writer
-        .client
-        .query_opt(
-            "SELECT next_offset, commit_lsn::text, seq,
-                    (extract(epoch FROM last_commit_ts) * 1000000)::int8
-             FROM duplex.apply_positions WHERE source_node = $1 AND topic = $2",
-            &[&dir.from, &cfg.topic(&dir.from)],
-        )
+    let stored = progress::stored(&writer.client, cfg, dir)
         .await
         .map_err(|source| WriteError::Sql {
             node: dir.to.clone(),
             context: "reading duplex.apply_positions".into(),
             source,
         })?;
-    let last_commit_us: Option<i64> = row.as_ref().and_then(|r| r.get(3));
-    let committed_next: Option<i64> = row.as_ref().map(|r| r.get(0));
-    let (offset, applied) = match row {
-        Some(r) => {
-            let lsn: String = r.get(1);
-            let lsn: Lsn = lsn.parse().unwrap_or_default();
-            let seq: i32 = r.get(2);
-            (
-                Offset::Offset(r.get(0)),
-                Some(Position {
-                    commit_lsn: lsn,
-                    seq: seq as u32,
-                }),
-            )
-        }
-        None => (Offset::Beginning, None),
-    };
+    let committed_next = stored.next_offset;
+    let offset = committed_next.map_or(Offset::Beginning, Offset::Offset);
     let topic = cfg.topic(&dir.from);
     let kafka_err = |source| ApplyError::Kafka {
         direction: dir.to_string(),
@@ -221,15 +199,7 @@ async fn apply_once(
         metrics::counter!(zero, "direction" => dir.to_string()).increment(0);
     }
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
-    let mut worker = Worker::new(
-        cfg,
-        dir,
-        writer,
-        applied,
-        committed_next,
-        last_commit_us,
-        awaiting,
-    );
+    let mut worker = Worker::new(cfg, dir, writer, stored, awaiting);
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.report_to(standing_tx);
     worker.zero_counters();

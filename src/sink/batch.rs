@@ -237,6 +237,7 @@ mod tests {
                 last: true,
                 xid: 1,
                 commit_ts_us: 0,
+                stream: None,
             },
             ts_ms: 0,
         }

@@ -1,8 +1,10 @@
-//! What an apply worker tells the outside about itself: its state row in the target's
+//! Where an apply worker stands and what it tells the outside about itself: the
+//! position stored in the target's `duplex.apply_positions`, its state row in
 //! `duplex.apply_state` (read by `duplex status`, so it outlives the process) and its
 //! lag gauges.
 
 use crate::config::{Config, Direction};
+use crate::event::Position;
 use crate::metrics as m;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
@@ -17,6 +19,48 @@ const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 pub const RUNNING: &str = "running";
 pub const HALTED: &str = "halted";
 pub const STOPPED: &str = "stopped";
+
+/// What the target's `duplex.apply_positions` says of a direction: how far it applied.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// The last source position applied (a transaction's end).
+    pub applied: Option<Position>,
+    /// The Kafka offset to read next.
+    pub next_offset: Option<i64>,
+    /// Source commit time of the newest transaction applied, µs since the epoch.
+    pub last_commit_us: Option<i64>,
+    /// The source slot's stream `applied` belongs to.
+    pub stream: Option<String>,
+}
+
+/// Reads the direction's stored position; the default when it never applied.
+pub async fn stored(
+    client: &Client,
+    cfg: &Config,
+    dir: &Direction,
+) -> Result<Stored, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT next_offset, commit_lsn::text, seq,
+                    (extract(epoch FROM last_commit_ts) * 1000000)::int8, stream
+             FROM duplex.apply_positions WHERE source_node = $1 AND topic = $2",
+            &[&dir.from, &cfg.topic(&dir.from)],
+        )
+        .await?;
+    Ok(row.map_or_else(Stored::default, |r| {
+        let lsn: String = r.get(1);
+        let seq: i32 = r.get(2);
+        Stored {
+            applied: Some(Position {
+                commit_lsn: lsn.parse().unwrap_or_default(),
+                seq: seq as u32,
+            }),
+            next_offset: Some(r.get(0)),
+            last_commit_us: r.get(3),
+            stream: r.get(4),
+        }
+    }))
+}
 
 /// Records the direction's state (and why, for a halt) on its target.
 pub async fn set_state(

@@ -13,7 +13,7 @@ use crate::metrics as m;
 use crate::sink::apply::ApplyError;
 use crate::sink::batch::{prepare_batch, DeleteTimes};
 use crate::sink::dead_letter::{self, DeadLetter};
-use crate::sink::progress::{self, Standing};
+use crate::sink::progress::{self, Standing, Stored};
 use crate::sink::sequence::{Gap, Next, Sequence};
 use crate::sink::writer::{TargetWriter, WriteError};
 use crate::source::walsender::quote_literal;
@@ -53,6 +53,8 @@ pub(super) struct Worker<'a> {
     writer: TargetWriter<'a>,
     /// Where the events taken reach, committed or in the open transaction.
     sequence: Sequence,
+    /// The source slot's stream the taken events belong to (see `Source::stream`).
+    stream: Option<String>,
     committed: Option<Position>,
     /// Offset after the last message taken, not yet committed.
     next_offset: Option<i64>,
@@ -78,32 +80,31 @@ pub(super) struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    /// A worker resuming after `applied` (Kafka offset `committed_next`), still
-    /// waiting for the next copy of a transaction found incomplete if `awaiting`.
+    /// A worker resuming from `stored`, still waiting for the next copy of a
+    /// transaction found incomplete if `awaiting`.
     pub(super) fn new(
         cfg: &'a Config,
         dir: &'a Direction,
         writer: TargetWriter<'a>,
-        applied: Option<Position>,
-        committed_next: Option<i64>,
-        last_applied_commit_us: Option<i64>,
+        stored: Stored,
         awaiting: Option<Gap>,
     ) -> Worker<'a> {
         Worker {
             cfg,
             dir,
             writer,
-            sequence: Sequence::new(applied, awaiting),
-            committed: applied,
+            sequence: Sequence::new(stored.applied, awaiting),
+            stream: stored.stream,
+            committed: stored.applied,
             next_offset: None,
             pending: Vec::new(),
             in_txn: false,
             first_pending_at: None,
             txn_commits: Vec::new(),
             last_maintenance: Instant::now(),
-            consumed_next: committed_next,
-            committed_next,
-            last_applied_commit_us,
+            consumed_next: stored.next_offset,
+            committed_next: stored.next_offset,
+            last_applied_commit_us: stored.last_commit_us,
             oldest_pending_commit_us: None,
             standing_tx: None,
             written: Vec::new(),
@@ -170,6 +171,7 @@ impl<'a> Worker<'a> {
                 return self.bad(letter).await;
             }
         };
+        self.follow_stream(&event);
         let next = self
             .sequence
             .next(event.position(), event.source.last, offset);
@@ -208,6 +210,24 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A new stream (the source's slot was created again: after a restore, or after a
+    /// loss the operator resolved with `duplex setup`) starts positions over: its
+    /// LSNs may be below everything applied so far, and are no duplicates.
+    fn follow_stream(&mut self, event: &ChangeEvent) {
+        let Some(stream) = &event.source.stream else {
+            return;
+        };
+        if self.stream.as_ref() == Some(stream) {
+            return;
+        }
+        if let Some(old) = &self.stream {
+            tracing::warn!(direction = %self.dir, old_stream = %old, new_stream = %stream, position = %event.position(),
+                "the source's slot was created again: applying its changes from the start of the new slot");
+            self.sequence = Sequence::new(None, None);
+        }
+        self.stream = Some(stream.clone());
     }
 
     /// The open source transaction has a hole (see [`Sequence`]): its `taken` events
@@ -416,10 +436,10 @@ impl<'a> Worker<'a> {
         self.writer
             .client
             .execute(
-                "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at)
-                 VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now())
+                "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at, stream)
+                 VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now(), $7)
                  ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
-                   commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(),
+                   commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(), stream = EXCLUDED.stream,
                    last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
                 &[
                     &self.dir.from,
@@ -428,6 +448,7 @@ impl<'a> Worker<'a> {
                     &(pos.seq as i32),
                     &last_commit_ts,
                     &self.cfg.topic(&self.dir.from),
+                    &self.stream,
                 ],
             )
             .await

@@ -560,6 +560,7 @@ mod tests {
                 last: false,
                 xid: 1,
                 commit_ts_us: 0,
+                stream: None,
             },
             ts_ms: 0,
         }

@@ -82,15 +82,18 @@ struct Txn {
 pub struct TxnReader {
     node: String,
     db: String,
+    /// The slot's stream id, stamped on every event.
+    stream: Option<String>,
     tables: HashMap<u32, TableInfo>,
     txn: Option<Txn>,
 }
 
 impl TxnReader {
-    pub fn new(node: &str, db: &str) -> TxnReader {
+    pub fn new(node: &str, db: &str, stream: Option<String>) -> TxnReader {
         TxnReader {
             node: node.to_string(),
             db: db.to_string(),
+            stream,
             tables: HashMap::new(),
             txn: None,
         }
@@ -265,6 +268,7 @@ impl TxnReader {
                 last: false,
                 xid: t.xid,
                 commit_ts_us: t.commit_ts_us,
+                stream: self.stream.clone(),
             },
             ts_ms: now_ms,
         };
@@ -334,7 +338,7 @@ mod tests {
     use super::*;
 
     fn reader() -> TxnReader {
-        let mut r = TxnReader::new("a", "app");
+        let mut r = TxnReader::new("a", "app", None);
         r.add_table(
             7,
             TableInfo {

@@ -40,6 +40,14 @@ pub enum NodeError {
         created_lsn: String,
         created_at: String,
     },
+    #[error("node {node}'s WAL ends at {wal_end}, but node {peer} already applied its changes up to {applied} through the same slot {slot}: node {node} went back in time (restored from a backup or a disk snapshot?), and its new changes would be taken for ones already applied. Bring node {peer} level with node {node} (copy the configured tables), then drop the slot on node {node} (SELECT pg_drop_replication_slot('{slot}')) and run `duplex setup`: the new slot starts a new stream")]
+    HistoryRewound {
+        node: String,
+        peer: String,
+        slot: String,
+        applied: String,
+        wal_end: String,
+    },
     #[error("node {node}: slot {slot} is in use by process {pid}; stop duplex first")]
     SlotActive {
         node: String,
@@ -62,7 +70,9 @@ impl NodeError {
             }
             NodeError::SlotCreation { source, .. } => sql_class(source),
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
-            NodeError::Config { .. } | NodeError::SlotLost { .. } => ErrorClass::Definite,
+            NodeError::Config { .. }
+            | NodeError::SlotLost { .. }
+            | NodeError::HistoryRewound { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -232,6 +242,8 @@ CREATE TABLE IF NOT EXISTS duplex.apply_positions (
     seq integer NOT NULL,
     last_commit_ts timestamptz,
     applied_at timestamptz NOT NULL DEFAULT now(),
+    -- The source slot's stream (see duplex.slots) that commit_lsn belongs to.
+    stream text,
     PRIMARY KEY (source_node, topic)
 );
 -- Each direction into this node: running, halted (and why) or stopped.
@@ -271,11 +283,26 @@ CREATE TABLE IF NOT EXISTS duplex.repairs (
 );
 -- Slots duplex created here: one that disappears later took changes with it, and
 -- the daemon must say so rather than quietly create a new one.
+-- `stream` names the slot's history: every event read through it carries it, and a
+-- slot created again gets a new one, so that appliers know its LSNs start over.
 CREATE TABLE IF NOT EXISTS duplex.slots (
     slot_name text PRIMARY KEY,
     created_lsn pg_lsn NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    stream text NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
 );
+-- Columns added since the first release, added only where missing (no lock otherwise).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
+                   AND attname = 'stream' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.slots ADD COLUMN stream text NOT NULL
+            DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.apply_positions'::regclass
+                   AND attname = 'stream' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.apply_positions ADD COLUMN stream text;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS duplex.conflicts (
     id bigserial PRIMARY KEY,
     recorded_at timestamptz NOT NULL DEFAULT now(),
@@ -452,7 +479,8 @@ async fn ensure_slot(
     client
         .execute(
             "INSERT INTO duplex.slots (slot_name, created_lsn) VALUES ($1, $2::text::pg_lsn)
-             ON CONFLICT (slot_name) DO UPDATE SET created_lsn = EXCLUDED.created_lsn, created_at = now()",
+             ON CONFLICT (slot_name) DO UPDATE
+             SET created_lsn = EXCLUDED.created_lsn, created_at = now(), stream = EXCLUDED.stream",
             &[&slot, &created],
         )
         .await
@@ -463,6 +491,22 @@ async fn ensure_slot(
         ),
         None => format!("created replication slot {slot}"),
     }))
+}
+
+/// The stream id of `slot` on this node (see `duplex.slots`), if duplex records it.
+pub async fn stream_of(
+    client: &Client,
+    node: &str,
+    slot: &str,
+) -> Result<Option<String>, NodeError> {
+    Ok(client
+        .query_opt(
+            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading duplex.slots"))?
+        .map(|r| r.get(0)))
 }
 
 /// Removes duplex's slot, publication, origins and schema from `node`.

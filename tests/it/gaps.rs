@@ -50,6 +50,7 @@ fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
                 last: seq + 1 == ids.len(),
                 xid: 1000 + lsn as u32,
                 commit_ts_us: at,
+                stream: None,
             },
             ts_ms: at / 1000,
         })

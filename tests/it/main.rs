@@ -14,6 +14,7 @@ mod interleavings;
 mod long_transactions;
 mod observability;
 mod oversize;
+mod restore;
 mod source;
 mod timeouts;
 mod toast;
