@@ -10,6 +10,7 @@ use crate::sink::kafka::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 /// Finds every problem with the configured nodes and broker; empty when all is well.
 pub async fn check_all(cfg: &Config) -> Vec<String> {
@@ -100,34 +101,108 @@ pub async fn node_problems(
             ));
         }
     }
+    let mut naive = Vec::new();
     for t in &cfg.tables {
-        problems.extend(table_problems(client, node, &t.name, &t.updated_at).await?);
+        let (p, local) = table_problems(client, node, &t.name, &t.updated_at).await?;
+        problems.extend(p);
+        if local {
+            naive.push(t);
+        }
+    }
+    if !naive.is_empty() {
+        if let Some(zone) = default_time_zone(cfg, node).await.filter(|z| !is_utc(z)) {
+            for t in naive {
+                problems.push(format!(
+                    "node {node}: table {table}: {col} is a timestamp without time zone and new sessions here use TimeZone {zone}; duplex reads such a column as UTC, so an application writing local time there would be ordered wrongly against deletes and the clock. Make it timestamptz (ALTER TABLE {table} ALTER {col} TYPE timestamptz USING {col} AT TIME ZONE '{zone}'), or, if the application writes UTC, set the database's time zone to UTC (ALTER DATABASE ... SET TimeZone = 'UTC')",
+                    table = t.name,
+                    col = t.updated_at,
+                ));
+            }
+        }
     }
     Ok(problems)
 }
 
+/// Names PostgreSQL knows for UTC, lowercased.
+const UTC_NAMES: &[&str] = &[
+    "utc",
+    "etc/utc",
+    "uct",
+    "etc/uct",
+    "gmt",
+    "etc/gmt",
+    "gmt0",
+    "etc/gmt0",
+    "gmt+0",
+    "gmt-0",
+    "etc/gmt+0",
+    "etc/gmt-0",
+    "greenwich",
+    "etc/greenwich",
+    "universal",
+    "etc/universal",
+    "zulu",
+    "etc/zulu",
+];
+
+fn is_utc(zone: &str) -> bool {
+    UTC_NAMES.contains(&zone.to_ascii_lowercase().as_str())
+}
+
+/// The time zone a new session on `node` gets (duplex's own sessions set UTC, so this
+/// asks over a plain connection); `None` when that cannot be learnt.
+async fn default_time_zone(cfg: &Config, node: &str) -> Option<String> {
+    let pg = cfg.nodes.get(node)?.pg_config().ok()?;
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    let (client, connection) = tokio::time::timeout(timeout, pg.connect(tokio_postgres::NoTls))
+        .await
+        .ok()?
+        .ok()?;
+    let task = tokio::spawn(connection.instrument(tracing::info_span!(
+        "pg_connection",
+        node,
+        purpose = "time zone check"
+    )));
+    let zone = client
+        .query_one("SHOW TimeZone", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    drop(client);
+    let _ = task.await;
+    zone
+}
+
+/// Problems with one table, and whether its `updated_at` is a timestamp without time
+/// zone.
 async fn table_problems(
     client: &Client,
     node: &str,
     table: &str,
     updated_at: &str,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<(Vec<String>, bool), tokio_postgres::Error> {
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
     let row = client
         .query_opt(
             "SELECT c.oid,
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
                     EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
-                            AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped)
+                            AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped),
+                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                            AND a.attname = $3 AND NOT a.attisdropped
+                            AND a.atttypid = 'timestamp'::regtype)
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name, &updated_at],
         )
         .await?;
     let Some(row) = row else {
-        return Ok(vec![format!(
-            "node {node}: table {table} does not exist; create it or remove it from [[tables]]"
-        )]);
+        return Ok((
+            vec![format!(
+                "node {node}: table {table} does not exist; create it or remove it from [[tables]]"
+            )],
+            false,
+        ));
     };
     let mut problems = Vec::new();
     if !row.get::<_, bool>(1) {
@@ -140,7 +215,7 @@ async fn table_problems(
             "node {node}: table {table} has no column {updated_at}; add it or set updated_at for this table"
         ));
     }
-    Ok(problems)
+    Ok((problems, row.get(3)))
 }
 
 /// Asks the brokers for cluster metadata.

@@ -59,6 +59,43 @@ async fn check_names_every_problem() {
     }
 }
 
+/// A `timestamp` (no time zone) `updated_at` is read as UTC: fine where sessions
+/// default to UTC, refused by `check` and `run` where they default to another zone.
+#[tokio::test]
+async fn a_local_timestamp_updated_at_is_refused_outside_utc() {
+    let ddl =
+        "CREATE TABLE legacy (id int PRIMARY KEY, updated_at timestamp NOT NULL DEFAULT now())";
+    let rig = Rig::new(ddl, &["public.legacy"], "").await;
+    let b = Cluster::shared().client(&rig.db_b).await;
+    b.batch_execute(&format!("ALTER DATABASE {} SET TimeZone = 'UTC'", rig.db_b))
+        .await
+        .unwrap();
+    let out = rig.command(&["check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    b.batch_execute(&format!(
+        "ALTER DATABASE {} SET TimeZone = 'Europe/Berlin'",
+        rig.db_b
+    ))
+    .await
+    .unwrap();
+    let out = rig.command(&["check"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("node b: table public.legacy: updated_at is a timestamp without time zone and new sessions here use TimeZone Europe/Berlin"),
+        "{t}"
+    );
+    // The reader's own preflight refuses it too: run stops.
+    rig.edit_config(&[("\"a_to_b\"", "\"b_to_a\"")]);
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
+    assert!(
+        d.logs().contains("timestamp without time zone"),
+        "{}",
+        d.logs()
+    );
+}
+
 #[tokio::test]
 async fn check_reports_an_unreachable_node() {
     let rig = Rig::new(DDL, &["public.items"], "").await;

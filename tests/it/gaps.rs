@@ -68,7 +68,7 @@ fn without(mut events: Vec<ChangeEvent>, seq: usize) -> Vec<ChangeEvent> {
 async fn apply(rig: &Rig, events: &[ChangeEvent], expect: &[i32]) -> String {
     let b = Cluster::shared().client(&rig.db_b).await;
     let d = rig.start();
-    d.wait_log("applying", 1, Duration::from_secs(30)).await;
+    d.wait_log("applying", 1, Duration::from_secs(60)).await;
     Broker::shared().produce(&rig.topic(), events);
     let want: Vec<String> = expect.iter().map(|i| format!("row {i}")).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
