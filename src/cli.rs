@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -174,7 +175,20 @@ async fn status(cfg: &Config, json: bool, max_lag: Option<f64>) -> ExitCode {
         print!("{}", crate::status::render(&s));
     }
     let failing = match max_lag {
-        Some(max) => s.gate(max),
+        Some(max) => {
+            let mut failing = s.gate(max);
+            // The reader confirms on its status timer, once the node has reported a
+            // position past the last heartbeat.
+            let wait = Duration::from_millis(
+                cfg.source.status_interval_ms + cfg.source.heartbeat_interval_ms + 1000,
+            );
+            for node in cfg.source_nodes() {
+                if let Err(e) = crate::status::source_caught_up(cfg, &node, wait).await {
+                    failing.push(e);
+                }
+            }
+            failing
+        }
         None => s.problems.clone(),
     };
     for f in &failing {

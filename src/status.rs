@@ -8,7 +8,7 @@ use crate::sink::kafka::client_config;
 use crate::source::slot::{self, describe};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize)]
 pub struct NodeStatus {
@@ -65,6 +65,12 @@ impl Status {
                     d.reason.as_deref().unwrap_or("?")
                 ));
             }
+            if d.dead_letters_pending > 0 {
+                failing.push(format!(
+                    "{} has {} dead letters pending: their changes are not applied (duplex dlq list, then replay or discard them)",
+                    d.direction, d.dead_letters_pending
+                ));
+            }
             match d.lag_seconds {
                 Some(l) if l > max_lag_seconds => {
                     failing.push(format!("{} is {l:.1} s behind", d.direction))
@@ -74,6 +80,55 @@ impl Status {
             }
         }
         failing
+    }
+}
+
+/// Waits until the slot of `node` has confirmed the WAL position the node had when
+/// called, so that every change committed before is durable on Kafka; fails with the
+/// reason after `wait`. A reader that is down, stuck or behind fails it; nothing
+/// else can tell unread changes from WAL without changes.
+pub async fn source_caught_up(cfg: &Config, node: &str, wait: Duration) -> Result<(), String> {
+    let client = slot::connect(cfg, node, "status")
+        .await
+        .map_err(|e| e.to_string())?;
+    let err = |e: tokio_postgres::Error| format!("node {node}: {}", describe(&e));
+    let slot_name = cfg.slot_name(node);
+    let wal: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    let deadline = Instant::now() + wait;
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false),
+                        confirmed_flush_lsn::text, active
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot_name, &wal],
+            )
+            .await
+            .map_err(err)?;
+        let Some(row) = row else {
+            return Err(format!("node {node}: slot {slot_name} is missing"));
+        };
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let confirmed: Option<String> = row.get(1);
+            let down = if row.get::<_, bool>(2) {
+                ""
+            } else {
+                "; no reader streams from the slot: is duplex running?"
+            };
+            return Err(format!(
+                "node {node}: changes committed before this check are not all on Kafka after {:.1} s (slot {slot_name} confirmed {}, the WAL was at {wal}){down}",
+                wait.as_secs_f64(),
+                confirmed.as_deref().unwrap_or("-"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

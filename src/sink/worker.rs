@@ -184,6 +184,9 @@ impl<'a> Worker<'a> {
                 if self.pending.is_empty() && !self.in_txn {
                     // Nothing else will publish: let the reporter see the replay end.
                     self.publish();
+                    // And store the offset past it when the linger ends, so that a
+                    // tail of replays does not read as unapplied changes.
+                    self.first_pending_at.get_or_insert_with(Instant::now);
                 }
                 return Ok(());
             }

@@ -28,8 +28,17 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
         }
     };
     let slot_name = cfg.slot_name(&dir.from);
-    let Some(stream) = slot::stream_of(&source, &dir.from, &slot_name).await? else {
-        return Ok(());
+    let stream = source
+        .query_opt(
+            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
+            &[&slot_name],
+        )
+        .await;
+    let stream: String = match stream {
+        Ok(Some(row)) => row.get(0),
+        Ok(None) => return Ok(()),
+        Err(e) if not_set_up(&e) => return Ok(()),
+        Err(e) => return Err(sql_err(&dir.from, "reading duplex.slots")(e)),
     };
     let wal_end: String = source
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -53,8 +62,20 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
             wal_end,
         }),
         Ok(None) => Ok(()),
-        // Not set up yet: nothing applied.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(()),
+        Err(e) if not_set_up(&e) => Ok(()),
         Err(e) => Err(sql_err(&dir.to, "reading duplex.apply_positions")(e)),
     }
+}
+
+/// A node whose `duplex` schema is not (fully) set up yet has nothing to compare: the
+/// other component's setup may still be running.
+fn not_set_up(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_COLUMN,
+        SqlState::INVALID_SCHEMA_NAME,
+    ]
+    .iter()
+    .any(|c| e.code() == Some(c))
 }

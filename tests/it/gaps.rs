@@ -68,7 +68,15 @@ fn without(mut events: Vec<ChangeEvent>, seq: usize) -> Vec<ChangeEvent> {
 async fn apply(rig: &Rig, events: &[ChangeEvent], expect: &[i32]) -> String {
     let b = Cluster::shared().client(&rig.db_b).await;
     let d = rig.start();
-    d.wait_log("applying", 1, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !d.logs().contains("applying") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not applying:\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Broker::shared().produce(&rig.topic(), events);
     let want: Vec<String> = expect.iter().map(|i| format!("row {i}")).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

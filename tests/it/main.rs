@@ -7,6 +7,7 @@ mod auth;
 mod bad_events;
 mod bench_smoke;
 mod convergence;
+mod cutover;
 mod gaps;
 mod harness;
 mod identity;
