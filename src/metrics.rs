@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Row changes read from a node. Labels: node, table, op.
 pub const SOURCE_EVENTS_TOTAL: &str = "duplex_source_events_total";
@@ -129,27 +130,43 @@ impl Health {
     }
 }
 
-/// Serves the endpoints on `listener` until `shutdown` turns true. Requests are
-/// handled one at a time: scrapes are small and rare.
+/// Connections served at once; more are closed unanswered, so that a flood of idle
+/// clients costs bounded memory.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long one connection may take to send its request and read the answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the endpoints on `listener` until `shutdown` turns true. Each connection is
+/// served by a task of its own (at most [`MAX_CONNECTIONS`], each at most
+/// [`REQUEST_TIMEOUT`]), so a slow or idle client never holds up a probe or a scrape.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     health: Health,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Dropped on return: the connections still open are aborted with it.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    let served = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        respond(stream, &handle, &health),
-                    );
-                    if let Ok(Err(e)) = served.await {
-                        tracing::debug!(error = %e, "metrics request failed");
-                    }
+                let Ok((stream, _)) = accepted else { continue };
+                if connections.len() >= MAX_CONNECTIONS {
+                    tracing::debug!("too many metrics connections; closing a new one");
+                    continue;
                 }
+                let (handle, health) = (handle.clone(), health.clone());
+                let served = async move {
+                    match tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &handle, &health)).await {
+                        Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
+                        Err(_) => tracing::debug!("metrics request timed out"),
+                        Ok(Ok(())) => {}
+                    }
+                };
+                connections.spawn(served.instrument(tracing::debug_span!("metrics_connection")));
             }
         }
     }

@@ -208,6 +208,36 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
     assert_eq!(d.stop().await, Some(0));
 }
 
+/// Idle clients (a port scanner, a half-open probe) do not hold up `/healthz`: each
+/// connection is served on its own. Twenty idle ones would cost a one-at-a-time server
+/// twenty request timeouts (100 s) before it answered.
+#[tokio::test]
+async fn idle_clients_do_not_hold_up_probes() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let d = rig.start();
+    let port = metrics_port(&rig);
+    wait_for("/healthz", Duration::from_secs(30), || {
+        let up = get(port, "/healthz").is_some_and(|(code, _)| code == 200);
+        async move { up.then_some(()) }
+    })
+    .await;
+    let idle: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let answer = tokio::task::spawn_blocking(move || get(port, "/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(answer.map(|(code, _)| code), Some(200));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    assert_eq!(d.stop().await, Some(0));
+}
+
 /// Names `duplex_*` used by the dashboard and the alert rules must be in `scrape`.
 fn check_deploy_files(scrape: &str) {
     let root = env!("CARGO_MANIFEST_DIR");
