@@ -217,9 +217,15 @@ async fn stream_once(
         })
     })?;
     let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let mut wal = WalsenderConnection::connect(&pg, &format!("duplex reader {node}"), timeout)
-        .await
-        .map_err(wal_err)?;
+    let allow_cleartext = cfg.nodes[node].allow_cleartext_password;
+    let mut wal = WalsenderConnection::connect(
+        &pg,
+        &format!("duplex reader {node}"),
+        timeout,
+        allow_cleartext,
+    )
+    .await
+    .map_err(wal_err)?;
     let ident = wal.identify_system().await.map_err(wal_err)?;
     let slot_name = cfg.slot_name(node);
     let stream = wal

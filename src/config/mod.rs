@@ -77,6 +77,11 @@ pub struct NodeConfig {
     pub slot: Option<String>,
     /// Publication on this node; default `duplex`.
     pub publication: Option<String>,
+    /// Send the password in cleartext when the node asks for it so (pg_hba.conf
+    /// method `password`). Off: a node set up for md5 or SCRAM never asks that, so a
+    /// request for it may come from someone between duplex and the node.
+    #[serde(default)]
+    pub allow_cleartext_password: bool,
     #[serde(skip)]
     pub password_from_env: Option<String>,
 }
@@ -87,6 +92,7 @@ impl fmt::Debug for NodeConfig {
             .field("url", &self.redacted_url())
             .field("slot", &self.slot)
             .field("publication", &self.publication)
+            .field("allow_cleartext_password", &self.allow_cleartext_password)
             .finish()
     }
 }

@@ -53,6 +53,8 @@ pub enum WalsenderError {
     },
     #[error("the node asked for a password but none is configured (set it in the URL or DUPLEX_NODES_<NAME>_PASSWORD)")]
     NoPassword,
+    #[error("the node asked for the password in cleartext; duplex refuses to send it (a node set up for md5 or SCRAM never asks that, so someone between may be after the password). If the node's pg_hba.conf really uses the `password` method, set allow_cleartext_password = true for this node")]
+    CleartextRefused,
     #[error("unsupported connection setting: {0}")]
     Unsupported(String),
     #[error("unexpected replication protocol message: {0}")]
@@ -62,7 +64,9 @@ pub enum WalsenderError {
 impl WalsenderError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            WalsenderError::NoPassword | WalsenderError::Unsupported(_) => ErrorClass::Definite,
+            WalsenderError::NoPassword
+            | WalsenderError::CleartextRefused
+            | WalsenderError::Unsupported(_) => ErrorClass::Definite,
             WalsenderError::Server { code, .. } => class_of_sqlstate(code),
             _ => ErrorClass::Transient,
         }
@@ -126,6 +130,7 @@ impl WalsenderConnection {
         cfg: &tokio_postgres::Config,
         application_name: &str,
         timeout: Duration,
+        allow_cleartext: bool,
     ) -> Result<WalsenderConnection, WalsenderError> {
         if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err(WalsenderError::Unsupported(
@@ -149,7 +154,8 @@ impl WalsenderConnection {
         params.extend_from_slice(OUTPUT_SETTINGS);
         frontend::startup_message(params, &mut conn.write)?;
         conn.flush().await?;
-        conn.authenticate(user, cfg.get_password()).await?;
+        conn.authenticate(user, cfg.get_password(), allow_cleartext)
+            .await?;
         conn.wait_ready().await?;
         Ok(conn)
     }
@@ -158,6 +164,7 @@ impl WalsenderConnection {
         &mut self,
         user: &str,
         password: Option<&[u8]>,
+        allow_cleartext: bool,
     ) -> Result<(), WalsenderError> {
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -166,6 +173,9 @@ impl WalsenderConnection {
             match msg {
                 backend::Message::AuthenticationOk => return Ok(()),
                 backend::Message::AuthenticationCleartextPassword => {
+                    if !allow_cleartext {
+                        return Err(WalsenderError::CleartextRefused);
+                    }
                     let pw = password.ok_or(WalsenderError::NoPassword)?;
                     frontend::password_message(pw, &mut self.write)?;
                 }

@@ -1,7 +1,8 @@
-//! The walsender connection authenticates with trust, md5 and SCRAM-SHA-256, and
-//! reports bad credentials as definite errors.
+//! The walsender connection authenticates with trust, md5 and SCRAM-SHA-256, sends a
+//! cleartext password only where allowed, and reports bad credentials as definite
+//! errors.
 
-use crate::harness::pg::{Cluster, MD5_USER, SCRAM_USER};
+use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
 use duplex::source::walsender::{WalsenderConnection, WalsenderError};
 use duplex::ErrorClass;
 use std::str::FromStr;
@@ -11,12 +12,26 @@ async fn connect(
     user: &str,
     password: Option<&str>,
 ) -> Result<WalsenderConnection, WalsenderError> {
+    connect_allowing(user, password, false).await
+}
+
+async fn connect_allowing(
+    user: &str,
+    password: Option<&str>,
+    allow_cleartext: bool,
+) -> Result<WalsenderConnection, WalsenderError> {
     let cluster = Cluster::shared();
     let mut cfg = tokio_postgres::Config::from_str(&cluster.url(user, "postgres")).unwrap();
     if let Some(pw) = password {
         cfg.password(pw);
     }
-    WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(10)).await
+    WalsenderConnection::connect(
+        &cfg,
+        "duplex test",
+        Duration::from_secs(10),
+        allow_cleartext,
+    )
+    .await
 }
 
 #[tokio::test]
@@ -63,10 +78,26 @@ async fn unreachable_node_is_transient() {
     let port = crate::harness::free_port();
     let cfg =
         tokio_postgres::Config::from_str(&format!("postgres://x@127.0.0.1:{port}/db")).unwrap();
-    let e = WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(5))
+    let e = WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(5), false)
         .await
         .err()
         .expect("connected to nothing");
     assert_eq!(e.class(), ErrorClass::Transient, "{e}");
     assert!(e.to_string().contains(&port.to_string()), "{e}");
+}
+
+/// A request for the password in cleartext is refused unless the node's config allows
+/// it: a node set up for md5 or SCRAM never asks that.
+#[tokio::test]
+async fn a_cleartext_password_request_is_refused_unless_allowed() {
+    let (user, pw) = CLEARTEXT_USER;
+    let e = connect(user, Some(pw))
+        .await
+        .err()
+        .expect("the password went out in cleartext");
+    assert!(matches!(e, WalsenderError::CleartextRefused), "{e}");
+    assert_eq!(e.class(), ErrorClass::Definite);
+    assert!(e.to_string().contains("allow_cleartext_password"), "{e}");
+    let mut conn = connect_allowing(user, Some(pw), true).await.unwrap();
+    assert!(conn.identify_system().await.is_ok());
 }

@@ -12,6 +12,8 @@ pub const MD5_USER: (&str, &str) = ("duplex_md5", "md5-secret");
 pub const SCRAM_USER: (&str, &str) = ("duplex_scram", "scram-secret");
 /// A role that may log in but not replicate.
 pub const PLAIN_USER: &str = "duplex_plain";
+/// Authenticated by pg_hba.conf method `password` (the password sent in cleartext).
+pub const CLEARTEXT_USER: (&str, &str) = ("duplex_cleartext", "cleartext-secret");
 
 const HBA: &str = "\
 local all all trust
@@ -20,6 +22,8 @@ host all duplex_md5 127.0.0.1/32 md5
 host replication duplex_md5 127.0.0.1/32 md5
 host all duplex_scram 127.0.0.1/32 scram-sha-256
 host replication duplex_scram 127.0.0.1/32 scram-sha-256
+host all duplex_cleartext 127.0.0.1/32 password
+host replication duplex_cleartext 127.0.0.1/32 password
 host all all 127.0.0.1/32 trust
 host replication all 127.0.0.1/32 trust
 ";
@@ -130,8 +134,9 @@ impl Cluster {
         cluster.psql("postgres", &format!(
             "SET password_encryption = 'md5'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
              SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
-             CREATE ROLE {PLAIN_USER} LOGIN;",
-            MD5_USER.0, MD5_USER.1, SCRAM_USER.0, SCRAM_USER.1
+             CREATE ROLE {PLAIN_USER} LOGIN;
+             CREATE ROLE {} LOGIN REPLICATION PASSWORD '{}';",
+            MD5_USER.0, MD5_USER.1, SCRAM_USER.0, SCRAM_USER.1, CLEARTEXT_USER.0, CLEARTEXT_USER.1
         ));
         cluster
     }
