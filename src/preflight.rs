@@ -86,7 +86,8 @@ pub async fn node_problems(
         let row = client
             .query_one(
                 "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),
-                        has_parameter_privilege('session_replication_role', 'SET')",
+                        has_parameter_privilege('session_replication_role', 'SET'),
+                        has_parameter_privilege('deadlock_timeout', 'SET')",
                 &[],
             )
             .await?;
@@ -98,6 +99,11 @@ pub async fn node_problems(
         if !row.get::<_, bool>(1) {
             problems.push(format!(
                 "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
+            ));
+        }
+        if !row.get::<_, bool>(2) {
+            problems.push(format!(
+                "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted; run GRANT SET ON PARAMETER deadlock_timeout TO {user}"
             ));
         }
     }

@@ -380,18 +380,30 @@ impl TargetTable {
 
     /// Deletes rows whose keys are `$1..$n` unless the target's version is newer than
     /// the delete's time `$n+1`, and records a tombstone for each key at that time
-    /// from node `$n+3`. `$n+2` is the table name.
+    /// from node `$n+3`. `$n+2` is the table name. Rows go before tombstones, and
+    /// tombstones in key order, as an application's delete (row, then its trigger's
+    /// tombstone) takes them: the two never wait on each other crosswise.
     pub fn delete_sql(&self) -> String {
         let n = self.key.len();
         let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
         let names: Vec<String> = (0..n).map(|p| format!("k{p}")).collect();
+        let order: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(p, k)| format!("i.k{p}::{}", self.type_of(k)))
+            .collect();
         let upd = quote_ident(&self.updated_at);
+        // The scalar subquery over `d` runs as an init plan: the delete completes
+        // before the first tombstone is inserted.
         format!(
             "WITH i AS (SELECT * FROM unnest({keys}, ${ts}::text[]) AS i({names}, ts)),
              d AS (DELETE FROM {table} t USING i WHERE {join}
-                   AND (t.{upd} IS NULL OR t.{upd} <= i.ts::{ty}))
+                   AND (t.{upd} IS NULL OR t.{upd} <= i.ts::{ty}) RETURNING 1)
              INSERT INTO duplex.tombstones (table_name, key, deleted_at, origin)
              SELECT ${tbl}::text, {tomb}, i.ts::timestamptz, ${origin}::text FROM i
+             WHERE (SELECT count(*) FROM d) >= 0
+             ORDER BY {order}
              ON CONFLICT (table_name, key) DO UPDATE
                SET deleted_at = greatest(duplex.tombstones.deleted_at, EXCLUDED.deleted_at),
                    origin = EXCLUDED.origin",
@@ -404,6 +416,7 @@ impl TargetTable {
             join = self.key_join(),
             tomb = self.tombstone_key(),
             ty = self.type_of(&self.updated_at),
+            order = order.join(", "),
         )
     }
 }

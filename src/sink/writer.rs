@@ -22,6 +22,10 @@ use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
+/// `deadlock_timeout` of apply sessions, in ms: below the application's (1 s by
+/// default), so that duplex is the one to give up in a deadlock.
+const APPLY_DEADLOCK_TIMEOUT_MS: u64 = 100;
+
 mod lww;
 mod toast;
 
@@ -138,6 +142,19 @@ impl<'a> TargetWriter<'a> {
             .map_err(w.sql(&format!(
                 "using replication origin {origin} (run duplex setup)"
             )))?;
+        // In a deadlock with the application, the session that waited deadlock_timeout
+        // first gives up: let that be duplex, which writes its transaction again,
+        // rather than the application, which would see an error.
+        if let Err(e) = w
+            .client
+            .batch_execute(&format!(
+                "SET deadlock_timeout = {APPLY_DEADLOCK_TIMEOUT_MS}"
+            ))
+            .await
+        {
+            tracing::warn!(direction = %dir, error = %slot::describe(&e),
+                "cannot lower deadlock_timeout for apply sessions (GRANT SET ON PARAMETER deadlock_timeout TO the duplex role): in a deadlock with duplex, the application's transaction may be the one aborted");
+        }
         Ok(w)
     }
 

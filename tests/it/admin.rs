@@ -54,6 +54,7 @@ async fn check_names_every_problem() {
         "kafka: brokers 127.0.0.1:",
         &format!("node b: role {PLAIN_USER} may not use replication origins"),
         &format!("node b: role {PLAIN_USER} may not set session_replication_role"),
+        &format!("node b: role {PLAIN_USER} may not set deadlock_timeout"),
     ] {
         assert!(t.contains(expected), "missing {expected:?} in:\n{t}");
     }
