@@ -11,7 +11,7 @@ use crate::config::{Config, Direction, OnError};
 use crate::event::{ChangeEvent, Lsn, Position};
 use crate::metrics as m;
 use crate::sink::apply::ApplyError;
-use crate::sink::batch::{prepare_batch, DeleteTimes};
+use crate::sink::batch::{prepare_batch, writable_len, DeleteTimes};
 use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::progress::{self, Standing, Stored};
 use crate::sink::sequence::{Gap, Next, Sequence};
@@ -38,6 +38,9 @@ const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 /// Times a transaction that met a deadlock, serialization failure or lock timeout is
 /// rolled back and written again in place before the session restarts instead.
 const IN_PLACE_ATTEMPTS: u32 = 5;
+
+/// Events a batch may grow to while deletes wait for their tombstones, at least.
+const HELD_MIN: usize = 1000;
 
 /// An event waiting in the batch, with its Kafka coordinates.
 struct Pending {
@@ -280,11 +283,31 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Writes the batch into the open transaction (without committing). A deadlock or
-    /// serialization failure rolls the transaction back and writes it again, from
-    /// `written`, when that holds all of it; else the session restarts.
+    /// Writes the batch into the open transaction (without committing), but for a
+    /// tail of deletes whose tombstones have not arrived yet (see [`writable_len`]).
+    /// Memory stays bounded: past [`HELD_MIN`] events or two batches, whichever is
+    /// more, everything is written (such deletes then take their commit time).
     async fn flush(&mut self) -> Result<(), ApplyError> {
         self.first_pending_at = None;
+        let events: Vec<&ChangeEvent> = self.pending.iter().map(|p| &p.event).collect();
+        let most = HELD_MIN.max(2 * self.cfg.sync.batch_rows);
+        let ready = match writable_len(&events) {
+            _ if self.pending.len() >= most => self.pending.len(),
+            n => n,
+        };
+        let held = self.pending.split_off(ready);
+        let written = self.write_pending().await;
+        self.pending.extend(held);
+        if !self.pending.is_empty() {
+            self.first_pending_at.get_or_insert_with(Instant::now);
+        }
+        written
+    }
+
+    /// Writes `pending` into the open transaction. A deadlock or serialization failure
+    /// rolls the transaction back and writes it again, from `written`, when that holds
+    /// all of it; else the session restarts.
+    async fn write_pending(&mut self) -> Result<(), ApplyError> {
         let mut attempt = 0;
         loop {
             let pending = std::mem::take(&mut self.pending);

@@ -233,3 +233,45 @@ async fn a_row_older_than_its_nodes_tombstone_is_removed() {
     assert_eq!(count(&a, "SELECT count(*) FROM items").await, 0);
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// A statement's deletes come before their tombstones (row triggers fire at its end):
+/// however small the batches, the peer records each delete at the source's exact time,
+/// never at the commit time.
+#[tokio::test]
+async fn small_batches_keep_each_delete_with_its_tombstone() {
+    let rig = Rig::new(ITEMS, &["public.items"], "").await;
+    rig.edit_config(&[("linger_ms = 10", "linger_ms = 10\nbatch_rows = 1")]);
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let d = rig.start();
+    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x'), (2, 'y'), (3, 'z')")
+        .await
+        .unwrap();
+    wait_count(&b, "SELECT count(*) FROM items", 3).await;
+    a.batch_execute(
+        "BEGIN; DELETE FROM items WHERE id IN (1, 2, 3); SELECT pg_sleep(0.2);
+         INSERT INTO items (id, val) VALUES (4, 'w'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_count(&b, "SELECT count(*) FROM items WHERE id = 4", 1).await;
+    let tombs = "SELECT key::text || ' ' || deleted_at::text FROM duplex.tombstones ORDER BY key";
+    let ta: Vec<String> = a
+        .query(tombs, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let tb: Vec<String> = b
+        .query(tombs, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ta.len(), 3, "{ta:?}");
+    assert_eq!(ta, tb);
+    assert_eq!(d.stop().await, Some(0));
+}
