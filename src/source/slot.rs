@@ -433,6 +433,22 @@ async fn ensure_slot(
                 detail: format!("slot {slot} exists but is not a pgoutput logical slot; drop it or set nodes.{node}.slot"),
             });
         }
+        // Slot names are per cluster: another deployment may hold this one.
+        let database: Option<String> = row.get(1);
+        let here: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(sql_err(node, "reading the database name"))?
+            .get(0);
+        if database.as_deref() != Some(here.as_str()) {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!(
+                    "slot {slot} belongs to database {}, not {here}: slot names are shared by the whole cluster; set nodes.{node}.slot to a name of this deployment's own",
+                    database.as_deref().unwrap_or("?")
+                ),
+            });
+        }
         // A slot made before duplex kept this record: remember it from now on.
         client
             .execute(

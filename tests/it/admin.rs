@@ -60,6 +60,30 @@ async fn check_names_every_problem() {
     }
 }
 
+/// Slot names are per cluster: a second deployment on another database of the same
+/// cluster that picks the first one's slot name is refused, naming the database.
+#[tokio::test]
+async fn a_slot_of_another_database_is_refused() {
+    let first = Rig::new(DDL, &["public.items"], "").await;
+    assert!(first.command(&["setup"]).status.success());
+    let second = Rig::new(DDL, &["public.items"], "").await;
+    second.edit_config(&[(
+        &format!("slot = \"{}\"", second.slot_a()),
+        &format!("slot = \"{}\"", first.slot_a()),
+    )]);
+    let out = second.command(&["setup"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!(
+            "slot {} belongs to database {}",
+            first.slot_a(),
+            first.db_a
+        )),
+        "{t}"
+    );
+}
+
 /// A `timestamp` (no time zone) `updated_at` is read as UTC: fine where sessions
 /// default to UTC, refused by `check` and `run` where they default to another zone.
 #[tokio::test]
