@@ -65,6 +65,12 @@ pub enum ApplyError {
     },
     #[error("direction {direction}: source transaction {} arrived with events missing (found {} at Kafka offset {}, expected {}); rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again", gap.commit_lsn, gap.found, gap.offset, gap.expected.map_or("a new transaction".into(), |s| format!("seq {s}")))]
     IncompleteTransaction { direction: String, gap: Gap },
+    #[error("direction {direction}: no message for {secs} s while part of source transaction {commit_lsn} was written to the target: rolled it back to release its row locks; reading it again from the last commit")]
+    Stalled {
+        direction: String,
+        commit_lsn: String,
+        secs: u64,
+    },
     #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
     BadEvent {
         direction: String,
@@ -81,9 +87,9 @@ impl Classify for ApplyError {
         match self {
             ApplyError::Write(e) => e.class(),
             ApplyError::Node(e) => e.class(),
-            ApplyError::Kafka { .. } | ApplyError::IncompleteTransaction { .. } => {
-                ErrorClass::Transient
-            }
+            ApplyError::Kafka { .. }
+            | ApplyError::IncompleteTransaction { .. }
+            | ApplyError::Stalled { .. } => ErrorClass::Transient,
             ApplyError::Sink { source, .. } => source.class(),
             ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
         }
@@ -226,6 +232,7 @@ async fn apply_once(
     let mut expect_first = committed_next;
     loop {
         let deadline = worker.linger_deadline();
+        let stall = worker.stall_deadline();
         tokio::select! {
             biased;
             _ = shutdown.changed() => return worker.finish().await,
@@ -241,6 +248,7 @@ async fn apply_once(
                 worker.take(msg.offset(), msg.key().unwrap_or_default(), msg.payload().unwrap_or_default()).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => worker.linger_expired().await?,
+            _ = sleep_until(stall), if stall.is_some() => worker.stalled().await?,
             _ = sweep.tick() => worker.sweep().await?,
         }
     }

@@ -5,7 +5,7 @@
 
 use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES, TRUNCATIONS};
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// When each deleted key was deleted, and each truncated table truncated, on the
 /// source, from the tombstones and truncation rows published in the same transaction.
@@ -95,60 +95,20 @@ pub fn prepare_batch<'e>(
     (out, deleted)
 }
 
-/// How many of `events` (in order) to write now: all, unless a delete or key change
-/// of the unfinished last source transaction has no tombstone among them yet; then
-/// all before that transaction's first delete or key change. The source's trigger
-/// writes each tombstone later in the same transaction (row triggers fire at the end
-/// of their statement, after all its rows), and the writer needs it, in the same
-/// batch, for the delete's exact time.
+/// How many of `events` (in order) to write now: those before the unfinished last
+/// source transaction, if any. A transaction is written whole, so that its deletes
+/// meet their tombstones (the source's trigger writes each later in the same
+/// transaction: row triggers fire at the end of their statement) and so that the
+/// target never holds row locks for a transaction whose end has not arrived (the
+/// source may be down for long). The caller bounds how much it holds back.
 pub fn writable_len(events: &[&ChangeEvent]) -> usize {
     let Some(last) = events.last().filter(|e| !e.source.last) else {
         return events.len();
     };
-    let open_from = events
+    events
         .iter()
         .rposition(|e| e.source.lsn != last.source.lsn)
-        .map_or(0, |i| i + 1);
-    let open = &events[open_from..];
-    let tombstones: HashSet<DeletedKey> = open
-        .iter()
-        .filter(|e| (e.source.schema.as_str(), e.source.table.as_str()) == TOMBSTONES)
-        .filter_map(|e| e.after.as_ref().and_then(tombstone_of))
-        .map(|(key, _)| key)
-        .collect();
-    let awaited: Vec<(usize, DeletedKey)> = open
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| awaited_tombstone(e).map(|k| (i, k)))
-        .collect();
-    match awaited.first() {
-        Some((first, _)) if awaited.iter().any(|(_, k)| !tombstones.contains(k)) => {
-            open_from + first
-        }
-        _ => events.len(),
-    }
-}
-
-/// The tombstone the source's trigger writes for `ev`: a delete's, or a key change's
-/// for the old key.
-fn awaited_tombstone(ev: &ChangeEvent) -> Option<DeletedKey> {
-    if ev.source.schema == TOMBSTONES.0 {
-        return None;
-    }
-    let before = ev.before.as_ref()?;
-    let key_of =
-        |row: &Row| -> Option<Vec<String>> { ev.key.iter().map(|k| text(row, k)).collect() };
-    let old = key_of(before)?;
-    let waits = match ev.op {
-        Op::Delete => true,
-        Op::Update => ev
-            .after
-            .as_ref()
-            .and_then(key_of)
-            .is_some_and(|new| new != old),
-        _ => false,
-    };
-    waits.then(|| (format!("{}.{}", ev.source.schema, ev.source.table), old))
+        .map_or(0, |i| i + 1)
 }
 
 /// The latest image of each key seen in a batch: (table, key values) → row.
@@ -377,9 +337,8 @@ mod tests {
         assert!(prepare_batch([&ev].into_iter()).0.is_empty());
     }
 
-    /// An event of transaction `lsn` on `schema.table`, keyed by `id`.
+    /// An event of transaction `lsn` on `public.items`, keyed by `id`.
     fn row_event(
-        table: &str,
         op: Op,
         before: Option<&str>,
         after: Option<&str>,
@@ -388,46 +347,24 @@ mod tests {
     ) -> ChangeEvent {
         let row = |id: &str| Row(vec![("id".to_string(), Value::Text(id.into()))]);
         let mut ev = repair("{}", None, op);
-        let (schema, name) = table.split_once('.').unwrap();
-        (ev.source.schema, ev.source.table) = (schema.into(), name.into());
+        (ev.source.schema, ev.source.table) = ("public".into(), "items".into());
         (ev.source.lsn, ev.source.last) = (Lsn(lsn), last);
         (ev.before, ev.after) = (before.map(row), after.map(row));
         ev
     }
 
-    fn tombstone(id: &str, lsn: u64, last: bool) -> ChangeEvent {
-        let mut ev = row_event("duplex.tombstones", Op::Insert, None, None, lsn, last);
-        ev.after = Some(Row(vec![
-            ("table_name".into(), Value::Text("public.items".into())),
-            ("key".into(), Value::Text(format!("[\"{id}\"]"))),
-            (
-                "deleted_at".into(),
-                Value::Text("2026-11-30 04:00:00+00".into()),
-            ),
-        ]));
-        ev
-    }
-
     #[test]
-    fn deletes_wait_for_their_tombstones_within_an_open_transaction() {
-        let done = row_event("public.items", Op::Insert, None, Some("9"), 1, true);
-        let d1 = row_event("public.items", Op::Delete, Some("1"), None, 2, false);
-        let d2 = row_event("public.items", Op::Delete, Some("2"), None, 2, false);
-        let rename = row_event("public.items", Op::Update, Some("3"), Some("4"), 2, false);
-        let plain = row_event("public.items", Op::Update, Some("5"), Some("5"), 2, false);
-        let (t1, t2) = (tombstone("1", 2, false), tombstone("2", 2, false));
+    fn an_unfinished_transaction_is_held_back_whole() {
+        let t1 = row_event(Op::Insert, None, Some("9"), 1, true);
+        let t2 = row_event(Op::Insert, None, Some("8"), 2, true);
+        let d1 = row_event(Op::Delete, Some("1"), None, 3, false);
+        let d2 = row_event(Op::Delete, Some("2"), None, 3, false);
         let n = |evs: &[&ChangeEvent]| writable_len(evs);
-        // A statement's deletes come before their tombstones: hold from the first
-        // delete while any tombstone is missing.
-        assert_eq!(n(&[&done, &d1, &d2]), 1);
-        assert_eq!(n(&[&done, &d1, &d2, &t1]), 1);
-        assert_eq!(n(&[&done, &d1, &d2, &t1, &t2]), 5);
-        // A key change waits for the old key's tombstone; an update keeping its key
-        // (an old row under REPLICA IDENTITY FULL) waits for nothing.
-        assert_eq!(n(&[&done, &plain, &rename]), 2);
-        // A finished transaction is written whole.
-        let mut d1_last = d1.clone();
-        d1_last.source.last = true;
-        assert_eq!(n(&[&done, &d1_last]), 2);
+        assert_eq!(n(&[&t1, &t2, &d1, &d2]), 2);
+        assert_eq!(n(&[&d1, &d2]), 0);
+        let mut d2_last = d2.clone();
+        d2_last.source.last = true;
+        assert_eq!(n(&[&t1, &d1, &d2_last]), 3);
+        assert_eq!(n(&[]), 0);
     }
 }

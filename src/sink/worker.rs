@@ -6,6 +6,9 @@
 //! [`super::apply`]. Out: target transactions holding whole source transactions plus
 //! the `duplex.apply_positions` row saying how far they reach; nothing is durable
 //! before that commit returns. Events at or below the applied position are skipped.
+//! A source transaction is written once its end has arrived, unless it outgrows what
+//! may be held back; `incomplete` handles transactions that do not arrive whole,
+//! `maintenance` the sweep and pruning between transactions.
 
 use crate::config::{Config, Direction, OnError};
 use crate::event::{ChangeEvent, Lsn, Position};
@@ -16,30 +19,22 @@ use crate::sink::dead_letter::{self, DeadLetter};
 use crate::sink::progress::{self, Standing, Stored};
 use crate::sink::sequence::{Gap, Next, Sequence};
 use crate::sink::writer::{TargetWriter, WriteError};
-use crate::source::walsender::quote_literal;
 use crate::ErrorClass;
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod incomplete;
+mod maintenance;
+
+pub(super) use maintenance::SWEEP_EVERY;
 use tokio::sync::watch;
-
-/// How often conflicts, repairs and tombstones are pruned.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
-
-/// How far back the sweep looks for tombstones that outdate a row of their key: longer
-/// than an application transaction is expected to stay open.
-const SWEEP_WINDOW_MS: i64 = 60_000;
-
-/// How often the sweep runs.
-pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// The longest tombstone retention honoured (100 years).
-const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// Times a transaction that met a deadlock, serialization failure or lock timeout is
 /// rolled back and written again in place before the session restarts instead.
 const IN_PLACE_ATTEMPTS: u32 = 5;
 
-/// Events a batch may grow to while deletes wait for their tombstones, at least.
+/// Events a batch may grow to while an unfinished source transaction is held back,
+/// at least.
 const HELD_MIN: usize = 1000;
 
 /// An event waiting in the batch, with its Kafka coordinates.
@@ -78,6 +73,11 @@ pub(super) struct Worker<'a> {
     written: Vec<Pending>,
     /// `written` holds every event of the open transaction.
     written_complete: bool,
+    /// The open transaction holds part of a source transaction whose end has not
+    /// arrived (it outgrew what may be held back).
+    partial_written: bool,
+    /// When the last message was taken.
+    last_taken_at: Instant,
     duplicates: metrics::Counter,
     gaps: metrics::Counter,
 }
@@ -112,6 +112,8 @@ impl<'a> Worker<'a> {
             standing_tx: None,
             written: Vec::new(),
             written_complete: true,
+            partial_written: false,
+            last_taken_at: Instant::now(),
             duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
             gaps: metrics::counter!(m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL, "direction" => dir.to_string()),
         }
@@ -164,6 +166,7 @@ impl<'a> Worker<'a> {
     ) -> Result<(), ApplyError> {
         self.next_offset = Some(offset + 1);
         self.consumed_next = Some(offset + 1);
+        self.last_taken_at = Instant::now();
         let event = match ChangeEvent::from_json(raw) {
             Ok(e) => e,
             Err(e) => {
@@ -209,7 +212,10 @@ impl<'a> Worker<'a> {
                 self.pending.last().map(|p| p.event.source.commit_ts_us);
             self.publish();
         }
-        if self.pending.len() >= self.cfg.sync.batch_rows {
+        // A full batch is written at its source transaction's end, or once it holds
+        // as much as may be held back (see `flush`).
+        let n = self.pending.len();
+        if n >= self.cfg.sync.batch_rows && (self.sequence.at_boundary() || n >= self.held_max()) {
             self.flush().await?;
             if self.sequence.at_boundary() {
                 self.commit().await?;
@@ -218,51 +224,10 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// A new stream (the source's slot was created again: after a restore, or after a
-    /// loss the operator resolved with `duplex setup`) starts positions over: its
-    /// LSNs may be below everything applied so far, and are no duplicates.
-    fn follow_stream(&mut self, event: &ChangeEvent) {
-        let Some(stream) = &event.source.stream else {
-            return;
-        };
-        if self.stream.as_ref() == Some(stream) {
-            return;
-        }
-        if let Some(old) = &self.stream {
-            tracing::warn!(direction = %self.dir, old_stream = %old, new_stream = %stream, position = %event.position(),
-                "the source's slot was created again: applying its changes from the start of the new slot");
-            self.sequence = Sequence::new(None, None);
-        }
-        self.stream = Some(stream.clone());
-    }
-
-    /// The open source transaction has a hole (see [`Sequence`]): its `taken` events
-    /// are dropped if none was written yet; else the target transaction is rolled back
-    /// and the session restarts from the committed offset, skipping the broken copy.
-    async fn discard(&mut self, gap: Gap, taken: usize) -> Result<(), ApplyError> {
-        self.gaps.increment(1);
-        if taken <= self.pending.len() {
-            tracing::warn!(direction = %self.dir, commit_lsn = %gap.commit_lsn, found = %gap.found, expected_seq = ?gap.expected, offset = gap.offset,
-                "a source transaction arrived with events missing; discarded it, waiting for the source to publish it again");
-            self.pending.truncate(self.pending.len() - taken);
-            if self.pending.is_empty() {
-                self.first_pending_at = None;
-                self.oldest_pending_commit_us = None;
-            }
-            return Ok(());
-        }
-        if self.in_txn {
-            self.writer.execute("ROLLBACK", "rolling back").await?;
-            self.in_txn = false;
-        }
-        self.pending.clear();
-        self.written.clear();
-        self.written_complete = true;
-        self.txn_commits.clear();
-        Err(ApplyError::IncompleteTransaction {
-            direction: self.dir.to_string(),
-            gap,
-        })
+    /// Events the batch may grow to while an unfinished source transaction is held
+    /// back.
+    fn held_max(&self) -> usize {
+        HELD_MIN.max(2 * self.cfg.sync.batch_rows)
     }
 
     pub(super) async fn linger_expired(&mut self) -> Result<(), ApplyError> {
@@ -283,24 +248,25 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Writes the batch into the open transaction (without committing), but for a
-    /// tail of deletes whose tombstones have not arrived yet (see [`writable_len`]).
-    /// Memory stays bounded: past [`HELD_MIN`] events or two batches, whichever is
-    /// more, everything is written (such deletes then take their commit time).
+    /// Writes the batch into the open transaction (without committing), but for an
+    /// unfinished source transaction at its end (see [`writable_len`]). Memory stays
+    /// bounded: from [`Self::held_max`] events on, everything is written, and a
+    /// transaction that large may hold target row locks until its end arrives (or
+    /// [`incomplete::STALLED_AFTER`] passes without a message).
     async fn flush(&mut self) -> Result<(), ApplyError> {
         self.first_pending_at = None;
         let events: Vec<&ChangeEvent> = self.pending.iter().map(|p| &p.event).collect();
-        let most = HELD_MIN.max(2 * self.cfg.sync.batch_rows);
         let ready = match writable_len(&events) {
-            _ if self.pending.len() >= most => self.pending.len(),
+            _ if self.pending.len() >= self.held_max() => self.pending.len(),
             n => n,
         };
         let held = self.pending.split_off(ready);
-        let written = self.write_pending().await;
-        self.pending.extend(held);
-        if !self.pending.is_empty() {
-            self.first_pending_at.get_or_insert_with(Instant::now);
+        if self.pending.last().is_some_and(|p| !p.event.source.last) {
+            self.partial_written = true;
         }
+        let written = self.write_pending().await;
+        // The held events wait for the next message (which arms the linger again).
+        self.pending.extend(held);
         written
     }
 
@@ -485,6 +451,7 @@ impl<'a> Worker<'a> {
             })?;
         self.writer.execute("COMMIT", "committing").await?;
         self.in_txn = false;
+        self.partial_written = false;
         self.written.clear();
         self.written_complete = true;
         self.committed = self.sequence.applied();
@@ -502,49 +469,10 @@ impl<'a> Worker<'a> {
             metrics::counter!(m::APPLY_TRANSACTIONS_TOTAL, "direction" => self.dir.to_string())
                 .increment(1);
         }
-        if self.last_maintenance.elapsed() > MAINTENANCE_EVERY {
+        if self.last_maintenance.elapsed() > maintenance::MAINTENANCE_EVERY {
             self.maintain().await?;
         }
         Ok(())
-    }
-
-    /// Between transactions: removes rows that a recent tombstone of their own node
-    /// outdates (see [`TargetWriter::sweep`]).
-    pub(super) async fn sweep(&mut self) -> Result<(), ApplyError> {
-        if self.in_txn || !self.pending.is_empty() {
-            return Ok(());
-        }
-        let removed = self.writer.sweep(SWEEP_WINDOW_MS).await?;
-        if removed > 0 {
-            tracing::info!(direction = %self.dir, removed, "removed rows older than their key's tombstone");
-        }
-        Ok(())
-    }
-
-    /// Prunes old tombstones, conflicts and repairs (a repair is published when it
-    /// commits; the row is kept only to be inspected). A tombstone guards against the
-    /// source's older versions still to come, so its age counts from how far this
-    /// direction has applied (the source commit time of the newest change applied;
-    /// nothing is pruned before the first), not from the wall clock: a direction
-    /// halted for longer than the retention keeps every tombstone its backlog may meet.
-    pub(super) async fn maintain(&mut self) -> Result<(), ApplyError> {
-        self.last_maintenance = Instant::now();
-        // Beyond a century the interval would overflow; nothing is that old anyway.
-        let retention_ms = self.cfg.sync.tombstone_retention_ms.min(MAX_RETENTION_MS);
-        let sql = format!(
-            "DELETE FROM duplex.tombstones WHERE deleted_at < least(now(), coalesce(
-               (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
-               '-infinity')) - {retention_ms} * interval '1 millisecond';
-             DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
-             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
-            kept = self.cfg.sync.conflicts_kept,
-            from = quote_literal(&self.dir.from),
-            topic = quote_literal(&self.cfg.topic(&self.dir.from)),
-        );
-        Ok(self
-            .writer
-            .execute(&sql, "pruning tombstones and conflicts")
-            .await?)
     }
 
     /// Clean stop: commit what forms whole source transactions, drop the rest (it is

@@ -9,10 +9,10 @@ use crate::harness::pg::Cluster;
 use duplex::event::{format_unix_us, ChangeEvent, Lsn, Op, Row, Source, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const DDL: &str =
+pub const DDL: &str =
     "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL)";
 
-fn now_us() -> i64 {
+pub fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -20,7 +20,7 @@ fn now_us() -> i64 {
 }
 
 /// Transaction `lsn` of node a, inserting `ids` (one event each, the last flagged).
-fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
+pub fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
     let at = now_us() - 1_000_000;
     ids.iter()
         .enumerate()
@@ -127,26 +127,29 @@ async fn a_transaction_with_a_hole_is_applied_from_its_next_copy() {
 
 #[tokio::test]
 async fn a_hole_found_after_part_of_the_transaction_was_written_rolls_it_back() {
-    // Batches of 2 rows: the broken copy's head is written before the hole shows.
+    // With batches of 2 rows, 1,000 events of an unfinished transaction are held back
+    // at most: the broken copy's first 1,000 are written before the hole shows.
     let rig = Rig::new(DDL, &["public.items"], "").await;
     rig.edit_config(&[("linger_ms = 10", "linger_ms = 10\nbatch_rows = 2")]);
     let db = rig.db_a.clone();
+    let big: Vec<i32> = (2..=1004).collect();
     let events = [
         txn(&db, 0x100, &[1]),
-        without(txn(&db, 0x200, &[2, 3, 4, 5, 6, 7]), 3),
+        without(txn(&db, 0x200, &big), 1001),
         txn(&db, 0x100, &[1]),
-        txn(&db, 0x200, &[2, 3, 4, 5, 6, 7]),
-        txn(&db, 0x300, &[8]),
+        txn(&db, 0x200, &big),
+        txn(&db, 0x300, &[1005]),
     ]
     .concat();
-    let logs = apply(&rig, &events, &[1, 2, 3, 4, 5, 6, 7, 8]).await;
+    let all: Vec<i32> = (1..=1005).collect();
+    let logs = apply(&rig, &events, &all).await;
     assert!(
         logs.contains("rolled back what was written of it"),
         "{logs}"
     );
     // Nothing of the broken copy stayed: each row was written once, by the next copy.
     let b = Cluster::shared().client(&rig.db_b).await;
-    assert_eq!(rows(&b, "items").await.len(), 8);
+    assert_eq!(rows(&b, "items").await.len(), 1005);
 }
 
 #[tokio::test]

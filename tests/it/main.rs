@@ -15,6 +15,7 @@ mod interleavings;
 mod long_transactions;
 mod observability;
 mod oversize;
+mod partial;
 mod restore;
 mod source;
 mod timeouts;

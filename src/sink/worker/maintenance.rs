@@ -1,0 +1,62 @@
+//! Between transactions, the worker keeps the target's duplex tables small: it sweeps
+//! rows older than a recent tombstone of their key, and prunes old tombstones,
+//! conflicts and repairs.
+
+use super::Worker;
+use crate::sink::apply::ApplyError;
+use crate::source::walsender::quote_literal;
+use std::time::{Duration, Instant};
+
+/// How often conflicts, repairs and tombstones are pruned.
+pub(super) const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// How far back the sweep looks for tombstones that outdate a row of their key: longer
+/// than an application transaction is expected to stay open.
+const SWEEP_WINDOW_MS: i64 = 60_000;
+
+/// How often the sweep runs.
+pub(in crate::sink) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest tombstone retention honoured (100 years).
+const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
+impl Worker<'_> {
+    /// Between transactions: removes rows that a recent tombstone of their own node
+    /// outdates (see [`TargetWriter::sweep`]).
+    pub(in crate::sink) async fn sweep(&mut self) -> Result<(), ApplyError> {
+        if self.in_txn || !self.pending.is_empty() {
+            return Ok(());
+        }
+        let removed = self.writer.sweep(SWEEP_WINDOW_MS).await?;
+        if removed > 0 {
+            tracing::info!(direction = %self.dir, removed, "removed rows older than their key's tombstone");
+        }
+        Ok(())
+    }
+
+    /// Prunes old tombstones, conflicts and repairs (a repair is published when it
+    /// commits; the row is kept only to be inspected). A tombstone guards against the
+    /// source's older versions still to come, so its age counts from how far this
+    /// direction has applied (the source commit time of the newest change applied;
+    /// nothing is pruned before the first), not from the wall clock: a direction
+    /// halted for longer than the retention keeps every tombstone its backlog may meet.
+    pub(in crate::sink) async fn maintain(&mut self) -> Result<(), ApplyError> {
+        self.last_maintenance = Instant::now();
+        // Beyond a century the interval would overflow; nothing is that old anyway.
+        let retention_ms = self.cfg.sync.tombstone_retention_ms.min(MAX_RETENTION_MS);
+        let sql = format!(
+            "DELETE FROM duplex.tombstones WHERE deleted_at < least(now(), coalesce(
+               (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
+               '-infinity')) - {retention_ms} * interval '1 millisecond';
+             DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
+             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
+            kept = self.cfg.sync.conflicts_kept,
+            from = quote_literal(&self.dir.from),
+            topic = quote_literal(&self.cfg.topic(&self.dir.from)),
+        );
+        Ok(self
+            .writer
+            .execute(&sql, "pruning tombstones and conflicts")
+            .await?)
+    }
+}
