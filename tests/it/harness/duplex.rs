@@ -151,6 +151,23 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+impl Drop for Daemon {
+    /// A failing test shows what its daemon logged (the log's directory is removed at
+    /// exit).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- duplex log {} (last 60 lines) ---\n{}",
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 impl Daemon {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
