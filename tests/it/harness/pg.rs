@@ -103,7 +103,9 @@ impl Cluster {
             ("port", port.to_string()),
             ("unix_socket_directories", format!("'{}'", dir.display())),
             ("wal_level", "logical".into()),
-            ("max_replication_slots", "64".into()),
+            // Every test leaves its slots and its origins' replay state (which this
+            // setting also bounds) behind: room for a whole run.
+            ("max_replication_slots", "512".into()),
             ("max_wal_senders", "64".into()),
             ("max_connections", "200".into()),
             ("fsync", "off".into()),
