@@ -5,10 +5,10 @@
 //! `cargo bench --bench codec`; throughput is reported in events per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use duplex::apply::target::{TargetColumn, TargetTable};
+use duplex::capture::pgoutput::{self, LogicalMessage};
+use duplex::capture::reader::{Output, TableInfo, TxnReader};
 use duplex::event::{ChangeEvent, Lsn};
-use duplex::sink::target::{TargetColumn, TargetTable};
-use duplex::source::pgoutput::{self, LogicalMessage};
-use duplex::source::reader::{Output, TableInfo, TxnReader};
 use std::hint::black_box;
 
 const COLUMNS: &[(&str, &str, &str)] = &[

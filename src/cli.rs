@@ -4,9 +4,9 @@
 //! exit code: 0 on success, 1 when something needs the operator (problems found, a
 //! definite error), 2 for a config that does not load.
 
+use crate::capture::session;
 use crate::config::Config;
 use crate::metrics::{self, Health};
-use crate::pipeline;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -219,14 +219,14 @@ fn uuid(namespace: &str, values: &[String]) -> ExitCode {
 
 async fn dlq(cfg: &Config, action: DlqAction) -> ExitCode {
     let result = match action {
-        DlqAction::List { .. } => crate::sink::dead_letter::list(cfg).await.map(|rows| {
+        DlqAction::List { .. } => crate::apply::dead_letter::list(cfg).await.map(|rows| {
             rows.iter().for_each(|r| println!("{}", r.line));
             if rows.is_empty() {
                 println!("no dead letters");
             }
         }),
         DlqAction::Replay { .. } => {
-            crate::sink::dead_letter::replay(cfg)
+            crate::apply::dead_letter::replay(cfg)
                 .await
                 .map(|(ok, failing)| {
                     println!("replayed {ok}, still failing {failing}");
@@ -258,7 +258,7 @@ async fn check(cfg: &Config) -> ExitCode {
 async fn setup(cfg: &Config) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
     for node in cfg.nodes.keys() {
-        match crate::source::slot::setup(cfg, node, crate::source::slot::LostSlot::Recreate).await {
+        match crate::pg::node::setup(cfg, node, crate::pg::node::LostSlot::Recreate).await {
             Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -276,7 +276,7 @@ async fn teardown(cfg: &Config, yes: bool) -> ExitCode {
     }
     let mut code = ExitCode::SUCCESS;
     for node in cfg.nodes.keys() {
-        match crate::source::slot::teardown(cfg, node).await {
+        match crate::pg::node::teardown(cfg, node).await {
             Ok(done) if done.is_empty() => println!("node {node}: nothing to remove"),
             Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
             Err(e) => {
@@ -296,7 +296,7 @@ async fn tail(cfg: &Config, node: &str, max: Option<usize>, timeout_ms: u64) -> 
     let (kafka, topic) = (cfg.kafka.clone(), cfg.topic(node));
     let idle = std::time::Duration::from_millis(timeout_ms);
     let read = tokio::task::spawn_blocking(move || {
-        crate::sink::kafka::read_topic(&kafka, &topic, max, idle, |v| {
+        crate::capture::producer::read_topic(&kafka, &topic, max, idle, |v| {
             println!("{}", String::from_utf8_lossy(v))
         })
     })
@@ -336,12 +336,13 @@ async fn run(cfg: Arc<Config>) -> ExitCode {
     }
     for node in cfg.source_nodes() {
         let span = tracing::info_span!("source", node = %node);
-        let fut = pipeline::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
+        let fut = session::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
         tasks.spawn(fut.instrument(span));
     }
     for dir in cfg.directions().unwrap_or_default() {
         let span = tracing::info_span!("apply", direction = %dir);
-        let fut = crate::sink::apply::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
+        let fut =
+            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
         // A halted direction stops alone (it logged why, /readyz and the halted gauge
         // show it); the other direction and the readers keep going.
         tasks.spawn(

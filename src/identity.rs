@@ -61,12 +61,12 @@ pub fn trigger_ddl(
     table: &str,
     id: &IdentityConfig,
     ext_schema: &str,
-) -> crate::source::triggers::TriggerDdl {
-    let q = crate::source::walsender::quote_ident;
-    let literal = crate::source::walsender::quote_literal;
+) -> crate::pg::triggers::TriggerDdl {
+    let q = crate::capture::walsender::quote_ident;
+    let literal = crate::capture::walsender::quote_literal;
     let function = format!(
         "duplex.{}",
-        crate::source::triggers::per_table_name("identity", table_name)
+        crate::pg::triggers::per_table_name("identity", table_name)
     );
     let checks: Vec<String> = id
         .from
@@ -110,9 +110,9 @@ END "#,
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn${body}$fn$;
 CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
     FOR EACH ROW EXECUTE FUNCTION {function}();",
-        settings = crate::source::triggers::trigger_function_settings(),
+        settings = crate::pg::triggers::trigger_function_settings(),
     );
-    crate::source::triggers::TriggerDdl {
+    crate::pg::triggers::TriggerDdl {
         function,
         body,
         triggers: vec!["duplex_identity"],

@@ -1,19 +1,20 @@
 //! duplex keeps two PostgreSQL databases in sync in both directions through Kafka.
 //!
-//! Data flows `source` (walsender + pgoutput decoder) → `event` (the change envelope)
-//! → `sink::kafka` (one topic per node); `pipeline` drives that flow and feeds durable
-//! positions back to the replication slot. `config` and `cli` sit around it, `metrics`
-//! exports what happens.
+//! Two pipelines joined by Kafka: `capture` (a node's WAL → `event`s → the node's
+//! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), over
+//! `pg` (what duplex keeps on each node) and the shared `config`, `metrics` and
+//! `identity`. `cli` wires them; `status` and `preflight` read both sides. See
+//! ARCHITECTURE.md.
 
+pub mod apply;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod event;
 pub mod identity;
 pub mod metrics;
-pub mod pipeline;
+pub mod pg;
 pub mod preflight;
-pub mod sink;
-pub mod source;
 pub mod status;
 
 /// How an error is handled, decided once where it is classified.

@@ -5,8 +5,8 @@
 //! runs [`node_problems`] on its own node at start and stops with them if there are
 //! any, since none of them goes away by retrying.
 
+use crate::capture::producer::client_config;
 use crate::config::Config;
-use crate::sink::kafka::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -17,7 +17,7 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let sources = cfg.source_nodes();
     for node in cfg.nodes.keys() {
-        match crate::source::slot::connect(cfg, node, "check").await {
+        match crate::pg::node::connect(cfg, node, "check").await {
             Ok(client) => {
                 let is_source = sources.contains(node);
                 match node_problems(cfg, node, &client, is_source).await {

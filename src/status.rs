@@ -3,9 +3,9 @@
 //! never from a running daemon's memory, so it works whether or not duplex runs and
 //! can gate a cutover.
 
+use crate::capture::producer::client_config;
 use crate::config::{Config, Direction};
-use crate::sink::kafka::client_config;
-use crate::source::slot::{self, describe};
+use crate::pg::node::{self, describe};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ impl Status {
 /// reason after `wait`. A reader that is down, stuck or behind fails it; nothing
 /// else can tell unread changes from WAL without changes.
 pub async fn source_caught_up(cfg: &Config, node: &str, wait: Duration) -> Result<(), String> {
-    let client = slot::connect(cfg, node, "status")
+    let client = node::connect(cfg, node, "status")
         .await
         .map_err(|e| e.to_string())?;
     let err = |e: tokio_postgres::Error| format!("node {node}: {}", describe(&e));
@@ -155,7 +155,7 @@ pub async fn collect(cfg: &Config) -> Status {
 }
 
 async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
-    let client = slot::connect(cfg, node, "status")
+    let client = node::connect(cfg, node, "status")
         .await
         .map_err(|e| e.to_string())?;
     let slot_name = cfg.slot_name(node);
@@ -199,7 +199,7 @@ async fn direction_status(
     dir: &Direction,
     nodes: &[NodeStatus],
 ) -> Result<DirectionStatus, String> {
-    let client = slot::connect(cfg, &dir.to, "status")
+    let client = node::connect(cfg, &dir.to, "status")
         .await
         .map_err(|e| e.to_string())?;
     let err = |e: tokio_postgres::Error| {

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = duplex::source::pgoutput::decode(data) {
+    if let Err(e) = duplex::capture::pgoutput::decode(data) {
         // Formatting the error is part of the contract too.
         let _ = e.to_string();
     }

@@ -3,7 +3,7 @@
 //! errors.
 
 use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
-use duplex::source::walsender::{WalsenderConnection, WalsenderError};
+use duplex::capture::walsender::{WalsenderConnection, WalsenderError};
 use duplex::ErrorClass;
 use std::str::FromStr;
 use std::time::Duration;

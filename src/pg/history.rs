@@ -10,7 +10,7 @@
 //! if it can reach it.
 
 use crate::config::{Config, Direction};
-use crate::source::slot::{self, sql_err, NodeError};
+use crate::pg::node::{self, sql_err, NodeError};
 
 /// Fails with [`NodeError::HistoryRewound`] when `dir.to` applied changes of
 /// `dir.from`, through the slot's current stream, beyond the end of `dir.from`'s WAL.
@@ -18,8 +18,8 @@ use crate::source::slot::{self, sql_err, NodeError};
 /// with the next session of either component.
 pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
     let (source, target) = match (
-        slot::connect(cfg, &dir.from, "history check").await,
-        slot::connect(cfg, &dir.to, "history check").await,
+        node::connect(cfg, &dir.from, "history check").await,
+        node::connect(cfg, &dir.to, "history check").await,
     ) {
         (Ok(s), Ok(t)) => (s, t),
         (Err(e), _) | (_, Err(e)) => {

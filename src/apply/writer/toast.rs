@@ -3,8 +3,8 @@
 //! on the target (still there: deletes run after upserts).
 
 use super::{TargetWriter, WriteError};
+use crate::apply::target::TargetTable;
 use crate::event::{ChangeEvent, Row, Value};
-use crate::sink::target::TargetTable;
 use tokio_postgres::types::ToSql;
 
 impl TargetWriter<'_> {

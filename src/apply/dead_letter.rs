@@ -8,11 +8,11 @@
 //! table; `duplex dlq replay` applies each unreplayed event again under the same rules
 //! (last-writer-wins, tombstones) and marks those that now succeed.
 
+use crate::apply::consumer::ApplyError;
+use crate::apply::writer::{TargetWriter, WriteError};
+use crate::capture::producer::{self, client_config, SinkError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
-use crate::sink::apply::ApplyError;
-use crate::sink::kafka::{self, client_config, SinkError};
-use crate::sink::writer::{TargetWriter, WriteError};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
@@ -96,7 +96,7 @@ pub async fn record(
         source,
     };
     let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
-    kafka::ensure_topic(&cfg.kafka, &topic)
+    producer::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(sink)?;
     let producer: FutureProducer = client_config(&cfg.kafka)
@@ -126,7 +126,7 @@ pub struct Listed {
 pub async fn list(cfg: &Config) -> Result<Vec<Listed>, ApplyError> {
     let mut out = Vec::new();
     for dir in cfg.directions().unwrap_or_default() {
-        let client = crate::source::slot::connect(cfg, &dir.to, "dlq list").await?;
+        let client = crate::pg::node::connect(cfg, &dir.to, "dlq list").await?;
         let rows = client
             .query(
                 "SELECT id, recorded_at::text, coalesce(table_name, '?'), coalesce(key, '?'),
@@ -205,9 +205,9 @@ async fn replay_one(
     let error = match outcome {
         Ok(applied) => applied.bad.into_iter().next().map(|b| b.reason),
         Err(WriteError::Sql { source, .. })
-            if crate::source::slot::sql_class(&source) == crate::ErrorClass::Definite =>
+            if crate::pg::node::sql_class(&source) == crate::ErrorClass::Definite =>
         {
-            Some(crate::source::slot::describe(&source))
+            Some(crate::pg::node::describe(&source))
         }
         Err(e) => return Err(e.into()),
     };

@@ -82,7 +82,7 @@ pub async fn set_state(
 
 /// Records a halt over a fresh connection (the worker's session is gone by then).
 pub async fn record_halt(cfg: &Config, dir: &Direction, reason: &str) {
-    let result = match crate::source::slot::connect(cfg, &dir.to, "apply state").await {
+    let result = match crate::pg::node::connect(cfg, &dir.to, "apply state").await {
         Ok(client) => set_state(&client, dir, HALTED, Some(reason))
             .await
             .map_err(|e| e.to_string()),

@@ -3,8 +3,8 @@
 //! conflicts and repairs.
 
 use super::Worker;
-use crate::sink::apply::ApplyError;
-use crate::source::walsender::quote_literal;
+use crate::apply::consumer::ApplyError;
+use crate::capture::walsender::quote_literal;
 use std::time::{Duration, Instant};
 
 /// How often conflicts, repairs and tombstones are pruned.
@@ -15,7 +15,7 @@ pub(super) const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 const SWEEP_WINDOW_MS: i64 = 60_000;
 
 /// How often the sweep runs.
-pub(in crate::sink) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+pub(in crate::apply) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The longest tombstone retention honoured (100 years).
 const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
@@ -23,7 +23,7 @@ const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 impl Worker<'_> {
     /// Between transactions: removes rows that a recent tombstone of their own node
     /// outdates (see [`TargetWriter::sweep`]).
-    pub(in crate::sink) async fn sweep(&mut self) -> Result<(), ApplyError> {
+    pub(in crate::apply) async fn sweep(&mut self) -> Result<(), ApplyError> {
         if self.in_txn || !self.pending.is_empty() {
             return Ok(());
         }
@@ -40,7 +40,7 @@ impl Worker<'_> {
     /// direction has applied (the source commit time of the newest change applied;
     /// nothing is pruned before the first), not from the wall clock: a direction
     /// halted for longer than the retention keeps every tombstone its backlog may meet.
-    pub(in crate::sink) async fn maintain(&mut self) -> Result<(), ApplyError> {
+    pub(in crate::apply) async fn maintain(&mut self) -> Result<(), ApplyError> {
         self.last_maintenance = Instant::now();
         // Beyond a century the interval would overflow; nothing is that old anyway.
         let retention_ms = self.cfg.sync.tombstone_retention_ms.min(MAX_RETENTION_MS);

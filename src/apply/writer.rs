@@ -9,12 +9,12 @@
 //! run, asks the target which versions win, and writes the winners in one statement
 //! per run. Transactions are the caller's: nothing here commits.
 
+use crate::apply::target::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
 use crate::event::{format_unix_us, ChangeEvent, Op, Row, Value};
 use crate::identity;
 use crate::metrics as m;
-use crate::sink::target::TargetTable;
-use crate::source::slot::{self, describe, sql_class, NodeError};
+use crate::pg::node::{self, describe, sql_class, NodeError};
 use crate::ErrorClass;
 use lww::{Candidate, Lost, Resolution, Verdict};
 use std::borrow::Cow;
@@ -84,7 +84,7 @@ pub struct Applied {
     pub bad: Vec<BadEvent>,
 }
 
-pub use crate::sink::batch::DeleteTimes;
+pub use crate::apply::batch::DeleteTimes;
 
 /// One SQL session on a direction's target node.
 pub struct TargetWriter<'a> {
@@ -118,7 +118,7 @@ impl<'a> TargetWriter<'a> {
         cfg: &'a Config,
         dir: &'a Direction,
     ) -> Result<TargetWriter<'a>, WriteError> {
-        let client = slot::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
+        let client = node::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
         let origin = cfg.origin_name(dir);
         let w = TargetWriter {
             cfg,
@@ -152,7 +152,7 @@ impl<'a> TargetWriter<'a> {
             ))
             .await
         {
-            tracing::warn!(direction = %dir, error = %slot::describe(&e),
+            tracing::warn!(direction = %dir, error = %node::describe(&e),
                 "cannot lower deadlock_timeout for apply sessions (GRANT SET ON PARAMETER deadlock_timeout TO the duplex role): in a deadlock with duplex, the application's transaction may be the one aborted");
         }
         Ok(w)

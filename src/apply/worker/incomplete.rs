@@ -4,9 +4,9 @@
 //! the application, and a new slot stream starts positions over.
 
 use super::Worker;
+use crate::apply::consumer::ApplyError;
+use crate::apply::sequence::{Gap, Sequence};
 use crate::event::ChangeEvent;
-use crate::sink::apply::ApplyError;
-use crate::sink::sequence::{Gap, Sequence};
 use std::time::{Duration, Instant};
 
 /// How long the target may hold part of a source transaction, with its row locks,
@@ -63,14 +63,14 @@ impl Worker<'_> {
 
     /// When the part of a source transaction in the open target transaction must be
     /// given up, if no message arrives before.
-    pub(in crate::sink) fn stall_deadline(&self) -> Option<Instant> {
+    pub(in crate::apply) fn stall_deadline(&self) -> Option<Instant> {
         (self.partial_written && self.in_txn).then(|| self.last_taken_at + STALLED_AFTER)
     }
 
     /// The rest of a partly written source transaction did not arrive in time (the
     /// source or the broker is down): roll back, so that the application's writes do
     /// not wait on the rows it locked, and read it again in a new session.
-    pub(in crate::sink) async fn stalled(&mut self) -> Result<(), ApplyError> {
+    pub(in crate::apply) async fn stalled(&mut self) -> Result<(), ApplyError> {
         let commit_lsn = self.pending.last().map(|p| p.event.source.lsn);
         self.writer.execute("ROLLBACK", "rolling back").await?;
         self.in_txn = false;

@@ -7,9 +7,9 @@
 //! when something differs or is missing (the setup session also sets a lock timeout):
 //! a reconnect never queues behind, and in front of, the application's transactions.
 
-use super::slot::{sql_err, NodeError};
+use super::node::{sql_err, NodeError};
+use crate::capture::walsender::{quote_ident, quote_literal, OUTPUT_SETTINGS};
 use crate::config::Config;
-use crate::source::walsender::{quote_ident, quote_literal, OUTPUT_SETTINGS};
 use tokio_postgres::Client;
 
 /// A trigger function and the triggers calling it, as DDL.

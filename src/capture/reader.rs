@@ -10,10 +10,10 @@
 //! are changes duplex itself applied, and must not echo back; only the repairs they
 //! write (the winning version of a key whose incoming version lost) go through.
 
+use crate::capture::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
+use crate::capture::walsender::PG_EPOCH_OFFSET_US;
 use crate::config::ORIGIN_PREFIX;
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, REPAIRS};
-use crate::source::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
-use crate::source::walsender::PG_EPOCH_OFFSET_US;
 use std::collections::HashMap;
 
 /// What the reader found wrong with the stream.

@@ -1,4 +1,4 @@
-//! The source pipeline of one node: slot → decoder → reader → Kafka, and durable
+//! One node's capture session: slot → decoder → reader → Kafka, and durable
 //! positions back to the slot.
 //!
 //! [`run_source`] keeps one streaming session alive, retrying transient failures with
@@ -9,16 +9,16 @@
 //! queue read by the delivery tracker. Only the tracker's durable LSN, the end of a
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
+use crate::capture::pgoutput::{self, DecodeError, LogicalMessage, Relation};
+use crate::capture::producer::{self, ChangeProducer, Pending, SinkError};
+use crate::capture::reader::{Output, ReaderError, TableInfo, TxnReader};
+use crate::capture::walsender::{
+    ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
+};
 use crate::config::Config;
 use crate::event::{ChangeEvent, Lsn, Op};
 use crate::metrics::{self as m, Health};
-use crate::sink::kafka::{self, ChangeProducer, Pending, SinkError};
-use crate::source::pgoutput::{self, DecodeError, LogicalMessage, Relation};
-use crate::source::reader::{Output, ReaderError, TableInfo, TxnReader};
-use crate::source::slot::{self, sql_class, NodeError};
-use crate::source::walsender::{
-    ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
-};
+use crate::pg::node::{self, sql_class, NodeError};
 use crate::{Classify, ErrorClass};
 use backoff::backoff::Backoff;
 use std::sync::Arc;
@@ -52,7 +52,7 @@ pub enum PipelineError {
     },
     #[error("node {node}: {source}")]
     Reader { node: String, source: ReaderError },
-    #[error("node {node}: {context}: {}", slot::describe(source))]
+    #[error("node {node}: {context}: {}", node::describe(source))]
     Sql {
         node: String,
         context: &'static str,
@@ -187,7 +187,7 @@ async fn stream_once(
         node: node.to_string(),
         source,
     };
-    let client = slot::connect(cfg, node, "reader").await?;
+    let client = node::connect(cfg, node, "reader").await?;
     let problems = crate::preflight::node_problems(cfg, node, &client, true)
         .await
         .map_err(sql("checking the node"))?;
@@ -197,15 +197,15 @@ async fn stream_once(
             problems,
         });
     }
-    slot::setup(cfg, node, slot::LostSlot::Refuse).await?;
-    let slot_stream = slot::stream_of(&client, node, &cfg.slot_name(node)).await?;
+    node::setup(cfg, node, node::LostSlot::Refuse).await?;
+    let slot_stream = node::stream_of(&client, node, &cfg.slot_name(node)).await?;
     for dir in cfg.directions().unwrap_or_default() {
         if dir.from == node {
-            crate::source::history::check(cfg, &dir).await?;
+            crate::pg::history::check(cfg, &dir).await?;
         }
     }
     let topic = cfg.topic(node);
-    kafka::ensure_topic(&cfg.kafka, &topic)
+    producer::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(sink)?;
     let producer = ChangeProducer::new(&cfg.kafka, &topic).map_err(sink)?;
@@ -241,7 +241,7 @@ async fn stream_once(
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let tracker = tokio::spawn(
-        kafka::track_deliveries(queue_rx, durable_tx)
+        producer::track_deliveries(queue_rx, durable_tx)
             .instrument(tracing::info_span!("delivery_tracker", node)),
     );
     let mut session = Session {

@@ -3,22 +3,22 @@
 //! at a source transaction boundary.
 //!
 //! In: events in the source's commit order, each with its Kafka offset, from
-//! [`super::apply`]. Out: target transactions holding whole source transactions plus
+//! [`super::consumer`]. Out: target transactions holding whole source transactions plus
 //! the `duplex.apply_positions` row saying how far they reach; nothing is durable
 //! before that commit returns. Events at or below the applied position are skipped.
 //! A source transaction is written once its end has arrived, unless it outgrows what
 //! may be held back; `incomplete` handles transactions that do not arrive whole,
 //! `maintenance` the sweep and pruning between transactions.
 
+use crate::apply::batch::{prepare_batch, writable_len, DeleteTimes};
+use crate::apply::consumer::ApplyError;
+use crate::apply::dead_letter::{self, DeadLetter};
+use crate::apply::progress::{self, Standing, Stored};
+use crate::apply::sequence::{Gap, Next, Sequence};
+use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction, OnError};
 use crate::event::{ChangeEvent, Lsn, Position};
 use crate::metrics as m;
-use crate::sink::apply::ApplyError;
-use crate::sink::batch::{prepare_batch, writable_len, DeleteTimes};
-use crate::sink::dead_letter::{self, DeadLetter};
-use crate::sink::progress::{self, Standing, Stored};
-use crate::sink::sequence::{Gap, Next, Sequence};
-use crate::sink::writer::{TargetWriter, WriteError};
 use crate::ErrorClass;
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -503,7 +503,7 @@ fn pending_of<'p>(pending: &'p [Pending], ev: &ChangeEvent) -> &'p Pending {
 
 fn error_text(e: &WriteError) -> String {
     match e {
-        WriteError::Sql { source, .. } => crate::source::slot::describe(source),
+        WriteError::Sql { source, .. } => crate::pg::node::describe(source),
         other => other.to_string(),
     }
 }

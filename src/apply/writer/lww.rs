@@ -12,10 +12,10 @@
 //! interleaving of local writes and applied ones.
 
 use super::{Kind, TargetWriter, WriteError};
+use crate::apply::target::TargetTable;
 use crate::config::TableConfig;
 use crate::event::ChangeEvent;
 use crate::metrics as m;
-use crate::sink::target::TargetTable;
 use std::borrow::Cow;
 use tokio_postgres::types::ToSql;
 

@@ -6,9 +6,9 @@
 //! so removal must be one safe command). Both are idempotent. Everything here runs over
 //! an ordinary SQL session opened by [`connect`].
 
+use crate::capture::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::config::Config;
 use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
-use crate::source::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
@@ -188,7 +188,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
         node: node.to_string(),
         detail: e.to_string(),
     })?;
-    done.extend(crate::source::triggers::ensure_triggers(cfg, &client, node).await?);
+    done.extend(crate::pg::triggers::ensure_triggers(cfg, &client, node).await?);
     if directions.iter().any(|d| d.from == node) {
         done.extend(ensure_publication(cfg, &client, node).await?);
         // Creating a slot waits for every transaction running on the cluster to end:

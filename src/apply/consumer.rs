@@ -13,15 +13,15 @@
 //! back to a savepoint and its batch retried one event at a time to find the culprit,
 //! which then halts the direction or goes to the dead-letter queue.
 
+use crate::apply::progress;
+use crate::apply::sequence::Gap;
+use crate::apply::worker::{Worker, SWEEP_EVERY};
+use crate::apply::writer::{TargetWriter, WriteError};
+use crate::capture::producer::{self, client_config, SinkError};
+use crate::capture::session::{supervise, Supervised};
 use crate::config::{Config, Direction};
 use crate::metrics::{self as m, Health};
-use crate::pipeline::{supervise, Supervised};
-use crate::sink::kafka::{self, client_config, SinkError};
-use crate::sink::progress;
-use crate::sink::sequence::Gap;
-use crate::sink::worker::{Worker, SWEEP_EVERY};
-use crate::sink::writer::{TargetWriter, WriteError};
-use crate::source::slot::{self, NodeError};
+use crate::pg::node::{self, NodeError};
 use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -144,8 +144,8 @@ async fn apply_once(
     awaiting: Option<Gap>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    slot::setup(cfg, &dir.to, slot::LostSlot::Refuse).await?;
-    crate::source::history::check(cfg, dir).await?;
+    node::setup(cfg, &dir.to, node::LostSlot::Refuse).await?;
+    crate::pg::history::check(cfg, dir).await?;
     let writer = TargetWriter::connect(cfg, dir).await?;
     let stored = progress::stored(&writer.client, cfg, dir)
         .await
@@ -161,7 +161,7 @@ async fn apply_once(
         direction: dir.to_string(),
         source,
     };
-    kafka::ensure_topic(&cfg.kafka, &topic)
+    producer::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(|source| ApplyError::Sink {
             direction: dir.to_string(),

@@ -1,0 +1,16 @@
+//! Apply: a peer's topic into a node, exactly once.
+//!
+//! `consumer` reads the source node's topic from the position stored in the target;
+//! `worker` gathers events into batches (`sequence` says which to take, `batch` readies
+//! them) and commits whole source transactions with their position; `writer` writes
+//! them under last-writer-wins (`target` builds its SQL); `progress` stores and reports
+//! where the direction stands; `dead_letter` keeps the events the target refused.
+
+pub mod batch;
+pub mod consumer;
+pub mod dead_letter;
+pub mod progress;
+mod sequence;
+pub mod target;
+mod worker;
+pub mod writer;

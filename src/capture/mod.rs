@@ -1,0 +1,13 @@
+//! Capture: a node's committed changes onto its Kafka topic.
+//!
+//! `walsender` speaks the streaming replication protocol and `pgoutput` decodes the
+//! plugin's messages; `reader` assembles them into change events, numbered per
+//! transaction; `producer` sends them to the node's topic and reports, in order, which
+//! commits the broker has made durable; `session` drives one node's stream and
+//! confirms to the slot only what is durable on Kafka.
+
+pub mod pgoutput;
+pub mod producer;
+pub mod reader;
+pub mod session;
+pub mod walsender;
