@@ -296,7 +296,7 @@ async fn tail(cfg: &Config, node: &str, max: Option<usize>, timeout_ms: u64) -> 
     let (kafka, topic) = (cfg.kafka.clone(), cfg.topic(node));
     let idle = std::time::Duration::from_millis(timeout_ms);
     let read = tokio::task::spawn_blocking(move || {
-        crate::capture::producer::read_topic(&kafka, &topic, max, idle, |v| {
+        crate::kafka::read_topic(&kafka, &topic, max, idle, |v| {
             println!("{}", String::from_utf8_lossy(v))
         })
     })

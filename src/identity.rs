@@ -12,7 +12,6 @@
 //! `s`, which stands for `uuid5(6ba7b811-9dad-11d1-80b4-00c04fd430c8, s)` (the URL
 //! namespace).
 
-use crate::config::IdentityConfig;
 use uuid::Uuid;
 
 /// The separator between natural-key values.
@@ -46,78 +45,6 @@ pub fn derive(ns: &Uuid, values: &[(&str, Option<&str>)]) -> Result<Uuid, Identi
         name.extend_from_slice(v.as_bytes());
     }
     Ok(Uuid::new_v5(ns, &name))
-}
-
-/// SQL creating the trigger that fills in a missing id on `table` (quoted; configured
-/// as `table_name`) and rejects a row whose id disagrees with its natural key, with
-/// `uuid_generate_v5` from the uuid-ossp extension installed in `ext_schema`. Each
-/// natural-key column is printed by its type's output function (`concat_ws` does so;
-/// `col::text` would print a bool as `true`, not `t`) under duplex's fixed output
-/// settings, as pgoutput prints it and the apply side checks. Applied rows are checked
-/// by the apply side instead: apply sessions run as replica, where this trigger does
-/// not fire.
-pub fn trigger_ddl(
-    table_name: &str,
-    table: &str,
-    id: &IdentityConfig,
-    ext_schema: &str,
-) -> crate::pg::triggers::TriggerDdl {
-    let q = crate::capture::walsender::quote_ident;
-    let literal = crate::capture::walsender::quote_literal;
-    let function = format!(
-        "duplex.{}",
-        crate::pg::triggers::per_table_name("identity", table_name)
-    );
-    let checks: Vec<String> = id
-        .from
-        .iter()
-        .map(|c| {
-            format!(
-                "    IF NEW.{col} IS NULL THEN
-        RAISE EXCEPTION 'duplex: natural-key column % of % is NULL', {name}, {tbl};
-    END IF;",
-                col = q(c),
-                name = literal(c),
-                tbl = literal(table_name),
-            )
-        })
-        .collect();
-    let values: Vec<String> = id.from.iter().map(|c| format!("NEW.{}", q(c))).collect();
-    let body = format!(
-        r#"
-DECLARE
-    derived uuid;
-BEGIN
-{checks}
-    derived := {ext}.uuid_generate_v5({ns}::uuid, concat_ws(E'\x1f', {values}));
-    IF NEW.{col} IS NULL THEN
-        NEW.{col} := derived;
-    ELSIF NEW.{col} <> derived THEN
-        RAISE EXCEPTION 'duplex: % of % is % but its natural key derives %',
-            {col_name}, {tbl}, NEW.{col}, derived;
-    END IF;
-    RETURN NEW;
-END "#,
-        checks = checks.join("\n"),
-        ext = q(ext_schema),
-        ns = literal(&namespace(&id.namespace).to_string()),
-        values = values.join(", "),
-        col = q(&id.column),
-        col_name = literal(&id.column),
-        tbl = literal(table_name),
-    );
-    let sql = format!(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn${body}$fn$;
-CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {function}();",
-        settings = crate::pg::triggers::trigger_function_settings(),
-    );
-    crate::pg::triggers::TriggerDdl {
-        function,
-        body,
-        triggers: vec!["duplex_identity"],
-        sql,
-    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //!
 //! Two pipelines joined by Kafka: `capture` (a node's WAL → `event`s → the node's
 //! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), over
-//! `pg` (what duplex keeps on each node) and the shared `config`, `metrics` and
-//! `identity`. `cli` wires them; `status` and `preflight` read both sides. See
+//! `pg` (what duplex keeps on each node), `kafka` and the shared `config`, `metrics` and
+//! `identity`. `runtime` keeps their tasks alive and `cli` wires them; `status` and `preflight` read both sides. See
 //! ARCHITECTURE.md.
 
 pub mod apply;
@@ -12,9 +12,11 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod identity;
+pub mod kafka;
 pub mod metrics;
 pub mod pg;
 pub mod preflight;
+pub mod runtime;
 pub mod status;
 
 /// How an error is handled, decided once where it is classified.

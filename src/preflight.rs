@@ -5,8 +5,8 @@
 //! runs [`node_problems`] on its own node at start and stops with them if there are
 //! any, since none of them goes away by retrying.
 
-use crate::capture::producer::client_config;
 use crate::config::Config;
+use crate::kafka::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
 use tokio_postgres::Client;

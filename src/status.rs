@@ -3,8 +3,8 @@
 //! never from a running daemon's memory, so it works whether or not duplex runs and
 //! can gate a cutover.
 
-use crate::capture::producer::client_config;
 use crate::config::{Config, Direction};
+use crate::kafka::client_config;
 use crate::pg::node::{self, describe};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;

@@ -17,11 +17,11 @@ use crate::apply::progress;
 use crate::apply::sequence::Gap;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
-use crate::capture::producer::{self, client_config, SinkError};
-use crate::capture::session::{supervise, Supervised};
 use crate::config::{Config, Direction};
+use crate::kafka::{self, client_config, SinkError};
 use crate::metrics::{self as m, Health};
 use crate::pg::node::{self, NodeError};
+use crate::runtime::{supervise, Supervised};
 use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -161,7 +161,7 @@ async fn apply_once(
         direction: dir.to_string(),
         source,
     };
-    producer::ensure_topic(&cfg.kafka, &topic)
+    kafka::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(|source| ApplyError::Sink {
             direction: dir.to_string(),

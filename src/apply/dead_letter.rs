@@ -10,9 +10,9 @@
 
 use crate::apply::consumer::ApplyError;
 use crate::apply::writer::{TargetWriter, WriteError};
-use crate::capture::producer::{self, client_config, SinkError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
+use crate::kafka::{self, client_config, SinkError};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
@@ -96,7 +96,7 @@ pub async fn record(
         source,
     };
     let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
-    producer::ensure_topic(&cfg.kafka, &topic)
+    kafka::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(sink)?;
     let producer: FutureProducer = client_config(&cfg.kafka)

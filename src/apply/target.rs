@@ -6,8 +6,8 @@
 //! run of rows and the incoming type names are never spliced into SQL. Identifiers come
 //! from the target's catalog and are always quoted.
 
-use crate::capture::walsender::{quote_ident, quote_literal};
 use crate::config::TableConfig;
+use crate::pg::sql::{quote_ident, quote_literal};
 use tokio_postgres::Client;
 
 /// A column of the target table.

@@ -10,107 +10,11 @@
 
 use crate::config::KafkaConfig;
 use crate::event::{ChangeEvent, Lsn};
-use crate::ErrorClass;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use crate::kafka::{client_config, SinkError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-
-/// How long creating a topic may take before it counts as a (transient) failure.
-const TOPIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Errors producing to Kafka.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    #[error("Kafka client: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error("creating topic {topic}: {code}")]
-    CreateTopic {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
-    #[error("the broker did not acknowledge a message of commit {commit_lsn}: {error}")]
-    Delivery { commit_lsn: Lsn, error: KafkaError },
-    #[error("the delivery tracker stopped")]
-    TrackerGone,
-    #[error("the change to {table} key {key} at LSN {lsn} is {bytes} bytes as a message, more than the producer or broker accepts ({error}): raise message.max.bytes in [kafka.properties] and the topic's max.message.bytes on the broker, then restart duplex")]
-    TooLarge {
-        table: String,
-        key: String,
-        lsn: Lsn,
-        bytes: usize,
-        error: String,
-    },
-    #[error("reading the topic's offsets: {0}")]
-    Task(String),
-}
-
-impl SinkError {
-    pub fn class(&self) -> ErrorClass {
-        let definite_code = |c: &RDKafkaErrorCode| {
-            matches!(
-                c,
-                RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-                    | RDKafkaErrorCode::InvalidConfig
-                    | RDKafkaErrorCode::InvalidReplicationFactor
-                    | RDKafkaErrorCode::InvalidPartitions
-                    | RDKafkaErrorCode::InvalidTopic
-                    | RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::MessageSizeTooLarge
-            )
-        };
-        match self {
-            SinkError::Kafka(KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_)) => {
-                ErrorClass::Definite
-            }
-            SinkError::Kafka(e) | SinkError::Delivery { error: e, .. } => {
-                match e.rdkafka_error_code() {
-                    Some(c) if definite_code(&c) => ErrorClass::Definite,
-                    _ => ErrorClass::Transient,
-                }
-            }
-            SinkError::CreateTopic { code, .. } if definite_code(code) => ErrorClass::Definite,
-            // The same event would be too large on every retry.
-            SinkError::TooLarge { .. } => ErrorClass::Definite,
-            _ => ErrorClass::Transient,
-        }
-    }
-}
-
-/// librdkafka settings shared by every duplex client: the user's properties on top of
-/// the brokers.
-pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.brokers);
-    for (k, v) in &cfg.properties {
-        cc.set(k, v);
-    }
-    cc
-}
-
-/// Creates `topic` unless it exists.
-pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
-    let new = NewTopic::new(
-        topic,
-        // One partition: the node's commit order holds across all its tables.
-        1,
-        TopicReplication::Fixed(cfg.replication_factor),
-    );
-    let opts = AdminOptions::new().request_timeout(Some(TOPIC_REQUEST_TIMEOUT));
-    for result in admin.create_topics([&new], &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
-        }
-    }
-    Ok(())
-}
 
 /// Stage boundary between the reader and Kafka.
 ///
@@ -215,44 +119,4 @@ pub async fn track_deliveries(
         }
     }
     Ok(())
-}
-
-/// Reads `topic` from the beginning of every partition and hands each message's value
-/// to `out`, until `max` messages were read or nothing arrived for `idle`. Blocking:
-/// for tools, not the pipeline.
-pub fn read_topic(
-    cfg: &KafkaConfig,
-    topic: &str,
-    max: Option<usize>,
-    idle: Duration,
-    mut out: impl FnMut(&[u8]),
-) -> Result<usize, SinkError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let mut cc = client_config(cfg);
-    cc.set("group.id", "duplex-tail")
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = cc.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
-    let mut read = 0;
-    let mut last = std::time::Instant::now();
-    while max.is_none_or(|m| read < m) && last.elapsed() < idle {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out(m.payload().unwrap_or_default());
-                read += 1;
-                last = std::time::Instant::now();
-            }
-            Some(Err(e)) => return Err(SinkError::Kafka(e)),
-            None => {}
-        }
-    }
-    Ok(read)
 }

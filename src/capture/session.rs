@@ -10,25 +10,24 @@
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
 use crate::capture::pgoutput::{self, DecodeError, LogicalMessage, Relation};
-use crate::capture::producer::{self, ChangeProducer, Pending, SinkError};
+use crate::capture::producer::{self, ChangeProducer, Pending};
 use crate::capture::reader::{Output, ReaderError, TableInfo, TxnReader};
 use crate::capture::walsender::{
     ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
 };
 use crate::config::Config;
 use crate::event::{ChangeEvent, Lsn, Op};
+use crate::kafka::{self, SinkError};
 use crate::metrics::{self as m, Health};
 use crate::pg::node::{self, sql_class, NodeError};
+use crate::runtime::{supervise, Supervised};
 use crate::{Classify, ErrorClass};
-use backoff::backoff::Backoff;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-/// A session that ran this long resets the backoff: the failure is a new one.
-const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 /// How often slot statistics are read from the node.
 const SLOT_STATS_EVERY: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits for in-flight messages to be acknowledged.
@@ -103,67 +102,6 @@ pub async fn run_source(
     .await
 }
 
-/// What a supervised task is called in logs, metrics and readiness.
-pub struct Supervised<'a> {
-    pub component: &'a str,
-    pub errors_metric: &'static str,
-    pub label: (&'static str, String),
-}
-
-/// Runs `session` until it returns `Ok` (shutdown) or a definite error; transient
-/// errors are logged once per attempt and retried with exponential backoff. The
-/// component is unready from each failure until the next session marks it up.
-pub async fn supervise<E, F, Fut>(
-    cfg: &Config,
-    what: &Supervised<'_>,
-    health: &Health,
-    mut shutdown: watch::Receiver<bool>,
-    mut session: F,
-) -> Result<(), E>
-where
-    E: std::fmt::Display + Classify,
-    F: FnMut(watch::Receiver<bool>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-{
-    health.register(what.component);
-    // Zero series from the start, so rates and alerts see them before the first error.
-    for class in [ErrorClass::Transient, ErrorClass::Definite] {
-        let (key, value) = (what.label.0, what.label.1.clone());
-        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(0);
-    }
-    let mut backoff = backoff::ExponentialBackoff {
-        initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
-        max_interval: Duration::from_millis(cfg.source.retry_max_ms),
-        max_elapsed_time: None,
-        ..Default::default()
-    };
-    loop {
-        let started = Instant::now();
-        let result = session(shutdown.clone()).await;
-        health.set(what.component, false);
-        let e = match result {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let class = e.class();
-        let (key, value) = (what.label.0, what.label.1.clone());
-        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(1);
-        if class == ErrorClass::Definite {
-            tracing::error!(component = what.component, error = %e, "stopped: fix the cause and restart duplex");
-            return Err(e);
-        }
-        if started.elapsed() > BACKOFF_RESET_AFTER {
-            backoff.reset();
-        }
-        let delay = backoff.next_backoff().unwrap_or(backoff.max_interval);
-        tracing::warn!(component = what.component, error = %e, retry_in_ms = delay.as_millis() as u64, "failed; retrying");
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return Ok(()),
-        }
-    }
-}
-
 /// One replication session, from connecting to a failure or shutdown.
 async fn stream_once(
     cfg: &Config,
@@ -205,7 +143,7 @@ async fn stream_once(
         }
     }
     let topic = cfg.topic(node);
-    producer::ensure_topic(&cfg.kafka, &topic)
+    kafka::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(sink)?;
     let producer = ChangeProducer::new(&cfg.kafka, &topic).map_err(sink)?;

@@ -9,6 +9,7 @@
 //! `select!`) without losing data.
 
 use crate::event::Lsn;
+use crate::pg::sql::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -19,17 +20,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
-
-/// Session settings that fix how values are printed, so the text that reaches Kafka
-/// does not depend on the server's or role's defaults.
-pub const OUTPUT_SETTINGS: &[(&str, &str)] = &[
-    ("DateStyle", "ISO, MDY"),
-    ("IntervalStyle", "postgres"),
-    ("TimeZone", "UTC"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    ("client_encoding", "UTF8"),
-];
 
 /// Errors talking to a walsender.
 #[derive(Debug, thiserror::Error)]
@@ -77,24 +67,6 @@ impl WalsenderError {
             WalsenderError::Server { code, .. } => Some(code),
             _ => None,
         }
-    }
-}
-
-/// Splits SQLSTATEs into those that go away by themselves and those an operator fixes.
-pub fn class_of_sqlstate(code: &str) -> ErrorClass {
-    match code {
-        // Object in use, lock or statement timeout, shutdown/crash/cannot-connect-now,
-        // idle timeouts, serialization failure, deadlock, a read-only node (failover).
-        "55006" | "55P03" | "57014" | "57P01" | "57P02" | "57P03" | "57P05" | "25P03" | "40001"
-        | "40P01" | "25006" => ErrorClass::Transient,
-        // Configuration limits (max_locks_per_transaction, ...) need the operator.
-        "53400" => ErrorClass::Definite,
-        // Connection errors, insufficient resources, system and I/O errors.
-        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("58") => {
-            ErrorClass::Transient
-        }
-        // Auth, privileges, missing objects, bad data, constraint violations.
-        _ => ErrorClass::Definite,
     }
 }
 
@@ -534,16 +506,6 @@ fn protocol(what: &str) -> WalsenderError {
     WalsenderError::Protocol(what.to_string())
 }
 
-/// Quotes an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,28 +545,5 @@ mod tests {
         assert!(parse_copy_data(Bytes::from_static(b"w123")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"k1")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"zzzzzzzzzzzzzzzzzzzzzzzzzz")).is_err());
-    }
-
-    #[test]
-    fn sqlstates_are_classified() {
-        assert_eq!(class_of_sqlstate("28P01"), ErrorClass::Definite);
-        assert_eq!(class_of_sqlstate("42704"), ErrorClass::Definite);
-        assert_eq!(class_of_sqlstate("55006"), ErrorClass::Transient);
-        assert_eq!(class_of_sqlstate("08006"), ErrorClass::Transient);
-        assert_eq!(class_of_sqlstate("57P01"), ErrorClass::Transient);
-        // Timeouts, resource shortages, a read-only node and I/O errors pass by
-        // themselves; bad data, constraints, missing columns, config limits do not.
-        for code in "55P03 57014 53100 53200 53300 25006 25P03 58030 40001 40P01".split(' ') {
-            assert_eq!(class_of_sqlstate(code), ErrorClass::Transient, "{code}");
-        }
-        for code in "22P02 23505 23514 42703 53400 42501".split(' ') {
-            assert_eq!(class_of_sqlstate(code), ErrorClass::Definite, "{code}");
-        }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

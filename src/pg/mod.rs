@@ -1,10 +1,12 @@
 //! What duplex keeps on each PostgreSQL node, used by both pipelines.
 //!
-//! `node` opens sessions with duplex's fixed settings, describes and classifies SQL
+//! `sql` holds the session output settings, quoting and the SQLSTATE policy; `node`
+//! opens sessions with duplex's fixed settings, describes and classifies SQL
 //! errors, and sets up or tears down the `duplex` schema, publication, slot and
 //! replication origins; `triggers` installs the tombstone and identity triggers on the
 //! configured tables; `history` checks that a node did not go back in time.
 
 pub mod history;
 pub mod node;
+pub mod sql;
 pub mod triggers;

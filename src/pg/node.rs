@@ -6,9 +6,9 @@
 //! so removal must be one safe command). Both are idempotent. Everything here runs over
 //! an ordinary SQL session opened by [`connect`].
 
-use crate::capture::walsender::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::config::Config;
 use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
+use crate::pg::sql::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
 use crate::ErrorClass;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};

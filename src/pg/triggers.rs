@@ -8,8 +8,9 @@
 //! a reconnect never queues behind, and in front of, the application's transactions.
 
 use super::node::{sql_err, NodeError};
-use crate::capture::walsender::{quote_ident, quote_literal, OUTPUT_SETTINGS};
-use crate::config::Config;
+use crate::config::{Config, IdentityConfig};
+use crate::identity::namespace;
+use crate::pg::sql::{quote_ident, quote_literal, OUTPUT_SETTINGS};
 use tokio_postgres::Client;
 
 /// A trigger function and the triggers calling it, as DDL.
@@ -181,7 +182,7 @@ pub async fn ensure_triggers(
         }
         if let Some(id) = &t.identity {
             let ext = uuid_ossp_schema(client, node).await?;
-            let ddl = crate::identity::trigger_ddl(&t.name, &table, id, &ext);
+            let ddl = identity_ddl(&t.name, &table, id, &ext);
             let what = format!("the identity trigger on {}", t.name);
             if install(client, node, &table, &ddl, &what).await? {
                 done.push(format!("{}: identity trigger on {}", t.name, id.column));
@@ -205,6 +206,74 @@ async fn uuid_ossp_schema(client: &Client, node: &str) -> Result<String, NodeErr
         .await
         .map_err(sql_err(node, "finding the uuid-ossp extension"))?;
     Ok(row.get::<_, String>(0).trim_matches('"').to_string())
+}
+
+/// SQL creating the trigger that fills in a missing id on `table` (quoted; configured
+/// as `table_name`) and rejects a row whose id disagrees with its natural key, with
+/// `uuid_generate_v5` from the uuid-ossp extension installed in `ext_schema`. Each
+/// natural-key column is printed by its type's output function (`concat_ws` does so;
+/// `col::text` would print a bool as `true`, not `t`) under duplex's fixed output
+/// settings, as pgoutput prints it and the apply side checks. Applied rows are checked
+/// by the apply side instead: apply sessions run as replica, where this trigger does
+/// not fire.
+fn identity_ddl(
+    table_name: &str,
+    table: &str,
+    id: &IdentityConfig,
+    ext_schema: &str,
+) -> TriggerDdl {
+    let (q, literal) = (quote_ident, quote_literal);
+    let function = format!("duplex.{}", per_table_name("identity", table_name));
+    let checks: Vec<String> = id
+        .from
+        .iter()
+        .map(|c| {
+            format!(
+                "    IF NEW.{col} IS NULL THEN
+        RAISE EXCEPTION 'duplex: natural-key column % of % is NULL', {name}, {tbl};
+    END IF;",
+                col = q(c),
+                name = literal(c),
+                tbl = literal(table_name),
+            )
+        })
+        .collect();
+    let values: Vec<String> = id.from.iter().map(|c| format!("NEW.{}", q(c))).collect();
+    let body = format!(
+        r#"
+DECLARE
+    derived uuid;
+BEGIN
+{checks}
+    derived := {ext}.uuid_generate_v5({ns}::uuid, concat_ws(E'\x1f', {values}));
+    IF NEW.{col} IS NULL THEN
+        NEW.{col} := derived;
+    ELSIF NEW.{col} <> derived THEN
+        RAISE EXCEPTION 'duplex: % of % is % but its natural key derives %',
+            {col_name}, {tbl}, NEW.{col}, derived;
+    END IF;
+    RETURN NEW;
+END "#,
+        checks = checks.join("\n"),
+        ext = q(ext_schema),
+        ns = literal(&namespace(&id.namespace).to_string()),
+        values = values.join(", "),
+        col = q(&id.column),
+        col_name = literal(&id.column),
+        tbl = literal(table_name),
+    );
+    let sql = format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS $fn${body}$fn$;
+CREATE OR REPLACE TRIGGER duplex_identity BEFORE INSERT OR UPDATE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();",
+        settings = crate::pg::triggers::trigger_function_settings(),
+    );
+    crate::pg::triggers::TriggerDdl {
+        function,
+        body,
+        triggers: vec!["duplex_identity"],
+        sql,
+    }
 }
 
 #[cfg(test)]

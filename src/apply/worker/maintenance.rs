@@ -4,7 +4,7 @@
 
 use super::Worker;
 use crate::apply::consumer::ApplyError;
-use crate::capture::walsender::quote_literal;
+use crate::pg::sql::quote_literal;
 use std::time::{Duration, Instant};
 
 /// How often conflicts, repairs and tombstones are pruned.

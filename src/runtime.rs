@@ -1,0 +1,74 @@
+//! Keeping components alive: each capture session and apply worker runs under
+//! [`supervise`], which retries transient errors with exponential backoff, stops on a
+//! definite one, and keeps the component's readiness and error counters.
+
+use crate::config::Config;
+use crate::metrics::Health;
+use crate::{Classify, ErrorClass};
+use backoff::backoff::Backoff;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A session that ran this long resets the backoff: the failure is a new one.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// What a supervised task is called in logs, metrics and readiness.
+pub struct Supervised<'a> {
+    pub component: &'a str,
+    pub errors_metric: &'static str,
+    pub label: (&'static str, String),
+}
+
+/// Runs `session` until it returns `Ok` (shutdown) or a definite error; transient
+/// errors are logged once per attempt and retried with exponential backoff. The
+/// component is unready from each failure until the next session marks it up.
+pub async fn supervise<E, F, Fut>(
+    cfg: &Config,
+    what: &Supervised<'_>,
+    health: &Health,
+    mut shutdown: watch::Receiver<bool>,
+    mut session: F,
+) -> Result<(), E>
+where
+    E: std::fmt::Display + Classify,
+    F: FnMut(watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+{
+    health.register(what.component);
+    // Zero series from the start, so rates and alerts see them before the first error.
+    for class in [ErrorClass::Transient, ErrorClass::Definite] {
+        let (key, value) = (what.label.0, what.label.1.clone());
+        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(0);
+    }
+    let mut backoff = backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
+        max_interval: Duration::from_millis(cfg.source.retry_max_ms),
+        max_elapsed_time: None,
+        ..Default::default()
+    };
+    loop {
+        let started = Instant::now();
+        let result = session(shutdown.clone()).await;
+        health.set(what.component, false);
+        let e = match result {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let class = e.class();
+        let (key, value) = (what.label.0, what.label.1.clone());
+        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(1);
+        if class == ErrorClass::Definite {
+            tracing::error!(component = what.component, error = %e, "stopped: fix the cause and restart duplex");
+            return Err(e);
+        }
+        if started.elapsed() > BACKOFF_RESET_AFTER {
+            backoff.reset();
+        }
+        let delay = backoff.next_backoff().unwrap_or(backoff.max_interval);
+        tracing::warn!(component = what.component, error = %e, retry_in_ms = delay.as_millis() as u64, "failed; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
