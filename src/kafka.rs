@@ -4,7 +4,7 @@
 
 use crate::config::KafkaConfig;
 use crate::event::Lsn;
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -38,6 +38,12 @@ pub enum SinkError {
     },
     #[error("reading the topic's offsets: {0}")]
     Task(String),
+}
+
+impl Classify for SinkError {
+    fn class(&self) -> ErrorClass {
+        SinkError::class(self)
+    }
 }
 
 impl SinkError {

@@ -15,7 +15,7 @@ use crate::event::{format_unix_us, ChangeEvent, Op, Row, Value};
 use crate::identity;
 use crate::metrics as m;
 use crate::pg::node::{self, describe, sql_class, NodeError};
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use lww::{Candidate, Lost, Resolution, Verdict};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -42,6 +42,12 @@ pub enum WriteError {
     },
     #[error("node {node}: {detail}")]
     Internal { node: String, detail: String },
+}
+
+impl Classify for WriteError {
+    fn class(&self) -> ErrorClass {
+        WriteError::class(self)
+    }
 }
 
 impl WriteError {

@@ -10,7 +10,7 @@
 
 use crate::event::Lsn;
 use crate::pg::sql::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTINGS};
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -49,6 +49,12 @@ pub enum WalsenderError {
     Unsupported(String),
     #[error("unexpected replication protocol message: {0}")]
     Protocol(String),
+}
+
+impl Classify for WalsenderError {
+    fn class(&self) -> ErrorClass {
+        WalsenderError::class(self)
+    }
 }
 
 impl WalsenderError {

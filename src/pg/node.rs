@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
 use crate::pg::sql::{class_of_sqlstate, quote_ident, OUTPUT_SETTINGS};
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 use tracing::Instrument;
@@ -54,6 +54,12 @@ pub enum NodeError {
         slot: String,
         pid: i32,
     },
+}
+
+impl Classify for NodeError {
+    fn class(&self) -> ErrorClass {
+        NodeError::class(self)
+    }
 }
 
 impl NodeError {
