@@ -258,7 +258,7 @@ async fn check(cfg: &Config) -> ExitCode {
 async fn setup(cfg: &Config) -> ExitCode {
     let mut code = ExitCode::SUCCESS;
     for node in cfg.nodes.keys() {
-        match crate::pg::node::setup(cfg, node, crate::pg::node::LostSlot::Recreate).await {
+        match crate::pg::setup::setup(cfg, node, crate::pg::setup::LostSlot::Recreate).await {
             Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -276,7 +276,7 @@ async fn teardown(cfg: &Config, yes: bool) -> ExitCode {
     }
     let mut code = ExitCode::SUCCESS;
     for node in cfg.nodes.keys() {
-        match crate::pg::node::teardown(cfg, node).await {
+        match crate::pg::setup::teardown(cfg, node).await {
             Ok(done) if done.is_empty() => println!("node {node}: nothing to remove"),
             Ok(done) => done.iter().for_each(|d| println!("node {node}: {d}")),
             Err(e) => {

@@ -20,7 +20,8 @@ use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::kafka::{self, client_config, SinkError};
 use crate::metrics::{self as m, Health};
-use crate::pg::node::{self, NodeError};
+use crate::pg::node::NodeError;
+use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
 use crate::{Classify, ErrorClass};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -144,7 +145,7 @@ async fn apply_once(
     awaiting: Option<Gap>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    node::setup(cfg, &dir.to, node::LostSlot::Refuse).await?;
+    setup::setup(cfg, &dir.to, setup::LostSlot::Refuse).await?;
     crate::pg::history::check(cfg, dir).await?;
     let writer = TargetWriter::connect(cfg, dir).await?;
     let stored = progress::stored(&writer.client, cfg, dir)

@@ -11,12 +11,13 @@
 
 use crate::apply::target::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
-use crate::event::{format_unix_us, ChangeEvent, Op, Row, Value};
+use crate::event::{format_unix_us, ChangeEvent, Row, Value};
 use crate::identity;
 use crate::metrics as m;
 use crate::pg::node::{self, describe, sql_class, NodeError};
 use crate::{Classify, ErrorClass};
 use lww::{Candidate, Lost, Resolution, Verdict};
+use runs::{kind_of, runs, Kind, Run};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
@@ -27,6 +28,7 @@ use tokio_postgres::Client;
 const APPLY_DEADLOCK_TIMEOUT_MS: u64 = 100;
 
 mod lww;
+mod runs;
 mod toast;
 
 /// Errors writing to a target node.
@@ -101,21 +103,6 @@ pub struct TargetWriter<'a> {
     incoming_wins_ties: bool,
     /// The peer receives from this node, so repairs written here reach it.
     peer_receives: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Upsert,
-    Delete,
-    Truncate,
-}
-
-/// A run of events of one table: indexes into the slice being applied. `kind` is
-/// `Truncate` for a truncate, else `Upsert` for row changes of any kind.
-struct Run {
-    table: String,
-    kind: Kind,
-    items: Vec<usize>,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -521,94 +508,5 @@ fn check_identity(image: &Row, id: &crate::config::IdentityConfig) -> Result<(),
             "{} is NULL; its natural key derives {derived}",
             id.column
         )),
-    }
-}
-
-/// Groups events into runs: one per table with all its row changes, in order of first
-/// appearance; a truncate is a run of its own and a barrier nothing moves across.
-fn runs(events: &[Cow<'_, ChangeEvent>]) -> Vec<Run> {
-    let mut out: Vec<Run> = Vec::new();
-    let mut segment = 0;
-    for (i, ev) in events.iter().enumerate() {
-        let table = format!("{}.{}", ev.source.schema, ev.source.table);
-        if ev.op == Op::Truncate {
-            out.push(Run {
-                table,
-                kind: Kind::Truncate,
-                items: vec![i],
-            });
-            segment = out.len();
-            continue;
-        }
-        match out[segment..].iter_mut().find(|r| r.table == table) {
-            Some(r) => r.items.push(i),
-            None => out.push(Run {
-                table,
-                kind: Kind::Upsert,
-                items: vec![i],
-            }),
-        }
-    }
-    out
-}
-
-/// How an event changes its row.
-fn kind_of(ev: &ChangeEvent) -> Kind {
-    match ev.op {
-        Op::Insert | Op::Update => Kind::Upsert,
-        Op::Delete => Kind::Delete,
-        Op::Truncate => Kind::Truncate,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{Lsn, Source};
-
-    fn ev(table: &str, op: Op) -> ChangeEvent {
-        ChangeEvent {
-            op,
-            before: None,
-            after: None,
-            key: vec![],
-            types: vec![],
-            source: Source {
-                node: "a".into(),
-                db: "app".into(),
-                schema: "public".into(),
-                table: table.into(),
-                lsn: Lsn(1),
-                seq: 0,
-                last: false,
-                xid: 1,
-                commit_ts_us: 0,
-                stream: None,
-            },
-            ts_ms: 0,
-        }
-    }
-
-    #[test]
-    fn runs_group_a_table_until_a_truncate() {
-        let events = [
-            ev("t1", Op::Insert),
-            ev("t2", Op::Insert),
-            ev("t1", Op::Delete),
-            ev("t1", Op::Truncate),
-            ev("t1", Op::Update),
-        ];
-        let events: Vec<Cow<ChangeEvent>> = events.iter().map(Cow::Borrowed).collect();
-        let got: Vec<(String, Vec<usize>)> = runs(&events)
-            .into_iter()
-            .map(|r| (r.table, r.items))
-            .collect();
-        let want = [
-            ("public.t1", vec![0, 2]),
-            ("public.t2", vec![1]),
-            ("public.t1", vec![3]),
-            ("public.t1", vec![4]),
-        ];
-        assert_eq!(got, want.map(|(t, i)| (t.to_string(), i)));
     }
 }

@@ -20,6 +20,7 @@ use crate::event::{ChangeEvent, Lsn, Op};
 use crate::kafka::{self, SinkError};
 use crate::metrics::{self as m, Health};
 use crate::pg::node::{self, sql_class, NodeError};
+use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
 use crate::{Classify, ErrorClass};
 use std::sync::Arc;
@@ -135,8 +136,8 @@ async fn stream_once(
             problems,
         });
     }
-    node::setup(cfg, node, node::LostSlot::Refuse).await?;
-    let slot_stream = node::stream_of(&client, node, &cfg.slot_name(node)).await?;
+    setup::setup(cfg, node, setup::LostSlot::Refuse).await?;
+    let slot_stream = setup::stream_of(&client, node, &cfg.slot_name(node)).await?;
     for dir in cfg.directions().unwrap_or_default() {
         if dir.from == node {
             crate::pg::history::check(cfg, &dir).await?;

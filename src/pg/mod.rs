@@ -1,12 +1,13 @@
 //! What duplex keeps on each PostgreSQL node, used by both pipelines.
 //!
 //! `sql` holds the session output settings, quoting and the SQLSTATE policy; `node`
-//! opens sessions with duplex's fixed settings, describes and classifies SQL
-//! errors, and sets up or tears down the `duplex` schema, publication, slot and
+//! opens sessions with duplex's fixed settings and describes and classifies SQL
+//! errors; `setup` creates or removes the `duplex` schema, publication, slot and
 //! replication origins; `triggers` installs the tombstone and identity triggers on the
 //! configured tables; `history` checks that a node did not go back in time.
 
 pub mod history;
 pub mod node;
+pub mod setup;
 pub mod sql;
 pub mod triggers;

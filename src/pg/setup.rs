@@ -1,0 +1,457 @@
+//! What duplex keeps on a node, created and removed idempotently: its `duplex`
+//! schema, the publication of the configured tables, the logical replication slot and
+//! the replication origins of apply sessions.
+//!
+//! `setup` creates whatever is missing and brings the publication's table list in line
+//! with the config; `teardown` removes all of it (an orphaned slot keeps WAL forever,
+//! so removal must be one safe command). Both run over an ordinary SQL session.
+
+use super::node::{connect, sql_err, NodeError};
+use crate::config::Config;
+use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
+use crate::pg::sql::quote_ident;
+use tokio_postgres::Client;
+
+/// How long setup's DDL waits for a lock before it fails (and is retried).
+const SETUP_LOCK_TIMEOUT_MS: u64 = 5_000;
+
+/// What setup may do about a slot duplex created before and that has disappeared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostSlot {
+    /// Stop with [`NodeError::SlotLost`]: the daemon never papers over lost changes.
+    Refuse,
+    /// Create it again: the operator ran `duplex setup` after resynchronising.
+    Recreate,
+}
+
+/// Creates what is missing on `node` for the configured directions.
+pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<String>, NodeError> {
+    let client = connect(cfg, node, "setup").await?;
+    // DDL that waits for a lock holds up every write queued behind it: give up soon
+    // and retry later rather than stall the application.
+    // Readers and appliers may set up the same node at once; DDL must not race.
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = {SETUP_LOCK_TIMEOUT_MS}; SELECT pg_advisory_lock(hashtext('duplex setup'))"
+        ))
+        .await
+        .map_err(sql_err(node, "taking the setup lock"))?;
+    let mut done = Vec::new();
+    client
+        .batch_execute(SCHEMA_SQL)
+        .await
+        .map_err(sql_err(node, "creating schema duplex"))?;
+    let directions = cfg.directions().map_err(|e| NodeError::Config {
+        node: node.to_string(),
+        detail: e.to_string(),
+    })?;
+    done.extend(crate::pg::triggers::ensure_triggers(cfg, &client, node).await?);
+    if directions.iter().any(|d| d.from == node) {
+        done.extend(ensure_publication(cfg, &client, node).await?);
+        // Creating a slot waits for every transaction running on the cluster to end:
+        // no lock timeout there, an application's long transaction is no error.
+        client
+            .batch_execute("SET lock_timeout = 0")
+            .await
+            .map_err(sql_err(node, "resetting lock_timeout"))?;
+        done.extend(ensure_slot(cfg, &client, node, lost).await?);
+    }
+    for d in directions.iter().filter(|d| d.to == node) {
+        let origin = cfg.origin_name(d);
+        let created: bool = client
+            .query_one(
+                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
+                 THEN false ELSE pg_replication_origin_create($1) IS NOT NULL END",
+                &[&origin],
+            )
+            .await
+            .map_err(sql_err(
+                node,
+                format!("creating replication origin {origin}"),
+            ))?
+            .get(0);
+        if created {
+            done.push(format!("created replication origin {origin}"));
+        }
+    }
+    client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('duplex setup'))")
+        .await
+        .map_err(sql_err(node, "releasing the setup lock"))?;
+    Ok(done)
+}
+
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS duplex;
+CREATE TABLE IF NOT EXISTS duplex.schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+-- Where each direction into this node stands, written in the same transaction as the
+-- rows it applied.
+CREATE TABLE IF NOT EXISTS duplex.apply_positions (
+    source_node text NOT NULL,
+    -- A new topic (another topic_prefix, a recreated topic) is a new stream.
+    topic text NOT NULL,
+    next_offset bigint NOT NULL,
+    commit_lsn pg_lsn NOT NULL,
+    seq integer NOT NULL,
+    last_commit_ts timestamptz,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    -- The source slot's stream (see duplex.slots) that commit_lsn belongs to.
+    stream text,
+    PRIMARY KEY (source_node, topic)
+);
+-- Each direction into this node: running, halted (and why) or stopped.
+CREATE TABLE IF NOT EXISTS duplex.apply_state (
+    source_node text PRIMARY KEY,
+    state text NOT NULL,
+    reason text,
+    since timestamptz NOT NULL DEFAULT now()
+);
+-- Deleted keys, so that an older insert or update arriving later does not bring the
+-- row back. Pruned after sync.tombstone_retention_ms.
+CREATE TABLE IF NOT EXISTS duplex.tombstones (
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    deleted_at timestamptz NOT NULL,
+    origin text NOT NULL,
+    PRIMARY KEY (table_name, key)
+);
+CREATE INDEX IF NOT EXISTS tombstones_deleted_at ON duplex.tombstones (deleted_at);
+-- When each table was last truncated (by the application, or by applying a peer's
+-- truncate): a tombstone for every key of the table older than that.
+CREATE TABLE IF NOT EXISTS duplex.truncations (
+    table_name text PRIMARY KEY,
+    truncated_at timestamptz NOT NULL,
+    origin text NOT NULL
+);
+-- The winner of a key whose incoming version lost here, written by the apply session
+-- and published (the one exception to echo suppression), so the peer converges on it:
+-- `image` is every column as text, or the key columns when `deleted_at` is set.
+CREATE TABLE IF NOT EXISTS duplex.repairs (
+    id bigserial PRIMARY KEY,
+    made_at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    image jsonb NOT NULL,
+    deleted_at timestamptz
+);
+-- Slots duplex created here: one that disappears later took changes with it, and
+-- the daemon must say so rather than quietly create a new one.
+-- `stream` names the slot's history: every event read through it carries it, and a
+-- slot created again gets a new one, so that appliers know its LSNs start over.
+CREATE TABLE IF NOT EXISTS duplex.slots (
+    slot_name text PRIMARY KEY,
+    created_lsn pg_lsn NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    stream text NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
+);
+-- Columns added since the first release, added only where missing (no lock otherwise).
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
+                   AND attname = 'stream' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.slots ADD COLUMN stream text NOT NULL
+            DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.apply_positions'::regclass
+                   AND attname = 'stream' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.apply_positions ADD COLUMN stream text;
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS duplex.conflicts (
+    id bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    table_name text NOT NULL,
+    key jsonb NOT NULL,
+    op text NOT NULL,
+    local_updated_at text,
+    incoming_updated_at text,
+    incoming_node text NOT NULL,
+    incoming_position text NOT NULL,
+    resolution text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS duplex.dead_letters (
+    id bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    source_node text NOT NULL,
+    kafka_offset bigint NOT NULL,
+    table_name text,
+    key text,
+    position text,
+    error text NOT NULL,
+    event text NOT NULL,
+    replayed_at timestamptz
+);
+";
+
+/// The publication lists exactly the configured tables.
+async fn ensure_publication(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+) -> Result<Option<String>, NodeError> {
+    let publication = cfg.publication_name(node);
+    // duplex.tombstones travels too: its rows give the peer each delete's exact time;
+    // so does duplex.repairs, the winners of conflicts lost on this node.
+    let tables: Vec<String> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.schema_table();
+            format!("{}.{}", quote_ident(s), quote_ident(n))
+        })
+        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| format!("{s}.{n}")))
+        .collect();
+    // Partitioned tables are published under their own name, not their partitions'.
+    let via_root: Option<bool> = client
+        .query_opt(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication"))?
+        .map(|r| r.get(0));
+    let exists = via_root.is_some();
+    // ALTER PUBLICATION only when the list differs: setup runs on every reconnect.
+    let mut want: Vec<(String, String)> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let (s, n) = t.schema_table();
+            (s.to_string(), n.to_string())
+        })
+        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| (s.to_string(), n.to_string())))
+        .collect();
+    want.sort();
+    let mut have: Vec<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication_tables"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    have.sort();
+    if via_root == Some(true) && have == want {
+        return Ok(None);
+    }
+    let (sql, what) = if exists {
+        let sql = format!(
+            "ALTER PUBLICATION {0} SET TABLE {1}; ALTER PUBLICATION {0} SET (publish_via_partition_root = true)",
+            quote_ident(&publication),
+            tables.join(", ")
+        );
+        (
+            sql,
+            format!("publication {publication} lists {} table(s)", tables.len()),
+        )
+    } else {
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+            quote_ident(&publication),
+            tables.join(", ")
+        );
+        (sql, format!("created publication {publication}"))
+    };
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_err(node, format!("writing publication {publication}")))?;
+    Ok(Some(what))
+}
+
+/// The slot exists and is duplex's; else it is created, unless duplex created it
+/// before (`duplex.slots` remembers that) and `lost` refuses: a slot that vanished
+/// (dropped, a failover to a standby, a restore) took the changes since with it.
+async fn ensure_slot(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+    lost: LostSlot,
+) -> Result<Option<String>, NodeError> {
+    let slot = cfg.slot_name(node);
+    let row = client
+        .query_opt(
+            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        let plugin: Option<String> = row.get(0);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!("slot {slot} exists but is not a pgoutput logical slot; drop it or set nodes.{node}.slot"),
+            });
+        }
+        // Slot names are per cluster: another deployment may hold this one.
+        let database: Option<String> = row.get(1);
+        let here: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(sql_err(node, "reading the database name"))?
+            .get(0);
+        if database.as_deref() != Some(here.as_str()) {
+            return Err(NodeError::Config {
+                node: node.to_string(),
+                detail: format!(
+                    "slot {slot} belongs to database {}, not {here}: slot names are shared by the whole cluster; set nodes.{node}.slot to a name of this deployment's own",
+                    database.as_deref().unwrap_or("?")
+                ),
+            });
+        }
+        // A slot made before duplex kept this record: remember it from now on.
+        client
+            .execute(
+                "INSERT INTO duplex.slots (slot_name, created_lsn)
+                 SELECT slot_name, coalesce(confirmed_flush_lsn, restart_lsn, '0/0')
+                 FROM pg_replication_slots WHERE slot_name = $1
+                 ON CONFLICT (slot_name) DO NOTHING",
+                &[&slot],
+            )
+            .await
+            .map_err(sql_err(node, "writing duplex.slots"))?;
+        return Ok(None);
+    }
+    let before = client
+        .query_opt(
+            "SELECT created_lsn::text, created_at::text FROM duplex.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading duplex.slots"))?;
+    if let (Some(row), LostSlot::Refuse) = (&before, lost) {
+        return Err(NodeError::SlotLost {
+            node: node.to_string(),
+            slot,
+            created_lsn: row.get(0),
+            created_at: row.get(1),
+        });
+    }
+    // Alone in its statement: the less the session holds while the slot waits for
+    // concurrent transactions, the better. A slot made but not yet recorded is
+    // recorded by the next setup, which finds it.
+    let created: String = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| NodeError::SlotCreation {
+            node: node.to_string(),
+            slot: slot.clone(),
+            source,
+        })?
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO duplex.slots (slot_name, created_lsn) VALUES ($1, $2::text::pg_lsn)
+             ON CONFLICT (slot_name) DO UPDATE
+             SET created_lsn = EXCLUDED.created_lsn, created_at = now(), stream = EXCLUDED.stream",
+            &[&slot, &created],
+        )
+        .await
+        .map_err(sql_err(node, "writing duplex.slots"))?;
+    Ok(Some(match before {
+        Some(_) => format!(
+            "created replication slot {slot} again (it had been lost; changes made while it was gone were not read)"
+        ),
+        None => format!("created replication slot {slot}"),
+    }))
+}
+
+/// The stream id of `slot` on this node (see `duplex.slots`), if duplex records it.
+pub async fn stream_of(
+    client: &Client,
+    node: &str,
+    slot: &str,
+) -> Result<Option<String>, NodeError> {
+    Ok(client
+        .query_opt(
+            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading duplex.slots"))?
+        .map(|r| r.get(0)))
+}
+
+/// Removes duplex's slot, publication, origins and schema from `node`.
+pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
+    let client = connect(cfg, node, "teardown").await?;
+    let mut done = Vec::new();
+    let slot = cfg.slot_name(node);
+    let row = client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+    if let Some(row) = row {
+        if let Some(pid) = row.get::<_, Option<i32>>(0) {
+            return Err(NodeError::SlotActive {
+                node: node.to_string(),
+                slot,
+                pid,
+            });
+        }
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(sql_err(node, format!("dropping slot {slot}")))?;
+        done.push(format!("dropped replication slot {slot}"));
+    }
+    let publication = cfg.publication_name(node);
+    let n = client
+        .execute(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql_err(node, "reading pg_publication"))?;
+    if n > 0 {
+        client
+            .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&publication)))
+            .await
+            .map_err(sql_err(node, format!("dropping publication {publication}")))?;
+        done.push(format!("dropped publication {publication}"));
+    }
+    // Only this deployment's origins: another one may share the cluster.
+    for d in cfg
+        .directions()
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| d.to == node)
+    {
+        let origin = cfg.origin_name(d);
+        let dropped = client
+            .query(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(sql_err(node, format!("dropping replication origin {origin}")))?;
+        if !dropped.is_empty() {
+            done.push(format!("dropped replication origin {origin}"));
+        }
+    }
+    let had_schema = client
+        .execute("SELECT 1 FROM pg_namespace WHERE nspname = 'duplex'", &[])
+        .await
+        .map_err(sql_err(node, "reading pg_namespace"))?;
+    if had_schema > 0 {
+        client
+            .batch_execute("DROP SCHEMA duplex CASCADE")
+            .await
+            .map_err(sql_err(node, "dropping schema duplex"))?;
+        done.push("dropped schema duplex".into());
+    }
+    Ok(done)
+}
