@@ -48,36 +48,43 @@ impl Classify for SinkError {
 
 impl SinkError {
     pub fn class(&self) -> ErrorClass {
-        let definite_code = |c: &RDKafkaErrorCode| {
-            matches!(
-                c,
-                RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-                    | RDKafkaErrorCode::InvalidConfig
-                    | RDKafkaErrorCode::InvalidReplicationFactor
-                    | RDKafkaErrorCode::InvalidPartitions
-                    | RDKafkaErrorCode::InvalidTopic
-                    | RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::MessageSizeTooLarge
-            )
-        };
         match self {
-            SinkError::Kafka(KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_)) => {
-                ErrorClass::Definite
-            }
-            SinkError::Kafka(e) | SinkError::Delivery { error: e, .. } => {
-                match e.rdkafka_error_code() {
-                    Some(c) if definite_code(&c) => ErrorClass::Definite,
-                    _ => ErrorClass::Transient,
-                }
-            }
-            SinkError::CreateTopic { code, .. } if definite_code(code) => ErrorClass::Definite,
+            SinkError::Kafka(e) | SinkError::Delivery { error: e, .. } => class_of(e),
+            SinkError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,
             // The same event would be too large on every retry.
             SinkError::TooLarge { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }
+}
+
+/// The one classification of librdkafka errors, for producers and consumers alike:
+/// bad settings, refused credentials or permissions and invalid topics need the
+/// operator; everything else (brokers down, timeouts, leader changes) passes.
+pub fn class_of(e: &KafkaError) -> ErrorClass {
+    match e {
+        KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => ErrorClass::Definite,
+        e => match e.rdkafka_error_code() {
+            Some(c) if is_definite(&c) => ErrorClass::Definite,
+            _ => ErrorClass::Transient,
+        },
+    }
+}
+
+fn is_definite(c: &RDKafkaErrorCode) -> bool {
+    matches!(
+        c,
+        RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::MessageSizeTooLarge
+    )
 }
 
 /// librdkafka settings shared by every duplex client: the user's properties on top of
@@ -148,4 +155,33 @@ pub fn read_topic(
         }
     }
     Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_errors_are_classified_once_for_both_pipelines() {
+        let consume = |c| KafkaError::MessageConsumption(c);
+        let produce = |c| KafkaError::MessageProduction(c);
+        for code in [
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+        ] {
+            assert_eq!(class_of(&consume(code)), ErrorClass::Definite, "{code:?}");
+            assert_eq!(class_of(&produce(code)), ErrorClass::Definite, "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            assert_eq!(class_of(&consume(code)), ErrorClass::Transient, "{code:?}");
+        }
+        let e = SinkError::Kafka(produce(RDKafkaErrorCode::SaslAuthenticationFailed));
+        assert_eq!(e.class(), ErrorClass::Definite);
+    }
 }

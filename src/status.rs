@@ -3,6 +3,7 @@
 //! never from a running daemon's memory, so it works whether or not duplex runs and
 //! can gate a cutover.
 
+use crate::apply::progress::DirectionState;
 use crate::config::{Config, Direction};
 use crate::kafka::client_config;
 use crate::pg::node::{self, describe};
@@ -28,8 +29,7 @@ pub struct NodeStatus {
 #[derive(Debug, Serialize)]
 pub struct DirectionStatus {
     pub direction: String,
-    /// running, halted, stopped, or never_started.
-    pub state: String,
+    pub state: DirectionState,
     pub reason: Option<String>,
     pub since: Option<String>,
     /// An apply session is connected to the target right now.
@@ -58,7 +58,7 @@ impl Status {
     pub fn gate(&self, max_lag_seconds: f64) -> Vec<String> {
         let mut failing = self.problems.clone();
         for d in &self.directions {
-            if d.state == "halted" {
+            if d.state == DirectionState::Halted {
                 failing.push(format!(
                     "{} is halted: {}",
                     d.direction,
@@ -235,7 +235,8 @@ async fn direction_status(
         direction: dir.to_string(),
         state: row
             .get::<_, Option<String>>(0)
-            .unwrap_or_else(|| "never_started".into()),
+            .and_then(|s| DirectionState::parse(&s))
+            .unwrap_or(DirectionState::NeverStarted),
         reason: row.get(1),
         since: row.get(2),
         connected: row.get(3),

@@ -13,7 +13,7 @@
 //! back to a savepoint and its batch retried one event at a time to find the culprit,
 //! which then halts the direction or goes to the dead-letter queue.
 
-use crate::apply::progress;
+use crate::apply::progress::{self, DirectionState};
 use crate::apply::sequence::Gap;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
@@ -88,9 +88,10 @@ impl Classify for ApplyError {
         match self {
             ApplyError::Write(e) => e.class(),
             ApplyError::Node(e) => e.class(),
-            ApplyError::Kafka { .. }
-            | ApplyError::IncompleteTransaction { .. }
-            | ApplyError::Stalled { .. } => ErrorClass::Transient,
+            ApplyError::Kafka { source, .. } => kafka::class_of(source),
+            ApplyError::IncompleteTransaction { .. } | ApplyError::Stalled { .. } => {
+                ErrorClass::Transient
+            }
             ApplyError::Sink { source, .. } => source.class(),
             ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
         }
@@ -188,7 +189,7 @@ async fn apply_once(
     tpl.add_partition_offset(&topic, 0, offset)
         .map_err(kafka_err)?;
     consumer.assign(&tpl).map_err(kafka_err)?;
-    progress::set_state(&writer.client, dir, progress::RUNNING, None)
+    progress::set_state(&writer.client, dir, DirectionState::Running, None)
         .await
         .map_err(|source| WriteError::Sql {
             node: dir.to.clone(),

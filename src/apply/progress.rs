@@ -15,10 +15,45 @@ use tokio_postgres::Client;
 /// How long asking the broker for the log end offset may take.
 const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Direction states as stored in `duplex.apply_state.state`.
-pub const RUNNING: &str = "running";
-pub const HALTED: &str = "halted";
-pub const STOPPED: &str = "stopped";
+/// Where a direction stands, as stored in `duplex.apply_state.state` (and shown by
+/// `duplex status`, where a direction without a row has never started).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionState {
+    Running,
+    Halted,
+    Stopped,
+    NeverStarted,
+}
+
+impl DirectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectionState::Running => "running",
+            DirectionState::Halted => "halted",
+            DirectionState::Stopped => "stopped",
+            DirectionState::NeverStarted => "never_started",
+        }
+    }
+
+    /// The state a stored text names; `None` for anything else.
+    pub fn parse(s: &str) -> Option<DirectionState> {
+        [
+            DirectionState::Running,
+            DirectionState::Halted,
+            DirectionState::Stopped,
+            DirectionState::NeverStarted,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DirectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the target's `duplex.apply_positions` says of a direction: how far it applied.
 #[derive(Debug, Default)]
@@ -66,7 +101,7 @@ pub async fn stored(
 pub async fn set_state(
     client: &Client,
     dir: &Direction,
-    state: &str,
+    state: DirectionState,
     reason: Option<&str>,
 ) -> Result<(), tokio_postgres::Error> {
     client
@@ -74,7 +109,7 @@ pub async fn set_state(
             "INSERT INTO duplex.apply_state (source_node, state, reason, since) VALUES ($1, $2, $3, now())
              ON CONFLICT (source_node) DO UPDATE SET state = EXCLUDED.state, reason = EXCLUDED.reason,
                since = CASE WHEN duplex.apply_state.state = EXCLUDED.state THEN duplex.apply_state.since ELSE now() END",
-            &[&dir.from, &state, &reason],
+            &[&dir.from, &state.as_str(), &reason],
         )
         .await
         .map(|_| ())
@@ -83,7 +118,7 @@ pub async fn set_state(
 /// Records a halt over a fresh connection (the worker's session is gone by then).
 pub async fn record_halt(cfg: &Config, dir: &Direction, reason: &str) {
     let result = match crate::pg::node::connect(cfg, &dir.to, "apply state").await {
-        Ok(client) => set_state(&client, dir, HALTED, Some(reason))
+        Ok(client) => set_state(&client, dir, DirectionState::Halted, Some(reason))
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -160,4 +195,19 @@ fn unix_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direction_states_round_trip_as_stored_and_shown() {
+        for s in ["running", "halted", "stopped", "never_started"] {
+            let state = DirectionState::parse(s).unwrap();
+            assert_eq!(state.as_str(), s);
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(DirectionState::parse("Running"), None);
+    }
 }

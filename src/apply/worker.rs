@@ -484,8 +484,13 @@ impl<'a> Worker<'a> {
         } else if self.in_txn {
             self.writer.execute("ROLLBACK", "rolling back").await?;
         }
-        if let Err(e) =
-            progress::set_state(&self.writer.client, self.dir, progress::STOPPED, None).await
+        if let Err(e) = progress::set_state(
+            &self.writer.client,
+            self.dir,
+            progress::DirectionState::Stopped,
+            None,
+        )
+        .await
         {
             tracing::warn!(direction = %self.dir, error = %e, "could not record the stop on the target");
         }
