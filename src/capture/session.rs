@@ -9,6 +9,7 @@
 //! queue read by the delivery tracker. Only the tracker's durable LSN, the end of a
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
+use crate::capture::confirm::SlotProgress;
 use crate::capture::pgoutput::{self, DecodeError, LogicalMessage, Relation};
 use crate::capture::producer::{self, ChangeProducer, Pending};
 use crate::capture::reader::{Output, ReaderError, TableInfo, TxnReader};
@@ -193,9 +194,7 @@ async fn stream_once(
         queue: queue_tx,
         durable: durable_rx,
         tracker,
-        last_commit_end: Lsn::ZERO,
-        idle_end: Lsn::ZERO,
-        confirmed: Lsn::ZERO,
+        progress: SlotProgress::default(),
         out: Vec::new(),
         counters: Vec::new(),
     };
@@ -213,11 +212,8 @@ struct Session<'a> {
     queue: mpsc::Sender<Pending>,
     durable: watch::Receiver<Lsn>,
     tracker: JoinHandle<Result<(), SinkError>>,
-    /// End LSN of the newest commit handed to the tracker.
-    last_commit_end: Lsn,
-    /// Newest position the node reported with nothing of ours pending before it.
-    idle_end: Lsn,
-    confirmed: Lsn,
+    /// What may be confirmed to the slot.
+    progress: SlotProgress,
     out: Vec<Output>,
     /// (read, produced) counters per table and op, so the hot path does not build
     /// label sets per event.
@@ -307,7 +303,7 @@ impl Session<'_> {
                 wal_end,
                 reply_requested,
             } => {
-                self.idle_end = self.idle_end.max(wal_end);
+                self.progress.reported(wal_end);
                 if reply_requested {
                     self.send_status(true).await?;
                 }
@@ -335,7 +331,7 @@ impl Session<'_> {
                         ..
                     }
                 ) {
-                    self.idle_end = self.idle_end.max(wal_start);
+                    self.progress.reported(wal_start);
                 }
                 let mut out = std::mem::take(&mut self.out);
                 self.reader
@@ -379,7 +375,7 @@ impl Session<'_> {
                     metrics::counter!(m::SOURCE_ECHOES_SUPPRESSED_TOTAL, "node" => node)
                         .increment(1);
                 }
-                self.last_commit_end = end_lsn;
+                self.progress.handed_over(end_lsn);
                 Pending::Commit { end_lsn }
             }
         };
@@ -420,24 +416,14 @@ impl Session<'_> {
     /// Confirms the newest durable position to the slot.
     async fn send_status(&mut self, force: bool) -> Result<(), PipelineError> {
         let durable = *self.durable.borrow();
-        let mut flush = durable;
-        // With every commit we handed over acknowledged and no transaction open, all
-        // the node has sent is handled: its reported position is safe to confirm.
-        if !self.reader.in_transaction() && durable >= self.last_commit_end {
-            flush = flush.max(self.idle_end);
-        }
-        // A forced status is a reply the node waits for: send it even when nothing is
-        // durable yet (inside a session's first transaction); a zero or unchanged
-        // position confirms nothing new.
-        if flush > self.confirmed || force {
-            let flush = flush.max(self.confirmed);
+        let in_transaction = self.reader.in_transaction();
+        if let Some(flush) = self.progress.to_confirm(durable, in_transaction, force) {
             self.stream
                 .send_status(flush)
                 .await
                 .map_err(|e| self.wal_err(e))?;
-            self.confirmed = self.confirmed.max(flush);
             metrics::gauge!(m::SOURCE_CONFIRMED_LSN_BYTES, "node" => self.node.to_string())
-                .set(self.confirmed.0 as f64);
+                .set(flush.0 as f64);
         }
         Ok(())
     }
@@ -455,7 +441,7 @@ impl Session<'_> {
             ),
         }
         self.send_status(true).await?;
-        tracing::info!(node = self.node, confirmed = %self.confirmed, "reader stopped");
+        tracing::info!(node = self.node, confirmed = %self.progress.confirmed(), "reader stopped");
         Ok(())
     }
 
