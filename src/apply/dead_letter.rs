@@ -73,9 +73,29 @@ fn sql_err(dir: &Direction, context: &str) -> impl FnOnce(tokio_postgres::Error)
     }
 }
 
-/// Records `letter` in the target's table (inside the caller's transaction) and on
-/// the dead-letter topic, waiting for the broker's acknowledgement.
-pub async fn record(
+/// A direction's dead-letter topic, with one producer for the apply session, made when
+/// the first letter comes.
+#[derive(Default)]
+pub struct DeadLetterQueue {
+    producer: Option<(String, FutureProducer)>,
+}
+
+impl DeadLetterQueue {
+    /// Records `letter` in the target's table (inside the caller's transaction) and on
+    /// the dead-letter topic, waiting for the broker's acknowledgement.
+    pub async fn record(
+        &mut self,
+        cfg: &Config,
+        dir: &Direction,
+        writer: &TargetWriter<'_>,
+        letter: &DeadLetter,
+    ) -> Result<(), ApplyError> {
+        record(&mut self.producer, cfg, dir, writer, letter).await
+    }
+}
+
+async fn record(
+    producer: &mut Option<(String, FutureProducer)>,
     cfg: &Config,
     dir: &Direction,
     writer: &TargetWriter<'_>,
@@ -95,18 +115,24 @@ pub async fn record(
         direction: dir.to_string(),
         source,
     };
-    let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
-    kafka::ensure_topic(&cfg.kafka, &topic)
-        .await
-        .map_err(sink)?;
-    let producer: FutureProducer = client_config(&cfg.kafka)
-        .create()
-        .map_err(|e| sink(SinkError::Kafka(e)))?;
+    if producer.is_none() {
+        let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
+        kafka::ensure_topic(&cfg.kafka, &topic)
+            .await
+            .map_err(sink)?;
+        let p: FutureProducer = client_config(&cfg.kafka)
+            .create()
+            .map_err(|e| sink(SinkError::Kafka(e)))?;
+        *producer = Some((topic, p));
+    }
+    let Some((topic, producer)) = producer.as_ref() else {
+        return Ok(());
+    };
     let headers = OwnedHeaders::new().insert(Header {
         key: "duplex_error",
         value: Some(letter.error.as_bytes()),
     });
-    let record = FutureRecord::to(&topic)
+    let record = FutureRecord::to(topic)
         .key(&letter.kafka_key)
         .payload(&letter.raw)
         .headers(headers);

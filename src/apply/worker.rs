@@ -12,7 +12,7 @@
 
 use crate::apply::batch::{prepare_batch, writable_len, DeleteTimes};
 use crate::apply::consumer::ApplyError;
-use crate::apply::dead_letter::{self, DeadLetter};
+use crate::apply::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::apply::progress::{self, Standing, Stored};
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};
@@ -80,6 +80,8 @@ pub(super) struct Worker<'a> {
     last_taken_at: Instant,
     duplicates: metrics::Counter,
     gaps: metrics::Counter,
+    /// Where bad events go when `sync.on_error = "dead_letter"`.
+    dlq: DeadLetterQueue,
 }
 
 impl<'a> Worker<'a> {
@@ -116,6 +118,7 @@ impl<'a> Worker<'a> {
             last_taken_at: Instant::now(),
             duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
             gaps: metrics::counter!(m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL, "direction" => dir.to_string()),
+            dlq: DeadLetterQueue::default(),
         }
     }
 
@@ -408,7 +411,9 @@ impl<'a> Worker<'a> {
             });
         }
         tracing::warn!(direction = %self.dir, table = ?letter.table, key = ?letter.key, position = ?letter.position, error = %letter.error, "event sent to the dead-letter queue");
-        dead_letter::record(self.cfg, self.dir, &self.writer, &letter).await?;
+        self.dlq
+            .record(self.cfg, self.dir, &self.writer, &letter)
+            .await?;
         metrics::counter!(m::APPLY_DEAD_LETTERS_TOTAL, "direction" => self.dir.to_string())
             .increment(1);
         Ok(())
