@@ -200,6 +200,15 @@ impl Daemon {
         })
         .await;
         super::forget(self.child.id());
+        if status.code().is_none() {
+            use std::os::unix::process::ExitStatusExt;
+            eprintln!(
+                "duplex ended by signal {:?} (core dumped: {}); its log:\n{}",
+                status.signal(),
+                status.core_dumped(),
+                self.logs()
+            );
+        }
         status.code()
     }
 
