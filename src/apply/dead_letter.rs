@@ -8,7 +8,7 @@
 //! table; `duplex dlq replay` applies each unreplayed event again under the same rules
 //! (last-writer-wins, tombstones) and marks those that now succeed.
 
-use crate::apply::consumer::ApplyError;
+use crate::apply::error::ApplyError;
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;

@@ -4,11 +4,13 @@
 //! `worker` gathers events into batches (`sequence` says which to take, `batch` readies
 //! them) and commits whole source transactions with their position; `writer` writes
 //! them under last-writer-wins (`target` builds its SQL); `progress` stores and reports
-//! where the direction stands; `dead_letter` keeps the events the target refused.
+//! where the direction stands; `dead_letter` keeps the events the target refused;
+//! `error` says which failures retry and which halt the direction.
 
 pub mod batch;
 pub mod consumer;
 pub mod dead_letter;
+pub mod error;
 pub mod progress;
 mod sequence;
 pub mod target;

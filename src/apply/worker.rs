@@ -11,8 +11,8 @@
 //! `maintenance` the sweep and pruning between transactions.
 
 use crate::apply::batch::{prepare_batch, writable_len, DeleteTimes};
-use crate::apply::consumer::ApplyError;
 use crate::apply::dead_letter::{DeadLetter, DeadLetterQueue};
+use crate::apply::error::ApplyError;
 use crate::apply::progress::{self, Standing, Stored};
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};

@@ -4,7 +4,7 @@
 //! the application, and a new slot stream starts positions over.
 
 use super::Worker;
-use crate::apply::consumer::ApplyError;
+use crate::apply::error::ApplyError;
 use crate::apply::sequence::{Gap, Sequence};
 use crate::event::ChangeEvent;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! conflicts and repairs.
 
 use super::Worker;
-use crate::apply::consumer::ApplyError;
+use crate::apply::error::ApplyError;
 use crate::pg::sql::quote_literal;
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,70 @@
+//! The errors of a direction's apply session, each with its one classification:
+//! what retries (lost connections, deadlocks past their in-place retries, Kafka
+//! outages, transactions to read again) and what halts the direction with a message
+//! saying what to fix (a bad event, a position the topic no longer holds).
+
+use crate::apply::sequence::Gap;
+use crate::apply::writer::WriteError;
+use crate::kafka::{self, SinkError};
+use crate::pg::node::NodeError;
+use crate::{Classify, ErrorClass};
+use rdkafka::error::KafkaError;
+
+/// Errors of an apply worker.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("direction {direction}: Kafka: {source}")]
+    Kafka {
+        direction: String,
+        source: KafkaError,
+    },
+    #[error("direction {direction}: {source}")]
+    Sink {
+        direction: String,
+        source: SinkError,
+    },
+    #[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them: resynchronise the target from the source (copy the tables, then delete this direction's row from duplex.apply_positions on node {to}) and restart duplex")]
+    PositionLost {
+        direction: String,
+        to: String,
+        topic: String,
+        offset: i64,
+        detail: String,
+    },
+    #[error("direction {direction}: source transaction {} arrived with events missing (found {} at Kafka offset {}, expected {}); rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again", gap.commit_lsn, gap.found, gap.offset, gap.expected.map_or("a new transaction".into(), |s| format!("seq {s}")))]
+    IncompleteTransaction { direction: String, gap: Gap },
+    #[error("direction {direction}: no message for {secs} s while part of source transaction {commit_lsn} was written to the target: rolled it back to release its row locks; reading it again from the last commit")]
+    Stalled {
+        direction: String,
+        commit_lsn: String,
+        secs: u64,
+    },
+    #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
+    BadEvent {
+        direction: String,
+        table: String,
+        key: String,
+        position: String,
+        offset: i64,
+        reason: String,
+    },
+}
+
+impl Classify for ApplyError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ApplyError::Write(e) => e.class(),
+            ApplyError::Node(e) => e.class(),
+            ApplyError::Kafka { source, .. } => kafka::class_of(source),
+            ApplyError::IncompleteTransaction { .. } | ApplyError::Stalled { .. } => {
+                ErrorClass::Transient
+            }
+            ApplyError::Sink { source, .. } => source.class(),
+            ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
+        }
+    }
+}
