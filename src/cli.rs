@@ -4,16 +4,12 @@
 //! exit code: 0 on success, 1 when something needs the operator (problems found, a
 //! definite error), 2 for a config that does not load.
 
-use crate::capture::session;
 use crate::config::Config;
-use crate::metrics::{self, Health};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 #[derive(Parser, Debug)]
@@ -318,97 +314,36 @@ async fn tail(cfg: &Config, node: &str, max: Option<usize>, timeout_ms: u64) -> 
     }
 }
 
+/// `duplex run` until SIGTERM or SIGINT; a second signal stops it at once.
 async fn run(cfg: Arc<Config>) -> ExitCode {
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let health = Health::default();
-    let mut tasks = JoinSet::new();
-    match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
-        Ok(serve) => {
-            tasks.spawn(async move {
-                serve.await;
-                Ok(())
-            });
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    }
-    for node in cfg.source_nodes() {
-        let span = tracing::info_span!("source", node = %node);
-        let fut = session::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
-        tasks.spawn(fut.instrument(span));
-    }
-    for dir in cfg.directions().unwrap_or_default() {
-        let span = tracing::info_span!("apply", direction = %dir);
-        let fut =
-            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
-        // A halted direction stops alone (it logged why, /readyz and the halted gauge
-        // show it); the other direction and the readers keep going.
-        tasks.spawn(
-            async move {
-                let _ = fut.await;
-                Ok(())
-            }
-            .instrument(span),
-        );
-    }
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
-    let mut stopping = false;
-    let mut code = ExitCode::SUCCESS;
-    loop {
-        tokio::select! {
-            _ = &mut signal, if !stopping => {
-                tracing::info!("stopping");
-                stopping = true;
-                let _ = shutdown_tx.send(true);
-            }
-            done = tasks.join_next() => match done {
-                None => break,
-                Some(Ok(Err(_))) | Some(Err(_)) => {
-                    // The pipeline logged why; stop the others cleanly.
-                    code = ExitCode::FAILURE;
-                    stopping = true;
-                    let _ = shutdown_tx.send(true);
-                }
-                Some(Ok(Ok(()))) => {}
-            },
-        }
-    }
-    code
-}
-
-async fn start_metrics(
-    cfg: &Config,
-    health: Health,
-    shutdown: watch::Receiver<bool>,
-) -> Result<impl std::future::Future<Output = ()>, String> {
-    let addr = cfg.metrics_listen().map_err(|e| e.to_string())?;
-    let handle = metrics::install()?;
-    let listener = metrics::bind(addr)
-        .await
-        .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    Ok(metrics::serve(listener, handle, health, shutdown)
-        .instrument(tracing::info_span!("metrics_http")))
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    // Installed before anything starts, so that no signal finds the default action.
+    let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (signals_tx, signals) = tokio::sync::mpsc::channel(4);
+    let forward = tokio::spawn(
+        async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if signals_tx.send(()).await.is_err() {
+                    break;
+                }
             }
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+        .instrument(tracing::info_span!("signals")),
+    );
+    let code = crate::daemon::run(cfg, signals).await;
+    forward.abort();
+    code
 }

@@ -3,13 +3,14 @@
 //! Two pipelines joined by Kafka: `capture` (a node's WAL → `event`s → the node's
 //! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), over
 //! `pg` (what duplex keeps on each node), `kafka` and the shared `config`, `metrics` and
-//! `identity`. `runtime` keeps their tasks alive and `cli` wires them; `status` and `preflight` read both sides. See
+//! `identity`. `daemon` runs them, `runtime` keeps their tasks alive, `cli` parses commands; `status` and `preflight` read both sides. See
 //! ARCHITECTURE.md.
 
 pub mod apply;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod identity;
 pub mod kafka;

@@ -253,6 +253,57 @@ async fn run_stops_with_a_message_on_definite_errors() {
     );
 }
 
+/// A clean stop waits for the components; a second signal ends the process at once,
+/// with exit code 1, even while an apply session waits on an application's lock.
+#[tokio::test]
+async fn a_second_signal_stops_run_at_once() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    b.batch_execute("INSERT INTO items (id, v) VALUES (1, 'b')")
+        .await
+        .unwrap();
+    // The application holds row 1 on b; the change from a waits for it.
+    b.batch_execute("BEGIN; SELECT * FROM items WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let mut d = rig.start();
+    d.wait_log("applying", 1, Duration::from_secs(30)).await;
+    a.batch_execute("INSERT INTO items (id, v) VALUES (1, 'a')")
+        .await
+        .unwrap();
+    crate::harness::wait_for(
+        "the applier to wait on row 1",
+        Duration::from_secs(30),
+        || {
+            let b2 = cl.client(&rig.db_b);
+            async move {
+                let n: i64 = b2
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                     AND application_name LIKE 'duplex apply%' AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+        d.wait_log("stopping", 1, Duration::from_secs(30)).await;
+    }
+    assert_eq!(d.exited(Duration::from_secs(30)).await, Some(1));
+    assert!(d.logs().contains("second signal"), "{}", d.logs());
+    b.batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test]
 async fn run_retries_an_unreachable_node_until_stopped() {
     let rig = Rig::new(DDL, &["public.items"], "").await;

@@ -1,0 +1,112 @@
+//! `duplex run`: the metrics endpoint, one capture per source node and one apply per
+//! direction, each a named task under supervision, until a signal arrives or a
+//! component fails for good; then every component is told to stop and given
+//! [`STOP_DEADLINE`] to finish (a capture drains its in-flight messages, an apply
+//! commits what forms whole source transactions). A second signal, or the deadline,
+//! ends the process without waiting.
+
+use crate::capture::session;
+use crate::config::Config;
+use crate::metrics::{self, Health};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// How long the components have to stop once told to.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
+
+pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode {
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let health = Health::default();
+    let mut tasks = JoinSet::new();
+    match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
+        Ok(serve) => {
+            tasks.spawn(async move {
+                serve.await;
+                Ok(())
+            });
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    for node in cfg.source_nodes() {
+        let span = tracing::info_span!("source", node = %node);
+        let fut = session::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
+        tasks.spawn(fut.instrument(span));
+    }
+    for dir in cfg.directions().unwrap_or_default() {
+        let span = tracing::info_span!("apply", direction = %dir);
+        let fut =
+            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
+        // A halted direction stops alone (it logged why, /readyz and the halted gauge
+        // show it); the other direction and the readers keep going.
+        tasks.spawn(
+            async move {
+                let _ = fut.await;
+                Ok(())
+            }
+            .instrument(span),
+        );
+    }
+    let mut stop_by: Option<Instant> = None;
+    let mut signals_open = true;
+    let mut code = ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            signal = signals.recv(), if signals_open => match (signal, stop_by) {
+                // No signals can arrive any more: run until the components end.
+                (None, _) => signals_open = false,
+                (Some(()), None) => {
+                    tracing::info!("stopping");
+                    stop_by = Some(Instant::now() + STOP_DEADLINE);
+                    let _ = shutdown_tx.send(true);
+                }
+                (Some(()), Some(_)) => {
+                    tracing::warn!("second signal: stopping now, without waiting for the components");
+                    return ExitCode::FAILURE;
+                }
+            },
+            _ = sleep_until(stop_by), if stop_by.is_some() => {
+                tracing::error!(deadline_s = STOP_DEADLINE.as_secs(), "components did not stop in time; exiting without them");
+                return ExitCode::FAILURE;
+            }
+            done = tasks.join_next() => match done {
+                None => break,
+                Some(Ok(Err(_))) | Some(Err(_)) => {
+                    // The component logged why; stop the others cleanly.
+                    code = ExitCode::FAILURE;
+                    stop_by.get_or_insert_with(|| Instant::now() + STOP_DEADLINE);
+                    let _ = shutdown_tx.send(true);
+                }
+                Some(Ok(Ok(()))) => {}
+            },
+        }
+    }
+    code
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+async fn start_metrics(
+    cfg: &Config,
+    health: Health,
+    shutdown: watch::Receiver<bool>,
+) -> Result<impl std::future::Future<Output = ()>, String> {
+    let addr = cfg.metrics_listen().map_err(|e| e.to_string())?;
+    let handle = metrics::install()?;
+    let listener = metrics::bind(addr)
+        .await
+        .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    Ok(metrics::serve(listener, handle, health, shutdown)
+        .instrument(tracing::info_span!("metrics_http")))
+}
