@@ -2,9 +2,9 @@
 //!
 //! tokio-postgres cannot open replication connections, so this speaks the protocol
 //! directly over a socket with postgres-protocol's message codecs: startup and
-//! authentication (trust, cleartext, md5, SCRAM-SHA-256), simple queries for the
-//! replication commands, and then COPY BOTH, where the node sends XLogData and
-//! keepalives and we send standby status updates. Bytes read from the socket are kept
+//! authentication (`auth`: trust, md5, SCRAM-SHA-256, cleartext where allowed),
+//! simple queries for the replication commands, and then COPY BOTH, where the node
+//! sends XLogData and keepalives and we send standby status updates. Bytes read from the socket are kept
 //! in one buffer, so [`ReplicationStream::recv`] can be cancelled (e.g. by a timer in
 //! `select!`) without losing data.
 
@@ -13,10 +13,11 @@ use crate::pg::sql::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTI
 use crate::{Classify, ErrorClass};
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+mod auth;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -136,69 +137,6 @@ impl WalsenderConnection {
             .await?;
         conn.wait_ready().await?;
         Ok(conn)
-    }
-
-    async fn authenticate(
-        &mut self,
-        user: &str,
-        password: Option<&[u8]>,
-        allow_cleartext: bool,
-    ) -> Result<(), WalsenderError> {
-        let mut scram: Option<ScramSha256> = None;
-        loop {
-            let frame = self.read_frame().await?;
-            let msg = parse_backend(frame)?;
-            match msg {
-                backend::Message::AuthenticationOk => return Ok(()),
-                backend::Message::AuthenticationCleartextPassword => {
-                    if !allow_cleartext {
-                        return Err(WalsenderError::CleartextRefused);
-                    }
-                    let pw = password.ok_or(WalsenderError::NoPassword)?;
-                    frontend::password_message(pw, &mut self.write)?;
-                }
-                backend::Message::AuthenticationMd5Password(body) => {
-                    let pw = password.ok_or(WalsenderError::NoPassword)?;
-                    let hash =
-                        postgres_protocol::authentication::md5_hash(user.as_bytes(), pw, body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut self.write)?;
-                }
-                backend::Message::AuthenticationSasl(body) => {
-                    let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
-                    while let Some(m) = mechanisms.next()? {
-                        has_scram |= m == "SCRAM-SHA-256";
-                    }
-                    if !has_scram {
-                        return Err(WalsenderError::Unsupported(
-                            "the node offers no SASL mechanism duplex supports (SCRAM-SHA-256)"
-                                .into(),
-                        ));
-                    }
-                    let pw = password.ok_or(WalsenderError::NoPassword)?;
-                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.write)?;
-                    scram = Some(s);
-                }
-                backend::Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| protocol("SASL continue"))?;
-                    s.update(body.data())?;
-                    frontend::sasl_response(s.message(), &mut self.write)?;
-                }
-                backend::Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| protocol("SASL final"))?;
-                    s.finish(body.data())?;
-                    continue;
-                }
-                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
-                _ => {
-                    return Err(WalsenderError::Unsupported(
-                        "authentication method (duplex supports trust, password, md5 and SCRAM-SHA-256)".into(),
-                    ))
-                }
-            }
-            self.flush().await?;
-        }
     }
 
     /// Reads past ParameterStatus/BackendKeyData to ReadyForQuery.
