@@ -42,12 +42,6 @@ pub enum SinkError {
 
 impl Classify for SinkError {
     fn class(&self) -> ErrorClass {
-        SinkError::class(self)
-    }
-}
-
-impl SinkError {
-    pub fn class(&self) -> ErrorClass {
         match self {
             SinkError::Kafka(e) | SinkError::Delivery { error: e, .. } => class_of(e),
             SinkError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,

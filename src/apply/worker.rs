@@ -19,7 +19,7 @@ use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction, OnError};
 use crate::event::{ChangeEvent, Lsn, Position};
 use crate::metrics as m;
-use crate::ErrorClass;
+use crate::{Classify, ErrorClass};
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

@@ -48,19 +48,15 @@ pub enum WriteError {
 
 impl Classify for WriteError {
     fn class(&self) -> ErrorClass {
-        WriteError::class(self)
-    }
-}
-
-impl WriteError {
-    pub fn class(&self) -> ErrorClass {
         match self {
             WriteError::Node(e) => e.class(),
             WriteError::Sql { source, .. } => sql_class(source),
             WriteError::Internal { .. } => ErrorClass::Definite,
         }
     }
+}
 
+impl WriteError {
     /// For a transaction that lost to a concurrent one (deadlock, serialization
     /// failure, lock timeout), the reason: rolling back and writing it again succeeds
     /// once the other has finished.

@@ -54,12 +54,6 @@ pub enum WalsenderError {
 
 impl Classify for WalsenderError {
     fn class(&self) -> ErrorClass {
-        WalsenderError::class(self)
-    }
-}
-
-impl WalsenderError {
-    pub fn class(&self) -> ErrorClass {
         match self {
             WalsenderError::NoPassword
             | WalsenderError::CleartextRefused
@@ -68,7 +62,9 @@ impl WalsenderError {
             _ => ErrorClass::Transient,
         }
     }
+}
 
+impl WalsenderError {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             WalsenderError::Server { code, .. } => Some(code),

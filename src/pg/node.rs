@@ -54,12 +54,6 @@ pub enum NodeError {
 
 impl Classify for NodeError {
     fn class(&self) -> ErrorClass {
-        NodeError::class(self)
-    }
-}
-
-impl NodeError {
-    pub fn class(&self) -> ErrorClass {
         match self {
             NodeError::Sql { source, .. } => sql_class(source),
             // The slot was not made; PostgreSQL 15 sometimes fails an attempt that has

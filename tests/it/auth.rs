@@ -4,7 +4,7 @@
 
 use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
 use duplex::capture::walsender::{WalsenderConnection, WalsenderError};
-use duplex::ErrorClass;
+use duplex::{Classify, ErrorClass};
 use std::str::FromStr;
 use std::time::Duration;
 
