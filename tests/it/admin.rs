@@ -406,14 +406,7 @@ async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
 async fn a_lost_slot_stops_run_until_the_operator_recreates_it() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
-    let cl = Cluster::shared();
-    let a = cl.client(&rig.db_a).await;
-    a.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{}')",
-        rig.slot_a()
-    ))
-    .await
-    .unwrap();
+    rig.drop_slot_a().await;
     let mut d = rig.start();
     assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
     let logs = d.logs();

@@ -2,6 +2,7 @@
 //! last-writer-wins, tombstones, deterministic ids, and bad events halted or
 //! dead-lettered.
 
+use crate::harness::count;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
@@ -49,10 +50,6 @@ pub async fn converge(a: &Client, b: &Client, tables: &[&str], timeout: Duration
 async fn clients(rig: &Rig) -> (Client, Client) {
     let cl = Cluster::shared();
     (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await)
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test]

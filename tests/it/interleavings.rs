@@ -9,6 +9,7 @@
 
 use crate::apply::converge;
 use crate::convergence::Rng;
+use crate::harness::count;
 use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::pg::Cluster;
 use std::time::{Duration, Instant, SystemTime};
@@ -151,10 +152,6 @@ async fn run_writers(dbs: [String; 2], secs: u64, seed: u64) -> Tally {
         total.failed += t.failed;
     }
     total
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Versions applied more than once on `c` (per its `apply_log`) that the peer did not

@@ -5,7 +5,7 @@ use crate::gaps::{txn, DDL};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
-use crate::harness::wait_for;
+use crate::harness::{wait_count, wait_for};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -37,22 +37,6 @@ async fn app_update(b: &Client, lock_timeout: &str) -> Result<(), tokio_postgres
     .await
 }
 
-async fn wait_rows(b: &Client, n: i64) {
-    wait_for(
-        "the transaction on b",
-        Duration::from_secs(60),
-        || async move {
-            let got: i64 = b
-                .query_one("SELECT count(*) FROM items", &[])
-                .await
-                .unwrap()
-                .get(0);
-            (got == n).then_some(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn an_unfinished_transaction_takes_no_row_locks() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
@@ -70,7 +54,7 @@ async fn an_unfinished_transaction_takes_no_row_locks() {
             .expect("the applier holds row 1");
     }
     Broker::shared().produce(&rig.topic(), &whole[2..]);
-    wait_rows(&b, 3).await;
+    wait_count(&b, "SELECT count(*) FROM items", 3).await;
     assert_eq!(d.stop().await, Some(0));
 }
 
@@ -114,6 +98,6 @@ async fn a_stalled_transaction_too_large_to_hold_back_releases_its_locks() {
     )
     .await;
     Broker::shared().produce(&rig.topic(), &whole[1201..]);
-    wait_rows(&b, 1202).await;
+    wait_count(&b, "SELECT count(*) FROM items", 1202).await;
     assert_eq!(d.stop().await, Some(0));
 }

@@ -7,7 +7,7 @@ use crate::apply::rows;
 use crate::harness::duplex::Rig;
 use crate::harness::output_text as text;
 use crate::harness::pg::Cluster;
-use crate::harness::wait_for;
+use crate::harness::{wait_count, wait_for};
 use std::time::Duration;
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT now())";
@@ -40,17 +40,11 @@ async fn row_reaches_b(rig: &Rig, id: i32) {
     a.execute("INSERT INTO items (id, val) VALUES ($1, 'after')", &[&id])
         .await
         .unwrap();
-    wait_for("the new row on b", Duration::from_secs(30), || {
-        let b = &b;
-        async move {
-            let n: i64 = b
-                .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
-                .await
-                .unwrap()
-                .get(0);
-            (n == 1).then_some(())
-        }
-    })
+    wait_count(
+        &b,
+        &format!("SELECT count(*) FROM items WHERE id = {id}"),
+        1,
+    )
     .await;
 }
 
@@ -61,13 +55,7 @@ async fn row_reaches_b(rig: &Rig, id: i32) {
 async fn a_slot_created_again_starts_a_new_stream_whose_lower_lsns_are_applied() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     synced_then_rewound(&rig).await;
-    let a = Cluster::shared().client(&rig.db_a).await;
-    a.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{}')",
-        rig.slot_a()
-    ))
-    .await
-    .unwrap();
+    rig.drop_slot_a().await;
     let mut d = rig.start();
     assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
     let out = rig.command(&["setup"]);
@@ -96,13 +84,7 @@ async fn a_node_that_went_back_with_its_slot_is_refused_until_resynchronised() {
         logs.contains("node a went back in time") && logs.contains("pg_drop_replication_slot"),
         "{logs}"
     );
-    let a = Cluster::shared().client(&rig.db_a).await;
-    a.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{}')",
-        rig.slot_a()
-    ))
-    .await
-    .unwrap();
+    rig.drop_slot_a().await;
     let out = rig.command(&["setup"]);
     assert!(out.status.success(), "{}", text(&out));
     let d = rig.start();

@@ -3,19 +3,15 @@
 //! whichever versions of a key arrive together.
 
 use crate::apply::converge;
+use crate::harness::count;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
 use std::time::Duration;
-use tokio_postgres::Client;
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, body text,
                      updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
                    ALTER TABLE items ALTER body SET STORAGE EXTERNAL;";
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
 
 #[tokio::test]
 async fn unchanged_toast_values_survive_batching_and_key_changes() {

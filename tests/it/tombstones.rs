@@ -5,22 +5,10 @@
 use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::{count, wait_count};
 use crate::harness::{unique, wait_for};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-async fn wait_count(c: &Client, sql: &str, want: i64) {
-    wait_for(
-        &format!("{sql} = {want}"),
-        Duration::from_secs(30),
-        || async { (count(c, sql).await == want).then_some(()) },
-    )
-    .await
-}
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
 

@@ -120,6 +120,19 @@ retry_max_ms = 1000
         format!("{}_a", self.prefix)
     }
 
+    /// Drops node a's slot, as a failover or a restore would lose it.
+    pub async fn drop_slot_a(&self) {
+        Cluster::shared()
+            .client(&self.db_a)
+            .await
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot('{}')",
+                self.slot_a()
+            ))
+            .await
+            .unwrap();
+    }
+
     /// Runs a one-shot duplex command (check, setup, teardown, ...).
     pub fn command(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_duplex"))

@@ -132,3 +132,18 @@ pub fn unique(prefix: &str) -> String {
         N.fetch_add(1, Ordering::SeqCst)
     )
 }
+
+/// The single `bigint` a query returns (e.g. a count).
+pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits until `sql` returns `want`.
+pub async fn wait_count(c: &tokio_postgres::Client, sql: &str, want: i64) {
+    wait_for(
+        &format!("{sql} = {want}"),
+        Duration::from_secs(60),
+        || async { (count(c, sql).await == want).then_some(()) },
+    )
+    .await
+}
