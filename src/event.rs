@@ -122,6 +122,18 @@ pub enum Op {
     Truncate,
 }
 
+impl Op {
+    /// The `op` label of the capture metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
 /// One column's value as PostgreSQL's text output.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {

@@ -36,10 +36,12 @@ where
 {
     health.register(what.component);
     // Zero series from the start, so rates and alerts see them before the first error.
-    for class in [ErrorClass::Transient, ErrorClass::Definite] {
+    let errors = [ErrorClass::Transient, ErrorClass::Definite].map(|class| {
         let (key, value) = (what.label.0, what.label.1.clone());
-        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(0);
-    }
+        let c = metrics::counter!(what.errors_metric, key => value, "class" => class.as_str());
+        c.increment(0);
+        (class, c)
+    });
     let mut backoff = backoff::ExponentialBackoff {
         initial_interval: Duration::from_millis(cfg.source.retry_initial_ms),
         max_interval: Duration::from_millis(cfg.source.retry_max_ms),
@@ -55,8 +57,9 @@ where
             Err(e) => e,
         };
         let class = e.class();
-        let (key, value) = (what.label.0, what.label.1.clone());
-        metrics::counter!(what.errors_metric, key => value, "class" => class.as_str()).increment(1);
+        if let Some((_, c)) = errors.iter().find(|(c, _)| *c == class) {
+            c.increment(1);
+        }
         if class == ErrorClass::Definite {
             tracing::error!(component = what.component, error = %e, "stopped: fix the cause and restart duplex");
             return Err(e);

@@ -20,7 +20,7 @@ use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::kafka::{self, client_config, SinkError};
-use crate::metrics::{self as m, Health};
+use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -51,28 +51,30 @@ pub async fn run_apply(
         errors_metric: m::APPLY_ERRORS_TOTAL,
         label: ("direction", dir.to_string()),
     };
-    metrics::gauge!(m::APPLY_HALTED, "direction" => dir.to_string()).set(0.0);
+    let metrics = ApplyMetrics::new(&dir.to_string(), cfg.tables.iter().map(|t| t.name.as_str()));
+    metrics.halted.set(0.0);
     // A transaction found incomplete is waited for across sessions: the next one
     // reads its broken copy again.
     let awaiting = std::sync::Mutex::new(None);
     let result = supervise(&cfg, &what, &health, shutdown, |shutdown| {
         let (cfg, dir, health, component) = (&cfg, &dir, &health, &component);
-        let awaiting = &awaiting;
+        let (awaiting, metrics) = (&awaiting, metrics.clone());
         async move {
             let carried = awaiting.lock().ok().and_then(|mut a| a.take());
-            let r = apply_once(cfg, dir, health, component, carried, shutdown).await;
+            let connected = metrics.connected.clone();
+            let r = apply_once(cfg, dir, health, component, metrics, carried, shutdown).await;
             if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
                 if let Ok(mut a) = awaiting.lock() {
                     *a = Some(*gap);
                 }
             }
-            metrics::gauge!(m::APPLY_CONNECTED, "direction" => dir.to_string()).set(0.0);
+            connected.set(0.0);
             r
         }
     })
     .await;
     if let Err(e) = &result {
-        metrics::gauge!(m::APPLY_HALTED, "direction" => dir.to_string()).set(1.0);
+        metrics.halted.set(1.0);
         progress::record_halt(&cfg, &dir, &e.to_string()).await;
     }
     result
@@ -83,12 +85,13 @@ async fn apply_once(
     dir: &Direction,
     health: &Health,
     component: &str,
+    metrics: ApplyMetrics,
     awaiting: Option<Gap>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     setup::setup(cfg, &dir.to, setup::LostSlot::Refuse).await?;
     crate::pg::history::check(cfg, dir).await?;
-    let writer = TargetWriter::connect(cfg, dir).await?;
+    let writer = TargetWriter::connect(cfg, dir, metrics.clone()).await?;
     let stored = progress::stored(&writer.client, cfg, dir)
         .await
         .map_err(|source| WriteError::Sql {
@@ -137,26 +140,17 @@ async fn apply_once(
             source,
         })?;
     health.set(component, true);
-    metrics::gauge!(m::APPLY_CONNECTED, "direction" => dir.to_string()).set(1.0);
-    for zero in [
-        m::APPLY_DEAD_LETTERS_TOTAL,
-        m::APPLY_DUPLICATES_SKIPPED_TOTAL,
-        m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL,
-        m::APPLY_TRANSACTIONS_TOTAL,
-    ] {
-        metrics::counter!(zero, "direction" => dir.to_string()).increment(0);
-    }
+    metrics.connected.set(1.0);
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
     let mut worker = Worker::new(cfg, dir, writer, stored, awaiting);
     let (standing_tx, standing_rx) = watch::channel(worker.standing());
     worker.report_to(standing_tx);
-    worker.zero_counters();
     // Prune once at the start too, before anything is applied: a session that ends
     // within a minute must not keep its tables unpruned.
     worker.maintain().await?;
     let reporter = tokio::spawn(
         progress::report_lag(
-            dir.clone(),
+            metrics,
             consumer.clone(),
             topic.clone(),
             standing_rx,

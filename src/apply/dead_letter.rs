@@ -13,6 +13,7 @@ use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
 use crate::kafka::{self, client_config, SinkError};
+use crate::metrics::ApplyMetrics;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
@@ -185,7 +186,9 @@ pub async fn list(cfg: &Config) -> Result<Vec<Listed>, ApplyError> {
 pub async fn replay(cfg: &Config) -> Result<(usize, usize), ApplyError> {
     let (mut ok, mut failing) = (0, 0);
     for dir in cfg.directions().unwrap_or_default() {
-        let mut writer = TargetWriter::connect(cfg, &dir).await?;
+        let metrics =
+            ApplyMetrics::new(&dir.to_string(), cfg.tables.iter().map(|t| t.name.as_str()));
+        let mut writer = TargetWriter::connect(cfg, &dir, metrics).await?;
         let rows = writer
             .client
             .query(

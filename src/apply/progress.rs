@@ -5,7 +5,7 @@
 
 use crate::config::{Config, Direction};
 use crate::event::Position;
-use crate::metrics as m;
+use crate::metrics::ApplyMetrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +147,7 @@ pub struct Standing {
 /// `shutdown` or until the worker drops its sender. Runs beside the worker so the
 /// gauges keep moving while a batch is blocked on the target.
 pub async fn report_lag(
-    dir: Direction,
+    metrics: ApplyMetrics,
     consumer: Arc<StreamConsumer>,
     topic: String,
     mut standing: watch::Receiver<Standing>,
@@ -160,7 +160,7 @@ pub async fn report_lag(
             changed = standing.changed() => if changed.is_err() { return },
             _ = tick.tick() => {
                 let s = standing.borrow().clone();
-                set_lag(&dir, &consumer, &topic, &s).await;
+                set_lag(&metrics, &consumer, &topic, &s).await;
             }
         }
     }
@@ -169,7 +169,12 @@ pub async fn report_lag(
 /// Lag in seconds: 0 when caught up and idle; else now − commit time of the oldest
 /// event not yet applied (or of the newest applied one, while the next is unread).
 /// Lag in messages: log end offset − committed offset.
-async fn set_lag(dir: &Direction, consumer: &Arc<StreamConsumer>, topic: &str, s: &Standing) {
+async fn set_lag(
+    metrics: &ApplyMetrics,
+    consumer: &Arc<StreamConsumer>,
+    topic: &str,
+    s: &Standing,
+) {
     let (c, t) = (consumer.clone(), topic.to_string());
     let marks =
         tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, WATERMARK_TIMEOUT)).await;
@@ -183,11 +188,9 @@ async fn set_lag(dir: &Direction, consumer: &Arc<StreamConsumer>, topic: &str, s
         (true, _) | (false, None) => 0.0,
         (false, Some(ts)) => (unix_us() - ts).max(0) as f64 / 1e6,
     };
-    let label = dir.to_string();
-    metrics::gauge!(m::APPLY_LAG_SECONDS, "direction" => label.clone()).set(lag_s);
+    metrics.lag_seconds.set(lag_s);
     let committed = s.committed_next.unwrap_or(low);
-    metrics::gauge!(m::APPLY_KAFKA_LAG_MESSAGES, "direction" => label)
-        .set((high - committed).max(0) as f64);
+    metrics.kafka_lag.set((high - committed).max(0) as f64);
 }
 
 fn unix_us() -> i64 {

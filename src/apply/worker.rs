@@ -18,7 +18,7 @@ use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction, OnError};
 use crate::event::{ChangeEvent, Lsn, Position};
-use crate::metrics as m;
+use crate::metrics::ApplyMetrics;
 use crate::{Classify, ErrorClass};
 use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -78,8 +78,7 @@ pub(super) struct Worker<'a> {
     partial_written: bool,
     /// When the last message was taken.
     last_taken_at: Instant,
-    duplicates: metrics::Counter,
-    gaps: metrics::Counter,
+    metrics: ApplyMetrics,
     /// Where bad events go when `sync.on_error = "dead_letter"`.
     dlq: DeadLetterQueue,
 }
@@ -94,6 +93,7 @@ impl<'a> Worker<'a> {
         stored: Stored,
         awaiting: Option<Gap>,
     ) -> Worker<'a> {
+        let metrics = writer.metrics.clone();
         Worker {
             cfg,
             dir,
@@ -116,21 +116,8 @@ impl<'a> Worker<'a> {
             written_complete: true,
             partial_written: false,
             last_taken_at: Instant::now(),
-            duplicates: metrics::counter!(m::APPLY_DUPLICATES_SKIPPED_TOTAL, "direction" => dir.to_string()),
-            gaps: metrics::counter!(m::APPLY_INCOMPLETE_TRANSACTIONS_TOTAL, "direction" => dir.to_string()),
+            metrics,
             dlq: DeadLetterQueue::default(),
-        }
-    }
-
-    /// Exports the worker's counters at zero, so rates and alerts see them from the
-    /// start.
-    pub(super) fn zero_counters(&self) {
-        let direction = self.dir.to_string();
-        for reason in ["deadlock", "serialization_failure", "lock_timeout"] {
-            metrics::counter!(m::APPLY_RETRIES_TOTAL, "direction" => direction.clone(), "reason" => reason).increment(0);
-        }
-        for table in &self.cfg.tables {
-            metrics::counter!(m::APPLY_REPAIRS_TOTAL, "direction" => direction.clone(), "table" => table.name.clone()).increment(0);
         }
     }
 
@@ -188,7 +175,7 @@ impl<'a> Worker<'a> {
             Next::Take => {}
             Next::Duplicate | Next::Skip => {
                 if next == Next::Duplicate {
-                    self.duplicates.increment(1);
+                    self.metrics.duplicates.increment(1);
                 }
                 if self.pending.is_empty() && !self.in_txn {
                     // Nothing else will publish: let the reporter see the replay end.
@@ -306,7 +293,9 @@ impl<'a> Worker<'a> {
             };
             let Some(reason) = reason else { return Err(e) };
             attempt += 1;
-            metrics::counter!(m::APPLY_RETRIES_TOTAL, "direction" => self.dir.to_string(), "reason" => reason).increment(1);
+            if let Some(c) = self.metrics.retries(reason) {
+                c.increment(1);
+            }
             tracing::info!(direction = %self.dir, error = %e, attempt, "rolled back; writing the transaction again");
             self.writer.execute("ROLLBACK", "rolling back").await?;
             self.in_txn = false;
@@ -357,10 +346,9 @@ impl<'a> Worker<'a> {
                 .filter(|p| p.event.source.last)
                 .map(|p| p.event.source.commit_ts_us),
         );
-        let label = self.dir.to_string();
-        metrics::histogram!(m::APPLY_BATCH_ROWS, "direction" => label.clone())
-            .record(events.len() as f64);
-        metrics::histogram!(m::APPLY_BATCH_SECONDS, "direction" => label)
+        self.metrics.batch_rows.record(events.len() as f64);
+        self.metrics
+            .batch_seconds
             .record(batch_started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -414,8 +402,7 @@ impl<'a> Worker<'a> {
         self.dlq
             .record(self.cfg, self.dir, &self.writer, &letter)
             .await?;
-        metrics::counter!(m::APPLY_DEAD_LETTERS_TOTAL, "direction" => self.dir.to_string())
-            .increment(1);
+        self.metrics.dead_letters.increment(1);
         Ok(())
     }
 
@@ -469,10 +456,10 @@ impl<'a> Worker<'a> {
         self.publish();
         let now_us = unix_us();
         for ts in self.txn_commits.drain(..) {
-            metrics::histogram!(m::APPLY_COMMIT_TO_APPLY_SECONDS, "direction" => self.dir.to_string())
+            self.metrics
+                .commit_to_apply
                 .record((now_us - ts).max(0) as f64 / 1e6);
-            metrics::counter!(m::APPLY_TRANSACTIONS_TOTAL, "direction" => self.dir.to_string())
-                .increment(1);
+            self.metrics.transactions.increment(1);
         }
         if self.last_maintenance.elapsed() > maintenance::MAINTENANCE_EVERY {
             self.maintain().await?;

@@ -13,7 +13,7 @@ use crate::apply::target::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
 use crate::event::{format_unix_us, ChangeEvent, Row, Value};
 use crate::identity;
-use crate::metrics as m;
+use crate::metrics::ApplyMetrics;
 use crate::pg::node::{self, describe, sql_class, NodeError};
 use crate::{Classify, ErrorClass};
 use lww::{Candidate, Lost, Resolution, Verdict};
@@ -99,6 +99,8 @@ pub struct TargetWriter<'a> {
     incoming_wins_ties: bool,
     /// The peer receives from this node, so repairs written here reach it.
     peer_receives: bool,
+    /// This direction's metric handles.
+    pub metrics: ApplyMetrics,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -106,6 +108,7 @@ impl<'a> TargetWriter<'a> {
     pub async fn connect(
         cfg: &'a Config,
         dir: &'a Direction,
+        metrics: ApplyMetrics,
     ) -> Result<TargetWriter<'a>, WriteError> {
         let client = node::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
         let origin = cfg.origin_name(dir);
@@ -114,6 +117,7 @@ impl<'a> TargetWriter<'a> {
             dir,
             client,
             tables: HashMap::new(),
+            metrics,
             incoming_wins_ties: cfg.tie_winner() == dir.from,
             peer_receives: cfg
                 .directions()
@@ -444,7 +448,9 @@ impl<'a> TargetWriter<'a> {
                 .execute(&table.upsert_sql(&cols), &params)
                 .await
                 .map_err(self.sql(&format!("upserting into {}", table.name)))?;
-            metrics::counter!(m::APPLY_ROWS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "op" => "upsert").increment(members.len() as u64);
+            if let Some(t) = self.metrics.table(&table.name) {
+                t.upserts.increment(members.len() as u64);
+            }
         }
         for c in winners {
             self.carry_toast(&events[c.index], table).await?;
@@ -472,7 +478,9 @@ impl<'a> TargetWriter<'a> {
             .execute(&table.delete_sql(), &params)
             .await
             .map_err(self.sql(&format!("deleting from {}", table.name)))?;
-        metrics::counter!(m::APPLY_ROWS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "op" => "delete").increment(winners.len() as u64);
+        if let Some(t) = self.metrics.table(&table.name) {
+            t.deletes.increment(winners.len() as u64);
+        }
         Ok(())
     }
 }

@@ -10,20 +10,20 @@
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
 use crate::capture::confirm::SlotProgress;
-use crate::capture::pgoutput::{self, DecodeError, LogicalMessage, Relation};
+pub use crate::capture::error::PipelineError;
+use crate::capture::pgoutput::{self, LogicalMessage};
 use crate::capture::producer::{self, ChangeProducer, Pending};
-use crate::capture::reader::{Output, ReaderError, TableInfo, TxnReader};
+use crate::capture::reader::{Output, TxnReader};
 use crate::capture::walsender::{
     ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
 };
 use crate::config::Config;
-use crate::event::{ChangeEvent, Lsn, Op};
+use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{self, SinkError};
-use crate::metrics::{self as m, Health};
-use crate::pg::node::{self, sql_class, NodeError};
+use crate::metrics::{self as m, CaptureMetrics, Health};
+use crate::pg::node::{self, NodeError};
 use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
-use crate::{Classify, ErrorClass};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -34,50 +34,6 @@ use tracing::Instrument;
 const SLOT_STATS_EVERY: Duration = Duration::from_secs(5);
 /// How long a clean shutdown waits for in-flight messages to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
-
-/// Errors of a node's source pipeline.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    #[error("node {node}: {source}")]
-    Walsender {
-        node: String,
-        source: WalsenderError,
-    },
-    #[error("node {node}: cannot decode pgoutput message at LSN {lsn}: {source}")]
-    Decode {
-        node: String,
-        lsn: Lsn,
-        source: DecodeError,
-    },
-    #[error("node {node}: {source}")]
-    Reader { node: String, source: ReaderError },
-    #[error("node {node}: {context}: {}", node::describe(source))]
-    Sql {
-        node: String,
-        context: &'static str,
-        source: tokio_postgres::Error,
-    },
-    #[error("node {node}: Kafka: {source}")]
-    Sink { node: String, source: SinkError },
-    #[error("node {node} is not ready for duplex:\n  {}", problems.join("\n  "))]
-    Preflight { node: String, problems: Vec<String> },
-}
-
-impl Classify for PipelineError {
-    fn class(&self) -> ErrorClass {
-        match self {
-            PipelineError::Node(e) => e.class(),
-            PipelineError::Walsender { source, .. } => source.class(),
-            PipelineError::Sql { source, .. } => sql_class(source),
-            PipelineError::Sink { source, .. } => source.class(),
-            // The same bytes decode the same way on every retry.
-            PipelineError::Decode { .. } | PipelineError::Reader { .. } => ErrorClass::Definite,
-            PipelineError::Preflight { .. } => ErrorClass::Definite,
-        }
-    }
-}
 
 /// Streams `node`'s changes to Kafka until `shutdown` turns true; retries transient
 /// failures with backoff, returns definite ones.
@@ -93,11 +49,14 @@ pub async fn run_source(
         errors_metric: m::SOURCE_ERRORS_TOTAL,
         label: ("node", node.clone()),
     };
+    let metrics = CaptureMetrics::new(&node);
     supervise(&cfg, &what, &health, shutdown, |mut shutdown| {
         let (cfg, node, health, component) = (&cfg, &node, &health, &component);
+        let metrics = metrics.clone();
         async move {
-            let r = stream_once(cfg, node, health, component, &mut shutdown).await;
-            metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.clone()).set(0.0);
+            let connected = metrics.connected.clone();
+            let r = stream_once(cfg, node, health, component, metrics, &mut shutdown).await;
+            connected.set(0.0);
             r
         }
     })
@@ -110,6 +69,7 @@ async fn stream_once(
     node: &str,
     health: &Health,
     component: &str,
+    metrics: CaptureMetrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let sql = |context: &'static str| {
@@ -173,9 +133,7 @@ async fn stream_once(
         .await
         .map_err(wal_err)?;
     health.set(component, true);
-    metrics::gauge!(m::SOURCE_CONNECTED, "node" => node.to_string()).set(1.0);
-    metrics::counter!(m::SOURCE_ECHOES_SUPPRESSED_TOTAL, "node" => node.to_string()).increment(0);
-    metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL, "node" => node.to_string()).increment(0);
+    metrics.connected.set(1.0);
     tracing::info!(node, slot = %slot_name, topic = %topic, system_id = %ident.system_id, "streaming");
 
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
@@ -196,7 +154,7 @@ async fn stream_once(
         tracker,
         progress: SlotProgress::default(),
         out: Vec::new(),
-        counters: Vec::new(),
+        metrics,
     };
     session.run(shutdown).await
 }
@@ -215,9 +173,7 @@ struct Session<'a> {
     /// What may be confirmed to the slot.
     progress: SlotProgress,
     out: Vec<Output>,
-    /// (read, produced) counters per table and op, so the hot path does not build
-    /// label sets per event.
-    counters: Vec<(String, String, Op, metrics::Counter, metrics::Counter)>,
+    metrics: CaptureMetrics,
 }
 
 impl Session<'_> {
@@ -275,25 +231,18 @@ impl Session<'_> {
                 source,
             })?;
         let Some(row) = row else { return Ok(()) };
-        let node = self.node.to_string();
-        let gauge = |name: &'static str, v: Option<f64>| {
-            if let Some(v) = v {
-                metrics::gauge!(name, "node" => node.clone()).set(v);
+        let m = &self.metrics;
+        for (gauge, column) in [
+            (&m.slot_lag, 0),
+            (&m.slot_retained_wal, 1),
+            (&m.slot_safe_wal_size, 3),
+        ] {
+            if let Some(v) = row.get::<_, Option<f64>>(column) {
+                gauge.set(v);
             }
-        };
-        gauge(m::SOURCE_SLOT_LAG_BYTES, row.get(0));
-        gauge(m::SOURCE_SLOT_RETAINED_WAL_BYTES, row.get(1));
-        gauge(m::SOURCE_SLOT_SAFE_WAL_SIZE_BYTES, row.get(3));
-        let status: Option<String> = row.get(2);
-        for s in ["reserved", "extended", "unreserved", "lost"] {
-            let v = if status.as_deref() == Some(s) {
-                1.0
-            } else {
-                0.0
-            };
-            metrics::gauge!(m::SOURCE_SLOT_WAL_STATUS, "node" => node.clone(), "status" => s)
-                .set(v);
         }
+        let status: Option<String> = row.get(2);
+        m.set_wal_status(status.as_deref().unwrap_or(""));
         Ok(())
     }
 
@@ -315,13 +264,13 @@ impl Session<'_> {
                     source,
                 })?;
                 if let LogicalMessage::Relation(rel) = &decoded {
-                    let info = table_info(&self.client, rel).await.map_err(|source| {
-                        PipelineError::Sql {
+                    let info = crate::pg::catalog::table_info(&self.client, rel)
+                        .await
+                        .map_err(|source| PipelineError::Sql {
                             node: self.node.to_string(),
                             context: "looking up a table's types and key",
                             source,
-                        }
-                    })?;
+                        })?;
                     self.reader.add_table(rel.id, info);
                 }
                 if matches!(
@@ -368,12 +317,9 @@ impl Session<'_> {
                 }
             }
             Output::Commit { end_lsn, echo, .. } => {
-                let node = self.node.to_string();
-                metrics::counter!(m::SOURCE_TRANSACTIONS_TOTAL, "node" => node.clone())
-                    .increment(1);
+                self.metrics.transactions.increment(1);
                 if echo {
-                    metrics::counter!(m::SOURCE_ECHOES_SUPPRESSED_TOTAL, "node" => node)
-                        .increment(1);
+                    self.metrics.echoes.increment(1);
                 }
                 self.progress.handed_over(end_lsn);
                 Pending::Commit { end_lsn }
@@ -386,31 +332,8 @@ impl Session<'_> {
     }
 
     fn counters_for(&mut self, ev: &ChangeEvent) -> (metrics::Counter, metrics::Counter) {
-        let (schema, table) = (&ev.source.schema, &ev.source.table);
-        let found = self
-            .counters
-            .iter()
-            .find(|c| c.0 == *schema && c.1 == *table && c.2 == ev.op);
-        if let Some(c) = found {
-            return (c.3.clone(), c.4.clone());
-        }
-        let labels = [
-            ("node", self.node.to_string()),
-            ("table", format!("{}.{}", ev.source.schema, ev.source.table)),
-            ("op", op_label(ev.op).to_string()),
-        ];
-        let c = (
-            metrics::counter!(m::SOURCE_EVENTS_TOTAL, &labels),
-            metrics::counter!(m::SINK_KAFKA_PRODUCED_TOTAL, &labels),
-        );
-        self.counters.push((
-            schema.clone(),
-            table.clone(),
-            ev.op,
-            c.0.clone(),
-            c.1.clone(),
-        ));
-        c
+        let table = format!("{}.{}", ev.source.schema, ev.source.table);
+        self.metrics.table_op(&table, ev.op.label()).clone()
     }
 
     /// Confirms the newest durable position to the slot.
@@ -422,8 +345,7 @@ impl Session<'_> {
                 .send_status(flush)
                 .await
                 .map_err(|e| self.wal_err(e))?;
-            metrics::gauge!(m::SOURCE_CONFIRMED_LSN_BYTES, "node" => self.node.to_string())
-                .set(flush.0 as f64);
+            self.metrics.confirmed_lsn.set(flush.0 as f64);
         }
         Ok(())
     }
@@ -467,65 +389,9 @@ impl Drop for Session<'_> {
     }
 }
 
-fn op_label(op: crate::event::Op) -> &'static str {
-    match op {
-        crate::event::Op::Insert => "insert",
-        crate::event::Op::Update => "update",
-        crate::event::Op::Delete => "delete",
-        crate::event::Op::Truncate => "truncate",
-    }
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Column types (as `format_type` prints them) and primary key of a relation.
-async fn table_info(
-    client: &tokio_postgres::Client,
-    rel: &Relation,
-) -> Result<TableInfo, tokio_postgres::Error> {
-    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
-    let mods: Vec<i32> = rel.columns.iter().map(|c| c.type_modifier).collect();
-    let types = client
-        .query(
-            "SELECT format_type(o, m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS u(o, m, n) ORDER BY n",
-            &[&oids, &mods],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-        .collect();
-    let mut key: Vec<String> = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i
-             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
-            &[&rel.id],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if key.is_empty() {
-        // No primary key (preflight refuses such tables, but a table may lose it while
-        // streaming): fall back to the replica identity the stream declares.
-        key = rel
-            .columns
-            .iter()
-            .filter(|c| c.is_key)
-            .map(|c| c.name.clone())
-            .collect();
-    }
-    Ok(TableInfo {
-        schema: rel.namespace.clone(),
-        name: rel.name.clone(),
-        columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
-        types,
-        key,
-    })
 }

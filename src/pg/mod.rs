@@ -4,8 +4,10 @@
 //! opens sessions with duplex's fixed settings and describes and classifies SQL
 //! errors; `setup` creates or removes the `duplex` schema, publication, slot and
 //! replication origins; `triggers` installs the tombstone and identity triggers on the
-//! configured tables; `history` checks that a node did not go back in time.
+//! configured tables; `history` checks that a node did not go back in time; `catalog`
+//! reads a relation's column types and key for capture.
 
+pub mod catalog;
 pub mod history;
 pub mod node;
 pub mod setup;

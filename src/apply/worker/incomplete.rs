@@ -36,7 +36,7 @@ impl Worker<'_> {
     /// are dropped if none was written yet; else the target transaction is rolled back
     /// and the session restarts from the committed offset, skipping the broken copy.
     pub(super) async fn discard(&mut self, gap: Gap, taken: usize) -> Result<(), ApplyError> {
-        self.gaps.increment(1);
+        self.metrics.incomplete.increment(1);
         if taken <= self.pending.len() {
             tracing::warn!(direction = %self.dir, commit_lsn = %gap.commit_lsn, found = %gap.found, expected_seq = ?gap.expected, offset = gap.offset,
                 "a source transaction arrived with events missing; discarded it, waiting for the source to publish it again");

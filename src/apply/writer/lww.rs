@@ -15,7 +15,6 @@ use super::{Kind, TargetWriter, WriteError};
 use crate::apply::target::TargetTable;
 use crate::config::TableConfig;
 use crate::event::ChangeEvent;
-use crate::metrics as m;
 use std::borrow::Cow;
 use tokio_postgres::types::ToSql;
 
@@ -275,8 +274,9 @@ impl TargetWriter<'_> {
             .execute(&table.repair_sql(), &p)
             .await
             .map_err(self.sql(&format!("writing repairs for {}", table.name)))?;
-        metrics::counter!(m::APPLY_REPAIRS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone())
-            .increment(repaired);
+        if let Some(t) = self.metrics.table(&table.name) {
+            t.repairs.increment(repaired);
+        }
         Ok(())
     }
 
@@ -313,8 +313,12 @@ impl TargetWriter<'_> {
             )
             .await
             .map_err(self.sql("recording conflicts"))?;
-        for r in &resolution {
-            metrics::counter!(m::APPLY_CONFLICTS_TOTAL, "direction" => self.dir.to_string(), "table" => table.name.clone(), "resolution" => *r).increment(1);
+        if let Some(t) = self.metrics.table(&table.name) {
+            for r in &resolution {
+                if let Some(c) = t.conflicts(r) {
+                    c.increment(1);
+                }
+            }
         }
         Ok(())
     }
@@ -323,6 +327,17 @@ impl TargetWriter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_resolution_has_a_conflict_series() {
+        for r in [Resolution::KeptLocal, Resolution::DroppedOlderThanTombstone] {
+            assert!(
+                crate::metrics::CONFLICT_RESOLUTIONS.contains(&r.as_str()),
+                "{}",
+                r.as_str()
+            );
+        }
+    }
 
     #[test]
     fn verdicts_parse_strictly() {

@@ -1,0 +1,57 @@
+//! The capture pipeline's one error type and its classification.
+//!
+//! Everything a capture session can fail on (the node, the walsender stream, the
+//! decoder, the reader, Kafka) is a [`PipelineError`] naming the node; the supervisor
+//! retries the transient ones and stops on the definite ones.
+
+use crate::capture::pgoutput::DecodeError;
+use crate::capture::reader::ReaderError;
+use crate::capture::walsender::WalsenderError;
+use crate::event::Lsn;
+use crate::kafka::SinkError;
+use crate::pg::node::{self, sql_class, NodeError};
+use crate::{Classify, ErrorClass};
+
+/// Errors of a node's source pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("node {node}: {source}")]
+    Walsender {
+        node: String,
+        source: WalsenderError,
+    },
+    #[error("node {node}: cannot decode pgoutput message at LSN {lsn}: {source}")]
+    Decode {
+        node: String,
+        lsn: Lsn,
+        source: DecodeError,
+    },
+    #[error("node {node}: {source}")]
+    Reader { node: String, source: ReaderError },
+    #[error("node {node}: {context}: {}", node::describe(source))]
+    Sql {
+        node: String,
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("node {node}: Kafka: {source}")]
+    Sink { node: String, source: SinkError },
+    #[error("node {node} is not ready for duplex:\n  {}", problems.join("\n  "))]
+    Preflight { node: String, problems: Vec<String> },
+}
+
+impl Classify for PipelineError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PipelineError::Node(e) => e.class(),
+            PipelineError::Walsender { source, .. } => source.class(),
+            PipelineError::Sql { source, .. } => sql_class(source),
+            PipelineError::Sink { source, .. } => source.class(),
+            // The same bytes decode the same way on every retry.
+            PipelineError::Decode { .. } | PipelineError::Reader { .. } => ErrorClass::Definite,
+            PipelineError::Preflight { .. } => ErrorClass::Definite,
+        }
+    }
+}
