@@ -10,15 +10,15 @@ pub mod apply;
 pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod event;
 pub mod identity;
-pub mod kafka;
-pub mod metrics;
-pub mod pg;
-pub mod preflight;
-pub mod runtime;
-pub mod status;
+pub(crate) mod kafka;
+pub(crate) mod metrics;
+pub(crate) mod pg;
+pub(crate) mod preflight;
+pub(crate) mod runtime;
+pub(crate) mod status;
 
 /// How an error is handled, decided once where it is classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

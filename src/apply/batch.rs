@@ -28,6 +28,7 @@ impl DeleteTimes {
         self.tables.get(table)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.tables.is_empty()
     }

@@ -7,12 +7,12 @@
 //! where the direction stands; `dead_letter` keeps the events the target refused;
 //! `error` says which failures retry and which halt the direction.
 
-pub mod batch;
-pub mod consumer;
-pub mod dead_letter;
-pub mod error;
-pub mod progress;
+pub(crate) mod batch;
+pub(crate) mod consumer;
+pub(crate) mod dead_letter;
+pub(crate) mod error;
+pub(crate) mod progress;
 mod sequence;
 pub mod target;
 mod worker;
-pub mod writer;
+pub(crate) mod writer;

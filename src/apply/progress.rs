@@ -97,6 +97,39 @@ pub async fn stored(
     }))
 }
 
+/// Stores how far the direction reaches, in the target transaction open on `client`:
+/// durable when that transaction commits, together with the rows it wrote.
+pub async fn store(
+    client: &Client,
+    cfg: &Config,
+    dir: &Direction,
+    s: &Stored,
+) -> Result<(), tokio_postgres::Error> {
+    let pos = s.applied.unwrap_or(Position {
+        commit_lsn: crate::event::Lsn::ZERO,
+        seq: 0,
+    });
+    client
+        .execute(
+            "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at, stream)
+             VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now(), $7)
+             ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
+               commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(), stream = EXCLUDED.stream,
+               last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
+            &[
+                &dir.from,
+                &s.next_offset,
+                &pos.commit_lsn.to_string(),
+                &(pos.seq as i32),
+                &s.last_commit_us,
+                &cfg.topic(&dir.from),
+                &s.stream,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Records the direction's state (and why, for a halt) on its target.
 pub async fn set_state(
     client: &Client,

@@ -10,19 +10,20 @@
 //! may be held back; `incomplete` handles transactions that do not arrive whole,
 //! `maintenance` the sweep and pruning between transactions.
 
-use crate::apply::batch::{prepare_batch, writable_len, DeleteTimes};
+use crate::apply::batch::{prepare_batch, writable_len};
 use crate::apply::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::apply::error::ApplyError;
 use crate::apply::progress::{self, Standing, Stored};
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};
-use crate::config::{Config, Direction, OnError};
-use crate::event::{ChangeEvent, Lsn, Position};
+use crate::config::{Config, Direction};
+use crate::event::{ChangeEvent, Position};
 use crate::metrics::ApplyMetrics;
 use crate::{Classify, ErrorClass};
-use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod bad_events;
+use bad_events::pending_of;
 mod incomplete;
 mod maintenance;
 
@@ -353,88 +354,20 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Applies events singly, each under its own savepoint, to find the bad ones.
-    async fn one_by_one(
-        &mut self,
-        pending: &[Pending],
-        events: &[Cow<'_, ChangeEvent>],
-        deleted: &DeleteTimes,
-    ) -> Result<(), ApplyError> {
-        for ev in events {
-            self.writer.execute("SAVEPOINT one", "savepoint").await?;
-            let p = pending_of(pending, ev);
-            match self.writer.apply(std::slice::from_ref(ev), deleted).await {
-                Ok(applied) => {
-                    self.writer
-                        .execute("RELEASE SAVEPOINT one", "savepoint")
-                        .await?;
-                    if let Some(bad) = applied.bad.into_iter().next() {
-                        self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, bad.reason))
-                            .await?;
-                    }
-                }
-                Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
-                Err(e) => {
-                    self.writer
-                        .execute("ROLLBACK TO SAVEPOINT one", "savepoint")
-                        .await?;
-                    self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, error_text(&e)))
-                        .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A bad event halts the direction or goes to the dead-letter queue.
-    async fn bad(&mut self, letter: DeadLetter) -> Result<(), ApplyError> {
-        if self.cfg.sync.on_error == OnError::Halt {
-            return Err(ApplyError::BadEvent {
-                direction: self.dir.to_string(),
-                table: letter.table.unwrap_or_else(|| "?".into()),
-                key: letter.key.unwrap_or_else(|| "?".into()),
-                position: letter.position.unwrap_or_else(|| "?".into()),
-                offset: letter.offset,
-                reason: letter.error,
-            });
-        }
-        tracing::warn!(direction = %self.dir, table = ?letter.table, key = ?letter.key, position = ?letter.position, error = %letter.error, "event sent to the dead-letter queue");
-        self.dlq
-            .record(self.cfg, self.dir, &self.writer, &letter)
-            .await?;
-        self.metrics.dead_letters.increment(1);
-        Ok(())
-    }
-
     /// Stores the position and commits the open transaction.
     async fn commit(&mut self) -> Result<(), ApplyError> {
         let Some(next_offset) = self.next_offset else {
             return Ok(());
         };
         self.begin().await?;
-        let pos = self.sequence.applied().unwrap_or(Position {
-            commit_lsn: Lsn::ZERO,
-            seq: 0,
-        });
         let last_commit_ts = self.txn_commits.last().copied();
-        self.writer
-            .client
-            .execute(
-                "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at, stream)
-                 VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now(), $7)
-                 ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
-                   commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(), stream = EXCLUDED.stream,
-                   last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
-                &[
-                    &self.dir.from,
-                    &next_offset,
-                    &pos.commit_lsn.to_string(),
-                    &(pos.seq as i32),
-                    &last_commit_ts,
-                    &self.cfg.topic(&self.dir.from),
-                    &self.stream,
-                ],
-            )
+        let reach = Stored {
+            applied: self.sequence.applied(),
+            next_offset: Some(next_offset),
+            last_commit_us: last_commit_ts,
+            stream: self.stream.clone(),
+        };
+        progress::store(&self.writer.client, self.cfg, self.dir, &reach)
             .await
             .map_err(|source| WriteError::Sql {
                 node: self.dir.to.clone(),
@@ -488,20 +421,6 @@ impl<'a> Worker<'a> {
         }
         tracing::info!(direction = %self.dir, applied = ?self.committed.map(|p| p.to_string()), "apply stopped");
         Ok(())
-    }
-}
-
-fn pending_of<'p>(pending: &'p [Pending], ev: &ChangeEvent) -> &'p Pending {
-    pending
-        .iter()
-        .find(|p| p.event.position() == ev.position())
-        .unwrap_or(&pending[0])
-}
-
-fn error_text(e: &WriteError) -> String {
-    match e {
-        WriteError::Sql { source, .. } => crate::pg::node::describe(source),
-        other => other.to_string(),
     }
 }
 

@@ -37,7 +37,7 @@ impl SlotProgress {
     /// transaction is open; `None` when there is nothing new to confirm and the node did
     /// not ask for a reply (`force`). A reply always goes out, even at zero (inside a
     /// session's first transaction), and never moves the position back.
-    pub fn to_confirm(&mut self, durable: Lsn, in_transaction: bool, force: bool) -> Option<Lsn> {
+    pub fn confirmable(&mut self, durable: Lsn, in_transaction: bool, force: bool) -> Option<Lsn> {
         let mut flush = durable;
         if !in_transaction && durable >= self.handed_over {
             flush = flush.max(self.reported);
@@ -66,10 +66,10 @@ mod tests {
         p.reported(Lsn(500));
         // The commit ending at 300 is not acknowledged yet: only 200 is durable, and
         // the node's report past the pending commit must wait.
-        assert_eq!(p.to_confirm(Lsn(200), false, false), Some(Lsn(200)));
-        assert_eq!(p.to_confirm(Lsn(200), false, false), None);
+        assert_eq!(p.confirmable(Lsn(200), false, false), Some(Lsn(200)));
+        assert_eq!(p.confirmable(Lsn(200), false, false), None);
         // Acknowledged: the node's later report is safe too.
-        assert_eq!(p.to_confirm(Lsn(300), false, false), Some(Lsn(500)));
+        assert_eq!(p.confirmable(Lsn(300), false, false), Some(Lsn(500)));
     }
 
     #[test]
@@ -77,19 +77,19 @@ mod tests {
         let mut p = SlotProgress::default();
         p.handed_over(Lsn(100));
         p.reported(Lsn(900));
-        assert_eq!(p.to_confirm(Lsn(100), true, false), Some(Lsn(100)));
-        assert_eq!(p.to_confirm(Lsn(100), false, false), Some(Lsn(900)));
+        assert_eq!(p.confirmable(Lsn(100), true, false), Some(Lsn(100)));
+        assert_eq!(p.confirmable(Lsn(100), false, false), Some(Lsn(900)));
     }
 
     #[test]
     fn replies_go_out_even_with_nothing_new_and_never_move_back() {
         let mut p = SlotProgress::default();
         // Inside a session's first transaction nothing is durable: still a reply.
-        assert_eq!(p.to_confirm(Lsn::ZERO, true, true), Some(Lsn::ZERO));
+        assert_eq!(p.confirmable(Lsn::ZERO, true, true), Some(Lsn::ZERO));
         p.reported(Lsn(400));
-        assert_eq!(p.to_confirm(Lsn::ZERO, false, false), Some(Lsn(400)));
+        assert_eq!(p.confirmable(Lsn::ZERO, false, false), Some(Lsn(400)));
         // A stale durable LSN after that confirms 400 again, never less.
-        assert_eq!(p.to_confirm(Lsn(50), false, true), Some(Lsn(400)));
+        assert_eq!(p.confirmable(Lsn(50), false, true), Some(Lsn(400)));
         assert_eq!(p.confirmed(), Lsn(400));
     }
 }

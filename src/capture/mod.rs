@@ -7,10 +7,10 @@
 //! confirms to the slot only what `confirm` finds durable on Kafka; `error` is the
 //! pipeline's one error type.
 
-pub mod confirm;
-pub mod error;
+pub(crate) mod confirm;
+pub(crate) mod error;
 pub mod pgoutput;
-pub mod producer;
+pub(crate) mod producer;
 pub mod reader;
-pub mod session;
+pub(crate) mod session;
 pub mod walsender;

@@ -12,7 +12,7 @@ use crate::config::KafkaConfig;
 use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{client_config, SinkError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -44,10 +44,6 @@ impl ChangeProducer {
         })
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Enqueues one event. Waits only while librdkafka's own queue is full.
     pub async fn send(&self, ev: &ChangeEvent) -> Result<DeliveryFuture, SinkError> {
         let key = ev.kafka_key();
@@ -74,11 +70,6 @@ impl ChangeProducer {
                 Err((e, _)) => return Err(SinkError::Kafka(e)),
             }
         }
-    }
-
-    /// Waits up to `timeout` for everything enqueued to be acknowledged.
-    pub fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer.flush(timeout).map_err(SinkError::Kafka)
     }
 }
 

@@ -340,7 +340,7 @@ impl Session<'_> {
     async fn send_status(&mut self, force: bool) -> Result<(), PipelineError> {
         let durable = *self.durable.borrow();
         let in_transaction = self.reader.in_transaction();
-        if let Some(flush) = self.progress.to_confirm(durable, in_transaction, force) {
+        if let Some(flush) = self.progress.confirmable(durable, in_transaction, force) {
             self.stream
                 .send_status(flush)
                 .await

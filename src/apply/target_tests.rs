@@ -1,0 +1,82 @@
+//! Unit tests of `target`.
+
+use super::*;
+
+fn items() -> TargetTable {
+    TargetTable {
+        name: "public.items".into(),
+        sql_name: "\"public\".\"items\"".into(),
+        columns: vec![
+            TargetColumn {
+                name: "id".into(),
+                type_sql: "bigint".into(),
+            },
+            TargetColumn {
+                name: "body".into(),
+                type_sql: "text".into(),
+            },
+            TargetColumn {
+                name: "updated_at".into(),
+                type_sql: "timestamp with time zone".into(),
+            },
+        ],
+        key: vec!["id".into()],
+        updated_at: "updated_at".into(),
+    }
+}
+
+#[test]
+fn upsert_casts_to_target_types_and_guards_lww() {
+    let sql = items().upsert_sql(&["id", "body", "updated_at"]);
+    assert!(
+        sql.contains("i.c0::bigint, i.c1::text, i.c2::timestamp with time zone"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("ON CONFLICT (\"id\") DO UPDATE SET \"body\" = EXCLUDED.\"body\""),
+        "{sql}"
+    );
+    assert!(!sql.contains("\"id\" = EXCLUDED"), "{sql}");
+    assert!(sql.contains("$4::bool"), "{sql}");
+}
+
+#[test]
+fn upserts_lock_in_key_order_and_repairs_carry_every_column() {
+    let t = items();
+    let sql = t.upsert_sql(&["body", "id", "updated_at"]);
+    assert!(sql.contains("ORDER BY 2 ON CONFLICT"), "{sql}");
+    let r = t.repair_sql();
+    assert!(
+        r.contains("jsonb_build_object('id', CASE WHEN t.\"id\" IS NULL THEN NULL ELSE concat(t.\"id\") END, 'body', CASE"),
+    );
+    assert!(r.contains("ELSE jsonb_build_object('id', i.k0) END"), "{r}");
+    let settle = t.settle_sql();
+    assert!(
+        settle.contains("WHERE table_name = $2::text AND key = jsonb_build_array(i.k0)"),
+        "{settle}"
+    );
+    assert!(
+        settle.contains("FROM duplex.truncations WHERE table_name = $2::text"),
+        "{settle}"
+    );
+}
+
+#[test]
+fn decide_and_delete_number_their_parameters() {
+    let t = items();
+    let d = t.decide_sql();
+    assert!(
+        d.contains("unnest($1::text[], $2::text[], $6::bool[])"),
+        "{d}"
+    );
+    assert!(
+        d.contains("$3::text")
+            && d.contains("$4::bool")
+            && d.contains("$5::int8")
+            && d.contains("$6::bool[]"),
+        "{d}"
+    );
+    let del = t.delete_sql();
+    assert!(del.contains("unnest($1::text[], $2::text[])"), "{del}");
+    assert!(del.contains("t.\"id\" = i.k0::bigint"), "{del}");
+}

@@ -1,0 +1,83 @@
+//! Finding and setting aside the events a target cannot take: when a batch fails on
+//! a definite error, its events are written again one by one, each under a
+//! savepoint, and each one that fails halts the direction or goes to the dead-letter
+//! queue (`sync.on_error`). The rest of the batch commits as usual.
+
+use super::{Pending, Worker};
+use crate::apply::batch::DeleteTimes;
+use crate::apply::dead_letter::DeadLetter;
+use crate::apply::error::ApplyError;
+use crate::apply::writer::WriteError;
+use crate::config::OnError;
+use crate::event::ChangeEvent;
+use crate::{Classify, ErrorClass};
+use std::borrow::Cow;
+
+impl Worker<'_> {
+    /// Applies events singly, each under its own savepoint, to find the bad ones.
+    pub(super) async fn one_by_one(
+        &mut self,
+        pending: &[Pending],
+        events: &[Cow<'_, ChangeEvent>],
+        deleted: &DeleteTimes,
+    ) -> Result<(), ApplyError> {
+        for ev in events {
+            self.writer.execute("SAVEPOINT one", "savepoint").await?;
+            let p = pending_of(pending, ev);
+            match self.writer.apply(std::slice::from_ref(ev), deleted).await {
+                Ok(applied) => {
+                    self.writer
+                        .execute("RELEASE SAVEPOINT one", "savepoint")
+                        .await?;
+                    if let Some(bad) = applied.bad.into_iter().next() {
+                        self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, bad.reason))
+                            .await?;
+                    }
+                }
+                Err(e) if e.class() == ErrorClass::Transient => return Err(e.into()),
+                Err(e) => {
+                    self.writer
+                        .execute("ROLLBACK TO SAVEPOINT one", "savepoint")
+                        .await?;
+                    self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, error_text(&e)))
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A bad event halts the direction or goes to the dead-letter queue.
+    pub(super) async fn bad(&mut self, letter: DeadLetter) -> Result<(), ApplyError> {
+        if self.cfg.sync.on_error == OnError::Halt {
+            return Err(ApplyError::BadEvent {
+                direction: self.dir.to_string(),
+                table: letter.table.unwrap_or_else(|| "?".into()),
+                key: letter.key.unwrap_or_else(|| "?".into()),
+                position: letter.position.unwrap_or_else(|| "?".into()),
+                offset: letter.offset,
+                reason: letter.error,
+            });
+        }
+        tracing::warn!(direction = %self.dir, table = ?letter.table, key = ?letter.key, position = ?letter.position, error = %letter.error, "event sent to the dead-letter queue");
+        self.dlq
+            .record(self.cfg, self.dir, &self.writer, &letter)
+            .await?;
+        self.metrics.dead_letters.increment(1);
+        Ok(())
+    }
+}
+
+pub(super) fn pending_of<'p>(pending: &'p [Pending], ev: &ChangeEvent) -> &'p Pending {
+    pending
+        .iter()
+        .find(|p| p.event.position() == ev.position())
+        .unwrap_or(&pending[0])
+}
+
+fn error_text(e: &WriteError) -> String {
+    match e {
+        WriteError::Sql { source, .. } => crate::pg::node::describe(source),
+        other => other.to_string(),
+    }
+}

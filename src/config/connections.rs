@@ -1,0 +1,149 @@
+//! Where duplex connects: each PostgreSQL node and the Kafka cluster. Both carry
+//! secrets (a URL's password, SASL and TLS properties), so their `Debug` output and
+//! [`NodeConfig::redacted_url`] never show them.
+
+use super::{
+    invalid, ConfigError, DEFAULT_MAX_IN_FLIGHT_MESSAGES, DEFAULT_REPLICATION_FACTOR,
+    DEFAULT_TOPIC_PREFIX,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// libpq-style URL; the password may instead come from `DUPLEX_NODES_<NAME>_PASSWORD`.
+    pub url: String,
+    /// Replication slot on this node; default `duplex_<node>`.
+    pub slot: Option<String>,
+    /// Publication on this node; default `duplex`.
+    pub publication: Option<String>,
+    /// Send the password in cleartext when the node asks for it so (pg_hba.conf
+    /// method `password`). Off: a node set up for md5 or SCRAM never asks that, so a
+    /// request for it may come from someone between duplex and the node.
+    #[serde(default)]
+    pub allow_cleartext_password: bool,
+    #[serde(skip)]
+    pub password_from_env: Option<String>,
+}
+
+impl fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("url", &self.redacted_url())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("allow_cleartext_password", &self.allow_cleartext_password)
+            .finish()
+    }
+}
+
+impl NodeConfig {
+    /// The URL with any password replaced, safe for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Connection parameters, with the environment's password applied.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        let mut cfg = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|e| invalid("url", format!("not a PostgreSQL URL: {e}")))?;
+        if let Some(pw) = &self.password_from_env {
+            cfg.password(pw.as_bytes());
+        }
+        Ok(cfg)
+    }
+}
+
+/// Replaces the password part of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Messages produced but not yet acknowledged by the broker, at most.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_messages: usize,
+    /// Passed to librdkafka verbatim (security.protocol, sasl.*, ssl.*, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a librdkafka property holds a secret (`sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, ...).
+pub fn is_secret_property(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "ssl.key.pem",
+        "ssl_key",
+        "sasl.jaas.config",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+/// Debug output never shows a secret property's value.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_property(k) {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("replication_factor", &self.replication_factor)
+            .field("max_in_flight_messages", &self.max_in_flight_messages)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+fn default_topic_prefix() -> String {
+    DEFAULT_TOPIC_PREFIX.to_string()
+}
+fn default_replication_factor() -> i32 {
+    DEFAULT_REPLICATION_FACTOR
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT_MESSAGES
+}
+
+/// `DUPLEX_NODES_<NAME>_PASSWORD`, the name upper-cased.
+pub fn password_env_var(node: &str) -> String {
+    format!("DUPLEX_NODES_{}_PASSWORD", node.to_ascii_uppercase())
+}
