@@ -63,6 +63,15 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Copy the configured tables (or one) again in both directions, under
+    /// last-writer-wins; resumable, like the copy on a direction's first start.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`, as configured).
+        #[arg(long)]
+        table: Option<String>,
+    },
     /// Show each slot and direction, read from the databases and the broker.
     Status {
         #[arg(long, short)]
@@ -132,6 +141,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Run { config }
         | Command::Check { config }
         | Command::Setup { config }
+        | Command::Snapshot { config, .. }
         | Command::Tail { config, .. }
         | Command::Status { config, .. }
         | Command::Dlq {
@@ -150,6 +160,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Run { .. } => run(cfg).await,
         Command::Check { .. } => check(&cfg).await,
         Command::Setup { .. } => setup(&cfg).await,
+        Command::Snapshot { table, .. } => snapshot(&cfg, table.as_deref()).await,
         Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
         Command::Tail {
             node,
@@ -263,6 +274,41 @@ async fn setup(cfg: &Config) -> ExitCode {
         }
     }
     code
+}
+
+async fn snapshot(cfg: &Config, table: Option<&str>) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("error: cannot handle signals");
+        return ExitCode::FAILURE;
+    };
+    let copying = crate::snapshot::recopy(cfg, table, stop);
+    tokio::pin!(copying);
+    let result = tokio::select! {
+        r = &mut copying => r,
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            let _ = stop_tx.send(true);
+            copying.await
+        }
+    };
+    match result {
+        Ok((rows, crate::snapshot::Copied::Complete)) => {
+            println!("snapshot copied {rows} rows");
+            ExitCode::SUCCESS
+        }
+        Ok((rows, crate::snapshot::Copied::Stopped)) => {
+            eprintln!("snapshot stopped after {rows} rows; run it again to copy the rest");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn teardown(cfg: &Config, yes: bool) -> ExitCode {

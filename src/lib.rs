@@ -18,6 +18,7 @@ pub(crate) mod metrics;
 pub(crate) mod pg;
 pub(crate) mod preflight;
 pub(crate) mod runtime;
+pub(crate) mod snapshot;
 pub(crate) mod status;
 
 /// How an error is handled, decided once where it is classified.

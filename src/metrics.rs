@@ -82,6 +82,14 @@ pub const APPLY_BATCH_SECONDS: &str = "duplex_apply_batch_seconds";
 /// 1 while the apply worker is connected and applying. Labels: direction.
 pub const APPLY_CONNECTED: &str = "duplex_apply_connected";
 
+/// Rows copied by initial syncs (snapshots). Labels: direction, table.
+pub const SNAPSHOT_ROWS_TOTAL: &str = "duplex_snapshot_rows_total";
+/// Rows a table's snapshot expects to copy (counted when planned). Labels: direction,
+/// table.
+pub const SNAPSHOT_ROWS_ESTIMATED: &str = "duplex_snapshot_rows_estimated";
+/// Chunks of a table's snapshot not copied yet. Labels: direction, table.
+pub const SNAPSHOT_CHUNKS_REMAINING: &str = "duplex_snapshot_chunks_remaining";
+
 /// Always 1. Labels: version.
 pub const BUILD_INFO: &str = "duplex_build_info";
 
@@ -274,6 +282,30 @@ impl CaptureMetrics {
                     metrics::counter!(SINK_KAFKA_PRODUCED_TOTAL, &labels),
                 )
             })
+    }
+}
+
+/// One table's snapshot metrics in one direction.
+#[derive(Clone)]
+pub struct SnapshotMetrics {
+    pub rows: Counter,
+    pub rows_estimated: Gauge,
+    pub chunks_remaining: Gauge,
+}
+
+impl SnapshotMetrics {
+    pub fn new(direction: &str, table: &str) -> SnapshotMetrics {
+        let labels = [
+            ("direction", direction.to_string()),
+            ("table", table.to_string()),
+        ];
+        let rows = metrics::counter!(SNAPSHOT_ROWS_TOTAL, &labels);
+        rows.increment(0);
+        SnapshotMetrics {
+            rows,
+            rows_estimated: metrics::gauge!(SNAPSHOT_ROWS_ESTIMATED, &labels),
+            chunks_remaining: metrics::gauge!(SNAPSHOT_CHUNKS_REMAINING, &labels),
+        }
     }
 }
 

@@ -43,6 +43,21 @@ pub struct DirectionStatus {
     pub kafka_lag_messages: Option<i64>,
     pub conflicts: i64,
     pub dead_letters_pending: i64,
+    /// The initial sync's copies into the target, per table (see `duplex snapshot`).
+    pub snapshot: Vec<SnapshotStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotStatus {
+    pub table: String,
+    /// `copying` or `done`.
+    pub state: String,
+    /// `direct` (into an empty table) or `merge` (last-writer-wins).
+    pub method: String,
+    pub rows_estimated: i64,
+    pub rows_copied: i64,
+    pub chunks: i32,
+    pub chunks_copied: i32,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +84,12 @@ impl Status {
                 failing.push(format!(
                     "{} has {} dead letters pending: their changes are not applied (duplex dlq list, then replay or discard them)",
                     d.direction, d.dead_letters_pending
+                ));
+            }
+            for s in d.snapshot.iter().filter(|s| s.state != "done") {
+                failing.push(format!(
+                    "{}: the initial copy of {} is not finished ({}/{} chunks)",
+                    d.direction, s.table, s.chunks_copied, s.chunks
                 ));
             }
             match d.lag_seconds {
@@ -221,6 +242,20 @@ async fn direction_status(
         )
         .await
         .map_err(err)?;
+    let snapshot = crate::snapshot::load_plans(&client, dir)
+        .await
+        .map_err(|e| format!("direction {dir}: {e} (has duplex setup run?)"))?
+        .into_iter()
+        .map(|p| SnapshotStatus {
+            table: p.table,
+            state: if p.done { "done" } else { "copying" }.to_string(),
+            method: p.method.as_str().to_string(),
+            rows_estimated: p.rows_estimated,
+            rows_copied: p.rows_copied,
+            chunks: p.chunks,
+            chunks_copied: p.chunks_copied,
+        })
+        .collect();
     let next_offset: Option<i64> = row.get(5);
     let since_commit: Option<f64> = row.get(6);
     let end = log_end_offset(cfg, &cfg.topic(&dir.from)).await;
@@ -249,6 +284,7 @@ async fn direction_status(
         kafka_lag_messages: kafka_lag,
         conflicts: row.get(7),
         dead_letters_pending: row.get(8),
+        snapshot,
     })
 }
 
@@ -302,6 +338,18 @@ pub fn render(s: &Status) -> String {
             d.conflicts,
             d.dead_letters_pending,
         ));
+        for t in &d.snapshot {
+            out.push_str(&format!(
+                "  snapshot {}: {} ({}), {}/{} chunks, {}/{} rows\n",
+                t.table,
+                t.state,
+                t.method,
+                t.chunks_copied,
+                t.chunks,
+                t.rows_copied,
+                t.rows_estimated
+            ));
+        }
     }
     for p in &s.problems {
         out.push_str(&format!("problem: {p}\n"));

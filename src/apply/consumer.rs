@@ -91,6 +91,12 @@ async fn apply_once(
 ) -> Result<(), ApplyError> {
     setup::setup(cfg, &dir.to, setup::LostSlot::Refuse).await?;
     crate::pg::history::check(cfg, dir).await?;
+    // Rows that predate the slots reach the target before the topic's changes do.
+    if crate::snapshot::before_apply(cfg, dir, shutdown.clone()).await?
+        == crate::snapshot::Copied::Stopped
+    {
+        return Ok(());
+    }
     let writer = TargetWriter::connect(cfg, dir, metrics.clone()).await?;
     let stored = progress::stored(&writer.client, cfg, dir)
         .await

@@ -17,6 +17,8 @@ pub enum ApplyError {
     Write(#[from] WriteError),
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("direction {direction}: Kafka: {source}")]
     Kafka {
         direction: String,
@@ -59,6 +61,7 @@ impl Classify for ApplyError {
         match self {
             ApplyError::Write(e) => e.class(),
             ApplyError::Node(e) => e.class(),
+            ApplyError::Snapshot(e) => e.class(),
             ApplyError::Kafka { source, .. } => kafka::class_of(source),
             ApplyError::IncompleteTransaction { .. } | ApplyError::Stalled { .. } => {
                 ErrorClass::Transient

@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 mod connections;
+mod snapshot;
 mod sync;
 pub use connections::{is_secret_property, password_env_var, redact_url, KafkaConfig, NodeConfig};
+pub use snapshot::{SnapshotConfig, SnapshotMode};
 pub use sync::{IdentityConfig, OnError, SyncConfig, TableConfig};
 
 pub const DEFAULT_TOPIC_PREFIX: &str = "duplex";
@@ -64,6 +66,8 @@ pub struct Config {
     pub source: SourceConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     pub tables: Vec<TableConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -179,6 +183,7 @@ impl Config {
         self.validate_kafka()?;
         self.directions()?;
         self.validate_tables()?;
+        self.snapshot.validate()?;
         self.metrics_listen()?;
         let s = &self.source;
         for (field, v) in [

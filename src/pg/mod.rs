@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod history;
 pub mod node;
+pub mod schema;
 pub mod setup;
 pub mod sql;
 pub mod triggers;

@@ -29,16 +29,17 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
     let client = connect(cfg, node, "setup").await?;
     // DDL that waits for a lock holds up every write queued behind it: give up soon
     // and retry later rather than stall the application.
-    // Readers and appliers may set up the same node at once; DDL must not race.
+    // Readers and appliers may set up the same node at once; DDL must not race. The
+    // notices of IF NOT EXISTS on every start are noise.
     client
         .batch_execute(&format!(
-            "SET lock_timeout = {SETUP_LOCK_TIMEOUT_MS}; SELECT pg_advisory_lock(hashtext('duplex setup'))"
+            "SET client_min_messages = warning; SET lock_timeout = {SETUP_LOCK_TIMEOUT_MS}; SELECT pg_advisory_lock(hashtext('duplex setup'))"
         ))
         .await
         .map_err(sql_err(node, "taking the setup lock"))?;
     let mut done = Vec::new();
     client
-        .batch_execute(SCHEMA_SQL)
+        .batch_execute(super::schema::SCHEMA_SQL)
         .await
         .map_err(sql_err(node, "creating schema duplex"))?;
     let directions = cfg.directions().map_err(|e| NodeError::Config {
@@ -80,111 +81,6 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
         .map_err(sql_err(node, "releasing the setup lock"))?;
     Ok(done)
 }
-
-const SCHEMA_SQL: &str = "
-CREATE SCHEMA IF NOT EXISTS duplex;
-CREATE TABLE IF NOT EXISTS duplex.schema_version (
-    version integer PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
--- Where each direction into this node stands, written in the same transaction as the
--- rows it applied.
-CREATE TABLE IF NOT EXISTS duplex.apply_positions (
-    source_node text NOT NULL,
-    -- A new topic (another topic_prefix, a recreated topic) is a new stream.
-    topic text NOT NULL,
-    next_offset bigint NOT NULL,
-    commit_lsn pg_lsn NOT NULL,
-    seq integer NOT NULL,
-    last_commit_ts timestamptz,
-    applied_at timestamptz NOT NULL DEFAULT now(),
-    -- The source slot's stream (see duplex.slots) that commit_lsn belongs to.
-    stream text,
-    PRIMARY KEY (source_node, topic)
-);
--- Each direction into this node: running, halted (and why) or stopped.
-CREATE TABLE IF NOT EXISTS duplex.apply_state (
-    source_node text PRIMARY KEY,
-    state text NOT NULL,
-    reason text,
-    since timestamptz NOT NULL DEFAULT now()
-);
--- Deleted keys, so that an older insert or update arriving later does not bring the
--- row back. Pruned after sync.tombstone_retention_ms.
-CREATE TABLE IF NOT EXISTS duplex.tombstones (
-    table_name text NOT NULL,
-    key jsonb NOT NULL,
-    deleted_at timestamptz NOT NULL,
-    origin text NOT NULL,
-    PRIMARY KEY (table_name, key)
-);
-CREATE INDEX IF NOT EXISTS tombstones_deleted_at ON duplex.tombstones (deleted_at);
--- When each table was last truncated (by the application, or by applying a peer's
--- truncate): a tombstone for every key of the table older than that.
-CREATE TABLE IF NOT EXISTS duplex.truncations (
-    table_name text PRIMARY KEY,
-    truncated_at timestamptz NOT NULL,
-    origin text NOT NULL
-);
--- The winner of a key whose incoming version lost here, written by the apply session
--- and published (the one exception to echo suppression), so the peer converges on it:
--- `image` is every column as text, or the key columns when `deleted_at` is set.
-CREATE TABLE IF NOT EXISTS duplex.repairs (
-    id bigserial PRIMARY KEY,
-    made_at timestamptz NOT NULL DEFAULT now(),
-    table_name text NOT NULL,
-    key jsonb NOT NULL,
-    image jsonb NOT NULL,
-    deleted_at timestamptz
-);
--- Slots duplex created here: one that disappears later took changes with it, and
--- the daemon must say so rather than quietly create a new one.
--- `stream` names the slot's history: every event read through it carries it, and a
--- slot created again gets a new one, so that appliers know its LSNs start over.
-CREATE TABLE IF NOT EXISTS duplex.slots (
-    slot_name text PRIMARY KEY,
-    created_lsn pg_lsn NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    stream text NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
-);
--- Columns added since the first release, added only where missing (no lock otherwise).
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
-                   AND attname = 'stream' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.slots ADD COLUMN stream text NOT NULL
-            DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.apply_positions'::regclass
-                   AND attname = 'stream' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.apply_positions ADD COLUMN stream text;
-    END IF;
-END $$;
-CREATE TABLE IF NOT EXISTS duplex.conflicts (
-    id bigserial PRIMARY KEY,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    table_name text NOT NULL,
-    key jsonb NOT NULL,
-    op text NOT NULL,
-    local_updated_at text,
-    incoming_updated_at text,
-    incoming_node text NOT NULL,
-    incoming_position text NOT NULL,
-    resolution text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS duplex.dead_letters (
-    id bigserial PRIMARY KEY,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    source_node text NOT NULL,
-    kafka_offset bigint NOT NULL,
-    table_name text,
-    key text,
-    position text,
-    error text NOT NULL,
-    event text NOT NULL,
-    replayed_at timestamptz
-);
-";
 
 /// The publication lists exactly the configured tables.
 async fn ensure_publication(
@@ -430,16 +326,22 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
         .iter()
         .filter(|d| d.to == node)
     {
+        // The direction's own origin and those of its snapshot's copy workers.
         let origin = cfg.origin_name(d);
         let dropped = client
             .query(
-                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+                "SELECT roname::text, pg_replication_origin_drop(roname) FROM pg_replication_origin
+                 WHERE roname = $1 OR roname LIKE $1 || '\\_copy%'",
                 &[&origin],
             )
             .await
-            .map_err(sql_err(node, format!("dropping replication origin {origin}")))?;
-        if !dropped.is_empty() {
-            done.push(format!("dropped replication origin {origin}"));
+            .map_err(sql_err(
+                node,
+                format!("dropping replication origin {origin}"),
+            ))?;
+        for row in dropped {
+            let name: String = row.get(0);
+            done.push(format!("dropped replication origin {name}"));
         }
     }
     let had_schema = client

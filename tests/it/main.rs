@@ -17,6 +17,7 @@ mod observability;
 mod oversize;
 mod partial;
 mod restore;
+mod snapshot;
 mod source;
 mod timeouts;
 mod toast;

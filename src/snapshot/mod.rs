@@ -1,0 +1,314 @@
+//! Initial sync: the rows a node already holds, copied into its peer before the
+//! direction starts applying the node's topic, so that populated databases start
+//! level.
+//!
+//! Why no change is lost or applied twice out of order: the source's slot exists
+//! before the first chunk is read (both nodes are set up first), so every change
+//! committed after that is on the source's topic, and the direction applies the whole
+//! topic once its copy is done. Each chunk reads the source's rows as of its own
+//! snapshot, which is later than the slot. A row changed between the slot's creation
+//! and the chunk's read is both copied (its version at the read) and streamed (every
+//! version since the slot): the stream, applied afterwards under last-writer-wins on
+//! `updated_at` with tombstones, cannot take the copied row back to an older version,
+//! and brings every change made after the read. So every row is in the copy or in
+//! the stream after it, whatever the application writes during the copy; this is the
+//! watermark idea of DBLog with the slot's creation as the low watermark and
+//! last-writer-wins in place of a per-chunk de-duplication window.
+//!
+//! Flow: [`before_apply`] plans every direction on its first start at once (so that
+//! a copy into one node cannot make it look populated to the other direction's
+//! plan), then copies the direction's chunks with `snapshot.workers` workers
+//! ([`copy`]), reporting to [`progress`]. [`recopy`] is `duplex snapshot`: a new plan
+//! under last-writer-wins, for every table or one.
+
+mod copy;
+mod plan;
+mod progress;
+
+use crate::config::{Config, Direction, SnapshotMode};
+use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::setup::{self, LostSlot};
+use crate::{Classify, ErrorClass};
+use copy::CopyWorker;
+pub(crate) use plan::{load as load_plans, TablePlan};
+use plan::{Chunk, CopyTable, Method};
+use progress::Progress;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// Errors of an initial sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("snapshot {direction}: table {table} {detail}")]
+    Table {
+        direction: String,
+        table: String,
+        detail: String,
+    },
+    #[error("snapshot {direction}: table {table} holds rows on both node {from} and node {to}, and snapshot.mode = \"initial\" copies only into empty tables. Set snapshot.mode = \"merge\" to merge them under last-writer-wins (each row goes where it is missing or older), or \"never\" if they already hold the same rows")]
+    BothPopulated {
+        direction: String,
+        table: String,
+        from: String,
+        to: String,
+    },
+}
+
+impl Classify for SnapshotError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SnapshotError::Node(e) => e.class(),
+            SnapshotError::Table { .. } | SnapshotError::BothPopulated { .. } => {
+                ErrorClass::Definite
+            }
+        }
+    }
+}
+
+/// Whether a copy ran to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copied {
+    Complete,
+    /// Shutdown came first; what was copied stays copied.
+    Stopped,
+}
+
+/// Run by a direction before it applies its topic: plans every direction's first
+/// copy (`snapshot.mode`), then copies what is left of `dir`'s.
+pub(crate) async fn before_apply(
+    cfg: &Config,
+    dir: &Direction,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Copied, SnapshotError> {
+    if cfg.snapshot.mode != SnapshotMode::Never {
+        plan_first_start(cfg).await?;
+    }
+    copy_pending(cfg, dir, None, shutdown).await
+}
+
+/// `duplex snapshot`: copies every configured table (or `only`) in both directions
+/// again, under last-writer-wins. Returns the rows copied.
+pub async fn recopy(
+    cfg: &Config,
+    only: Option<&str>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(u64, Copied), SnapshotError> {
+    let dirs = directions(cfg)?;
+    if let Some(t) = only {
+        if !cfg.tables.iter().any(|tc| tc.name == t) {
+            return Err(SnapshotError::Table {
+                direction: "-".into(),
+                table: t.to_string(),
+                detail: "is not in the config's [[tables]]".into(),
+            });
+        }
+    }
+    set_up_both(cfg).await?;
+    for dir in &dirs {
+        let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
+        let mut target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+        for tc in cfg
+            .tables
+            .iter()
+            .filter(|tc| only.is_none_or(|t| t == tc.name))
+        {
+            let t = CopyTable::describe(&source, &target, dir, tc).await?;
+            plan::store(cfg, &source, &mut target, dir, &t, Method::Merge).await?;
+        }
+    }
+    let mut rows = 0;
+    for dir in &dirs {
+        let (copied, outcome) = copy_tables(cfg, dir, only, shutdown.clone()).await?;
+        rows += copied;
+        if outcome == Copied::Stopped {
+            return Ok((rows, Copied::Stopped));
+        }
+    }
+    Ok((rows, Copied::Complete))
+}
+
+fn directions(cfg: &Config) -> Result<Vec<Direction>, SnapshotError> {
+    cfg.directions().map_err(|e| {
+        SnapshotError::Node(NodeError::Config {
+            node: "-".into(),
+            detail: e.to_string(),
+        })
+    })
+}
+
+/// Both nodes' slots must exist before a row is read: changes from then on are
+/// streamed.
+async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
+    for node in cfg.nodes.keys() {
+        setup::setup(cfg, node, LostSlot::Refuse).await?;
+    }
+    Ok(())
+}
+
+/// Plans the copy of every direction starting for the first time (never applied,
+/// nothing planned), deciding all of them before storing any.
+async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
+    let dirs = directions(cfg)?;
+    set_up_both(cfg).await?;
+    // Both directions' tasks come here; one plans, the other then finds it done.
+    let first = cfg.nodes.keys().next().cloned().unwrap_or_default();
+    let lock = node::connect(cfg, &first, "snapshot plan").await?;
+    lock.batch_execute("SELECT pg_advisory_lock(hashtext('duplex snapshot plan'))")
+        .await
+        .map_err(sql_err(&first, "taking the snapshot plan lock"))?;
+    let mut decided = Vec::new();
+    for dir in &dirs {
+        let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+        let applied: bool = target
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM duplex.apply_positions WHERE source_node = $1)",
+                &[&dir.from],
+            )
+            .await
+            .map_err(sql_err(&dir.to, "reading duplex.apply_positions"))?
+            .get(0);
+        if applied {
+            continue;
+        }
+        let planned: Vec<String> = plan::load(&target, dir)
+            .await?
+            .into_iter()
+            .map(|p| p.table)
+            .collect();
+        let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
+        for tc in cfg.tables.iter().filter(|tc| !planned.contains(&tc.name)) {
+            let t = CopyTable::describe(&source, &target, dir, tc).await?;
+            let method = choose(cfg, dir, &source, &target, &t).await?;
+            decided.push((dir.clone(), t, method));
+        }
+    }
+    for (dir, t, method) in &decided {
+        let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
+        let mut target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+        let p = plan::store(cfg, &source, &mut target, dir, t, *method).await?;
+        tracing::info!(direction = %dir, table = %t.name, method = method.as_str(),
+            rows = p.rows_estimated, chunks = p.chunks, "snapshot planned");
+    }
+    Ok(())
+}
+
+/// Direct into an empty target; else a merge, which `initial` refuses when both
+/// sides hold rows.
+async fn choose(
+    cfg: &Config,
+    dir: &Direction,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    t: &CopyTable,
+) -> Result<Method, SnapshotError> {
+    if !plan::has_rows(target, &dir.to, t).await? {
+        return Ok(Method::Direct);
+    }
+    if cfg.snapshot.mode == SnapshotMode::Initial && plan::has_rows(source, &dir.from, t).await? {
+        return Err(SnapshotError::BothPopulated {
+            direction: dir.to_string(),
+            table: t.name.clone(),
+            from: dir.from.clone(),
+            to: dir.to.clone(),
+        });
+    }
+    Ok(Method::Merge)
+}
+
+async fn copy_pending(
+    cfg: &Config,
+    dir: &Direction,
+    only: Option<&str>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Copied, SnapshotError> {
+    copy_tables(cfg, dir, only, shutdown).await.map(|(_, c)| c)
+}
+
+/// Copies the chunks left of `dir`'s unfinished tables; returns the rows copied.
+async fn copy_tables(
+    cfg: &Config,
+    dir: &Direction,
+    only: Option<&str>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(u64, Copied), SnapshotError> {
+    let target = node::connect(cfg, &dir.to, "snapshot").await?;
+    let plans: Vec<TablePlan> = plan::load(&target, dir)
+        .await?
+        .into_iter()
+        .filter(|p| !p.done && only.is_none_or(|t| t == p.table))
+        .collect();
+    if plans.is_empty() {
+        return Ok((0, Copied::Complete));
+    }
+    let source = node::connect(cfg, &dir.from, "snapshot").await?;
+    let progress = Progress::new(&dir.to_string());
+    let mut tables = HashMap::new();
+    let mut queue = VecDeque::new();
+    for p in &plans {
+        let Some(tc) = cfg.tables.iter().find(|tc| tc.name == p.table) else {
+            continue; // no longer configured
+        };
+        let t = CopyTable::describe(&source, &target, dir, tc).await?;
+        progress.table(
+            &p.table,
+            p.rows_estimated.max(0) as u64,
+            p.chunks.max(0) as u64,
+            (p.chunks_copied.max(0) as u64, p.rows_copied.max(0) as u64),
+        );
+        queue.extend(plan::pending(&target, dir, &p.table).await?);
+        tables.insert(p.table.clone(), (t, p.method));
+    }
+    drop(source);
+    tracing::info!(direction = %dir, tables = tables.len(), chunks = queue.len(), "copying");
+    let workers = cfg.snapshot.workers.min(queue.len()).max(1);
+    let queue = Mutex::new(queue);
+    let (done_tx, done_rx) = watch::channel(false);
+    let copying = async {
+        let all = (0..workers).map(|n| {
+            work(cfg, dir, n, &queue, &tables, &progress)
+                .instrument(tracing::info_span!("snapshot_worker", direction = %dir, n))
+        });
+        let r = futures_util::future::try_join_all(all).await;
+        let _ = done_tx.send(true);
+        r
+    };
+    let reporting = progress.report(done_rx);
+    let outcome = tokio::select! {
+        (r, ()) = async { tokio::join!(copying, reporting) } => { r?; Copied::Complete }
+        _ = shutdown.changed() => Copied::Stopped,
+    };
+    let (rows, _) = progress.totals();
+    if outcome == Copied::Complete {
+        for table in tables.keys() {
+            plan::finish(&target, dir, table).await?;
+        }
+        tracing::info!(direction = %dir, rows, "snapshot copied");
+    }
+    Ok((rows, outcome))
+}
+
+/// One worker: takes chunks until none is left.
+async fn work(
+    cfg: &Config,
+    dir: &Direction,
+    n: usize,
+    queue: &Mutex<VecDeque<Chunk>>,
+    tables: &HashMap<String, (CopyTable, Method)>,
+    progress: &Progress,
+) -> Result<(), SnapshotError> {
+    let mut worker = CopyWorker::connect(cfg, dir, n).await?;
+    loop {
+        let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+        let Some(chunk) = next else { return Ok(()) };
+        let Some((t, method)) = tables.get(&chunk.table) else {
+            continue;
+        };
+        progress.started(&t.name);
+        let rows = worker.copy(t, &chunk, *method).await?;
+        progress.chunk_copied(&t.name, rows);
+    }
+}

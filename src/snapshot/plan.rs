@@ -1,0 +1,441 @@
+//! Planning a table's copy: what is copied (the source's stored columns, by its
+//! primary key), how (binary COPY when both sides' types match), and in which chunks
+//! (key ranges of `snapshot.chunk_rows` rows, found in one ordered scan of the key).
+//!
+//! A plan is written to the target (`duplex.snapshots`, `duplex.snapshot_chunks`) in
+//! one transaction before any of its rows, and read back on every start: chunks are
+//! ranges of key values, so rows inserted after planning fall into one of them and a
+//! resumed copy needs no new plan.
+
+use super::SnapshotError;
+use crate::apply::target::TargetTable;
+use crate::config::{Config, Direction, TableConfig};
+use crate::pg::node::{sql_err, NodeError};
+use crate::pg::sql::{quote_ident, quote_literal};
+use tokio_postgres::Client;
+
+/// How a table's chunks are written into the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// COPY straight into the table, which was empty when planned.
+    Direct,
+    /// COPY into a staging table, then upsert under last-writer-wins and tombstones.
+    Merge,
+}
+
+impl Method {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Method::Direct => "direct",
+            Method::Merge => "merge",
+        }
+    }
+
+    fn parse(s: &str) -> Method {
+        if s == "direct" {
+            Method::Direct
+        } else {
+            Method::Merge
+        }
+    }
+}
+
+/// A configured table as both nodes have it, ready to copy.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyTable {
+    pub name: String,
+    /// Quoted `"schema"."table"`, the same on both nodes.
+    pub sql_name: String,
+    /// The source's stored columns (generated ones are computed on the target).
+    pub columns: Vec<String>,
+    /// Primary-key columns with their source types, in key order.
+    pub key: Vec<(String, String)>,
+    /// Every copied column has the same type on both nodes.
+    pub binary: bool,
+    pub target: TargetTable,
+}
+
+impl CopyTable {
+    /// Reads the table from both catalogs; a table or column missing on the target,
+    /// or a table without a primary key, is an error naming it.
+    pub(crate) async fn describe(
+        source: &Client,
+        target: &Client,
+        dir: &Direction,
+        tc: &TableConfig,
+    ) -> Result<CopyTable, SnapshotError> {
+        let (schema, table) = tc.schema_table();
+        let problem = |detail: String| SnapshotError::Table {
+            direction: dir.to_string(),
+            table: tc.name.clone(),
+            detail,
+        };
+        let rows = source
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+                        coalesce((SELECT k.n::int4 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n)
+                                  WHERE k.att = a.attnum), 0)
+                 FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                 WHERE n.nspname = $1 AND c.relname = $2
+                 ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql_err(&dir.from, format!("reading table {}", tc.name)))?;
+        if rows.is_empty() {
+            return Err(problem(format!("missing on node {}", dir.from)));
+        }
+        let target_table = TargetTable::load(target, tc)
+            .await
+            .map_err(sql_err(&dir.to, format!("reading table {}", tc.name)))?
+            .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
+        let (mut columns, mut key, mut binary) = (Vec::new(), Vec::new(), true);
+        for r in &rows {
+            let (name, type_sql, generated, key_pos): (String, String, bool, i32) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            if key_pos > 0 {
+                key.push((key_pos, name.clone(), type_sql.clone()));
+            }
+            if generated {
+                continue;
+            }
+            match target_table.column(&name) {
+                None => {
+                    return Err(problem(format!(
+                        "column {name} is missing on node {}",
+                        dir.to
+                    )))
+                }
+                Some(c) => binary &= c.type_sql == type_sql,
+            }
+            columns.push(name);
+        }
+        if key.is_empty() {
+            return Err(problem(format!("has no primary key on node {}", dir.from)));
+        }
+        key.sort();
+        Ok(CopyTable {
+            name: tc.name.clone(),
+            sql_name: target_table.sql_name.clone(),
+            columns,
+            key: key.into_iter().map(|(_, n, t)| (n, t)).collect(),
+            binary,
+            target: target_table,
+        })
+    }
+
+    fn key_list(&self, alias: &str) -> String {
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("{alias}{}", quote_ident(k)))
+            .collect();
+        cols.join(", ")
+    }
+
+    /// `(k0, k1) > (v0::t0, v1::t1)`: a row comparison in key order, which is the
+    /// order of the primary-key index.
+    fn bound(&self, op: &str, values: &[String]) -> String {
+        let lits: Vec<String> = self
+            .key
+            .iter()
+            .zip(values)
+            .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
+            .collect();
+        format!("({}) {op} ({})", self.key_list(""), lits.join(", "))
+    }
+
+    /// The source-side `COPY (SELECT ...) TO STDOUT` of one chunk. Key values are
+    /// inlined as quoted literals: COPY takes no parameters.
+    pub(crate) fn copy_out_sql(&self, chunk: &Chunk) -> String {
+        let mut conds = Vec::new();
+        if let Some(lower) = &chunk.lower {
+            conds.push(self.bound(">", lower));
+        }
+        if let Some(upper) = &chunk.upper {
+            conds.push(self.bound("<=", upper));
+        }
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        format!(
+            "COPY (SELECT {} FROM {}{}) TO STDOUT{}",
+            cols.join(", "),
+            self.sql_name,
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            },
+            self.format()
+        )
+    }
+
+    /// The target-side `COPY <into> (...) FROM STDIN`.
+    pub(crate) fn copy_in_sql(&self, into: &str) -> String {
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        format!(
+            "COPY {into} ({}) FROM STDIN{}",
+            cols.join(", "),
+            self.format()
+        )
+    }
+
+    fn format(&self) -> &'static str {
+        if self.binary {
+            " (FORMAT binary)"
+        } else {
+            ""
+        }
+    }
+
+    /// Upserts the staged rows of `staging` under the stream's rules: a row loses to
+    /// a tombstone or truncation at least as new, and to a target row that is newer
+    /// (or as new, unless `$2`: the source wins ties). `$1` is the table name.
+    pub(crate) fn merge_sql(&self, staging: &str) -> String {
+        let t = &self.sql_name;
+        let upd = quote_ident(&self.target.updated_at);
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        let tomb: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("concat(s.{})", quote_ident(k)))
+            .collect();
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !self.key.iter().any(|(k, _)| k == *c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        let action = if sets.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!(
+                "UPDATE SET {} WHERE {t}.{upd} IS NULL OR {t}.{upd} < EXCLUDED.{upd}
+                 OR ({t}.{upd} = EXCLUDED.{upd} AND $2::bool)",
+                sets.join(", ")
+            )
+        };
+        format!(
+            "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE
+             SELECT {picked} FROM {staging} s
+             WHERE NOT EXISTS (SELECT 1 FROM duplex.tombstones tb WHERE tb.table_name = $1::text
+                               AND tb.key = jsonb_build_array({tomb}) AND tb.deleted_at >= s.{upd})
+               AND NOT EXISTS (SELECT 1 FROM duplex.truncations tr WHERE tr.table_name = $1::text
+                               AND tr.truncated_at >= s.{upd})
+             ORDER BY {keys}
+             ON CONFLICT ({keys}) DO {action}",
+            cols = cols.join(", "),
+            picked = picked.join(", "),
+            tomb = tomb.join(", "),
+            keys = self.key_list(""),
+        )
+    }
+}
+
+/// One key range of a table: above `lower` (exclusive), up to `upper` (inclusive);
+/// `None` is unbounded.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub table: String,
+    pub chunk: i32,
+    pub lower: Option<Vec<String>>,
+    pub upper: Option<Vec<String>>,
+}
+
+/// A table's copy as stored on the target.
+#[derive(Debug, Clone)]
+pub(crate) struct TablePlan {
+    pub table: String,
+    pub done: bool,
+    pub method: Method,
+    pub rows_estimated: i64,
+    pub chunks: i32,
+    pub chunks_copied: i32,
+    pub rows_copied: i64,
+}
+
+/// The copies stored on `dir.to` for `dir.from`, in table order.
+pub(crate) async fn load(target: &Client, dir: &Direction) -> Result<Vec<TablePlan>, NodeError> {
+    let rows = target
+        .query(
+            "SELECT s.table_name, s.state = 'done', s.method, s.rows_estimated, s.chunks,
+                    count(c.copied_at)::int4, coalesce(sum(c.rows), 0)::int8
+             FROM duplex.snapshots s
+             LEFT JOIN duplex.snapshot_chunks c USING (source_node, table_name)
+             WHERE s.source_node = $1
+             GROUP BY s.table_name, s.state, s.method, s.rows_estimated, s.chunks
+             ORDER BY s.table_name",
+            &[&dir.from],
+        )
+        .await
+        .map_err(sql_err(&dir.to, "reading duplex.snapshots"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TablePlan {
+            table: r.get(0),
+            done: r.get(1),
+            method: Method::parse(r.get(2)),
+            rows_estimated: r.get(3),
+            chunks: r.get(4),
+            chunks_copied: r.get(5),
+            rows_copied: r.get(6),
+        })
+        .collect())
+}
+
+/// The chunks of `table` not copied yet, in key order.
+pub(crate) async fn pending(
+    target: &Client,
+    dir: &Direction,
+    table: &str,
+) -> Result<Vec<Chunk>, NodeError> {
+    let rows = target
+        .query(
+            "SELECT chunk, lower_key::text, upper_key::text FROM duplex.snapshot_chunks
+             WHERE source_node = $1 AND table_name = $2 AND copied_at IS NULL ORDER BY chunk",
+            &[&dir.from, &table],
+        )
+        .await
+        .map_err(sql_err(&dir.to, "reading duplex.snapshot_chunks"))?;
+    let key = |v: Option<String>| -> Option<Vec<String>> { serde_json::from_str(&v?).ok() };
+    Ok(rows
+        .iter()
+        .map(|r| Chunk {
+            table: table.to_string(),
+            chunk: r.get(0),
+            lower: key(r.get(1)),
+            upper: key(r.get(2)),
+        })
+        .collect())
+}
+
+/// Whether `table` holds any row.
+pub(crate) async fn has_rows(
+    client: &Client,
+    node: &str,
+    t: &CopyTable,
+) -> Result<bool, NodeError> {
+    client
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {})", t.sql_name),
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(sql_err(node, format!("reading table {}", t.name)))
+}
+
+/// Plans `t`'s copy and stores it on the target, replacing an earlier plan of it:
+/// counts the source's rows and reads every `chunk_rows`-th key in key order.
+pub(crate) async fn store(
+    cfg: &Config,
+    source: &Client,
+    target: &mut Client,
+    dir: &Direction,
+    t: &CopyTable,
+    method: Method,
+) -> Result<TablePlan, NodeError> {
+    let keys = t.key_list("");
+    let texts: Vec<String> = t
+        .key
+        .iter()
+        .map(|(k, _)| format!("concat({})", quote_ident(k)))
+        .collect();
+    let total: i64 = source
+        .query_one(&format!("SELECT count(*) FROM {}", t.sql_name), &[])
+        .await
+        .map_err(sql_err(&dir.from, format!("counting rows of {}", t.name)))?
+        .get(0);
+    let every = cfg.snapshot.chunk_rows as i64;
+    let bounds: Vec<String> = if total > every {
+        source
+            .query(
+                &format!(
+                    "SELECT jsonb_build_array({texts})::text FROM (
+                       SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn FROM {table}) s
+                     WHERE rn % $1 = 0 ORDER BY rn",
+                    texts = texts.join(", "),
+                    table = t.sql_name,
+                ),
+                &[&every],
+            )
+            .await
+            .map_err(sql_err(
+                &dir.from,
+                format!("splitting {} into chunks", t.name),
+            ))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Chunk n spans (bounds[n-1], bounds[n]]; the first and last are open-ended.
+    let chunks = bounds.len() as i32 + 1;
+    let lowers: Vec<Option<String>> = std::iter::once(None)
+        .chain(bounds.iter().cloned().map(Some))
+        .collect();
+    let uppers: Vec<Option<String>> = bounds
+        .iter()
+        .cloned()
+        .map(Some)
+        .chain(std::iter::once(None))
+        .collect();
+    let numbers: Vec<i32> = (0..chunks).collect();
+    let sql = || sql_err(&dir.to, format!("storing the plan of {}", t.name));
+    let tx = target.transaction().await.map_err(sql())?;
+    tx.execute(
+        "INSERT INTO duplex.snapshots (source_node, table_name, state, method, rows_estimated, chunks)
+         VALUES ($1, $2, 'copying', $3, $4, $5)
+         ON CONFLICT (source_node, table_name) DO UPDATE SET state = 'copying', method = EXCLUDED.method,
+           rows_estimated = EXCLUDED.rows_estimated, chunks = EXCLUDED.chunks, started_at = now(), finished_at = NULL",
+        &[&dir.from, &t.name, &method.as_str(), &total, &chunks],
+    )
+    .await
+    .map_err(sql())?;
+    tx.execute(
+        "DELETE FROM duplex.snapshot_chunks WHERE source_node = $1 AND table_name = $2",
+        &[&dir.from, &t.name],
+    )
+    .await
+    .map_err(sql())?;
+    tx.execute(
+        "INSERT INTO duplex.snapshot_chunks (source_node, table_name, chunk, lower_key, upper_key)
+         SELECT $1, $2, n, l::jsonb, u::jsonb FROM unnest($3::int4[], $4::text[], $5::text[]) AS c(n, l, u)",
+        &[&dir.from, &t.name, &numbers, &lowers, &uppers],
+    )
+    .await
+    .map_err(sql())?;
+    tx.commit().await.map_err(sql())?;
+    Ok(TablePlan {
+        table: t.name.clone(),
+        done: false,
+        method,
+        rows_estimated: total,
+        chunks,
+        chunks_copied: 0,
+        rows_copied: 0,
+    })
+}
+
+/// Marks `table`'s copy done once every chunk is copied; returns whether it is.
+pub(crate) async fn finish(
+    target: &Client,
+    dir: &Direction,
+    table: &str,
+) -> Result<bool, NodeError> {
+    let n = target
+        .execute(
+            "UPDATE duplex.snapshots SET state = 'done', finished_at = now()
+             WHERE source_node = $1 AND table_name = $2 AND state <> 'done'
+               AND NOT EXISTS (SELECT 1 FROM duplex.snapshot_chunks c WHERE c.source_node = $1
+                               AND c.table_name = $2 AND c.copied_at IS NULL)",
+            &[&dir.from, &table],
+        )
+        .await
+        .map_err(sql_err(&dir.to, "finishing a snapshot"))?;
+    Ok(n > 0)
+}
