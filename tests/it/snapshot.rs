@@ -116,15 +116,16 @@ async fn populate(c: &Client, rows: i32) {
 
 /// An application on `db`: several writers updating, deleting and re-inserting keys
 /// of `items` (some in transactions held open a while) and adding children, until
-/// `until`. Returns the changes committed.
-async fn writers(db: &str, key_range: i32, until: Instant) -> u64 {
+/// `stop` turns true. Returns the changes committed.
+async fn writers(db: &str, key_range: i32, stop: tokio::sync::watch::Receiver<bool>) -> u64 {
     let mut tasks = Vec::new();
     for w in 0..3 {
         let c = Cluster::shared().client(db).await;
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = crate::convergence::Rng(0x5eed ^ (w + 1));
             let mut changes = 0u64;
-            while Instant::now() < until {
+            while !*stop.borrow() {
                 let k = 1 + rng.below(key_range as u64) as i32;
                 let sql = match rng.below(6) {
                     0 => format!("DELETE FROM items WHERE id = {k}"),
@@ -160,16 +161,18 @@ async fn a_populated_node_is_copied_into_an_empty_peer_while_the_application_wri
     let d = rig.start();
     // The application keeps writing on a through the copy and a little after.
     let started = Instant::now();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let writing = tokio::spawn({
         let db = rig.db_a.clone();
-        async move { writers(&db, 700_000, Instant::now() + Duration::from_secs(3600)).await }
+        async move { writers(&db, rows / 2, stopped).await }
     });
     // Both directions report; b → a copies nothing.
     d.wait_log("snapshot copied", 2, Duration::from_secs(600))
         .await;
     let copy_secs = started.elapsed().as_secs_f64();
-    writing.abort();
-    let _ = writing.await;
+    stop.send(true).unwrap();
+    let changes = writing.await.unwrap();
+    assert!(changes > 0);
     // Every row, and every change made during the copy, on b.
     identical(&a, &b, TABLES, Duration::from_secs(300)).await;
     let copied = count(&b, "SELECT coalesce(sum(rows), 0)::int8 FROM duplex.snapshot_chunks WHERE copied_at IS NOT NULL").await;
@@ -180,7 +183,7 @@ async fn a_populated_node_is_copied_into_an_empty_peer_while_the_application_wri
         text.contains("snapshot public.items: done (direct)"),
         "{text}"
     );
-    eprintln!("copied {rows} rows in {copy_secs:.1} s while writing");
+    eprintln!("copied {rows} rows in {copy_secs:.1} s while {changes} changes were made");
     assert_eq!(d.stop().await, Some(0));
 }
 
