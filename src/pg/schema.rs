@@ -105,6 +105,14 @@ CREATE TABLE IF NOT EXISTS duplex.dead_letters (
     event text NOT NULL,
     replayed_at timestamptz
 );
+-- When duplex was first set up on this node: rows whose version is older predate
+-- duplex (see snapshot.mode initial); later ones are on the node's stream.
+CREATE TABLE IF NOT EXISTS duplex.node (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    first_setup_xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    first_setup_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO duplex.node DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- Copies of rows that existed before duplex (see snapshot/): one row per source node
 -- and table copied into this node, and its chunks, key ranges marked copied in the
 -- same transaction as their rows, so that a restart copies only what is left.

@@ -103,19 +103,120 @@ impl<'a> CopyWorker<'a> {
             )
             .await
             .map_err(sql_err(&self.dir.to, "counting a chunk's attempt"))?;
+        let mut method = method;
         if method == Method::Direct {
             match self.copy_chunk(t, chunk, Method::Direct).await {
-                Err(SnapshotError::Node(NodeError::Sql { source, .. }))
-                    if source.code().map(|c| c.code()) == Some("23505") =>
-                {
+                Err(e) if sqlstate(&e) == Some("23505") => {
                     self.rollback().await?;
                     tracing::info!(direction = %self.dir, table = %t.name, chunk = chunk.chunk,
                         "the target table gained rows since planning; merging this chunk");
+                    method = Method::Merge;
                 }
-                other => return other,
+                other => return self.explain(t, chunk, method, other).await,
             }
         }
-        self.copy_chunk(t, chunk, Method::Merge).await
+        let r = self.copy_chunk(t, chunk, method).await;
+        self.explain(t, chunk, method, r).await
+    }
+
+    /// A chunk the target refused because of its data (SQLSTATE classes 22 and 23)
+    /// becomes an error naming the first row it refuses.
+    async fn explain(
+        &mut self,
+        t: &CopyTable,
+        chunk: &Chunk,
+        method: Method,
+        result: Result<u64, SnapshotError>,
+    ) -> Result<u64, SnapshotError> {
+        let e = match result {
+            Err(e) if sqlstate(&e).is_some_and(|s| s.starts_with("22") || s.starts_with("23")) => e,
+            other => return other,
+        };
+        self.rollback().await?;
+        Err(self.find_bad_row(t, chunk, method).await?.unwrap_or(e))
+    }
+
+    /// Copies the chunk's rows one at a time, each under a savepoint rolled back at
+    /// once, until one fails; nothing is kept.
+    async fn find_bad_row(
+        &mut self,
+        t: &CopyTable,
+        chunk: &Chunk,
+        method: Method,
+    ) -> Result<Option<SnapshotError>, SnapshotError> {
+        let (from, to) = (&self.dir.from, &self.dir.to);
+        let keys: Vec<Vec<String>> = self
+            .source
+            .query(&t.keys_sql(chunk), &[])
+            .await
+            .map_err(sql_err(from, format!("reading the keys of {}", t.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let into = self.into(t, method).await?;
+        self.target
+            .batch_execute("BEGIN")
+            .await
+            .map_err(sql_err(to, "beginning a probe"))?;
+        for key in keys {
+            self.target
+                .batch_execute("SAVEPOINT probe")
+                .await
+                .map_err(sql_err(to, "probing a row"))?;
+            let mut r = self
+                .pump(t, &t.copy_out_key_sql(&key), &into)
+                .await
+                .map(|_| ());
+            if r.is_ok() && method == Method::Merge {
+                r = self.merge(t, &into).await;
+            }
+            if let Err(e) = r {
+                self.rollback().await?;
+                return Ok(Some(SnapshotError::BadRow {
+                    direction: self.dir.to_string(),
+                    table: t.name.clone(),
+                    key: serde_json::to_string(&key).unwrap_or_default(),
+                    error: error_text(&e),
+                }));
+            }
+            self.target
+                .batch_execute("ROLLBACK TO SAVEPOINT probe")
+                .await
+                .map_err(sql_err(to, "probing a row"))?;
+        }
+        self.rollback().await?;
+        Ok(None)
+    }
+
+    /// Where the chunk's COPY goes: the table itself, or its staging table (created
+    /// outside any transaction, so that a rolled-back chunk leaves it in place).
+    async fn into(&mut self, t: &CopyTable, method: Method) -> Result<String, SnapshotError> {
+        if method == Method::Direct {
+            return Ok(t.sql_name.clone());
+        }
+        let staging = staging_name(&t.name);
+        if !self.staged.contains(&t.name) {
+            self.target
+                .batch_execute(&format!(
+                    "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {}) ON COMMIT DELETE ROWS",
+                    t.sql_name
+                ))
+                .await
+                .map_err(sql_err(
+                    &self.dir.to,
+                    format!("creating a staging table for {}", t.name),
+                ))?;
+            self.staged.insert(t.name.clone());
+        }
+        Ok(format!("pg_temp.{staging}"))
+    }
+
+    async fn merge(&self, t: &CopyTable, staging: &str) -> Result<(), SnapshotError> {
+        self.target
+            .execute(&t.merge_sql(staging), &[&t.name, &self.incoming_wins_ties])
+            .await
+            .map_err(sql_err(&self.dir.to, format!("merging into {}", t.name)))?;
+        Ok(())
     }
 
     async fn copy_chunk(
@@ -125,31 +226,12 @@ impl<'a> CopyWorker<'a> {
         method: Method,
     ) -> Result<u64, SnapshotError> {
         let to = &self.dir.to;
+        let into = self.into(t, method).await?;
         self.target
             .batch_execute("BEGIN")
             .await
             .map_err(sql_err(to, "beginning a chunk"))?;
-        let staging = format!("pg_temp.{}", staging_name(&t.name));
-        let into = match method {
-            Method::Direct => t.sql_name.clone(),
-            Method::Merge => {
-                if self.staged.insert(t.name.clone()) {
-                    self.target
-                        .batch_execute(&format!(
-                            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS",
-                            staging_name(&t.name),
-                            t.sql_name
-                        ))
-                        .await
-                        .map_err(sql_err(
-                            to,
-                            format!("creating a staging table for {}", t.name),
-                        ))?;
-                }
-                staging.clone()
-            }
-        };
-        let rows = self.pump(t, chunk, &into).await?;
+        let rows = self.pump(t, &t.copy_out_sql(chunk), &into).await?;
         let context = format!("writing chunk {} of {}", chunk.chunk, t.name);
         match method {
             Method::Direct => {
@@ -158,12 +240,7 @@ impl<'a> CopyWorker<'a> {
                     .await
                     .map_err(sql_err(to, context.clone()))?;
             }
-            Method::Merge => {
-                self.target
-                    .execute(&t.merge_sql(&staging), &[&t.name, &self.incoming_wins_ties])
-                    .await
-                    .map_err(sql_err(to, context.clone()))?;
-            }
+            Method::Merge => self.merge(t, &into).await?,
         }
         self.target
             .execute(
@@ -181,15 +258,11 @@ impl<'a> CopyWorker<'a> {
     }
 
     /// Streams the chunk's COPY data from the source into `COPY into` on the target.
-    async fn pump(&self, t: &CopyTable, chunk: &Chunk, into: &str) -> Result<u64, SnapshotError> {
+    async fn pump(&self, t: &CopyTable, copy_out: &str, into: &str) -> Result<u64, SnapshotError> {
         let (from, to) = (&self.dir.from, &self.dir.to);
-        let reading = || sql_err(from, format!("reading chunk {} of {}", chunk.chunk, t.name));
-        let writing = || sql_err(to, format!("writing chunk {} of {}", chunk.chunk, t.name));
-        let out = self
-            .source
-            .copy_out(&t.copy_out_sql(chunk))
-            .await
-            .map_err(reading())?;
+        let reading = || sql_err(from, format!("reading {}", t.name));
+        let writing = || sql_err(to, format!("writing into {}", t.name));
+        let out = self.source.copy_out(copy_out).await.map_err(reading())?;
         let sink = self
             .target
             .copy_in(&t.copy_in_sql(into))
@@ -210,6 +283,27 @@ impl<'a> CopyWorker<'a> {
             .await
             .map_err(sql_err(&self.dir.to, "rolling back a chunk"))?;
         Ok(())
+    }
+}
+
+fn sqlstate(e: &SnapshotError) -> Option<&str> {
+    match e {
+        SnapshotError::Node(NodeError::Sql { source, .. }) => source.code().map(|c| c.code()),
+        _ => None,
+    }
+}
+
+/// The server's message for an SQL error, with the COPY line it names.
+fn error_text(e: &SnapshotError) -> String {
+    match e {
+        SnapshotError::Node(NodeError::Sql { source, .. }) => {
+            let mut s = node::describe(source);
+            if let Some(w) = source.as_db_error().and_then(|d| d.where_()) {
+                s.push_str(&format!(" ({w})"));
+            }
+            s
+        }
+        other => other.to_string(),
     }
 }
 

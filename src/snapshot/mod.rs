@@ -49,7 +49,14 @@ pub enum SnapshotError {
         table: String,
         detail: String,
     },
-    #[error("snapshot {direction}: table {table} holds rows on both node {from} and node {to}, and snapshot.mode = \"initial\" copies only into empty tables. Set snapshot.mode = \"merge\" to merge them under last-writer-wins (each row goes where it is missing or older), or \"never\" if they already hold the same rows")]
+    #[error("snapshot {direction}: table {table}, key {key}: the target refuses the row: {error}. Fix the target (its columns, types or constraints) and restart duplex: the copy resumes at this row's chunk")]
+    BadRow {
+        direction: String,
+        table: String,
+        key: String,
+        error: String,
+    },
+    #[error("snapshot {direction}: table {table} holds rows on both node {from} and node {to} that predate duplex, and snapshot.mode = \"initial\" copies only into tables empty of those. Set snapshot.mode = \"merge\" to merge them under last-writer-wins (each row goes where it is missing or older), or \"never\" if they already hold the same rows")]
     BothPopulated {
         direction: String,
         table: String,
@@ -62,9 +69,9 @@ impl Classify for SnapshotError {
     fn class(&self) -> ErrorClass {
         match self {
             SnapshotError::Node(e) => e.class(),
-            SnapshotError::Table { .. } | SnapshotError::BothPopulated { .. } => {
-                ErrorClass::Definite
-            }
+            SnapshotError::Table { .. }
+            | SnapshotError::BadRow { .. }
+            | SnapshotError::BothPopulated { .. } => ErrorClass::Definite,
         }
     }
 }
@@ -84,10 +91,26 @@ pub(crate) async fn before_apply(
     dir: &Direction,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Copied, SnapshotError> {
-    if cfg.snapshot.mode != SnapshotMode::Never {
+    // A direction that applied before has had its first start; planning is for the
+    // others (each plans every direction that needs it, see `plan_first_start`).
+    if cfg.snapshot.mode != SnapshotMode::Never && !applied_before(cfg, dir).await? {
         plan_first_start(cfg).await?;
     }
     copy_pending(cfg, dir, None, shutdown).await
+}
+
+/// Whether `dir` ever stored an apply position on its target.
+async fn applied_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotError> {
+    let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+    let applied = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM duplex.apply_positions WHERE source_node = $1)",
+            &[&dir.from],
+        )
+        .await
+        .map_err(sql_err(&dir.to, "reading duplex.apply_positions"))?
+        .get(0);
+    Ok(applied)
 }
 
 /// `duplex snapshot`: copies every configured table (or `only`) in both directions
@@ -160,20 +183,12 @@ async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
     lock.batch_execute("SELECT pg_advisory_lock(hashtext('duplex snapshot plan'))")
         .await
         .map_err(sql_err(&first, "taking the snapshot plan lock"))?;
-    let mut decided = Vec::new();
+    let (mut decided, mut empty) = (Vec::new(), Vec::new());
     for dir in &dirs {
-        let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
-        let applied: bool = target
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM duplex.apply_positions WHERE source_node = $1)",
-                &[&dir.from],
-            )
-            .await
-            .map_err(sql_err(&dir.to, "reading duplex.apply_positions"))?
-            .get(0);
-        if applied {
+        if applied_before(cfg, dir).await? {
             continue;
         }
+        let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
         let planned: Vec<String> = plan::load(&target, dir)
             .await?
             .into_iter()
@@ -181,10 +196,19 @@ async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
             .collect();
         let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
         for tc in cfg.tables.iter().filter(|tc| !planned.contains(&tc.name)) {
+            // Every row an empty table gets from now on is on the stream.
+            if !plan::source_has_rows(&source, dir, tc).await? {
+                empty.push((dir.clone(), tc.name.clone()));
+                continue;
+            }
             let t = CopyTable::describe(&source, &target, dir, tc).await?;
             let method = choose(cfg, dir, &source, &target, &t).await?;
             decided.push((dir.clone(), t, method));
         }
+    }
+    for (dir, table) in &empty {
+        let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+        plan::store_nothing(&target, dir, table).await?;
     }
     for (dir, t, method) in &decided {
         let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
@@ -197,7 +221,8 @@ async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
 }
 
 /// Direct into an empty target; else a merge, which `initial` refuses when both
-/// sides hold rows.
+/// sides hold rows that predate duplex (rows the application wrote since reach the
+/// peer on the stream: a merge of those is no merge of two populated databases).
 async fn choose(
     cfg: &Config,
     dir: &Direction,
@@ -208,7 +233,10 @@ async fn choose(
     if !plan::has_rows(target, &dir.to, t).await? {
         return Ok(Method::Direct);
     }
-    if cfg.snapshot.mode == SnapshotMode::Initial && plan::has_rows(source, &dir.from, t).await? {
+    if cfg.snapshot.mode == SnapshotMode::Initial
+        && plan::has_rows_older_than_duplex(target, &dir.to, t).await?
+        && plan::has_rows_older_than_duplex(source, &dir.from, t).await?
+    {
         return Err(SnapshotError::BothPopulated {
             direction: dir.to_string(),
             table: t.name.clone(),

@@ -148,9 +148,9 @@ impl CopyTable {
         format!("({}) {op} ({})", self.key_list(""), lits.join(", "))
     }
 
-    /// The source-side `COPY (SELECT ...) TO STDOUT` of one chunk. Key values are
-    /// inlined as quoted literals: COPY takes no parameters.
-    pub(crate) fn copy_out_sql(&self, chunk: &Chunk) -> String {
+    /// `WHERE ...` selecting the chunk's rows (empty for an unbounded chunk). Key
+    /// values are inlined as quoted literals: COPY takes no parameters.
+    fn chunk_filter(&self, chunk: &Chunk) -> String {
         let mut conds = Vec::new();
         if let Some(lower) = &chunk.lower {
             conds.push(self.bound(">", lower));
@@ -158,17 +158,46 @@ impl CopyTable {
         if let Some(upper) = &chunk.upper {
             conds.push(self.bound("<=", upper));
         }
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    }
+
+    /// The source-side `COPY (SELECT ...) TO STDOUT` of one chunk.
+    pub(crate) fn copy_out_sql(&self, chunk: &Chunk) -> String {
+        self.copy_out(&self.chunk_filter(chunk))
+    }
+
+    /// The source-side COPY of the one row with key `key`.
+    pub(crate) fn copy_out_key_sql(&self, key: &[String]) -> String {
+        self.copy_out(&format!(" WHERE {}", self.bound("=", key)))
+    }
+
+    fn copy_out(&self, filter: &str) -> String {
         let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
         format!(
-            "COPY (SELECT {} FROM {}{}) TO STDOUT{}",
+            "COPY (SELECT {} FROM {}{filter}) TO STDOUT{}",
             cols.join(", "),
             self.sql_name,
-            if conds.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conds.join(" AND "))
-            },
             self.format()
+        )
+    }
+
+    /// The key texts of the chunk's rows, in key order.
+    pub(crate) fn keys_sql(&self, chunk: &Chunk) -> String {
+        let texts: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("concat({})", quote_ident(k)))
+            .collect();
+        format!(
+            "SELECT ARRAY[{}] FROM {}{} ORDER BY {}",
+            texts.join(", "),
+            self.sql_name,
+            self.chunk_filter(chunk),
+            self.key_list("")
         )
     }
 
@@ -312,6 +341,44 @@ pub(crate) async fn pending(
         .collect())
 }
 
+/// Whether the configured table holds any row on the source.
+pub(crate) async fn source_has_rows(
+    source: &Client,
+    dir: &Direction,
+    tc: &TableConfig,
+) -> Result<bool, NodeError> {
+    let (schema, table) = tc.schema_table();
+    source
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {}.{})",
+                quote_ident(schema),
+                quote_ident(table)
+            ),
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(sql_err(&dir.from, format!("reading table {}", tc.name)))
+}
+
+/// Records that `table` needs no copy: its source was empty when planned.
+pub(crate) async fn store_nothing(
+    target: &Client,
+    dir: &Direction,
+    table: &str,
+) -> Result<(), NodeError> {
+    target
+        .execute(
+            "INSERT INTO duplex.snapshots (source_node, table_name, state, method, rows_estimated, chunks, finished_at)
+             VALUES ($1, $2, 'done', 'direct', 0, 0, now()) ON CONFLICT (source_node, table_name) DO NOTHING",
+            &[&dir.from, &table],
+        )
+        .await
+        .map_err(sql_err(&dir.to, "storing a snapshot plan"))?;
+    Ok(())
+}
+
 /// Whether `table` holds any row.
 pub(crate) async fn has_rows(
     client: &Client,
@@ -321,6 +388,28 @@ pub(crate) async fn has_rows(
     client
         .query_one(
             &format!("SELECT EXISTS (SELECT 1 FROM {})", t.sql_name),
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .map_err(sql_err(node, format!("reading table {}", t.name)))
+}
+
+/// Whether `table` holds a row version written before duplex was first set up on
+/// the node: older than `duplex.node.first_setup_xid` (a frozen row is older than
+/// any). Rows written since are the application's own, at most as old as duplex,
+/// and reach the peer on the stream.
+pub(crate) async fn has_rows_older_than_duplex(
+    client: &Client,
+    node: &str,
+    t: &CopyTable,
+) -> Result<bool, NodeError> {
+    client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE age(xmin) > (SELECT age(xid(first_setup_xid)) FROM duplex.node))",
+                t.sql_name
+            ),
             &[],
         )
         .await

@@ -57,6 +57,7 @@ async fn changes_flow_both_ways_without_echo() {
     let rig = Rig::both(ITEMS, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
+    d.wait_applying(2).await;
     let (a, b) = clients(&rig).await;
     // An application trigger on b: applied changes must not fire it again.
     b.batch_execute(

@@ -27,6 +27,7 @@ async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {
         .unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
+    d.wait_applying(2).await;
     for sql in [
         "INSERT INTO items (id, val, qty) VALUES (1, 'good', '1')",
         "INSERT INTO items (id, val, qty) VALUES (2, 'bad', 'not a number')",
@@ -94,6 +95,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
     b.batch_execute(STRICTER_B).await.unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
+    d.wait_applying(1).await;
     for sql in [
         "INSERT INTO items (id, val, qty) VALUES (1, 'good', '1')",
         "INSERT INTO items (id, val, qty) VALUES (2, 'type mismatch', 'abc')",

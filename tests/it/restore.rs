@@ -18,6 +18,7 @@ async fn synced_then_rewound(rig: &Rig) {
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     let d = rig.start();
+    d.wait_applying(1).await;
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'before')")
         .await
         .unwrap();

@@ -166,9 +166,13 @@ async fn a_populated_node_is_copied_into_an_empty_peer_while_the_application_wri
         let db = rig.db_a.clone();
         async move { writers(&db, rows / 2, stopped).await }
     });
-    // Both directions report; b → a copies nothing.
-    d.wait_log("snapshot copied", 2, Duration::from_secs(600))
-        .await;
+    // b → a has nothing to copy: b was empty.
+    d.wait_log(
+        "snapshot copied direction=a_to_b",
+        1,
+        Duration::from_secs(600),
+    )
+    .await;
     let copy_secs = started.elapsed().as_secs_f64();
     stop.send(true).unwrap();
     let changes = writing.await.unwrap();
@@ -319,11 +323,16 @@ async fn initial_mode_refuses_two_populated_tables_and_never_copies_nothing() {
         Duration::from_secs(60),
     )
     .await;
-    let status = crate::harness::output_text(&rig.command(&["status"]));
-    assert!(
-        status.contains("halted") && status.contains("snapshot.mode = \"merge\""),
-        "{status}"
-    );
+    wait_for(
+        "the halt in duplex status",
+        Duration::from_secs(30),
+        || async {
+            let status = crate::harness::output_text(&rig.command(&["status"]));
+            (status.contains("halted") && status.contains("snapshot.mode = \"merge\""))
+                .then_some(())
+        },
+    )
+    .await;
     d.stop().await;
     rig.edit_config(&[("[sync]", "[snapshot]\nmode = \"never\"\n[sync]")]);
     let d = rig.start();
@@ -363,4 +372,51 @@ async fn duplex_snapshot_copies_a_table_again_on_demand() {
     let out = rig.command(&["snapshot", "--table", "public.nope"]);
     assert!(!out.status.success());
     assert!(crate::harness::output_text(&out).contains("public.nope is not in the config"));
+}
+
+#[tokio::test]
+async fn a_row_the_target_refuses_halts_the_copy_naming_its_key() {
+    let rig = Rig::new(
+        "CREATE TABLE items (id int PRIMARY KEY, qty text, updated_at timestamptz NOT NULL DEFAULT now())",
+        &["public.items"],
+        "[snapshot]\nchunk_rows = 100\n",
+    )
+    .await;
+    let (a, b) = clients(&rig).await;
+    b.batch_execute("ALTER TABLE items ALTER qty TYPE int USING qty::int")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "INSERT INTO items (id, qty) SELECT i, i::text FROM generate_series(1, 1000) i;
+                     UPDATE items SET qty = 'many' WHERE id = 777",
+    )
+    .await
+    .unwrap();
+    let d = rig.start();
+    let logs = d
+        .wait_log("the target refuses the row", 1, Duration::from_secs(60))
+        .await;
+    assert!(logs.contains("table public.items, key [\"777\"]"), "{logs}");
+    assert!(
+        logs.contains("invalid input syntax for type integer"),
+        "{logs}"
+    );
+    // Nothing of the refused row's chunk is on b; the chunks before it are.
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM items WHERE id BETWEEN 701 AND 800"
+        )
+        .await,
+        0
+    );
+    d.stop().await;
+    // Fixed: the copy resumes and finishes.
+    b.batch_execute("ALTER TABLE items ALTER qty TYPE text")
+        .await
+        .unwrap();
+    let d = rig.start();
+    d.wait_applying(1).await;
+    identical(&a, &b, &["public.items"], Duration::from_secs(30)).await;
+    assert_eq!(d.stop().await, Some(0));
 }

@@ -196,6 +196,13 @@ impl Daemon {
         .await
     }
 
+    /// Waits until `directions` apply sessions have started: each direction's initial
+    /// copy is done, so what the test writes from now on travels on the stream.
+    pub async fn wait_applying(&self, directions: usize) {
+        self.wait_log("applying direction=", directions, Duration::from_secs(60))
+            .await;
+    }
+
     /// SIGKILL: no chance to flush or confirm anything.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
