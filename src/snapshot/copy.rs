@@ -11,7 +11,8 @@
 //! order) under a replication origin of duplex's (`<direction origin>_copy<n>`), so the
 //! target's reader drops the copied rows as echoes instead of sending them back.
 
-use super::plan::{Chunk, CopyTable, Method};
+use super::plan::Method;
+use super::table::{Chunk, CopyTable};
 use super::SnapshotError;
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, sql_err, NodeError};

@@ -24,17 +24,19 @@
 mod copy;
 mod plan;
 mod progress;
+mod table;
 
 use crate::config::{Config, Direction, SnapshotMode};
 use crate::pg::node::{self, sql_err, NodeError};
 use crate::pg::setup::{self, LostSlot};
 use crate::{Classify, ErrorClass};
 use copy::CopyWorker;
+use plan::Method;
 pub(crate) use plan::{load as load_plans, TablePlan};
-use plan::{Chunk, CopyTable, Method};
 use progress::Progress;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use table::{Chunk, CopyTable};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -96,7 +98,25 @@ pub(crate) async fn before_apply(
     if cfg.snapshot.mode != SnapshotMode::Never && !applied_before(cfg, dir).await? {
         plan_first_start(cfg).await?;
     }
-    copy_pending(cfg, dir, None, shutdown).await
+    let copied = copy_pending(cfg, dir, None, shutdown).await?;
+    publish(cfg, dir).await?;
+    Ok(copied)
+}
+
+/// Sets every configured table's snapshot gauges from what is stored, so that each
+/// series exists (at zero when nothing was copied) for dashboards and alerts.
+async fn publish(cfg: &Config, dir: &Direction) -> Result<(), SnapshotError> {
+    let target = node::connect(cfg, &dir.to, "snapshot").await?;
+    let plans = plan::load(&target, dir).await?;
+    for tc in &cfg.tables {
+        let m = crate::metrics::SnapshotMetrics::new(&dir.to_string(), &tc.name);
+        let p = plans.iter().find(|p| p.table == tc.name);
+        m.rows_estimated
+            .set(p.map_or(0, |p| p.rows_estimated.max(0)) as f64);
+        m.chunks_remaining
+            .set(p.map_or(0, |p| (p.chunks - p.chunks_copied).max(0)) as f64);
+    }
+    Ok(())
 }
 
 /// Whether `dir` ever stored an apply position on its target.
@@ -114,7 +134,8 @@ async fn applied_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotE
 }
 
 /// `duplex snapshot`: copies every configured table (or `only`) in both directions
-/// again, under last-writer-wins. Returns the rows copied.
+/// again, under last-writer-wins, whether or not `duplex run` runs meanwhile (its
+/// apply writes under the same rules). Returns the rows copied.
 pub async fn recopy(
     cfg: &Config,
     only: Option<&str>,
@@ -140,7 +161,13 @@ pub async fn recopy(
             .filter(|tc| only.is_none_or(|t| t == tc.name))
         {
             let t = CopyTable::describe(&source, &target, dir, tc).await?;
-            plan::store(cfg, &source, &mut target, dir, &t, Method::Merge).await?;
+            // Into an empty table by COPY; a chunk that meets rows applied meanwhile
+            // is merged instead.
+            let method = match plan::has_rows(&target, &dir.to, &t).await? {
+                true => Method::Merge,
+                false => Method::Direct,
+            };
+            plan::store(cfg, &source, &mut target, dir, &t, method).await?;
         }
     }
     let mut rows = 0;

@@ -1,0 +1,245 @@
+//! A table as both nodes have it, and the SQL that copies it: the source's stored
+//! columns read by primary-key range with `COPY (SELECT ...) TO STDOUT`, written with
+//! `COPY ... FROM STDIN` (binary when both sides' types match), and merged from a
+//! staging table under the stream's last-writer-wins rules.
+
+use super::SnapshotError;
+use crate::apply::target::TargetTable;
+use crate::config::{Direction, TableConfig};
+use crate::pg::node::sql_err;
+use crate::pg::sql::{quote_ident, quote_literal};
+use tokio_postgres::Client;
+
+/// A configured table as both nodes have it, ready to copy.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyTable {
+    pub name: String,
+    /// Quoted `"schema"."table"`, the same on both nodes.
+    pub sql_name: String,
+    /// The source's stored columns (generated ones are computed on the target).
+    pub columns: Vec<String>,
+    /// Primary-key columns with their source types, in key order.
+    pub key: Vec<(String, String)>,
+    /// Every copied column has the same type on both nodes.
+    pub binary: bool,
+    pub target: TargetTable,
+}
+
+impl CopyTable {
+    /// Reads the table from both catalogs; a table or column missing on the target,
+    /// or a table without a primary key, is an error naming it.
+    pub(crate) async fn describe(
+        source: &Client,
+        target: &Client,
+        dir: &Direction,
+        tc: &TableConfig,
+    ) -> Result<CopyTable, SnapshotError> {
+        let (schema, table) = tc.schema_table();
+        let problem = |detail: String| SnapshotError::Table {
+            direction: dir.to_string(),
+            table: tc.name.clone(),
+            detail,
+        };
+        let rows = source
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+                        coalesce((SELECT k.n::int4 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n)
+                                  WHERE k.att = a.attnum), 0)
+                 FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                 WHERE n.nspname = $1 AND c.relname = $2
+                 ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql_err(&dir.from, format!("reading table {}", tc.name)))?;
+        if rows.is_empty() {
+            return Err(problem(format!("missing on node {}", dir.from)));
+        }
+        let target_table = TargetTable::load(target, tc)
+            .await
+            .map_err(sql_err(&dir.to, format!("reading table {}", tc.name)))?
+            .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
+        let (mut columns, mut key, mut binary) = (Vec::new(), Vec::new(), true);
+        for r in &rows {
+            let (name, type_sql, generated, key_pos): (String, String, bool, i32) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            if key_pos > 0 {
+                key.push((key_pos, name.clone(), type_sql.clone()));
+            }
+            if generated {
+                continue;
+            }
+            match target_table.column(&name) {
+                None => {
+                    return Err(problem(format!(
+                        "column {name} is missing on node {}",
+                        dir.to
+                    )))
+                }
+                Some(c) => binary &= c.type_sql == type_sql,
+            }
+            columns.push(name);
+        }
+        if key.is_empty() {
+            return Err(problem(format!("has no primary key on node {}", dir.from)));
+        }
+        key.sort();
+        Ok(CopyTable {
+            name: tc.name.clone(),
+            sql_name: target_table.sql_name.clone(),
+            columns,
+            key: key.into_iter().map(|(_, n, t)| (n, t)).collect(),
+            binary,
+            target: target_table,
+        })
+    }
+
+    pub(crate) fn key_list(&self, alias: &str) -> String {
+        let cols: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("{alias}{}", quote_ident(k)))
+            .collect();
+        cols.join(", ")
+    }
+
+    /// `(k0, k1) > (v0::t0, v1::t1)`: a row comparison in key order, which is the
+    /// order of the primary-key index.
+    fn bound(&self, op: &str, values: &[String]) -> String {
+        let lits: Vec<String> = self
+            .key
+            .iter()
+            .zip(values)
+            .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
+            .collect();
+        format!("({}) {op} ({})", self.key_list(""), lits.join(", "))
+    }
+
+    /// `WHERE ...` selecting the chunk's rows (empty for an unbounded chunk). Key
+    /// values are inlined as quoted literals: COPY takes no parameters.
+    fn chunk_filter(&self, chunk: &Chunk) -> String {
+        let mut conds = Vec::new();
+        if let Some(lower) = &chunk.lower {
+            conds.push(self.bound(">", lower));
+        }
+        if let Some(upper) = &chunk.upper {
+            conds.push(self.bound("<=", upper));
+        }
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    }
+
+    /// The source-side `COPY (SELECT ...) TO STDOUT` of one chunk.
+    pub(crate) fn copy_out_sql(&self, chunk: &Chunk) -> String {
+        self.copy_out(&self.chunk_filter(chunk))
+    }
+
+    /// The source-side COPY of the one row with key `key`.
+    pub(crate) fn copy_out_key_sql(&self, key: &[String]) -> String {
+        self.copy_out(&format!(" WHERE {}", self.bound("=", key)))
+    }
+
+    fn copy_out(&self, filter: &str) -> String {
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        format!(
+            "COPY (SELECT {} FROM {}{filter}) TO STDOUT{}",
+            cols.join(", "),
+            self.sql_name,
+            self.format()
+        )
+    }
+
+    /// The key texts of the chunk's rows, in key order.
+    pub(crate) fn keys_sql(&self, chunk: &Chunk) -> String {
+        let texts: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("concat({})", quote_ident(k)))
+            .collect();
+        format!(
+            "SELECT ARRAY[{}] FROM {}{} ORDER BY {}",
+            texts.join(", "),
+            self.sql_name,
+            self.chunk_filter(chunk),
+            self.key_list("")
+        )
+    }
+
+    /// The target-side `COPY <into> (...) FROM STDIN`.
+    pub(crate) fn copy_in_sql(&self, into: &str) -> String {
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        format!(
+            "COPY {into} ({}) FROM STDIN{}",
+            cols.join(", "),
+            self.format()
+        )
+    }
+
+    fn format(&self) -> &'static str {
+        if self.binary {
+            " (FORMAT binary)"
+        } else {
+            ""
+        }
+    }
+
+    /// Upserts the staged rows of `staging` under the stream's rules: a row loses to
+    /// a tombstone or truncation at least as new, and to a target row that is newer
+    /// (or as new, unless `$2`: the source wins ties). `$1` is the table name.
+    pub(crate) fn merge_sql(&self, staging: &str) -> String {
+        let t = &self.sql_name;
+        let upd = quote_ident(&self.target.updated_at);
+        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(c)).collect();
+        let picked: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
+        let tomb: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("concat(s.{})", quote_ident(k)))
+            .collect();
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !self.key.iter().any(|(k, _)| k == *c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        let action = if sets.is_empty() {
+            "NOTHING".to_string()
+        } else {
+            format!(
+                "UPDATE SET {} WHERE {t}.{upd} IS NULL OR {t}.{upd} < EXCLUDED.{upd}
+                 OR ({t}.{upd} = EXCLUDED.{upd} AND $2::bool)",
+                sets.join(", ")
+            )
+        };
+        format!(
+            "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE
+             SELECT {picked} FROM {staging} s
+             WHERE NOT EXISTS (SELECT 1 FROM duplex.tombstones tb WHERE tb.table_name = $1::text
+                               AND tb.key = jsonb_build_array({tomb}) AND tb.deleted_at >= s.{upd})
+               AND NOT EXISTS (SELECT 1 FROM duplex.truncations tr WHERE tr.table_name = $1::text
+                               AND tr.truncated_at >= s.{upd})
+             ORDER BY {keys}
+             ON CONFLICT ({keys}) DO {action}",
+            cols = cols.join(", "),
+            picked = picked.join(", "),
+            tomb = tomb.join(", "),
+            keys = self.key_list(""),
+        )
+    }
+}
+
+/// One key range of a table: above `lower` (exclusive), up to `upper` (inclusive);
+/// `None` is unbounded.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub table: String,
+    pub chunk: i32,
+    pub lower: Option<Vec<String>>,
+    pub upper: Option<Vec<String>>,
+}
