@@ -1,9 +1,11 @@
 //! duplex keeps two PostgreSQL databases in sync in both directions through Kafka.
 //!
 //! Two pipelines joined by Kafka: `capture` (a node's WAL → `event`s → the node's
-//! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), over
-//! `pg` (what duplex keeps on each node), `kafka` and the shared `config`, `metrics` and
-//! `identity`. `daemon` runs them, `runtime` keeps their tasks alive, `cli` parses commands; `status` and `preflight` read both sides. See
+//! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), plus
+//! `snapshot`, which copies the rows that predate duplex before a direction first
+//! applies. They share `pg` (what duplex keeps on each node), `kafka`, `config`,
+//! `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
+//! `cli` parses commands; `status` and `preflight` read both sides. See
 //! ARCHITECTURE.md.
 
 pub mod apply;

@@ -4,9 +4,10 @@
 //! plugin's messages; `reader` assembles them into change events, numbered per
 //! transaction; `producer` sends them to the node's topic and reports, in order, which
 //! commits the broker has made durable; `session` drives one node's stream and
-//! confirms to the slot only what `confirm` finds durable on Kafka; `error` is the
-//! pipeline's one error type.
+//! confirms to the slot only what `confirm` finds durable on Kafka; `catalog` reads
+//! each announced relation's types and key; `error` is the pipeline's one error type.
 
+pub(crate) mod catalog;
 pub(crate) mod confirm;
 pub(crate) mod error;
 pub mod pgoutput;

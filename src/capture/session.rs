@@ -264,7 +264,7 @@ impl Session<'_> {
                     source,
                 })?;
                 if let LogicalMessage::Relation(rel) = &decoded {
-                    let info = crate::pg::catalog::table_info(&self.client, rel)
+                    let info = crate::capture::catalog::table_info(&self.client, rel)
                         .await
                         .map_err(|source| PipelineError::Sql {
                             node: self.node.to_string(),

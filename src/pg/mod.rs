@@ -4,13 +4,13 @@
 //! opens sessions with duplex's fixed settings and describes and classifies SQL
 //! errors; `setup` creates or removes the `duplex` schema, publication, slot and
 //! replication origins; `triggers` installs the tombstone and identity triggers on the
-//! configured tables; `history` checks that a node did not go back in time; `catalog`
-//! reads a relation's column types and key for capture.
+//! configured tables; `history` checks that a node did not go back in time; `table`
+//! reads a configured table's columns and key.
 
-pub mod catalog;
 pub mod history;
 pub mod node;
 pub mod schema;
 pub mod setup;
 pub mod sql;
+pub mod table;
 pub mod triggers;

@@ -4,10 +4,10 @@
 //! staging table under the stream's last-writer-wins rules.
 
 use super::SnapshotError;
-use crate::apply::target::TargetTable;
 use crate::config::{Direction, TableConfig};
 use crate::pg::node::sql_err;
 use crate::pg::sql::{quote_ident, quote_literal};
+use crate::pg::table::TargetTable;
 use tokio_postgres::Client;
 
 /// A configured table as both nodes have it, ready to copy.
