@@ -3,7 +3,7 @@
 use super::{invalid, ConfigError};
 use serde::Deserialize;
 
-pub const DEFAULT_SNAPSHOT_WORKERS: usize = 2;
+pub const DEFAULT_SNAPSHOT_WORKERS: usize = 4;
 pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: u64 = 50_000;
 /// More copy workers than this only add connections: each holds one on both nodes.
 pub const MAX_SNAPSHOT_WORKERS: usize = 32;

@@ -24,6 +24,7 @@
 mod copy;
 mod plan;
 mod progress;
+mod split;
 mod table;
 
 use crate::config::{Config, Direction, SnapshotMode};
@@ -314,10 +315,22 @@ async fn copy_tables(
             p.chunks.max(0) as u64,
             (p.chunks_copied.max(0) as u64, p.rows_copied.max(0) as u64),
         );
-        queue.extend(plan::pending(&target, dir, &p.table).await?);
+        // The heaviest chunks go first, so that no big one is left to run alone at
+        // the end.
+        let (bytes, _) = split::size(&source, dir, &t).await?;
+        let weight = bytes / i64::from(p.chunks.max(1));
+        queue.extend(
+            plan::pending(&target, dir, &p.table)
+                .await?
+                .into_iter()
+                .map(|c| (weight, c)),
+        );
         tables.insert(p.table.clone(), (t, p.method));
     }
     drop(source);
+    let mut queue: Vec<(i64, Chunk)> = queue.into();
+    queue.sort_by_key(|(weight, _)| std::cmp::Reverse(*weight));
+    let queue: VecDeque<Chunk> = queue.into_iter().map(|(_, c)| c).collect();
     tracing::info!(direction = %dir, tables = tables.len(), chunks = queue.len(), "copying");
     let workers = cfg.snapshot.workers.min(queue.len()).max(1);
     let queue = Mutex::new(queue);

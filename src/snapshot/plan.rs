@@ -192,41 +192,10 @@ pub(crate) async fn store(
     t: &CopyTable,
     method: Method,
 ) -> Result<TablePlan, NodeError> {
-    let keys = t.key_list("");
-    let texts: Vec<String> = t
-        .key
-        .iter()
-        .map(|(k, _)| format!("concat({})", quote_ident(k)))
-        .collect();
-    let total: i64 = source
-        .query_one(&format!("SELECT count(*) FROM {}", t.sql_name), &[])
-        .await
-        .map_err(sql_err(&dir.from, format!("counting rows of {}", t.name)))?
-        .get(0);
-    let every = cfg.snapshot.chunk_rows as i64;
-    let bounds: Vec<String> = if total > every {
-        source
-            .query(
-                &format!(
-                    "SELECT jsonb_build_array({texts})::text FROM (
-                       SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn FROM {table}) s
-                     WHERE rn % $1 = 0 ORDER BY rn",
-                    texts = texts.join(", "),
-                    table = t.sql_name,
-                ),
-                &[&every],
-            )
-            .await
-            .map_err(sql_err(
-                &dir.from,
-                format!("splitting {} into chunks", t.name),
-            ))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let super::split::Split {
+        rows: total,
+        bounds,
+    } = super::split::split(cfg, source, dir, t).await?;
     // Chunk n spans (bounds[n-1], bounds[n]]; the first and last are open-ended.
     let chunks = bounds.len() as i32 + 1;
     let lowers: Vec<Option<String>> = std::iter::once(None)

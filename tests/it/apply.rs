@@ -137,6 +137,7 @@ async fn equal_timestamps_resolve_to_the_same_winner_on_both() {
         .await
         .unwrap();
     let d = rig.start();
+    d.wait_applying(2).await;
     converge(&a, &b, &["items"], Duration::from_secs(30)).await;
     assert!(
         rows(&a, "items").await[0].contains("from a"),

@@ -42,6 +42,7 @@ async fn the_gate_waits_for_unread_wal_replayed_tails_and_dead_letters() {
         .unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
+    d.wait_applying(1).await;
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'one')")
         .await
         .unwrap();

@@ -74,6 +74,7 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
         .unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
+    d.wait_applying(2).await;
     let port = metrics_port(&rig);
     wait_for("/readyz", Duration::from_secs(30), || {
         let ready = get(port, "/readyz").is_some_and(|(code, _)| code == 200);

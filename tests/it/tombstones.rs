@@ -67,6 +67,7 @@ async fn tombstone_keys_match_the_stream_for_timestamp_bool_and_float_keys() {
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     let d = rig.start();
+    d.wait_applying(2).await;
     let key = "'2026-11-30 10:00:00.5+01'::timestamptz, true, 0.1::float8";
     a.batch_execute(&format!(
         "INSERT INTO readings (at, flag, score, val) VALUES ({key}, 'x')"
