@@ -72,6 +72,22 @@ pub enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Compare every configured table (or one) between the nodes; exit 0 when equal,
+    /// 1 when they differ, 2 when they could not be compared.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (`schema.table`, as configured).
+        #[arg(long)]
+        table: Option<String>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// How long a difference must stay unchanged, on top of the directions'
+        /// current lag, to be reported (a change still in flight is no difference).
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
+    },
     /// Show each slot and direction, read from the databases and the broker.
     Status {
         #[arg(long, short)]
@@ -142,6 +158,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         | Command::Check { config }
         | Command::Setup { config }
         | Command::Snapshot { config, .. }
+        | Command::Verify { config, .. }
         | Command::Tail { config, .. }
         | Command::Status { config, .. }
         | Command::Dlq {
@@ -161,6 +178,12 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Check { .. } => check(&cfg).await,
         Command::Setup { .. } => setup(&cfg).await,
         Command::Snapshot { table, .. } => snapshot(&cfg, table.as_deref()).await,
+        Command::Verify {
+            table,
+            json,
+            settle_ms,
+            ..
+        } => verify(&cfg, table.as_deref(), json, settle_ms).await,
         Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
         Command::Tail {
             node,
@@ -274,6 +297,31 @@ async fn setup(cfg: &Config) -> ExitCode {
         }
     }
     code
+}
+
+async fn verify(cfg: &Config, table: Option<&str>, json: bool, settle_ms: u64) -> ExitCode {
+    let settle = std::time::Duration::from_millis(settle_ms);
+    match crate::verify::run(cfg, table, settle).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", crate::verify::render(&report));
+            }
+            if report.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot compare: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn snapshot(cfg: &Config, table: Option<&str>) -> ExitCode {

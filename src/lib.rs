@@ -22,6 +22,7 @@ pub(crate) mod preflight;
 pub(crate) mod runtime;
 pub(crate) mod snapshot;
 pub(crate) mod status;
+pub(crate) mod verify;
 
 /// How an error is handled, decided once where it is classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,8 +24,8 @@
 mod copy;
 mod plan;
 mod progress;
-mod split;
-mod table;
+pub(crate) mod split;
+pub(crate) mod table;
 
 use crate::config::{Config, Direction, SnapshotMode};
 use crate::pg::node::{self, sql_err, NodeError};

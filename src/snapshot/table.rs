@@ -118,9 +118,14 @@ impl CopyTable {
         format!("({}) {op} ({})", self.key_list(""), lits.join(", "))
     }
 
+    /// `(k0, k1) = (v0::t0, v1::t1)`: the row with key `key`.
+    pub(crate) fn key_equals(&self, key: &[String]) -> String {
+        self.bound("=", key)
+    }
+
     /// `WHERE ...` selecting the chunk's rows (empty for an unbounded chunk). Key
     /// values are inlined as quoted literals: COPY takes no parameters.
-    fn chunk_filter(&self, chunk: &Chunk) -> String {
+    pub(crate) fn chunk_filter(&self, chunk: &Chunk) -> String {
         let mut conds = Vec::new();
         if let Some(lower) = &chunk.lower {
             conds.push(self.bound(">", lower));

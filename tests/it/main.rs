@@ -22,3 +22,4 @@ mod source;
 mod timeouts;
 mod toast;
 mod tombstones;
+mod verify;

@@ -1,0 +1,241 @@
+//! Comparing one table between the nodes without moving it: both nodes hash the
+//! same key ranges inside PostgreSQL (row count and XOR of 64-bit row hashes, both
+//! sides at once), and only ranges whose hashes differ are cut finer, down to ranges
+//! small enough to fetch and compare row by row.
+//!
+//! A row's hash is that of `ROW(columns)::text` in a fixed column order, under the
+//! output settings every duplex session uses, so equal values hash equal on both nodes
+//! (jsonb prints its keys in one order) and unequal ones differ (NULL is not '', 1.0
+//! is not 1.00).
+
+use crate::pg::node::{sql_err, NodeError};
+use crate::pg::sql::quote_ident;
+use crate::snapshot::table::{Chunk, CopyTable};
+use std::collections::BTreeMap;
+use tokio_postgres::Client;
+
+/// Rows a range may hold, on the larger side, to be compared row by row.
+const LEAF_ROWS: i64 = 1000;
+/// Parts a differing range is cut into.
+const FAN_OUT: i64 = 16;
+
+/// A row's key texts and its columns' texts (None for NULL).
+pub(crate) type Rows = BTreeMap<Vec<String>, Vec<Option<String>>>;
+
+/// How one key differs between the nodes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) enum Difference {
+    /// The row is on the second node only.
+    MissingOnFirst,
+    /// The row is on the first node only.
+    MissingOnSecond,
+    /// Both hold the key; these columns differ.
+    Mismatched(Vec<String>),
+}
+
+/// What a comparison of one table found.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    pub rows: (i64, i64),
+    pub chunks: usize,
+    pub ranges_fetched: usize,
+    pub differences: BTreeMap<Vec<String>, Difference>,
+}
+
+/// The two nodes' sessions, in config order.
+pub(crate) struct Pair<'a> {
+    pub names: (&'a str, &'a str),
+    pub clients: (&'a Client, &'a Client),
+}
+
+impl Pair<'_> {
+    async fn both<T>(
+        &self,
+        sql: &str,
+        what: &str,
+        read: impl Fn(&[tokio_postgres::Row]) -> T,
+    ) -> Result<(T, T), NodeError> {
+        let (a, b) = tokio::join!(
+            self.clients.0.query(sql, &[]),
+            self.clients.1.query(sql, &[])
+        );
+        let a = a.map_err(sql_err(self.names.0, what.to_string()))?;
+        let b = b.map_err(sql_err(self.names.1, what.to_string()))?;
+        Ok((read(&a), read(&b)))
+    }
+}
+
+/// Compares `t` over the key ranges `bounds` (inclusive uppers, last range open).
+pub(crate) async fn table(
+    pair: &Pair<'_>,
+    t: &CopyTable,
+    bounds: &[Vec<String>],
+) -> Result<Found, NodeError> {
+    let mut found = Found::default();
+    let mut work: Vec<Chunk> = ranges(t, None, None, bounds, true);
+    found.chunks = work.len();
+    while let Some(range) = work.pop() {
+        let ((ca, ha), (cb, hb)) = pair
+            .both(&hash_sql(t, &range), &format!("hashing {}", t.name), |r| {
+                (r[0].get::<_, i64>(0), r[0].get::<_, i64>(1))
+            })
+            .await?;
+        if range.chunk >= 0 {
+            found.rows.0 += ca;
+            found.rows.1 += cb;
+        }
+        if (ca, ha) == (cb, hb) {
+            continue;
+        }
+        if ca.max(cb) <= LEAF_ROWS {
+            found.ranges_fetched += 1;
+            let (ra, rb) = pair
+                .both(
+                    &rows_sql(t, &range),
+                    &format!("reading {}", t.name),
+                    read_rows,
+                )
+                .await?;
+            found.differences.extend(diff(t, &ra, &rb));
+            continue;
+        }
+        // Cut where the side with more rows has its n-th keys.
+        let client = if ca >= cb {
+            pair.clients.0
+        } else {
+            pair.clients.1
+        };
+        let name = if ca >= cb { pair.names.0 } else { pair.names.1 };
+        let step = (ca.max(cb) / FAN_OUT).max(1);
+        let sub: Vec<Vec<String>> = client
+            .query(&cut_sql(t, &range), &[&step])
+            .await
+            .map_err(sql_err(name, format!("cutting {}", t.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        work.extend(ranges(t, range.lower.clone(), range.upper.clone(), &sub, false));
+    }
+    Ok(found)
+}
+
+/// The ranges between `lower` and `upper` cut at `bounds`; ranges of a cut (not
+/// `top`) are numbered -1, so that their rows are not counted twice.
+fn ranges(
+    t: &CopyTable,
+    lower: Option<Vec<String>>,
+    upper: Option<Vec<String>>,
+    bounds: &[Vec<String>],
+    top: bool,
+) -> Vec<Chunk> {
+    let mut edges: Vec<Option<Vec<String>>> = vec![lower];
+    edges.extend(bounds.iter().cloned().map(Some));
+    edges.push(upper);
+    edges
+        .windows(2)
+        .enumerate()
+        .map(|(n, w)| Chunk {
+            table: t.name.clone(),
+            chunk: if top { n as i32 } else { -1 },
+            lower: w[0].clone(),
+            upper: w[1].clone(),
+        })
+        .collect()
+}
+
+fn columns(t: &CopyTable) -> Vec<String> {
+    t.columns.iter().map(|c| quote_ident(c)).collect()
+}
+
+fn key_texts(t: &CopyTable) -> String {
+    let ks: Vec<String> = t
+        .key
+        .iter()
+        .map(|(k, _)| format!("concat({})", quote_ident(k)))
+        .collect();
+    format!("ARRAY[{}]", ks.join(", "))
+}
+
+fn hash_sql(t: &CopyTable, range: &Chunk) -> String {
+    format!(
+        "SELECT count(*)::int8, coalesce(bit_xor(hashtextextended(ROW({})::text, 0)), 0)::int8 FROM {}{}",
+        columns(t).join(", "),
+        t.sql_name,
+        t.chunk_filter(range)
+    )
+}
+
+fn rows_sql(t: &CopyTable, range: &Chunk) -> String {
+    let texts: Vec<String> = columns(t).iter().map(|c| format!("{c}::text")).collect();
+    format!(
+        "SELECT {}, ARRAY[{}] FROM {}{}",
+        key_texts(t),
+        texts.join(", "),
+        t.sql_name,
+        t.chunk_filter(range)
+    )
+}
+
+fn cut_sql(t: &CopyTable, range: &Chunk) -> String {
+    let keys = t.key_list("");
+    format!(
+        "SELECT k FROM (SELECT {}::text[] AS k, row_number() OVER (ORDER BY {keys}) AS rn FROM {}{}) s
+         WHERE rn % $1 = 0 ORDER BY rn",
+        key_texts(t),
+        t.sql_name,
+        t.chunk_filter(range)
+    )
+}
+
+fn read_rows(rows: &[tokio_postgres::Row]) -> Rows {
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+/// The rows of `first` and `second` that are not the same, by key.
+pub(crate) fn diff(t: &CopyTable, first: &Rows, second: &Rows) -> Vec<(Vec<String>, Difference)> {
+    let mut out = Vec::new();
+    for (key, a) in first {
+        match second.get(key) {
+            None => out.push((key.clone(), Difference::MissingOnSecond)),
+            Some(b) if a != b => {
+                let cols = t
+                    .columns
+                    .iter()
+                    .zip(a.iter().zip(b))
+                    .filter(|(_, (x, y))| x != y)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                out.push((key.clone(), Difference::Mismatched(cols)));
+            }
+            Some(_) => {}
+        }
+    }
+    for key in second.keys().filter(|k| !first.contains_key(*k)) {
+        out.push((key.clone(), Difference::MissingOnFirst));
+    }
+    out
+}
+
+/// The current rows of `keys` on both nodes.
+pub(crate) async fn rows_of(
+    pair: &Pair<'_>,
+    t: &CopyTable,
+    keys: &[Vec<String>],
+) -> Result<(Rows, Rows), NodeError> {
+    let mut out = (Rows::new(), Rows::new());
+    for key in keys {
+        let range = Chunk {
+            table: t.name.clone(),
+            chunk: -1,
+            lower: None,
+            upper: None,
+        };
+        let sql = format!("{} {} {}", rows_sql(t, &range), "WHERE", t.key_equals(key));
+        let (a, b) = pair
+            .both(&sql, &format!("reading {}", t.name), read_rows)
+            .await?;
+        out.0.extend(a);
+        out.1.extend(b);
+    }
+    Ok(out)
+}

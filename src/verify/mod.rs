@@ -1,0 +1,266 @@
+//! `duplex verify`: whether both nodes hold the same rows in every configured table,
+//! while writes go on, for a cutover decision.
+//!
+//! Per table: the key space is cut as the initial sync cuts it, both nodes hash each
+//! range inside PostgreSQL at once, and only ranges that differ are cut finer and
+//! finally fetched ([`compare`]); equal tables cost one hashing scan per node and a
+//! few bytes per range on the wire. A difference may be a change still in flight:
+//! each one is read again until it has stayed the same for the settle window (the
+//! directions' current lag plus `--settle-ms`), and only those are reported, with how
+//! long they lasted. Orphaned foreign keys are counted on each node ([`orphans`]).
+
+mod compare;
+mod orphans;
+
+use crate::config::{Config, Direction};
+use crate::pg::node::{self, NodeError};
+use crate::snapshot::table::CopyTable;
+use crate::snapshot::SnapshotError;
+use compare::{Difference, Pair};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How often a difference is read again while it settles.
+const RECHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Errors that leave a table uncompared.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Table(#[from] SnapshotError),
+    #[error("table {0} is not in the config's [[tables]]")]
+    UnknownTable(String),
+}
+
+/// One key that differs.
+#[derive(Debug, Serialize)]
+pub struct KeyDifference {
+    /// The key's values, as text, in key order.
+    pub key: Vec<String>,
+    /// `missing_on_<node>` or `mismatched`.
+    pub kind: String,
+    /// The columns that differ, for `mismatched`.
+    pub columns: Vec<String>,
+    /// How long the difference stayed unchanged before it was reported.
+    pub for_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TableReport {
+    pub table: String,
+    /// Rows on each node, in config order.
+    pub rows: BTreeMap<String, i64>,
+    pub chunks: usize,
+    /// Ranges small enough that were compared row by row.
+    pub ranges_compared_by_row: usize,
+    pub differences: Vec<KeyDifference>,
+    pub orphans: Vec<orphans::Orphans>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    /// How long a difference had to stay unchanged to be reported.
+    pub settle_seconds: f64,
+    /// No difference and no orphan.
+    pub equal: bool,
+}
+
+/// Compares every configured table (or `only`) between the two nodes.
+pub async fn run(
+    cfg: &Config,
+    only: Option<&str>,
+    settle: Duration,
+) -> Result<Report, VerifyError> {
+    if let Some(t) = only {
+        if !cfg.tables.iter().any(|tc| tc.name == t) {
+            return Err(VerifyError::UnknownTable(t.to_string()));
+        }
+    }
+    let names: Vec<&String> = cfg.nodes.keys().collect();
+    let (first, second) = (names[0].as_str(), names[1].as_str());
+    let a = node::connect(cfg, first, "verify").await?;
+    let b = node::connect(cfg, second, "verify").await?;
+    let pair = Pair {
+        names: (first, second),
+        clients: (&a, &b),
+    };
+    // The lag a change may still be in flight for.
+    let lag = crate::status::collect(cfg)
+        .await
+        .directions
+        .iter()
+        .filter_map(|d| d.lag_seconds)
+        .fold(0.0, f64::max);
+    let window = settle + Duration::from_secs_f64(lag);
+    let dir = Direction {
+        from: first.to_string(),
+        to: second.to_string(),
+    };
+    let mut tables = Vec::new();
+    for tc in cfg
+        .tables
+        .iter()
+        .filter(|tc| only.is_none_or(|t| t == tc.name))
+    {
+        let t = CopyTable::describe(&a, &b, &dir, tc).await?;
+        let bounds: Vec<Vec<String>> = crate::snapshot::split::split(cfg, &a, &dir, &t)
+            .await?
+            .bounds
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect();
+        let found = compare::table(&pair, &t, &bounds).await?;
+        let differences = settle_differences(&pair, &t, found.differences, window).await?;
+        let mut orphans = orphans::find(&a, first, &tc.name).await?;
+        orphans.extend(orphans::find(&b, second, &tc.name).await?);
+        tables.push(TableReport {
+            table: tc.name.clone(),
+            rows: BTreeMap::from([
+                (first.to_string(), found.rows.0),
+                (second.to_string(), found.rows.1),
+            ]),
+            chunks: found.chunks,
+            ranges_compared_by_row: found.ranges_fetched,
+            differences: differences
+                .into_iter()
+                .map(|(key, (d, secs))| KeyDifference {
+                    key,
+                    kind: match &d {
+                        Difference::MissingOnFirst => format!("missing_on_{first}"),
+                        Difference::MissingOnSecond => format!("missing_on_{second}"),
+                        Difference::Mismatched(_) => "mismatched".into(),
+                    },
+                    columns: match d {
+                        Difference::Mismatched(c) => c,
+                        _ => Vec::new(),
+                    },
+                    for_seconds: secs,
+                })
+                .collect(),
+            orphans,
+        });
+    }
+    let equal = tables
+        .iter()
+        .all(|t| t.differences.is_empty() && t.orphans.is_empty());
+    Ok(Report {
+        tables,
+        settle_seconds: window.as_secs_f64(),
+        equal,
+    })
+}
+
+/// Reads the differing keys again until each has stayed the same for `window` (it
+/// persists) or has gone (it was in flight). A key that keeps changing is being
+/// written and replicated, and is dropped once it stops differing. Returns the
+/// persisting ones with how long each lasted.
+async fn settle_differences(
+    pair: &Pair<'_>,
+    t: &CopyTable,
+    found: BTreeMap<Vec<String>, Difference>,
+    window: Duration,
+) -> Result<BTreeMap<Vec<String>, (Difference, f64)>, NodeError> {
+    type State = (Option<Vec<Option<String>>>, Option<Vec<Option<String>>>);
+    let started = Instant::now();
+    let mut open: BTreeMap<Vec<String>, (Difference, Instant, Option<State>)> = found
+        .into_iter()
+        .map(|(k, d)| (k, (d, started, None)))
+        .collect();
+    let mut settled = BTreeMap::new();
+    // A key written without pause never settles; give up on it after this long.
+    let give_up = window * 10 + Duration::from_secs(10);
+    while !open.is_empty() && started.elapsed() < give_up {
+        let keys: Vec<Vec<String>> = open.keys().cloned().collect();
+        let (ra, rb) = compare::rows_of(pair, t, &keys).await?;
+        for key in keys {
+            let state: State = (ra.get(&key).cloned(), rb.get(&key).cloned());
+            let now_diff = compare::diff(
+                t,
+                &ra.get_key_value(&key)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .into_iter()
+                    .collect(),
+                &rb.get_key_value(&key)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .into_iter()
+                    .collect(),
+            );
+            let Some((_, d)) = now_diff.into_iter().next() else {
+                open.remove(&key);
+                continue;
+            };
+            let entry = open.get_mut(&key).expect("key is open");
+            if entry.2.as_ref() != Some(&state) {
+                *entry = (
+                    d,
+                    if entry.2.is_none() {
+                        entry.1
+                    } else {
+                        Instant::now()
+                    },
+                    Some(state),
+                );
+            }
+            if entry.1.elapsed() >= window {
+                let (d, since, _) = open.remove(&key).expect("key is open");
+                settled.insert(key, (d, since.elapsed().as_secs_f64()));
+            }
+        }
+        if !open.is_empty() {
+            tokio::time::sleep(RECHECK_EVERY).await;
+        }
+    }
+    Ok(settled)
+}
+
+/// Human-readable lines.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let mut total = 0;
+    for t in &r.tables {
+        let rows: Vec<String> = t.rows.iter().map(|(n, c)| format!("{c} on {n}")).collect();
+        out.push_str(&format!(
+            "table {}: {} rows ({}), {} chunks, {} ranges compared row by row: {}\n",
+            t.table,
+            t.rows.values().max().copied().unwrap_or(0),
+            rows.join(", "),
+            t.chunks,
+            t.ranges_compared_by_row,
+            if t.differences.is_empty() {
+                "equal".to_string()
+            } else {
+                format!("{} differences", t.differences.len())
+            }
+        ));
+        for d in &t.differences {
+            out.push_str(&format!(
+                "  {} {}{} (for {:.1} s)\n",
+                d.kind,
+                serde_json::to_string(&d.key).unwrap_or_default(),
+                if d.columns.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.columns.join(", "))
+                },
+                d.for_seconds
+            ));
+        }
+        for o in &t.orphans {
+            out.push_str(&format!(
+                "  orphans on {}: {} rows of {} without their {} row ({})\n",
+                o.node, o.rows, o.table, o.parent, o.constraint
+            ));
+        }
+        total += t.differences.len() + t.orphans.len();
+    }
+    out.push_str(&if r.equal {
+        "verify: equal\n".to_string()
+    } else {
+        format!("verify: {total} differences or orphaned foreign keys\n")
+    });
+    out
+}
