@@ -87,6 +87,9 @@ pub enum Command {
         /// current lag, to be reported (a change still in flight is no difference).
         #[arg(long, default_value_t = 2000)]
         settle_ms: u64,
+        /// Make the differing rows equal under last-writer-wins, then compare again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Show each slot and direction, read from the databases and the broker.
     Status {
@@ -182,8 +185,9 @@ pub async fn execute(cli: Cli) -> ExitCode {
             table,
             json,
             settle_ms,
+            repair,
             ..
-        } => verify(&cfg, table.as_deref(), json, settle_ms).await,
+        } => verify(&cfg, table.as_deref(), json, settle_ms, repair).await,
         Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
         Command::Tail {
             node,
@@ -299,10 +303,19 @@ async fn setup(cfg: &Config) -> ExitCode {
     code
 }
 
-async fn verify(cfg: &Config, table: Option<&str>, json: bool, settle_ms: u64) -> ExitCode {
+async fn verify(
+    cfg: &Config,
+    table: Option<&str>,
+    json: bool,
+    settle_ms: u64,
+    repair: bool,
+) -> ExitCode {
     let settle = std::time::Duration::from_millis(settle_ms);
-    match crate::verify::run(cfg, table, settle).await {
-        Ok(report) => {
+    match crate::verify::run(cfg, table, settle, repair).await {
+        Ok((report, repaired)) => {
+            if repair {
+                eprintln!("repaired {repaired} rows; compared again:");
+            }
             if json {
                 println!(
                     "{}",

@@ -120,6 +120,29 @@ impl<'a> CopyWorker<'a> {
         self.explain(t, chunk, method, r).await
     }
 
+    /// Copies the source's row with key `key` into the target under last-writer-wins
+    /// (the merge path): the target keeps its version when it is newer. Used to repair
+    /// a row `duplex verify` found different.
+    pub(crate) async fn copy_key(
+        &mut self,
+        t: &CopyTable,
+        key: &[String],
+    ) -> Result<u64, SnapshotError> {
+        let into = self.into(t, Method::Merge).await?;
+        let to = &self.dir.to;
+        self.target
+            .batch_execute("BEGIN")
+            .await
+            .map_err(sql_err(to, "beginning a repair"))?;
+        let rows = self.pump(t, &t.copy_out_key_sql(key), &into).await?;
+        self.merge(t, &into).await?;
+        self.target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(sql_err(to, "committing a repair"))?;
+        Ok(rows)
+    }
+
     /// A chunk the target refused because of its data (SQLSTATE classes 22 and 23)
     /// becomes an error naming the first row it refuses.
     async fn explain(

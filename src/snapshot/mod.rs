@@ -21,7 +21,7 @@
 //! ([`copy`]), reporting to [`progress`]. [`recopy`] is `duplex snapshot`: a new plan
 //! under last-writer-wins, for every table or one.
 
-mod copy;
+pub(crate) mod copy;
 mod plan;
 mod progress;
 pub(crate) mod split;
@@ -193,7 +193,7 @@ fn directions(cfg: &Config) -> Result<Vec<Direction>, SnapshotError> {
 
 /// Both nodes' slots must exist before a row is read: changes from then on are
 /// streamed.
-async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
+pub(crate) async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
     for node in cfg.nodes.keys() {
         setup::setup(cfg, node, LostSlot::Refuse).await?;
     }

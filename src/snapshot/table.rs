@@ -118,6 +118,23 @@ impl CopyTable {
         format!("({}) {op} ({})", self.key_list(""), lits.join(", "))
     }
 
+    /// `(k0, k1) IN ((v0::t0, v1::t1), ...)`: the rows with these keys.
+    pub(crate) fn key_in(&self, keys: &[Vec<String>]) -> String {
+        let rows: Vec<String> = keys
+            .iter()
+            .map(|key| {
+                let lits: Vec<String> = self
+                    .key
+                    .iter()
+                    .zip(key)
+                    .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
+                    .collect();
+                format!("({})", lits.join(", "))
+            })
+            .collect();
+        format!("({}) IN ({})", self.key_list(""), rows.join(", "))
+    }
+
     /// `(k0, k1) = (v0::t0, v1::t1)`: the row with key `key`.
     pub(crate) fn key_equals(&self, key: &[String]) -> String {
         self.bound("=", key)

@@ -3,10 +3,13 @@
 //! sides at once), and only ranges whose hashes differ are cut finer, down to ranges
 //! small enough to fetch and compare row by row.
 //!
-//! A row's hash is that of `ROW(columns)::text` in a fixed column order, under the
-//! output settings every duplex session uses, so equal values hash equal on both nodes
-//! (jsonb prints its keys in one order) and unequal ones differ (NULL is not '', 1.0
-//! is not 1.00).
+//! A row's hash is PostgreSQL's `hash_record_extended` of its columns in a fixed
+//! order: each column hashed by its type's own hash function, so equal values hash
+//! equal on both nodes (jsonb keys in any order) without printing them. Columns whose
+//! equality is looser than identity (numeric: 1.0 = 1.00) or whose type has no hash
+//! function are hashed as text. Ranges of up to [`HASHES_ROWS`] rows that differ are
+//! compared by fetching each row's key and hash; the rows whose hashes differ are then
+//! fetched as text, column by column (NULL is not '').
 
 use crate::pg::node::{sql_err, NodeError};
 use crate::pg::sql::quote_ident;
@@ -14,8 +17,29 @@ use crate::snapshot::table::{Chunk, CopyTable};
 use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
-/// Rows a range may hold, on the larger side, to be compared row by row.
-const LEAF_ROWS: i64 = 1000;
+/// Rows a differing range may hold, on the larger side, to be compared by fetching
+/// each row's key and hash (about 40 bytes a row) rather than cut finer: one more
+/// scan instead of several.
+const HASHES_ROWS: i64 = 200_000;
+/// Types hashed by their own hash function; any other is hashed as text.
+const HASHED_AS_VALUES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "boolean",
+    "uuid",
+    "text",
+    "character varying",
+    "character",
+    "bytea",
+    "date",
+    "timestamp with time zone",
+    "timestamp without time zone",
+    "time without time zone",
+    "jsonb",
+    "double precision",
+    "real",
+];
 /// Parts a differing range is cut into.
 const FAN_OUT: i64 = 16;
 
@@ -87,15 +111,22 @@ pub(crate) async fn table(
         if (ca, ha) == (cb, hb) {
             continue;
         }
-        if ca.max(cb) <= LEAF_ROWS {
+        if ca.max(cb) <= HASHES_ROWS {
             found.ranges_fetched += 1;
-            let (ra, rb) = pair
+            let (ha, hb) = pair
                 .both(
-                    &rows_sql(t, &range),
-                    &format!("reading {}", t.name),
-                    read_rows,
+                    &hashes_sql(t, &range),
+                    &format!("hashing the rows of {}", t.name),
+                    read_hashes,
                 )
                 .await?;
+            let keys: Vec<Vec<String>> = ha
+                .iter()
+                .filter(|(k, h)| hb.get(*k) != Some(*h))
+                .map(|(k, _)| k.clone())
+                .chain(hb.keys().filter(|k| !ha.contains_key(*k)).cloned())
+                .collect();
+            let (ra, rb) = rows_of(pair, t, &keys).await?;
             found.differences.extend(diff(t, &ra, &rb));
             continue;
         }
@@ -114,7 +145,13 @@ pub(crate) async fn table(
             .iter()
             .map(|r| r.get(0))
             .collect();
-        work.extend(ranges(t, range.lower.clone(), range.upper.clone(), &sub, false));
+        work.extend(ranges(
+            t,
+            range.lower.clone(),
+            range.upper.clone(),
+            &sub,
+            false,
+        ));
     }
     Ok(found)
 }
@@ -156,13 +193,45 @@ fn key_texts(t: &CopyTable) -> String {
     format!("ARRAY[{}]", ks.join(", "))
 }
 
+/// `hash_record_extended(ROW(...), 0)`: the row's 64-bit hash.
+fn row_hash(t: &CopyTable) -> String {
+    let parts: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| {
+            let ty = t.target.type_of(c);
+            let base = ty.split(['(', '[']).next().unwrap_or(ty).trim();
+            if HASHED_AS_VALUES.contains(&base) {
+                quote_ident(c)
+            } else {
+                format!("{}::text", quote_ident(c))
+            }
+        })
+        .collect();
+    format!("hash_record_extended(ROW({}), 0)", parts.join(", "))
+}
+
 fn hash_sql(t: &CopyTable, range: &Chunk) -> String {
     format!(
-        "SELECT count(*)::int8, coalesce(bit_xor(hashtextextended(ROW({})::text, 0)), 0)::int8 FROM {}{}",
-        columns(t).join(", "),
+        "SELECT count(*)::int8, coalesce(bit_xor({}), 0)::int8 FROM {}{}",
+        row_hash(t),
         t.sql_name,
         t.chunk_filter(range)
     )
+}
+
+fn hashes_sql(t: &CopyTable, range: &Chunk) -> String {
+    format!(
+        "SELECT {}, {} FROM {}{}",
+        key_texts(t),
+        row_hash(t),
+        t.sql_name,
+        t.chunk_filter(range)
+    )
+}
+
+fn read_hashes(rows: &[tokio_postgres::Row]) -> BTreeMap<Vec<String>, i64> {
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
 fn rows_sql(t: &CopyTable, range: &Chunk) -> String {
@@ -216,6 +285,9 @@ pub(crate) fn diff(t: &CopyTable, first: &Rows, second: &Rows) -> Vec<(Vec<Strin
     out
 }
 
+/// Keys read at once by [`rows_of`].
+const KEYS_PER_READ: usize = 500;
+
 /// The current rows of `keys` on both nodes.
 pub(crate) async fn rows_of(
     pair: &Pair<'_>,
@@ -223,14 +295,14 @@ pub(crate) async fn rows_of(
     keys: &[Vec<String>],
 ) -> Result<(Rows, Rows), NodeError> {
     let mut out = (Rows::new(), Rows::new());
-    for key in keys {
-        let range = Chunk {
-            table: t.name.clone(),
-            chunk: -1,
-            lower: None,
-            upper: None,
-        };
-        let sql = format!("{} {} {}", rows_sql(t, &range), "WHERE", t.key_equals(key));
+    let all = Chunk {
+        table: t.name.clone(),
+        chunk: -1,
+        lower: None,
+        upper: None,
+    };
+    for batch in keys.chunks(KEYS_PER_READ) {
+        let sql = format!("{} WHERE {}", rows_sql(t, &all), t.key_in(batch));
         let (a, b) = pair
             .both(&sql, &format!("reading {}", t.name), read_rows)
             .await?;

@@ -11,6 +11,7 @@
 
 mod compare;
 mod orphans;
+mod repair;
 
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, NodeError};
@@ -69,8 +70,41 @@ pub struct Report {
     pub equal: bool,
 }
 
-/// Compares every configured table (or `only`) between the two nodes.
+/// Compares every configured table (or `only`) between the two nodes; with
+/// `repair`, makes the differing rows equal (see [`repair`]) and compares again.
+/// Returns the report and how many keys were repaired.
 pub async fn run(
+    cfg: &Config,
+    only: Option<&str>,
+    settle: Duration,
+    repair: bool,
+) -> Result<(Report, usize), VerifyError> {
+    let report = compare_all(cfg, only, settle).await?;
+    if !repair || report.equal {
+        return Ok((report, 0));
+    }
+    // Repairs write as duplex does: its schema and origins must exist.
+    crate::snapshot::set_up_both(cfg).await?;
+    let names: Vec<&String> = cfg.nodes.keys().collect();
+    let (first, second) = (names[0].as_str(), names[1].as_str());
+    let a = node::connect(cfg, first, "verify repair").await?;
+    let b = node::connect(cfg, second, "verify repair").await?;
+    let pair = Pair {
+        names: (first, second),
+        clients: (&a, &b),
+    };
+    let mut repaired = 0;
+    for t in &report.tables {
+        let Some(tc) = cfg.tables.iter().find(|tc| tc.name == t.table) else {
+            continue;
+        };
+        let keys: Vec<Vec<String>> = t.differences.iter().map(|d| d.key.clone()).collect();
+        repaired += repair::repair(cfg, &pair, tc, &keys).await?;
+    }
+    Ok((compare_all(cfg, only, settle).await?, repaired))
+}
+
+async fn compare_all(
     cfg: &Config,
     only: Option<&str>,
     settle: Duration,

@@ -132,6 +132,34 @@ async fn planted_differences_are_each_found_and_nothing_else() {
             .code(),
         Some(2)
     );
+    // --repair makes them equal under last-writer-wins (equal timestamps: a, the tie
+    // winner, keeps its versions); an orphan is no row to repair, so it goes first.
+    b.batch_execute("DELETE FROM child WHERE id = 5000")
+        .await
+        .unwrap();
+    let out = rig.command(&["verify", "--repair", "--settle-ms", "500"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("repaired 5 rows"), "{}", text(&out));
+    let (code, _, out) = verify_json(&rig, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    for (sql, want) in [
+        ("SELECT count(*) FROM items", 20_000),
+        (
+            "SELECT count(*) FROM items WHERE id = 30 AND val = 'v30'",
+            1,
+        ),
+        (
+            "SELECT count(*) FROM items WHERE id = 40 AND val IS NULL",
+            1,
+        ),
+        (
+            "SELECT count(*) FROM items WHERE id = 50 AND amount::text = '1.0'",
+            1,
+        ),
+    ] {
+        assert_eq!(crate::harness::count(&a, sql).await, want, "a: {sql}");
+        assert_eq!(crate::harness::count(&b, sql).await, want, "b: {sql}");
+    }
 }
 
 #[tokio::test]
