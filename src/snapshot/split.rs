@@ -69,6 +69,17 @@ pub(crate) async fn split(
     dir: &Direction,
     t: &CopyTable,
 ) -> Result<Split, NodeError> {
+    split_at_most(source, dir, t, cfg.snapshot.chunk_rows as i64).await
+}
+
+/// Cuts `t` on the source into ranges of at most `max_rows` rows (and
+/// [`CHUNK_BYTES`]).
+pub(crate) async fn split_at_most(
+    source: &Client,
+    dir: &Direction,
+    t: &CopyTable,
+    max_rows: i64,
+) -> Result<Split, NodeError> {
     let sql = |what: &str| sql_err(&dir.from, format!("{what} {}", t.name));
     let (bytes, estimate) = size(source, dir, t).await?;
     let rows = if estimate > 0.0 {
@@ -85,7 +96,7 @@ pub(crate) async fn split(
     } else {
         i64::MAX
     };
-    let per_chunk = (cfg.snapshot.chunk_rows as i64).min(by_bytes).max(1);
+    let per_chunk = max_rows.min(by_bytes).max(1);
     if rows <= per_chunk {
         return Ok(Split {
             rows,
@@ -157,7 +168,7 @@ async fn by_width(
 
 /// The inclusive upper bounds of `ceil(rows / per_chunk)` equal ranges over
 /// `min..=max`, the last range left open.
-fn width_bounds(min: i64, max: i64, rows: i64, per_chunk: i64) -> Vec<String> {
+pub(crate) fn width_bounds(min: i64, max: i64, rows: i64, per_chunk: i64) -> Vec<String> {
     let n = ((rows + per_chunk - 1) / per_chunk).max(1) as i128;
     let span = max as i128 - min as i128 + 1;
     let width = (span + n - 1) / n;

@@ -18,9 +18,8 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 /// Rows a differing range may hold, on the larger side, to be compared by fetching
-/// each row's key and hash (about 40 bytes a row) rather than cut finer: one more
-/// scan instead of several.
-const HASHES_ROWS: i64 = 200_000;
+/// each row's key and hash rather than cut finer.
+const HASHES_ROWS: i64 = 2_000;
 /// Types hashed by their own hash function; any other is hashed as text.
 const HASHED_AS_VALUES: &[&str] = &[
     "smallint",
@@ -111,7 +110,13 @@ pub(crate) async fn table(
         if (ca, ha) == (cb, hb) {
             continue;
         }
-        if ca.max(cb) <= HASHES_ROWS {
+        let sub = if ca.max(cb) <= HASHES_ROWS {
+            Vec::new()
+        } else {
+            cut(pair, t, &range, (ca, cb)).await?
+        };
+        // Small enough, or not to be cut further: compare row hashes.
+        if sub.is_empty() {
             found.ranges_fetched += 1;
             let (ha, hb) = pair
                 .both(
@@ -130,21 +135,6 @@ pub(crate) async fn table(
             found.differences.extend(diff(t, &ra, &rb));
             continue;
         }
-        // Cut where the side with more rows has its n-th keys.
-        let client = if ca >= cb {
-            pair.clients.0
-        } else {
-            pair.clients.1
-        };
-        let name = if ca >= cb { pair.names.0 } else { pair.names.1 };
-        let step = (ca.max(cb) / FAN_OUT).max(1);
-        let sub: Vec<Vec<String>> = client
-            .query(&cut_sql(t, &range), &[&step])
-            .await
-            .map_err(sql_err(name, format!("cutting {}", t.name)))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
         work.extend(ranges(
             t,
             range.lower.clone(),
@@ -154,6 +144,54 @@ pub(crate) async fn table(
         ));
     }
     Ok(found)
+}
+
+/// Cuts a differing range into about [`FAN_OUT`] parts: by width when the key is a
+/// single integer (its minimum and maximum in the range: an index probe each), else
+/// at every n-th key of the side with more rows.
+async fn cut(
+    pair: &Pair<'_>,
+    t: &CopyTable,
+    range: &Chunk,
+    (ca, cb): (i64, i64),
+) -> Result<Vec<Vec<String>>, NodeError> {
+    let (client, name) = if ca >= cb {
+        (pair.clients.0, pair.names.0)
+    } else {
+        (pair.clients.1, pair.names.1)
+    };
+    let rows = ca.max(cb);
+    let step = (rows / FAN_OUT).max(1);
+    if let [(key, ty)] = t.key.as_slice() {
+        if ["smallint", "integer", "bigint"].contains(&ty.as_str()) {
+            let k = quote_ident(key);
+            let r = client
+                .query_one(
+                    &format!(
+                        "SELECT min({k})::int8, max({k})::int8 FROM {}{}",
+                        t.sql_name,
+                        t.chunk_filter(range)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(sql_err(name, format!("cutting {}", t.name)))?;
+            if let (Some(min), Some(max)) = (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1))
+            {
+                return Ok(crate::snapshot::split::width_bounds(min, max, rows, step)
+                    .iter()
+                    .filter_map(|b| serde_json::from_str(b).ok())
+                    .collect());
+            }
+        }
+    }
+    Ok(client
+        .query(&cut_sql(t, range), &[&step])
+        .await
+        .map_err(sql_err(name, format!("cutting {}", t.name)))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The ranges between `lower` and `upper` cut at `bounds`; ranges of a cut (not

@@ -22,6 +22,11 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Rows per range of the first pass: small enough that a range holding one
+/// difference costs little to cut down, large enough that a range costs more in
+/// hashing than in round trips.
+const RANGE_ROWS: i64 = 10_000;
+
 /// How often a difference is read again while it settles.
 const RECHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -141,12 +146,13 @@ async fn compare_all(
         .filter(|tc| only.is_none_or(|t| t == tc.name))
     {
         let t = CopyTable::describe(&a, &b, &dir, tc).await?;
-        let bounds: Vec<Vec<String>> = crate::snapshot::split::split(cfg, &a, &dir, &t)
-            .await?
-            .bounds
-            .iter()
-            .filter_map(|b| serde_json::from_str(b).ok())
-            .collect();
+        let bounds: Vec<Vec<String>> =
+            crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS)
+                .await?
+                .bounds
+                .iter()
+                .filter_map(|b| serde_json::from_str(b).ok())
+                .collect();
         let found = compare::table(&pair, &t, &bounds).await?;
         let differences = settle_differences(&pair, &t, found.differences, window).await?;
         let mut orphans = orphans::find(&a, first, &tc.name).await?;
