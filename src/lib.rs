@@ -5,7 +5,7 @@
 //! `snapshot`, which copies the rows that predate duplex before a direction first
 //! applies. They share `pg` (what duplex keeps on each node), `kafka`, `config`,
 //! `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
-//! `cli` parses commands; `status` and `preflight` read both sides. See
+//! `cli` parses commands; `status`, `preflight` and `verify` read both sides. See
 //! ARCHITECTURE.md.
 
 pub mod apply;
