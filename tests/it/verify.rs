@@ -172,8 +172,8 @@ async fn changes_in_flight_during_a_live_workload_are_not_differences() {
         .unwrap();
     let d = rig.start();
     d.wait_applying(2).await;
-    // Writers on both nodes for 25 s; verify runs twice while they write.
-    let until = Instant::now() + Duration::from_secs(25);
+    // Writers on both nodes for 30 s; verify runs twice while they write.
+    let until = Instant::now() + Duration::from_secs(30);
     let mut writers = Vec::new();
     for (n, c) in [a, b].into_iter().enumerate() {
         writers.push(tokio::spawn(async move {
