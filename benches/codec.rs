@@ -113,6 +113,7 @@ fn bench(c: &mut Criterion) {
             .map(|(n, t, _)| TargetColumn {
                 name: n.to_string(),
                 type_sql: t.to_string(),
+                generated: false,
             })
             .collect(),
         key: vec!["id".into()],

@@ -10,14 +10,17 @@ fn items() -> TargetTable {
             TargetColumn {
                 name: "id".into(),
                 type_sql: "bigint".into(),
+                generated: false,
             },
             TargetColumn {
                 name: "body".into(),
                 type_sql: "text".into(),
+                generated: false,
             },
             TargetColumn {
                 name: "updated_at".into(),
                 type_sql: "timestamp with time zone".into(),
+                generated: false,
             },
         ],
         key: vec!["id".into()],

@@ -59,19 +59,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
     }
     for d in directions.iter().filter(|d| d.to == node) {
         let origin = cfg.origin_name(d);
-        let created: bool = client
-            .query_one(
-                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
-                 THEN false ELSE pg_replication_origin_create($1) IS NOT NULL END",
-                &[&origin],
-            )
-            .await
-            .map_err(sql_err(
-                node,
-                format!("creating replication origin {origin}"),
-            ))?
-            .get(0);
-        if created {
+        if ensure_origin(&client, node, &origin).await? {
             done.push(format!("created replication origin {origin}"));
         }
     }
@@ -80,6 +68,26 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
         .await
         .map_err(sql_err(node, "releasing the setup lock"))?;
     Ok(done)
+}
+
+/// Creates replication origin `origin` unless it exists; returns whether it did.
+pub(crate) async fn ensure_origin(
+    client: &Client,
+    node: &str,
+    origin: &str,
+) -> Result<bool, NodeError> {
+    Ok(client
+        .query_one(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
+             THEN false ELSE pg_replication_origin_create($1) IS NOT NULL END",
+            &[&origin],
+        )
+        .await
+        .map_err(sql_err(
+            node,
+            format!("creating replication origin {origin}"),
+        ))?
+        .get(0))
 }
 
 /// The publication lists exactly the configured tables.

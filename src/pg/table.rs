@@ -12,6 +12,8 @@ pub struct TargetColumn {
     pub name: String,
     /// `format_type` of the column, used in casts.
     pub type_sql: String,
+    /// `GENERATED ALWAYS AS (...) STORED`: computed on each node, never written.
+    pub generated: bool,
 }
 
 /// A configured table as it exists on the target node.
@@ -28,7 +30,7 @@ pub struct TargetTable {
 }
 
 impl TargetTable {
-    /// Reads the table's columns and primary key from the target's catalog.
+    /// Reads the table's columns and primary key from the node's catalog.
     pub async fn load(
         client: &Client,
         cfg: &TableConfig,
@@ -36,7 +38,7 @@ impl TargetTable {
         let (schema, table) = cfg.schema_table();
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
                         coalesce((SELECT k.n::int4 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n)
                                   WHERE k.att = a.attnum), 0)
                  FROM pg_class c
@@ -55,13 +57,14 @@ impl TargetTable {
         let mut columns = Vec::new();
         for r in rows {
             let name: String = r.get(0);
-            let pos: i32 = r.get(2);
+            let pos: i32 = r.get(3);
             if pos > 0 {
                 key.push((pos, name.clone()));
             }
             columns.push(TargetColumn {
                 name,
                 type_sql: r.get(1),
+                generated: r.get(2),
             });
         }
         key.sort();

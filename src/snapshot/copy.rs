@@ -54,17 +54,7 @@ impl<'a> CopyWorker<'a> {
                 &dir.to,
                 "setting session_replication_role = replica",
             ))?;
-        target
-            .query(
-                "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
-                 THEN false ELSE pg_replication_origin_create($1) IS NOT NULL END",
-                &[&origin],
-            )
-            .await
-            .map_err(sql_err(
-                &dir.to,
-                format!("creating replication origin {origin}"),
-            ))?;
+        crate::pg::setup::ensure_origin(&target, &dir.to, &origin).await?;
         let mut attempt = 0;
         // A killed run's session may hold the origin for a moment after it died.
         while let Err(e) = target

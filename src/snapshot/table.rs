@@ -34,64 +34,44 @@ impl CopyTable {
         dir: &Direction,
         tc: &TableConfig,
     ) -> Result<CopyTable, SnapshotError> {
-        let (schema, table) = tc.schema_table();
         let problem = |detail: String| SnapshotError::Table {
             direction: dir.to_string(),
             table: tc.name.clone(),
             detail,
         };
-        let rows = source
-            .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
-                        coalesce((SELECT k.n::int4 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(att, n)
-                                  WHERE k.att = a.attnum), 0)
-                 FROM pg_class c
-                 JOIN pg_namespace n ON n.oid = c.relnamespace
-                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-                 WHERE n.nspname = $1 AND c.relname = $2
-                 ORDER BY a.attnum",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(sql_err(&dir.from, format!("reading table {}", tc.name)))?;
-        if rows.is_empty() {
-            return Err(problem(format!("missing on node {}", dir.from)));
-        }
-        let target_table = TargetTable::load(target, tc)
-            .await
-            .map_err(sql_err(&dir.to, format!("reading table {}", tc.name)))?
+        let read = |node: &str, t: Result<Option<TargetTable>, tokio_postgres::Error>| {
+            t.map_err(sql_err(node, format!("reading table {}", tc.name)))
+        };
+        let source_table = read(&dir.from, TargetTable::load(source, tc).await)?
+            .ok_or_else(|| problem(format!("missing on node {}", dir.from)))?;
+        let target_table = read(&dir.to, TargetTable::load(target, tc).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
-        let (mut columns, mut key, mut binary) = (Vec::new(), Vec::new(), true);
-        for r in &rows {
-            let (name, type_sql, generated, key_pos): (String, String, bool, i32) =
-                (r.get(0), r.get(1), r.get(2), r.get(3));
-            if key_pos > 0 {
-                key.push((key_pos, name.clone(), type_sql.clone()));
-            }
-            if generated {
-                continue;
-            }
-            match target_table.column(&name) {
+        let (mut columns, mut binary) = (Vec::new(), true);
+        for c in source_table.columns.iter().filter(|c| !c.generated) {
+            match target_table.column(&c.name) {
                 None => {
                     return Err(problem(format!(
-                        "column {name} is missing on node {}",
-                        dir.to
+                        "column {} is missing on node {}",
+                        c.name, dir.to
                     )))
                 }
-                Some(c) => binary &= c.type_sql == type_sql,
+                Some(t) => binary &= t.type_sql == c.type_sql,
             }
-            columns.push(name);
+            columns.push(c.name.clone());
         }
+        let key: Vec<(String, String)> = source_table
+            .key
+            .iter()
+            .map(|k| (k.clone(), source_table.type_of(k).to_string()))
+            .collect();
         if key.is_empty() {
             return Err(problem(format!("has no primary key on node {}", dir.from)));
         }
-        key.sort();
         Ok(CopyTable {
             name: tc.name.clone(),
             sql_name: target_table.sql_name.clone(),
             columns,
-            key: key.into_iter().map(|(_, n, t)| (n, t)).collect(),
+            key,
             binary,
             target: target_table,
         })

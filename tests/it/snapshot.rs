@@ -420,3 +420,42 @@ async fn a_row_the_target_refuses_halts_the_copy_naming_its_key() {
     identical(&a, &b, &["public.items"], Duration::from_secs(30)).await;
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn generated_and_identity_columns_copy_and_partitions_too() {
+    let ddl = "CREATE TABLE gen (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, qty int,
+                                 doubled int GENERATED ALWAYS AS (qty * 2) STORED,
+                                 updated_at timestamptz NOT NULL DEFAULT now());
+               CREATE TABLE part (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT now())
+                 PARTITION BY RANGE (id);
+               CREATE TABLE part_low PARTITION OF part FOR VALUES FROM (0) TO (5000);
+               CREATE TABLE part_high PARTITION OF part FOR VALUES FROM (5000) TO (100000);";
+    let rig = Rig::new(
+        ddl,
+        &["public.gen", "public.part"],
+        "[snapshot]\nchunk_rows = 1000\n",
+    )
+    .await;
+    let (a, b) = clients(&rig).await;
+    a.batch_execute(
+        "INSERT INTO gen (qty) SELECT i FROM generate_series(1, 3000) i;
+         INSERT INTO part (id, val) SELECT i, 'p' || i FROM generate_series(1, 9000) i;",
+    )
+    .await
+    .unwrap();
+    let d = rig.start();
+    d.wait_applying(1).await;
+    identical(
+        &a,
+        &b,
+        &["public.gen", "public.part"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM gen WHERE doubled = qty * 2").await,
+        3000
+    );
+    assert_eq!(count(&b, "SELECT count(*) FROM part_high").await, 4001);
+    assert_eq!(d.stop().await, Some(0));
+}
