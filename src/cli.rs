@@ -187,7 +187,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
             settle_ms,
             repair,
             ..
-        } => verify(&cfg, table.as_deref(), json, settle_ms, repair).await,
+        } => crate::verify::command(&cfg, table.as_deref(), json, settle_ms, repair).await,
         Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
         Command::Tail {
             node,
@@ -301,40 +301,6 @@ async fn setup(cfg: &Config) -> ExitCode {
         }
     }
     code
-}
-
-async fn verify(
-    cfg: &Config,
-    table: Option<&str>,
-    json: bool,
-    settle_ms: u64,
-    repair: bool,
-) -> ExitCode {
-    let settle = std::time::Duration::from_millis(settle_ms);
-    match crate::verify::run(cfg, table, settle, repair).await {
-        Ok((report, repaired)) => {
-            if repair {
-                eprintln!("repaired {repaired} rows; compared again:");
-            }
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else {
-                print!("{}", crate::verify::render(&report));
-            }
-            if report.equal {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("error: cannot compare: {e}");
-            ExitCode::from(2)
-        }
-    }
 }
 
 async fn snapshot(cfg: &Config, table: Option<&str>) -> ExitCode {

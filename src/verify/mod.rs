@@ -20,6 +20,7 @@ use crate::snapshot::SnapshotError;
 use compare::{Difference, Pair};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Rows per range of the first pass: small enough that a range holding one
@@ -255,6 +256,42 @@ async fn settle_differences(
         }
     }
     Ok(settled)
+}
+
+/// `duplex verify`: prints the report (JSON with `json`); exit 0 equal, 1 different,
+/// 2 when a table could not be compared.
+pub async fn command(
+    cfg: &Config,
+    table: Option<&str>,
+    json: bool,
+    settle_ms: u64,
+    repair: bool,
+) -> ExitCode {
+    let settle = std::time::Duration::from_millis(settle_ms);
+    match run(cfg, table, settle, repair).await {
+        Ok((report, repaired)) => {
+            if repair {
+                eprintln!("repaired {repaired} rows; compared again:");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", render(&report));
+            }
+            if report.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot compare: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Human-readable lines.
