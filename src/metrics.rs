@@ -156,19 +156,29 @@ impl ApplyMetrics {
                     (extra.0, extra.1.to_string()),
                 ]
             };
-            let repairs = metrics::counter!(APPLY_REPAIRS_TOTAL, "direction" => d.clone(), "table" => table.to_string());
-            repairs.increment(0);
+            // Every series at zero from the start: `increase()` sees the first event.
+            let zero = |c: Counter| {
+                c.increment(0);
+                c
+            };
             ApplyTableMetrics {
-                upserts: metrics::counter!(APPLY_ROWS_TOTAL, &labels(("op", "upsert"))),
-                deletes: metrics::counter!(APPLY_ROWS_TOTAL, &labels(("op", "delete"))),
-                repairs,
+                upserts: zero(metrics::counter!(
+                    APPLY_ROWS_TOTAL,
+                    &labels(("op", "upsert"))
+                )),
+                deletes: zero(metrics::counter!(
+                    APPLY_ROWS_TOTAL,
+                    &labels(("op", "delete"))
+                )),
+                repairs: zero(
+                    metrics::counter!(APPLY_REPAIRS_TOTAL, "direction" => d.clone(), "table" => table.to_string()),
+                ),
                 conflicts: CONFLICT_RESOLUTIONS
                     .iter()
                     .map(|r| {
-                        (
-                            *r,
-                            metrics::counter!(APPLY_CONFLICTS_TOTAL, &labels(("resolution", r))),
-                        )
+                        let c =
+                            metrics::counter!(APPLY_CONFLICTS_TOTAL, &labels(("resolution", r)));
+                        (*r, zero(c))
                     })
                     .collect(),
             }

@@ -82,6 +82,17 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
     })
     .await;
     assert_eq!(get(port, "/healthz").map(|r| r.0), Some(200));
+    // Every counter exists at zero before its first event, so that `increase()` and
+    // alerts see that event.
+    let fresh = get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+    for series in [
+        r#"duplex_apply_rows_total{direction="a_to_b",table="public.items",op="upsert"} 0"#,
+        r#"duplex_apply_conflicts_total{direction="b_to_a",table="public.items",resolution="kept_local"} 0"#,
+        r#"duplex_apply_repairs_total{direction="a_to_b",table="public.items"} 0"#,
+        r#"duplex_apply_dead_letters_total{direction="a_to_b"} 0"#,
+    ] {
+        assert!(fresh.contains(series), "{series} missing from:\n{fresh}");
+    }
 
     // Throughput: 50 inserts on a (5 transactions), 20 on b.
     for t in 0..5 {
