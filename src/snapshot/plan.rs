@@ -113,18 +113,8 @@ pub(crate) async fn source_has_rows(
     tc: &TableConfig,
 ) -> Result<bool, NodeError> {
     let (schema, table) = tc.schema_table();
-    source
-        .query_one(
-            &format!(
-                "SELECT EXISTS (SELECT 1 FROM {}.{})",
-                quote_ident(schema),
-                quote_ident(table)
-            ),
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
-        .map_err(sql_err(&dir.from, format!("reading table {}", tc.name)))
+    let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    exists(source, &dir.from, &tc.name, &sql_name, "").await
 }
 
 /// Records that `table` needs no copy: its source was empty when planned.
@@ -150,14 +140,7 @@ pub(crate) async fn has_rows(
     node: &str,
     t: &CopyTable,
 ) -> Result<bool, NodeError> {
-    client
-        .query_one(
-            &format!("SELECT EXISTS (SELECT 1 FROM {})", t.sql_name),
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
-        .map_err(sql_err(node, format!("reading table {}", t.name)))
+    exists(client, node, &t.name, &t.sql_name, "").await
 }
 
 /// Whether `table` holds a row version written before duplex was first set up on
@@ -169,17 +152,26 @@ pub(crate) async fn has_rows_older_than_duplex(
     node: &str,
     t: &CopyTable,
 ) -> Result<bool, NodeError> {
+    let older = " WHERE age(xmin) > (SELECT age(xid(first_setup_xid)) FROM duplex.node)";
+    exists(client, node, &t.name, &t.sql_name, older).await
+}
+
+/// Whether table `sql_name` (configured as `name`) holds a row matching `filter`.
+async fn exists(
+    client: &Client,
+    node: &str,
+    name: &str,
+    sql_name: &str,
+    filter: &str,
+) -> Result<bool, NodeError> {
     client
         .query_one(
-            &format!(
-                "SELECT EXISTS (SELECT 1 FROM {} WHERE age(xmin) > (SELECT age(xid(first_setup_xid)) FROM duplex.node))",
-                t.sql_name
-            ),
+            &format!("SELECT EXISTS (SELECT 1 FROM {sql_name}{filter})"),
             &[],
         )
         .await
         .map(|r| r.get(0))
-        .map_err(sql_err(node, format!("reading table {}", t.name)))
+        .map_err(sql_err(node, format!("reading table {name}")))
 }
 
 /// Plans `t`'s copy and stores it on the target, replacing an earlier plan of it:
