@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::Instrument;
 
 #[derive(Parser, Debug)]
@@ -91,6 +90,25 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// The gate before moving an application between the nodes: exit 0 only when
+    /// every direction is caught up (as `status --max-lag`) and verify finds the
+    /// nodes equal; 1 when not, 2 when the tables could not be compared.
+    Cutover {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Run the check (duplex does not switch the application itself).
+        #[arg(long, required = true)]
+        check: bool,
+        /// Seconds a direction may be behind and still pass.
+        #[arg(long, default_value_t = 0.0)]
+        max_lag: f64,
+        /// As for verify: how long a difference must stay unchanged to count.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show each slot and direction, read from the databases and the broker.
     Status {
         #[arg(long, short)]
@@ -162,6 +180,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         | Command::Setup { config }
         | Command::Snapshot { config, .. }
         | Command::Verify { config, .. }
+        | Command::Cutover { config, .. }
         | Command::Tail { config, .. }
         | Command::Status { config, .. }
         | Command::Dlq {
@@ -188,6 +207,12 @@ pub async fn execute(cli: Cli) -> ExitCode {
             repair,
             ..
         } => crate::verify::command(&cfg, table.as_deref(), json, settle_ms, repair).await,
+        Command::Cutover {
+            max_lag,
+            settle_ms,
+            json,
+            ..
+        } => crate::cutover::check(&cfg, max_lag, settle_ms, json).await,
         Command::Teardown { yes, .. } => teardown(&cfg, yes).await,
         Command::Tail {
             node,
@@ -209,20 +234,7 @@ async fn status(cfg: &Config, json: bool, max_lag: Option<f64>) -> ExitCode {
         print!("{}", crate::status::render(&s));
     }
     let failing = match max_lag {
-        Some(max) => {
-            let mut failing = s.gate(max);
-            // The reader confirms on its status timer, once the node has reported a
-            // position past the last heartbeat.
-            let wait = Duration::from_millis(
-                cfg.source.status_interval_ms + cfg.source.heartbeat_interval_ms + 1000,
-            );
-            for node in cfg.source_nodes() {
-                if let Err(e) = crate::status::source_caught_up(cfg, &node, wait).await {
-                    failing.push(e);
-                }
-            }
-            failing
-        }
+        Some(max) => crate::status::failing(cfg, &s, max).await,
         None => s.problems.clone(),
     };
     for f in &failing {

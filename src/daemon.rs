@@ -34,6 +34,14 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
             return ExitCode::FAILURE;
         }
     }
+    let verify = crate::verify::export_metrics(cfg.clone(), shutdown.clone());
+    tasks.spawn(
+        async move {
+            verify.await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("verify_metrics")),
+    );
     for node in cfg.source_nodes() {
         let span = tracing::info_span!("source", node = %node);
         let fut = session::run_source(cfg.clone(), node, health.clone(), shutdown.clone());

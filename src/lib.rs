@@ -5,13 +5,15 @@
 //! `snapshot`, which copies the rows that predate duplex before a direction first
 //! applies. They share `pg` (what duplex keeps on each node), `kafka`, `config`,
 //! `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
-//! `cli` parses commands; `status`, `preflight` and `verify` read both sides. See
+//! `cli` parses commands; `status`, `preflight` and `verify` read both sides, and
+//! `cutover` combines status and verify into the switch-over gate. See
 //! ARCHITECTURE.md.
 
 pub mod apply;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub(crate) mod cutover;
 pub(crate) mod daemon;
 pub mod event;
 pub mod identity;

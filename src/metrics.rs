@@ -90,6 +90,13 @@ pub const SNAPSHOT_ROWS_ESTIMATED: &str = "duplex_snapshot_rows_estimated";
 /// Chunks of a table's snapshot not copied yet. Labels: direction, table.
 pub const SNAPSHOT_CHUNKS_REMAINING: &str = "duplex_snapshot_chunks_remaining";
 
+/// Rows compared by `duplex verify`, over every run. Labels: table.
+pub const VERIFY_ROWS_CHECKED_TOTAL: &str = "duplex_verify_rows_checked_total";
+/// Differing keys plus orphaned rows the last `duplex verify` reported. Labels: table.
+pub const VERIFY_DIFFERENCES: &str = "duplex_verify_differences";
+/// When the last `duplex verify` of the table finished (0: never). Labels: table.
+pub const VERIFY_LAST_RUN_TIMESTAMP_SECONDS: &str = "duplex_verify_last_run_timestamp_seconds";
+
 /// Always 1. Labels: version.
 pub const BUILD_INFO: &str = "duplex_build_info";
 
@@ -316,6 +323,30 @@ impl SnapshotMetrics {
             rows_estimated: metrics::gauge!(SNAPSHOT_ROWS_ESTIMATED, &labels),
             chunks_remaining: metrics::gauge!(SNAPSHOT_CHUNKS_REMAINING, &labels),
         }
+    }
+}
+
+/// One table's `duplex verify` results, as last recorded on the nodes.
+#[derive(Clone)]
+pub struct VerifyMetrics {
+    pub rows_checked: Counter,
+    pub differences: Gauge,
+    pub last_run: Gauge,
+}
+
+impl VerifyMetrics {
+    pub fn new(table: &str) -> VerifyMetrics {
+        let labels = [("table", table.to_string())];
+        let rows_checked = metrics::counter!(VERIFY_ROWS_CHECKED_TOTAL, &labels);
+        rows_checked.increment(0);
+        let m = VerifyMetrics {
+            rows_checked,
+            differences: metrics::gauge!(VERIFY_DIFFERENCES, &labels),
+            last_run: metrics::gauge!(VERIFY_LAST_RUN_TIMESTAMP_SECONDS, &labels),
+        };
+        m.differences.set(0.0);
+        m.last_run.set(0.0);
+        m
     }
 }
 

@@ -104,6 +104,23 @@ impl Status {
     }
 }
 
+/// Everything that fails a `--max-lag` gate: [`Status::gate`], and every source whose
+/// changes committed before the call are not all on Kafka within its status and
+/// heartbeat intervals (the reader confirms on its status timer, once the node has
+/// reported a position past the last heartbeat).
+pub async fn failing(cfg: &Config, s: &Status, max_lag_seconds: f64) -> Vec<String> {
+    let mut failing = s.gate(max_lag_seconds);
+    let wait = Duration::from_millis(
+        cfg.source.status_interval_ms + cfg.source.heartbeat_interval_ms + 1000,
+    );
+    for node in cfg.source_nodes() {
+        if let Err(e) = source_caught_up(cfg, &node, wait).await {
+            failing.push(e);
+        }
+    }
+    failing
+}
+
 /// Waits until the slot of `node` has confirmed the WAL position the node had when
 /// called, so that every change committed before is durable on Kafka; fails with the
 /// reason after `wait`. A reader that is down, stuck or behind fails it; nothing

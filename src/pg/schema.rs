@@ -143,4 +143,14 @@ CREATE TABLE IF NOT EXISTS duplex.snapshot_chunks (
     copied_at timestamptz,
     PRIMARY KEY (source_node, table_name, chunk)
 );
+-- The last `duplex verify` of each table, written to both nodes when it finishes, for
+-- the daemon's metrics. `rows_checked_total` adds up every run's rows.
+CREATE TABLE IF NOT EXISTS duplex.verify_results (
+    table_name text PRIMARY KEY,
+    finished_at timestamptz NOT NULL,
+    rows_checked bigint NOT NULL,
+    rows_checked_total bigint NOT NULL,
+    differences bigint NOT NULL,
+    orphans bigint NOT NULL
+);
 ";

@@ -23,7 +23,7 @@
 
 pub(crate) mod copy;
 mod plan;
-mod progress;
+pub(crate) mod progress;
 pub(crate) mod split;
 pub(crate) mod table;
 

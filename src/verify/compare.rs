@@ -11,6 +11,7 @@
 //! compared by fetching each row's key and hash; the rows whose hashes differ are then
 //! fetched as text, column by column (NULL is not '').
 
+use super::progress::Meter;
 use crate::pg::node::{sql_err, NodeError};
 use crate::pg::sql::quote_ident;
 use crate::snapshot::table::{Chunk, CopyTable};
@@ -93,6 +94,7 @@ pub(crate) async fn table(
     pair: &Pair<'_>,
     t: &CopyTable,
     bounds: &[Vec<String>],
+    meter: &mut Meter,
 ) -> Result<Found, NodeError> {
     let mut found = Found::default();
     let mut work: Vec<Chunk> = ranges(t, None, None, bounds, true);
@@ -106,6 +108,7 @@ pub(crate) async fn table(
         if range.chunk >= 0 {
             found.rows.0 += ca;
             found.rows.1 += cb;
+            meter.advance(ca.max(cb));
         }
         if (ca, ha) == (cb, hb) {
             continue;

@@ -8,10 +8,16 @@
 //! each one is read again until it has stayed the same for the settle window (the
 //! directions' current lag plus `--settle-ms`), and only those are reported, with how
 //! long they lasted. Orphaned foreign keys are counted on each node ([`orphans`]).
+//! Each run's result is recorded on the nodes for the daemon's metrics ([`record`]).
 
 mod compare;
 mod orphans;
+mod progress;
+mod record;
 mod repair;
+
+pub use record::export as export_metrics;
+pub(crate) use record::store as store_results;
 
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, NodeError};
@@ -147,14 +153,16 @@ async fn compare_all(
         .filter(|tc| only.is_none_or(|t| t == tc.name))
     {
         let t = CopyTable::describe(&a, &b, &dir, tc).await?;
-        let bounds: Vec<Vec<String>> =
-            crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS)
-                .await?
-                .bounds
-                .iter()
-                .filter_map(|b| serde_json::from_str(b).ok())
-                .collect();
-        let found = compare::table(&pair, &t, &bounds).await?;
+        let split = crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS).await?;
+        let bounds: Vec<Vec<String>> = split
+            .bounds
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect();
+        let mut meter = progress::Meter::new(&tc.name, split.rows);
+        let found = compare::table(&pair, &t, &bounds, &mut meter).await;
+        meter.finish();
+        let found = found?;
         let differences = settle_differences(&pair, &t, found.differences, window).await?;
         let mut orphans = orphans::find(&a, first, &tc.name).await?;
         orphans.extend(orphans::find(&b, second, &tc.name).await?);
@@ -270,6 +278,7 @@ pub async fn command(
     let settle = std::time::Duration::from_millis(settle_ms);
     match run(cfg, table, settle, repair).await {
         Ok((report, repaired)) => {
+            store_results(cfg, &report).await;
             if repair {
                 eprintln!("repaired {repaired} rows; compared again:");
             }
