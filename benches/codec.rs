@@ -107,6 +107,7 @@ fn bench(c: &mut Criterion) {
 
     let table = TargetTable {
         name: "public.bench_rows".into(),
+        label: "public.bench_rows".into(),
         sql_name: "\"public\".\"bench_rows\"".into(),
         columns: COLUMNS
             .iter()

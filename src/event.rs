@@ -109,6 +109,11 @@ pub const TRUNCATIONS: (&str, &str) = ("duplex", "truncations");
 /// winner. Inserts into it are published even from apply sessions (they are not echoes).
 pub const REPAIRS: (&str, &str) = ("duplex", "repairs");
 
+/// duplex's own table of key pairings (see `mapping/`): which key a row of a mapped
+/// table has on each node. Inserts into it are published even from apply sessions:
+/// the peer must learn the pairings made here.
+pub const KEY_PAIRS: (&str, &str) = ("duplex", "key_pairs");
+
 /// The kind of change, with Debezium's letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {

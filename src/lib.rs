@@ -18,6 +18,7 @@ pub(crate) mod daemon;
 pub mod event;
 pub mod identity;
 pub(crate) mod kafka;
+pub(crate) mod mapping;
 pub(crate) mod metrics;
 pub(crate) mod pg;
 pub(crate) mod preflight;

@@ -109,7 +109,7 @@ pub async fn node_problems(
     }
     let mut naive = Vec::new();
     for t in &cfg.tables {
-        let (p, local) = table_problems(client, node, &t.name, &t.updated_at).await?;
+        let (p, local) = table_problems(client, node, t.name_on(node), &t.updated_at).await?;
         problems.extend(p);
         if local {
             naive.push(t);
@@ -120,7 +120,7 @@ pub async fn node_problems(
             for t in naive {
                 problems.push(format!(
                     "node {node}: table {table}: {col} is a timestamp without time zone and new sessions here use TimeZone {zone}; duplex reads such a column as UTC, so an application writing local time there would be ordered wrongly against deletes and the clock. Make it timestamptz (ALTER TABLE {table} ALTER {col} TYPE timestamptz USING {col} AT TIME ZONE '{zone}'), or, if the application writes UTC, set the database's time zone to UTC (ALTER DATABASE ... SET TimeZone = 'UTC')",
-                    table = t.name,
+                    table = t.name_on(node),
                     col = t.updated_at,
                 ));
             }

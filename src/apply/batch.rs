@@ -28,6 +28,37 @@ impl DeleteTimes {
         self.tables.get(table)
     }
 
+    /// The deleted keys it holds.
+    pub fn keys(&self) -> impl Iterator<Item = &DeletedKey> {
+        self.keys.keys()
+    }
+
+    /// The same times for a batch mapped into the target's schema: keys `mapped`
+    /// translates are renamed, other keys of mapped tables (never paired on the
+    /// target) dropped; `target_of` names a mapped table's target table.
+    pub fn remap(
+        self,
+        mapped: &HashMap<DeletedKey, DeletedKey>,
+        target_of: impl Fn(&str) -> Option<String>,
+    ) -> DeleteTimes {
+        let mut out = DeleteTimes::default();
+        for (k, at) in self.keys {
+            match (mapped.get(&k), target_of(&k.0)) {
+                (Some(m), _) => {
+                    out.keys.insert(m.clone(), at);
+                }
+                (None, Some(_)) => {}
+                (None, None) => {
+                    out.keys.insert(k, at);
+                }
+            }
+        }
+        for (t, at) in self.tables {
+            out.tables.insert(target_of(&t).unwrap_or(t), at);
+        }
+        out
+    }
+
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.tables.is_empty()

@@ -5,6 +5,7 @@ use super::*;
 fn items() -> TargetTable {
     TargetTable {
         name: "public.items".into(),
+        label: "public.items".into(),
         sql_name: "\"public\".\"items\"".into(),
         columns: vec![
             TargetColumn {

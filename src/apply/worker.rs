@@ -315,6 +315,14 @@ impl<'a> Worker<'a> {
         let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
         let batch_started = Instant::now();
         self.writer.execute("SAVEPOINT batch", "savepoint").await?;
+        // Mapped tables' events and key pairings belong to the batch's savepoint.
+        let mapped = self.writer.map(events, deleted).await?;
+        let (events, deleted) = (mapped.events, mapped.deleted);
+        for (ev, reason) in mapped.bad {
+            let p = pending_of(pending, &ev);
+            self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, &ev, reason))
+                .await?;
+        }
         match self.writer.apply(&events, &deleted).await {
             Ok(applied) => {
                 self.writer

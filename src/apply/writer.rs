@@ -27,6 +27,7 @@ use tokio_postgres::Client;
 const APPLY_DEADLOCK_TIMEOUT_MS: u64 = 100;
 
 mod lww;
+mod mapped;
 mod runs;
 mod statements;
 mod toast;
@@ -44,6 +45,8 @@ pub enum WriteError {
     },
     #[error("node {node}: {detail}")]
     Internal { node: String, detail: String },
+    #[error(transparent)]
+    Map(#[from] crate::mapping::MapError),
 }
 
 impl Classify for WriteError {
@@ -52,6 +55,7 @@ impl Classify for WriteError {
             WriteError::Node(e) => e.class(),
             WriteError::Sql { source, .. } => sql_class(source),
             WriteError::Internal { .. } => ErrorClass::Definite,
+            WriteError::Map(e) => e.class(),
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct TargetWriter<'a> {
     peer_receives: bool,
     /// This direction's metric handles.
     pub metrics: ApplyMetrics,
+    /// The direction's mapped tables (see `mapping/`).
+    mapper: crate::mapping::Mapper,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -112,9 +118,11 @@ impl<'a> TargetWriter<'a> {
     ) -> Result<TargetWriter<'a>, WriteError> {
         let client = node::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
         let origin = cfg.origin_name(dir);
+        let mapper = crate::mapping::Mapper::load(cfg, dir, &client).await?;
         let w = TargetWriter {
             cfg,
             dir,
+            mapper,
             client,
             tables: HashMap::new(),
             metrics,
@@ -174,7 +182,7 @@ impl<'a> TargetWriter<'a> {
     pub async fn sweep(&mut self, window_ms: i64) -> Result<u64, WriteError> {
         let mut removed = 0;
         for tc in &self.cfg.tables {
-            let Some(t) = self.table(&tc.name).await?.cloned() else {
+            let Some(t) = self.table(tc.name_on(&self.dir.to)).await?.cloned() else {
                 continue;
             };
             removed += self
@@ -191,8 +199,8 @@ impl<'a> TargetWriter<'a> {
 
     async fn table(&mut self, name: &str) -> Result<Option<&TargetTable>, WriteError> {
         if !self.tables.contains_key(name) {
-            let loaded = match self.cfg.tables.iter().find(|t| t.name == name) {
-                Some(tc) => TargetTable::load(&self.client, tc)
+            let loaded = match self.cfg.table_on(&self.dir.to, name) {
+                Some(tc) => TargetTable::load(&self.client, tc, &self.dir.to)
                     .await
                     .map_err(self.sql(&format!("reading table {name}")))?,
                 None => None,
@@ -249,7 +257,7 @@ impl<'a> TargetWriter<'a> {
         let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
             return Ok(());
         };
-        let tc = self.cfg.tables.iter().find(|t| t.name == run.table);
+        let tc = self.cfg.table_on(&self.dir.to, &run.table);
         // One version per key goes on: the highest, as applying the events one by one
         // under last-writer-wins would leave. Keys are independent (foreign keys do not
         // fire in replica mode), so one statement per kind serves the table.

@@ -8,12 +8,13 @@
 //! the commit arrives, so the `last` flag is right without buffering whole
 //! transactions. Transactions under a duplex replication origin are dropped here: they
 //! are changes duplex itself applied, and must not echo back; only the repairs they
-//! write (the winning version of a key whose incoming version lost) go through.
+//! write (the winning version of a key whose incoming version lost) and the key
+//! pairings of mapped tables go through.
 
 use crate::capture::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
 use crate::capture::walsender::PG_EPOCH_OFFSET_US;
 use crate::config::ORIGIN_PREFIX;
-use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, REPAIRS};
+use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, KEY_PAIRS, REPAIRS};
 use std::collections::HashMap;
 
 /// What the reader found wrong with the stream.
@@ -248,8 +249,11 @@ impl TxnReader {
                 lsn: wal_start,
             });
         };
-        // A repair is the one thing an apply session writes that the peer must see.
-        if t.echo && !(op == Op::Insert && (schema.as_str(), name.as_str()) == REPAIRS) {
+        // Repairs and key pairings are what an apply session writes that the peer
+        // must see.
+        let published_from_apply =
+            op == Op::Insert && [REPAIRS, KEY_PAIRS].contains(&(schema.as_str(), name.as_str()));
+        if t.echo && !published_from_apply {
             return Ok(());
         }
         let ev = ChangeEvent {

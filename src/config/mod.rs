@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 mod connections;
+pub mod mapping;
 mod snapshot;
 mod sync;
 pub use connections::{is_secret_property, password_env_var, redact_url, KafkaConfig, NodeConfig};
@@ -246,6 +247,8 @@ impl Config {
         if self.tables.is_empty() {
             return Err(invalid("tables", "at least one table is needed"));
         }
+        let nodes: Vec<&String> = self.nodes.keys().collect();
+        let names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
         for (i, t) in self.tables.iter().enumerate() {
             t.validate(i)?;
             if self.tables[..i].iter().any(|o| o.name == t.name) {
@@ -254,8 +257,39 @@ impl Config {
                     format!("{} is listed twice", t.name),
                 ));
             }
+            if t.is_mapped() {
+                mapping::validate(
+                    &format!("tables[{i}]"),
+                    &nodes,
+                    &t.nodes,
+                    &t.key,
+                    &t.new_key,
+                    &t.columns,
+                    &names,
+                )?;
+            }
+            // A node's table belongs to one pair: its changes must map one way.
+            for node in &nodes {
+                let on = t.name_on(node);
+                if self.tables[..i].iter().any(|o| o.name_on(node) == on) {
+                    return Err(invalid(
+                        format!("tables[{i}]"),
+                        format!("table {on} on node {node} is in two [[tables]] entries"),
+                    ));
+                }
+            }
         }
-        let nodes: Vec<&String> = self.nodes.keys().collect();
+        if let Some(n) = nodes
+            .iter()
+            .find(|n| mapping::RESERVED.contains(&n.as_str()))
+        {
+            if self.tables.iter().any(|t| !t.columns.is_empty()) {
+                return Err(invalid(
+                    format!("nodes.{n}"),
+                    format!("{n:?} is a reserved word in [[tables]] columns; rename the node"),
+                ));
+            }
+        }
         self.sync.validate(&nodes)
     }
 
@@ -326,6 +360,11 @@ impl Config {
             Some(w) => w,
             None => self.nodes.keys().next().map(String::as_str).unwrap_or(""),
         }
+    }
+
+    /// The table config whose table on `node` is `name` (`schema.table`).
+    pub fn table_on(&self, node: &str, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name_on(node) == name)
     }
 
     /// The table config for `schema.table`, if it is configured.

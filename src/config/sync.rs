@@ -1,12 +1,15 @@
 //! The `[sync]` section and `[[tables]]`: how changes are applied to the peer node.
 
+use super::mapping::{ColumnMapConfig, NewKeyConfig};
 use super::{invalid, ConfigError, DEFAULT_UPDATED_AT};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 
 pub const DEFAULT_BATCH_ROWS: usize = 5_000;
 pub const DEFAULT_LINGER_MS: u64 = 20;
 pub const DEFAULT_TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const DEFAULT_CONFLICTS_KEPT: i64 = 100_000;
+pub const DEFAULT_REFERENCE_WAIT_MS: u64 = 10_000;
 
 /// What a direction does with an event it cannot apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -37,6 +40,9 @@ pub struct SyncConfig {
     pub tombstone_retention_ms: u64,
     /// Rows kept in `duplex.conflicts`; older ones are pruned.
     pub conflicts_kept: i64,
+    /// How long a mapped row waits, inside its batch, for the row its foreign key
+    /// references to be paired on the target; then it is a bad event.
+    pub reference_wait_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -49,6 +55,7 @@ impl Default for SyncConfig {
             tie_winner: None,
             tombstone_retention_ms: DEFAULT_TOMBSTONE_RETENTION_MS,
             conflicts_kept: DEFAULT_CONFLICTS_KEPT,
+            reference_wait_ms: DEFAULT_REFERENCE_WAIT_MS,
         }
     }
 }
@@ -65,6 +72,20 @@ pub struct TableConfig {
     /// Incoming versions whose `updated_at` is further than this ahead of the receiving
     /// node's clock are rejected as bad events.
     pub max_future_skew_ms: Option<u64>,
+    /// Mapped pairs: the table on each node, when it is not `name` on both.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, String>,
+    /// Mapped pairs: the (single) key column on each node.
+    #[serde(default)]
+    pub key: BTreeMap<String, String>,
+    /// Mapped pairs: how a row new to a node gets its key there; a node without a
+    /// rule finds the row by the other node's rule columns, else takes the next value
+    /// of its key column's sequence.
+    #[serde(default)]
+    pub new_key: BTreeMap<String, NewKeyConfig>,
+    /// Mapped pairs: renamed or converted columns (others cross under their name).
+    #[serde(default)]
+    pub columns: Vec<ColumnMapConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +109,25 @@ impl TableConfig {
         self.name.split_once('.').unwrap_or(("public", &self.name))
     }
 
+    /// Whether the nodes' schemas differ for this table (see `config/mapping.rs`).
+    pub fn is_mapped(&self) -> bool {
+        !self.nodes.is_empty()
+            || !self.key.is_empty()
+            || !self.new_key.is_empty()
+            || !self.columns.is_empty()
+    }
+
+    /// `schema.table` on `node`.
+    pub fn name_on(&self, node: &str) -> &str {
+        self.nodes.get(node).map_or(&self.name, String::as_str)
+    }
+
+    /// (schema, table) on `node`; valid after `Config::validate`.
+    pub fn schema_table_on(&self, node: &str) -> (&str, &str) {
+        let name = self.name_on(node);
+        name.split_once('.').unwrap_or(("public", name))
+    }
+
     pub(super) fn validate(&self, i: usize) -> Result<(), ConfigError> {
         let field = format!("tables[{i}].name");
         let Some((schema, table)) = self.name.split_once('.') else {
@@ -103,6 +143,12 @@ impl TableConfig {
             return Err(invalid(
                 format!("tables[{i}].updated_at"),
                 "must not be empty",
+            ));
+        }
+        if self.identity.is_some() && self.is_mapped() {
+            return Err(invalid(
+                format!("tables[{i}].identity"),
+                "a mapped table derives its keys with new_key, not identity",
             ));
         }
         if let Some(id) = &self.identity {

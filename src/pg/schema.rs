@@ -143,6 +143,18 @@ CREATE TABLE IF NOT EXISTS duplex.snapshot_chunks (
     copied_at timestamptz,
     PRIMARY KEY (source_node, table_name, chunk)
 );
+-- Mapped tables (see mapping/): the key a row has on each node, `key_a` on the node
+-- whose name sorts first. Made by the applier that first writes the row to a node,
+-- in the same transaction, and published so that the other node learns it. Kept
+-- after the row is deleted, so a late change of the key finds its tombstone.
+CREATE TABLE IF NOT EXISTS duplex.key_pairs (
+    table_name text NOT NULL,
+    key_a text NOT NULL,
+    key_b text NOT NULL,
+    paired_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_name, key_a),
+    UNIQUE (table_name, key_b)
+);
 -- The last `duplex verify` of each table, written to both nodes when it finishes, for
 -- the daemon's metrics. `rows_checked_total` adds up every run's rows.
 CREATE TABLE IF NOT EXISTS duplex.verify_results (

@@ -8,7 +8,7 @@
 
 use super::node::{connect, sql_err, NodeError};
 use crate::config::Config;
-use crate::event::{REPAIRS, TOMBSTONES, TRUNCATIONS};
+use crate::event::{KEY_PAIRS, REPAIRS, TOMBSTONES, TRUNCATIONS};
 use crate::pg::sql::quote_ident;
 use tokio_postgres::Client;
 
@@ -103,10 +103,10 @@ async fn ensure_publication(
         .tables
         .iter()
         .map(|t| {
-            let (s, n) = t.schema_table();
+            let (s, n) = t.schema_table_on(node);
             format!("{}.{}", quote_ident(s), quote_ident(n))
         })
-        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| format!("{s}.{n}")))
+        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS, KEY_PAIRS].map(|(s, n)| format!("{s}.{n}")))
         .collect();
     // Partitioned tables are published under their own name, not their partitions'.
     let via_root: Option<bool> = client
@@ -123,10 +123,13 @@ async fn ensure_publication(
         .tables
         .iter()
         .map(|t| {
-            let (s, n) = t.schema_table();
+            let (s, n) = t.schema_table_on(node);
             (s.to_string(), n.to_string())
         })
-        .chain([TOMBSTONES, TRUNCATIONS, REPAIRS].map(|(s, n)| (s.to_string(), n.to_string())))
+        .chain(
+            [TOMBSTONES, TRUNCATIONS, REPAIRS, KEY_PAIRS]
+                .map(|(s, n)| (s.to_string(), n.to_string())),
+        )
         .collect();
     want.sort();
     let mut have: Vec<(String, String)> = client

@@ -19,8 +19,11 @@ pub struct TargetColumn {
 /// A configured table as it exists on the target node.
 #[derive(Debug, Clone)]
 pub struct TargetTable {
-    /// `schema.table` as configured; the key of `duplex.tombstones` and `conflicts`.
+    /// `schema.table` on this node (as configured); the key of `duplex.tombstones`
+    /// and `conflicts`.
     pub name: String,
+    /// The configured table's `name`: the `table` label of metrics.
+    pub label: String,
     /// Quoted `"schema"."table"`.
     pub sql_name: String,
     pub columns: Vec<TargetColumn>,
@@ -30,12 +33,13 @@ pub struct TargetTable {
 }
 
 impl TargetTable {
-    /// Reads the table's columns and primary key from the node's catalog.
+    /// Reads the table's columns and primary key from the catalog of `node`.
     pub async fn load(
         client: &Client,
         cfg: &TableConfig,
+        node: &str,
     ) -> Result<Option<TargetTable>, tokio_postgres::Error> {
-        let (schema, table) = cfg.schema_table();
+        let (schema, table) = cfg.schema_table_on(node);
         let rows = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
@@ -69,7 +73,8 @@ impl TargetTable {
         }
         key.sort();
         Ok(Some(TargetTable {
-            name: cfg.name.clone(),
+            name: cfg.name_on(node).to_string(),
+            label: cfg.name.clone(),
             sql_name: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             columns,
             key: key.into_iter().map(|(_, n)| n).collect(),

@@ -151,8 +151,9 @@ pub async fn ensure_triggers(
 ) -> Result<Vec<String>, NodeError> {
     let mut done = Vec::new();
     for t in &cfg.tables {
-        let (schema, name) = t.schema_table();
+        let (schema, name) = t.schema_table_on(node);
         let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let on = t.name_on(node);
         let key: Vec<String> = client
             .query(
                 "SELECT a.attname::text FROM pg_index i
@@ -162,23 +163,20 @@ pub async fn ensure_triggers(
                 &[&table],
             )
             .await
-            .map_err(sql_err(
-                node,
-                format!("reading the primary key of {}", t.name),
-            ))?
+            .map_err(sql_err(node, format!("reading the primary key of {on}")))?
             .iter()
             .map(|r| r.get(0))
             .collect();
         if key.is_empty() {
             return Err(NodeError::Config {
                 node: node.to_string(),
-                detail: format!("table {} has no primary key", t.name),
+                detail: format!("table {on} has no primary key"),
             });
         }
-        let ddl = tombstone_ddl(&t.name, &table, &key);
-        let what = format!("the tombstone triggers on {}", t.name);
+        let ddl = tombstone_ddl(on, &table, &key);
+        let what = format!("the tombstone triggers on {on}");
         if install(client, node, &table, &ddl, &what).await? {
-            done.push(format!("{}: tombstone triggers", t.name));
+            done.push(format!("{on}: tombstone triggers"));
         }
         if let Some(id) = &t.identity {
             let ext = uuid_ossp_schema(client, node).await?;

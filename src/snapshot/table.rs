@@ -42,9 +42,9 @@ impl CopyTable {
         let read = |node: &str, t: Result<Option<TargetTable>, tokio_postgres::Error>| {
             t.map_err(sql_err(node, format!("reading table {}", tc.name)))
         };
-        let source_table = read(&dir.from, TargetTable::load(source, tc).await)?
+        let source_table = read(&dir.from, TargetTable::load(source, tc, &dir.from).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.from)))?;
-        let target_table = read(&dir.to, TargetTable::load(target, tc).await)?
+        let target_table = read(&dir.to, TargetTable::load(target, tc, &dir.to).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
         let (mut columns, mut binary) = (Vec::new(), true);
         for c in source_table.columns.iter().filter(|c| !c.generated) {

@@ -13,6 +13,7 @@ mod harness;
 mod identity;
 mod interleavings;
 mod long_transactions;
+mod mapping;
 mod observability;
 mod oversize;
 mod partial;

@@ -274,7 +274,7 @@ impl TargetWriter<'_> {
             .execute(&table.repair_sql(), &p)
             .await
             .map_err(self.sql(&format!("writing repairs for {}", table.name)))?;
-        if let Some(t) = self.metrics.table(&table.name) {
+        if let Some(t) = self.metrics.table(&table.label) {
             t.repairs.increment(repaired);
         }
         Ok(())
@@ -313,7 +313,7 @@ impl TargetWriter<'_> {
             )
             .await
             .map_err(self.sql("recording conflicts"))?;
-        if let Some(t) = self.metrics.table(&table.name) {
+        if let Some(t) = self.metrics.table(&table.label) {
             for r in &resolution {
                 if let Some(c) = t.conflicts(r) {
                     c.increment(1);

@@ -76,7 +76,7 @@ impl TargetWriter<'_> {
                 .execute(&table.upsert_sql(&cols), &params)
                 .await
                 .map_err(self.sql(&format!("upserting into {}", table.name)))?;
-            if let Some(t) = self.metrics.table(&table.name) {
+            if let Some(t) = self.metrics.table(&table.label) {
                 t.upserts.increment(members.len() as u64);
             }
         }
@@ -110,7 +110,7 @@ impl TargetWriter<'_> {
             .execute(&table.delete_sql(), &params)
             .await
             .map_err(self.sql(&format!("deleting from {}", table.name)))?;
-        if let Some(t) = self.metrics.table(&table.name) {
+        if let Some(t) = self.metrics.table(&table.label) {
             t.deletes.increment(winners.len() as u64);
         }
         Ok(())

@@ -1,0 +1,398 @@
+//! Mapped tables: a table pair whose schema differs between the nodes (the legacy
+//! integer-key schema and its modern UUID schema). Events on a node's topic keep that
+//! node's schema; the applier into the other node maps each batch here, after
+//! `apply::batch` readied it and before the writer decides last-writer-wins:
+//!
+//! `events (source schema) → learn the peer's key pairings → pair every key (lookup,
+//! else derive a UUIDv5, match a natural key, or take the target's sequence) →
+//! translate foreign keys through the referenced table's pairings (waiting a bounded
+//! time for one still in flight) → rename and convert columns → events (target schema)`.
+//!
+//! Pairings are written in the batch's transaction (see [`keys`]), so a row and its
+//! pairing commit together and exactly once. A value that cannot be converted, or a
+//! reference still unpaired after `sync.reference_wait_ms`, makes its event bad (halt
+//! or dead letter): nothing is written with a wrong or NULL reference.
+
+pub mod convert;
+mod keys;
+mod pair;
+
+use crate::config::{Config, Direction};
+use crate::event::{ChangeEvent, Op, Row, Value, KEY_PAIRS};
+use crate::pg::node::{describe, sql_class};
+use crate::{Classify, ErrorClass};
+use keys::{PairingError, Pairings};
+pub use pair::PairMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// How often an unpaired reference is looked up again while it waits.
+const REFERENCE_RECHECK: Duration = Duration::from_millis(200);
+
+/// Errors mapping a batch: the target's catalog or pairing table could not be read
+/// or written, or a mapped table does not fit its config.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error(transparent)]
+    Pairing(#[from] PairingError),
+    #[error("node {node}: {context}: {}", describe(source))]
+    Sql {
+        node: String,
+        context: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("mapped table {table} on node {node}: {detail}")]
+    Config {
+        table: String,
+        node: String,
+        detail: String,
+    },
+}
+
+impl Classify for MapError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            MapError::Pairing(e) => sql_class(&e.source),
+            MapError::Sql { source, .. } => sql_class(source),
+            MapError::Config { .. } => ErrorClass::Definite,
+        }
+    }
+}
+
+/// What became of one event of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Not a mapped table: written as it is.
+    Keep,
+    /// The event in the target's schema.
+    Mapped(Box<ChangeEvent>),
+    /// Nothing to write (a pairing learned; a delete of a row never paired here).
+    Drop,
+    /// The event cannot be written, and why.
+    Bad(String),
+}
+
+/// A mapped batch: an outcome per event, and the target's (table, key) for each
+/// source (table, key) the batch's tombstones name.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    pub outcomes: Vec<Outcome>,
+    pub deleted_keys: HashMap<(String, Vec<String>), (String, Vec<String>)>,
+}
+
+/// One direction's mapped tables.
+pub struct Mapper {
+    pairs: Vec<PairMap>,
+    target: String,
+    target_is_a: bool,
+    reference_wait: Duration,
+}
+
+impl Mapper {
+    /// Reads the target's catalog for every mapped table of `cfg`.
+    pub async fn load(cfg: &Config, dir: &Direction, target: &Client) -> Result<Mapper, MapError> {
+        let mut pairs = Vec::new();
+        for tc in cfg.tables.iter().filter(|t| t.is_mapped()) {
+            pairs.push(PairMap::load(tc, dir, target).await?);
+        }
+        Ok(Mapper {
+            pairs,
+            target: dir.to.clone(),
+            target_is_a: cfg.nodes.keys().next() == Some(&dir.to),
+            reference_wait: Duration::from_millis(cfg.sync.reference_wait_ms),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The target table of a mapped source table (`schema.table`).
+    pub fn target_of(&self, source_table: &str) -> Option<String> {
+        self.pairs
+            .iter()
+            .find(|p| p.source_table == source_table)
+            .map(|p| p.target_table.clone())
+    }
+
+    /// The pair whose source table is `schema.table`.
+    fn pair_of(&self, ev: &ChangeEvent) -> Option<&PairMap> {
+        let name = format!("{}.{}", ev.source.schema, ev.source.table);
+        self.pairs.iter().find(|p| p.source_table == name)
+    }
+
+    /// Maps a readied batch inside the target transaction `client` has open.
+    pub async fn map_batch(
+        &self,
+        client: &Client,
+        events: &[Cow<'_, ChangeEvent>],
+        deleted: &[(String, Vec<String>)],
+    ) -> Result<Mapped, MapError> {
+        let pairings = Pairings {
+            client,
+            node: &self.target,
+            target_is_a: self.target_is_a,
+        };
+        let mut out = Mapped {
+            outcomes: vec![Outcome::Keep; events.len()],
+            ..Mapped::default()
+        };
+        let learned = self.learned(events, &mut out.outcomes);
+        pairings.learn(&learned).await?;
+        let mut known = self.lookup_all(&pairings, events, deleted).await?;
+        self.pair_new_rows(&pairings, events, &mut known, &mut out.outcomes)
+            .await?;
+        self.await_references(&pairings, events, &mut known).await?;
+        for (i, ev) in events.iter().enumerate() {
+            if out.outcomes[i] != Outcome::Keep {
+                continue;
+            }
+            if let Some(p) = self.pair_of(ev) {
+                out.outcomes[i] = self.map_event(p, ev, &known);
+            }
+        }
+        for (table, key) in deleted {
+            let Some(p) = self.pairs.iter().find(|p| &p.source_table == table) else {
+                continue;
+            };
+            if let Some(t) = key
+                .first()
+                .and_then(|k| known.get(&(p.label.clone(), k.clone())))
+            {
+                out.deleted_keys.insert(
+                    (table.clone(), key.clone()),
+                    (p.target_table.clone(), vec![t.clone()]),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pairings the peer published, as (table, key_a, key_b); their events are dropped.
+    fn learned(
+        &self,
+        events: &[Cow<'_, ChangeEvent>],
+        outcomes: &mut [Outcome],
+    ) -> Vec<(String, String, String)> {
+        let mut learned = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            if (ev.source.schema.as_str(), ev.source.table.as_str()) != KEY_PAIRS {
+                continue;
+            }
+            outcomes[i] = Outcome::Drop;
+            let Some(row) = ev.after.as_ref().filter(|_| ev.op == Op::Insert) else {
+                continue;
+            };
+            if let (Some(t), Some(a), Some(b)) = (
+                text(row, "table_name"),
+                text(row, "key_a"),
+                text(row, "key_b"),
+            ) {
+                learned.push((t.to_string(), a.to_string(), b.to_string()));
+            }
+        }
+        learned
+    }
+
+    /// Looks up every source key the batch names: its rows' keys, their references
+    /// and its tombstones'. Returns (table label, source key) → target key.
+    async fn lookup_all(
+        &self,
+        pairings: &Pairings<'_>,
+        events: &[Cow<'_, ChangeEvent>],
+        deleted: &[(String, Vec<String>)],
+    ) -> Result<HashMap<(String, String), String>, MapError> {
+        let mut wanted: HashMap<&str, HashSet<String>> = HashMap::new();
+        for ev in events {
+            let Some(p) = self.pair_of(ev) else { continue };
+            if let Some(k) = p.source_key_of(ev) {
+                wanted.entry(&p.label).or_default().insert(k);
+            }
+            for (label, v) in p.references_of(ev) {
+                wanted.entry(label).or_default().insert(v);
+            }
+        }
+        for (table, key) in deleted {
+            if let (Some(p), Some(k)) = (
+                self.pairs.iter().find(|p| &p.source_table == table),
+                key.first(),
+            ) {
+                wanted.entry(&p.label).or_default().insert(k.clone());
+            }
+        }
+        let mut known = HashMap::new();
+        for (label, keys) in wanted {
+            let keys: Vec<String> = keys.into_iter().collect();
+            for (s, t) in pairings.lookup(label, &keys).await? {
+                known.insert((label.to_string(), s), t);
+            }
+        }
+        Ok(known)
+    }
+
+    /// Gives every upserted row without a pairing its target key, and records the
+    /// pairings. A row whose key cannot be made is bad.
+    async fn pair_new_rows(
+        &self,
+        pairings: &Pairings<'_>,
+        events: &[Cow<'_, ChangeEvent>],
+        known: &mut HashMap<(String, String), String>,
+        outcomes: &mut [Outcome],
+    ) -> Result<(), MapError> {
+        for p in &self.pairs {
+            // First image of each new key, in batch order.
+            let mut new: Vec<(usize, String)> = Vec::new();
+            let mut seen = HashSet::new();
+            for (i, ev) in events.iter().enumerate() {
+                if outcomes[i] != Outcome::Keep || ev.op == Op::Delete || ev.after.is_none() {
+                    continue;
+                }
+                if self.pair_of(ev).map(|q| &q.label) != Some(&p.label) {
+                    continue;
+                }
+                let Some(k) = p.source_key_of(ev) else {
+                    continue;
+                };
+                if !known.contains_key(&(p.label.clone(), k.clone())) && seen.insert(k.clone()) {
+                    new.push((i, k));
+                }
+            }
+            if new.is_empty() {
+                continue;
+            }
+            let rows: Vec<(&str, &Row)> = new
+                .iter()
+                .filter_map(|(i, k)| events[*i].after.as_ref().map(|r| (k.as_str(), r)))
+                .collect();
+            let made = p.new_keys(pairings, &rows).await?;
+            let mut pairs = Vec::new();
+            for ((i, k), made) in new.iter().zip(made) {
+                match made {
+                    Ok(t) => pairs.push((k.clone(), t)),
+                    Err(reason) => outcomes[*i] = Outcome::Bad(reason),
+                }
+            }
+            pairings.insert(&p.label, &pairs).await?;
+            // What holds now: a pairing learned meanwhile wins over the one made here.
+            let keys: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
+            let stored = pairings.lookup(&p.label, &keys).await?;
+            for (s, t) in &pairs {
+                match stored.get(s) {
+                    Some(st) => {
+                        known.insert((p.label.clone(), s.clone()), st.clone());
+                    }
+                    None => tracing::warn!(table = %p.label, key = %s, target = %t,
+                        "key pairing not stored: the target key is paired with another source key"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits, up to `sync.reference_wait_ms`, for references whose row is not paired
+    /// on the target yet (its pairing may be in flight on the other topic).
+    async fn await_references(
+        &self,
+        pairings: &Pairings<'_>,
+        events: &[Cow<'_, ChangeEvent>],
+        known: &mut HashMap<(String, String), String>,
+    ) -> Result<(), MapError> {
+        let deadline = Instant::now() + self.reference_wait;
+        loop {
+            let mut missing: HashMap<String, HashSet<String>> = HashMap::new();
+            for ev in events.iter().filter(|e| e.op != Op::Delete) {
+                let Some(p) = self.pair_of(ev) else { continue };
+                for (label, v) in p.references_of(ev) {
+                    if !known.contains_key(&(label.to_string(), v.clone())) {
+                        missing.entry(label.to_string()).or_default().insert(v);
+                    }
+                }
+            }
+            if missing.is_empty() || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tracing::debug!(?missing, "waiting for referenced rows to be paired");
+            tokio::time::sleep(REFERENCE_RECHECK).await;
+            for (label, keys) in missing {
+                let keys: Vec<String> = keys.into_iter().collect();
+                for (s, t) in pairings.lookup(&label, &keys).await? {
+                    known.insert((label.clone(), s), t);
+                }
+            }
+        }
+    }
+
+    /// One event in the target's schema.
+    fn map_event(
+        &self,
+        p: &PairMap,
+        ev: &ChangeEvent,
+        known: &HashMap<(String, String), String>,
+    ) -> Outcome {
+        let Some((schema, table)) = p.target_table.split_once('.') else {
+            return Outcome::Bad(format!(
+                "target table {} is not schema.table",
+                p.target_table
+            ));
+        };
+        let mut out = ev.clone();
+        out.source.schema = schema.to_string();
+        out.source.table = table.to_string();
+        out.key = vec![p.target_key.clone()];
+        out.types = Vec::new();
+        if ev.op == Op::Truncate {
+            return Outcome::Mapped(Box::new(out));
+        }
+        let Some(source_key) = p.source_key_of(ev) else {
+            return Outcome::Bad(format!("key column {} is missing or NULL", p.source_key));
+        };
+        let Some(target_key) = known.get(&(p.label.clone(), source_key.clone())) else {
+            return match ev.op {
+                // Never paired here: the row never reached this node.
+                Op::Delete => Outcome::Drop,
+                _ => Outcome::Bad(format!(
+                    "{} key {source_key} has no key on node {}",
+                    p.source_table, self.target
+                )),
+            };
+        };
+        let key_image = Row(vec![(
+            p.target_key.clone(),
+            Value::Text(target_key.clone()),
+        )]);
+        if ev.op == Op::Delete {
+            out.before = Some(key_image);
+            out.after = None;
+            return Outcome::Mapped(Box::new(out));
+        }
+        let Some(after) = &ev.after else {
+            return Outcome::Bad("the event has no row image".into());
+        };
+        let mut row = key_image;
+        for (col, v) in &after.0 {
+            match p.map_value(col, v, known) {
+                Ok(Some((target_col, value))) => row.0.push((target_col, value)),
+                Ok(None) => {}
+                Err(reason) => {
+                    return Outcome::Bad(format!(
+                        "{} key {source_key}, column {col}: {reason}",
+                        p.source_table
+                    ))
+                }
+            }
+        }
+        out.before = None;
+        out.after = Some(row);
+        Outcome::Mapped(Box::new(out))
+    }
+}
+
+/// A text column of a duplex row.
+fn text<'r>(row: &'r Row, col: &str) -> Option<&'r str> {
+    match row.get(col) {
+        Some(Value::Text(t)) => Some(t),
+        _ => None,
+    }
+}
