@@ -116,8 +116,21 @@ impl<'a> TargetWriter<'a> {
         dir: &'a Direction,
         metrics: ApplyMetrics,
     ) -> Result<TargetWriter<'a>, WriteError> {
-        let client = node::connect(cfg, &dir.to, &format!("apply from {}", dir.from)).await?;
-        let origin = cfg.origin_name(dir);
+        let purpose = format!("apply from {}", dir.from);
+        Self::connect_as(cfg, dir, metrics, &cfg.origin_name(dir), &purpose).await
+    }
+
+    /// Opens a session on `dir.to` writing under replication origin `origin` (which
+    /// must exist), named `purpose` in `pg_stat_activity`.
+    pub async fn connect_as(
+        cfg: &'a Config,
+        dir: &'a Direction,
+        metrics: ApplyMetrics,
+        origin: &str,
+        purpose: &str,
+    ) -> Result<TargetWriter<'a>, WriteError> {
+        let client = node::connect(cfg, &dir.to, purpose).await?;
+        let origin = origin.to_string();
         let mapper = crate::mapping::Mapper::load(cfg, dir, &client).await?;
         let w = TargetWriter {
             cfg,

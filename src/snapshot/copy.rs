@@ -11,6 +11,7 @@
 //! order) under a replication origin of duplex's (`<direction origin>_copy<n>`), so the
 //! target's reader drops the copied rows as echoes instead of sending them back.
 
+use super::mapped::MappedCopier;
 use super::plan::Method;
 use super::table::{Chunk, CopyTable};
 use super::SnapshotError;
@@ -29,7 +30,11 @@ const ORIGIN_BUSY_RETRIES: u32 = 20;
 const ALL_TOMBSTONES_MS: i64 = 100 * 365 * 24 * 3600 * 1000;
 
 pub(crate) struct CopyWorker<'a> {
+    cfg: &'a Config,
     dir: &'a Direction,
+    n: usize,
+    /// The session for mapped tables' chunks, opened when the first one comes.
+    mapped: Option<MappedCopier<'a>>,
     source: Client,
     target: Client,
     /// Tables whose staging table exists in this target session.
@@ -40,7 +45,7 @@ pub(crate) struct CopyWorker<'a> {
 impl<'a> CopyWorker<'a> {
     /// Opens worker `n`'s sessions on both nodes.
     pub(crate) async fn connect(
-        cfg: &Config,
+        cfg: &'a Config,
         dir: &'a Direction,
         n: usize,
     ) -> Result<CopyWorker<'a>, SnapshotError> {
@@ -70,7 +75,10 @@ impl<'a> CopyWorker<'a> {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         Ok(CopyWorker {
+            cfg,
             dir,
+            n,
+            mapped: None,
             source,
             target,
             staged: HashSet::new(),
@@ -94,6 +102,9 @@ impl<'a> CopyWorker<'a> {
             )
             .await
             .map_err(sql_err(&self.dir.to, "counting a chunk's attempt"))?;
+        if t.mapped {
+            return self.copy_mapped(t, chunk).await;
+        }
         let mut method = method;
         if method == Method::Direct {
             match self.copy_chunk(t, chunk, Method::Direct).await {
@@ -108,6 +119,18 @@ impl<'a> CopyWorker<'a> {
         }
         let r = self.copy_chunk(t, chunk, method).await;
         self.explain(t, chunk, method, r).await
+    }
+
+    /// Copies a chunk of a mapped table through the mapping (see `snapshot/mapped.rs`).
+    async fn copy_mapped(&mut self, t: &CopyTable, chunk: &Chunk) -> Result<u64, SnapshotError> {
+        if self.mapped.is_none() {
+            let origin = format!("{}_copy{}m", self.cfg.origin_name(self.dir), self.n);
+            crate::pg::setup::ensure_origin(&self.target, &self.dir.to, &origin).await?;
+            let copier = MappedCopier::connect(self.cfg, self.dir, &origin, self.n).await?;
+            self.mapped = Some(copier);
+        }
+        let copier = self.mapped.as_mut().expect("connected above");
+        copier.copy(&self.source, self.dir, t, chunk).await
     }
 
     /// Copies the source's row with key `key` into the target under last-writer-wins

@@ -22,6 +22,7 @@
 //! under last-writer-wins, for every table or one.
 
 pub(crate) mod copy;
+mod mapped;
 mod plan;
 pub(crate) mod progress;
 pub(crate) mod split;
@@ -35,7 +36,7 @@ use copy::CopyWorker;
 use plan::Method;
 pub(crate) use plan::{load as load_plans, TablePlan};
 use progress::Progress;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use table::{Chunk, CopyTable};
 use tokio::sync::watch;
@@ -46,6 +47,8 @@ use tracing::Instrument;
 pub enum SnapshotError {
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Write(#[from] crate::apply::writer::WriteError),
     #[error("snapshot {direction}: table {table} {detail}")]
     Table {
         direction: String,
@@ -72,6 +75,7 @@ impl Classify for SnapshotError {
     fn class(&self) -> ErrorClass {
         match self {
             SnapshotError::Node(e) => e.class(),
+            SnapshotError::Write(e) => e.class(),
             SnapshotError::Table { .. }
             | SnapshotError::BadRow { .. }
             | SnapshotError::BothPopulated { .. } => ErrorClass::Definite,
@@ -262,8 +266,8 @@ async fn choose(
         return Ok(Method::Direct);
     }
     if cfg.snapshot.mode == SnapshotMode::Initial
-        && plan::has_rows_older_than_duplex(target, &dir.to, t).await?
-        && plan::has_rows_older_than_duplex(source, &dir.from, t).await?
+        && plan::has_rows_older_than_duplex(target, &dir.to, t, false).await?
+        && plan::has_rows_older_than_duplex(source, &dir.from, t, true).await?
     {
         return Err(SnapshotError::BothPopulated {
             direction: dir.to_string(),
@@ -330,17 +334,30 @@ async fn copy_tables(
     drop(source);
     let mut queue: Vec<(i64, Chunk)> = queue.into();
     queue.sort_by_key(|(weight, _)| std::cmp::Reverse(*weight));
-    let queue: VecDeque<Chunk> = queue.into_iter().map(|(_, c)| c).collect();
-    tracing::info!(direction = %dir, tables = tables.len(), chunks = queue.len(), "copying");
-    let workers = cfg.snapshot.workers.min(queue.len()).max(1);
-    let queue = Mutex::new(queue);
+    // A mapped table's chunks wait until the tables it references are copied.
+    let level_of = mapped::levels(cfg);
+    let mut levels: BTreeMap<usize, VecDeque<Chunk>> = BTreeMap::new();
+    for (_, c) in queue {
+        let level = level_of.get(&c.table).copied().unwrap_or(0);
+        levels.entry(level).or_default().push_back(c);
+    }
+    let chunks: usize = levels.values().map(VecDeque::len).sum();
+    tracing::info!(direction = %dir, tables = tables.len(), chunks, "copying");
     let (done_tx, done_rx) = watch::channel(false);
     let copying = async {
-        let all = (0..workers).map(|n| {
-            work(cfg, dir, n, &queue, &tables, &progress)
-                .instrument(tracing::info_span!("snapshot_worker", direction = %dir, n))
-        });
-        let r = futures_util::future::try_join_all(all).await;
+        let mut r = Ok(());
+        for level in levels.into_values() {
+            let workers = cfg.snapshot.workers.min(level.len()).max(1);
+            let queue = Mutex::new(level);
+            let all = (0..workers).map(|n| {
+                work(cfg, dir, n, &queue, &tables, &progress)
+                    .instrument(tracing::info_span!("snapshot_worker", direction = %dir, n))
+            });
+            if let Err(e) = futures_util::future::try_join_all(all).await {
+                r = Err(e);
+                break;
+            }
+        }
         let _ = done_tx.send(true);
         r
     };

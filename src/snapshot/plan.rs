@@ -112,7 +112,7 @@ pub(crate) async fn source_has_rows(
     dir: &Direction,
     tc: &TableConfig,
 ) -> Result<bool, NodeError> {
-    let (schema, table) = tc.schema_table();
+    let (schema, table) = tc.schema_table_on(&dir.from);
     let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(table));
     exists(source, &dir.from, &tc.name, &sql_name, "").await
 }
@@ -151,9 +151,15 @@ pub(crate) async fn has_rows_older_than_duplex(
     client: &Client,
     node: &str,
     t: &CopyTable,
+    on_source: bool,
 ) -> Result<bool, NodeError> {
     let older = " WHERE age(xmin) > (SELECT age(xid(first_setup_xid)) FROM duplex.node)";
-    exists(client, node, &t.name, &t.sql_name, older).await
+    let sql_name = if on_source {
+        &t.source_sql_name
+    } else {
+        &t.sql_name
+    };
+    exists(client, node, &t.name, sql_name, older).await
 }
 
 /// Whether table `sql_name` (configured as `name`) holds a row matching `filter`.

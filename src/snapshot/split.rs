@@ -43,7 +43,7 @@ pub(crate) async fn size(
                     bool_or(c.reltuples < 0)
              FROM pg_partition_tree($1::text::regclass) p JOIN pg_class c ON c.oid = p.relid
              WHERE p.isleaf",
-            &[&t.sql_name],
+            &[&t.source_sql_name],
         )
         .await
         .map_err(sql_err(
@@ -86,7 +86,7 @@ pub(crate) async fn split_at_most(
         estimate as i64
     } else {
         source
-            .query_one(&format!("SELECT count(*) FROM {}", t.sql_name), &[])
+            .query_one(&format!("SELECT count(*) FROM {}", t.source_sql_name), &[])
             .await
             .map_err(sql("counting the rows of"))?
             .get(0)
@@ -122,7 +122,7 @@ pub(crate) async fn split_at_most(
                    SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn FROM {table}) s
                  WHERE rn % $1 = 0 ORDER BY rn",
                 texts = texts.join(", "),
-                table = t.sql_name,
+                table = t.source_sql_name,
             ),
             &[&per_chunk],
         )
@@ -150,7 +150,10 @@ async fn by_width(
     let k = quote_ident(key);
     let row = source
         .query_one(
-            &format!("SELECT min({k})::int8, max({k})::int8 FROM {}", t.sql_name),
+            &format!(
+                "SELECT min({k})::int8, max({k})::int8 FROM {}",
+                t.source_sql_name
+            ),
             &[],
         )
         .await?;

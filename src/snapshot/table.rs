@@ -14,8 +14,15 @@ use tokio_postgres::Client;
 #[derive(Debug, Clone)]
 pub(crate) struct CopyTable {
     pub name: String,
-    /// Quoted `"schema"."table"`, the same on both nodes.
+    /// Quoted `"schema"."table"` on the target.
     pub sql_name: String,
+    /// Quoted `"schema"."table"` on the source: the same unless the table is mapped.
+    pub source_sql_name: String,
+    /// `schema.table` on the source.
+    pub source_table: String,
+    /// The nodes' schemas differ (see `mapping/`): rows are copied through the
+    /// mapping rather than by COPY.
+    pub mapped: bool,
     /// The source's stored columns (generated ones are computed on the target).
     pub columns: Vec<String>,
     /// Primary-key columns with their source types, in key order.
@@ -46,9 +53,10 @@ impl CopyTable {
             .ok_or_else(|| problem(format!("missing on node {}", dir.from)))?;
         let target_table = read(&dir.to, TargetTable::load(target, tc, &dir.to).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
-        let (mut columns, mut binary) = (Vec::new(), true);
+        let (mut columns, mut binary) = (Vec::new(), !tc.is_mapped());
         for c in source_table.columns.iter().filter(|c| !c.generated) {
             match target_table.column(&c.name) {
+                _ if tc.is_mapped() => {}
                 None => {
                     return Err(problem(format!(
                         "column {} is missing on node {}",
@@ -70,6 +78,9 @@ impl CopyTable {
         Ok(CopyTable {
             name: tc.name.clone(),
             sql_name: target_table.sql_name.clone(),
+            source_sql_name: source_table.sql_name.clone(),
+            source_table: source_table.name.clone(),
+            mapped: tc.is_mapped(),
             columns,
             key,
             binary,
@@ -152,7 +163,7 @@ impl CopyTable {
         format!(
             "COPY (SELECT {} FROM {}{filter}) TO STDOUT{}",
             cols.join(", "),
-            self.sql_name,
+            self.source_sql_name,
             self.format()
         )
     }
@@ -167,7 +178,27 @@ impl CopyTable {
         format!(
             "SELECT ARRAY[{}] FROM {}{} ORDER BY {}",
             texts.join(", "),
-            self.sql_name,
+            self.source_sql_name,
+            self.chunk_filter(chunk),
+            self.key_list("")
+        )
+    }
+
+    /// The source rows of a chunk, each column as its type's output function prints
+    /// it (as the stream carries it; NULL stays NULL), for a copy through the mapping.
+    pub(crate) fn rows_sql(&self, chunk: &Chunk) -> String {
+        let texts: Vec<String> = self
+            .columns
+            .iter()
+            .map(|c| {
+                let c = quote_ident(c);
+                format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END")
+            })
+            .collect();
+        format!(
+            "SELECT {} FROM {}{} ORDER BY {}",
+            texts.join(", "),
+            self.source_sql_name,
             self.chunk_filter(chunk),
             self.key_list("")
         )
