@@ -420,3 +420,84 @@ async fn the_reference_case_copies_then_converges_through_kills() {
     }
     assert_eq!(d.unwrap().stop().await, Some(0));
 }
+
+/// Each mapping error class ends in the dead-letter queue with its reason, and
+/// nothing else is held up: a value outside the value map, a number the scale cannot
+/// carry exactly, and a reference whose row is never paired (after
+/// `sync.reference_wait_ms`).
+#[tokio::test]
+async fn mapping_errors_go_to_the_dead_letter_queue_and_nothing_else_stops() {
+    let (rig, a, b) = rig("[snapshot]\nmode = \"never\"\n").await;
+    rig.edit_config(&[(
+        "linger_ms = 10",
+        "linger_ms = 10\non_error = \"dead_letter\"\nreference_wait_ms = 1000",
+    )]);
+    b.batch_execute("ALTER TABLE orders ALTER total TYPE numeric(12,3)")
+        .await
+        .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    b.batch_execute(
+        "INSERT INTO accounts (id, email, full_name) VALUES ('00000000-0000-0000-0000-0000000000a1', 'm@x', 'M');
+         INSERT INTO orders (id, account_id, total, status) VALUES
+           ('00000000-0000-0000-0000-0000000000b1', '00000000-0000-0000-0000-0000000000a1', 1.5, 'pending');
+         INSERT INTO orders (id, account_id, total, status) VALUES
+           ('00000000-0000-0000-0000-0000000000b2', '00000000-0000-0000-0000-0000000000a1', 2, 'lost');
+         INSERT INTO orders (id, account_id, total, status) VALUES
+           ('00000000-0000-0000-0000-0000000000b3', '00000000-0000-0000-0000-0000000000a1', 1.005, 'shipped');
+         SET session_replication_role = replica;
+         INSERT INTO orders (id, account_id, total, status) VALUES
+           ('00000000-0000-0000-0000-0000000000b4', '00000000-0000-0000-0000-0000000000ff', 3, 'pending');
+         RESET session_replication_role;
+         INSERT INTO orders (id, account_id, total, status) VALUES
+           ('00000000-0000-0000-0000-0000000000b5', '00000000-0000-0000-0000-0000000000a1', 4.25, 'cancelled');",
+    )
+    .await
+    .unwrap();
+    // The good rows arrive, converted; the bad ones are dead letters with reasons.
+    wait_for("the good orders on legacy", Duration::from_secs(60), || {
+        let a = &a;
+        async move {
+            let rows = a
+                .query(
+                    "SELECT total_cents, status::text FROM orders ORDER BY total_cents",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            (got == [(150, "P".to_string()), (425, "C".to_string())]).then_some(())
+        }
+    })
+    .await;
+    let letters = wait_for("three dead letters", Duration::from_secs(60), || {
+        let a = &a;
+        async move {
+            let rows = a
+                .query(
+                    "SELECT key, error FROM duplex.dead_letters ORDER BY key",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let l: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            (l.len() == 3).then_some(l)
+        }
+    })
+    .await;
+    let text = format!("{letters:?}");
+    assert!(
+        letters[0].0.contains("b2") && letters[0].1.contains("outside the value map"),
+        "{text}"
+    );
+    assert!(
+        letters[1].0.contains("b3") && letters[1].1.contains("not a whole number"),
+        "{text}"
+    );
+    assert!(
+        letters[2].0.contains("b4") && letters[2].1.contains("no row paired"),
+        "{text}"
+    );
+    assert_eq!(d.stop().await, Some(0));
+}
