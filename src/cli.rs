@@ -42,6 +42,9 @@ pub enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Print what a row of this table becomes on the other node (its mapping).
+        #[arg(long, value_name = "TABLE")]
+        explain: Option<String>,
     },
     /// Create duplex's schema, publications, slots and origins (idempotent).
     Setup {
@@ -176,7 +179,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
     let path = match &cli.command {
         Command::Uuid { namespace, values } => return uuid(namespace, values),
         Command::Run { config }
-        | Command::Check { config }
+        | Command::Check { config, .. }
         | Command::Setup { config }
         | Command::Snapshot { config, .. }
         | Command::Verify { config, .. }
@@ -197,7 +200,10 @@ pub async fn execute(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Run { .. } => run(cfg).await,
-        Command::Check { .. } => check(&cfg).await,
+        Command::Check { explain, .. } => match explain {
+            Some(t) => explain_table(&cfg, &t).await,
+            None => check(&cfg).await,
+        },
         Command::Setup { .. } => setup(&cfg).await,
         Command::Snapshot { table, .. } => snapshot(&cfg, table.as_deref()).await,
         Command::Verify {
@@ -295,6 +301,39 @@ async fn check(cfg: &Config) -> ExitCode {
     }
     if problems.is_empty() {
         println!("ok: both nodes and the broker are ready");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `duplex check --explain T`: the table's mapping in both directions, with a sample
+/// row; exit 1 if it cannot be read or has problems.
+async fn explain_table(cfg: &Config, table: &str) -> ExitCode {
+    let mut clients = std::collections::BTreeMap::new();
+    for node in cfg.nodes.keys() {
+        match crate::pg::node::connect(cfg, node, "check").await {
+            Ok(c) => {
+                clients.insert(node.clone(), c);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match crate::mapping::check::explain(cfg, table, &clients).await {
+        Ok(text) => print!("{text}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let problems = crate::mapping::check::problems(cfg, &clients).await;
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -16,6 +16,7 @@ use tracing::Instrument;
 pub async fn check_all(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     let sources = cfg.source_nodes();
+    let mut clients = std::collections::BTreeMap::new();
     for node in cfg.nodes.keys() {
         match crate::pg::node::connect(cfg, node, "check").await {
             Ok(client) => {
@@ -24,9 +25,14 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
                     Ok(p) => problems.extend(p),
                     Err(e) => problems.push(format!("node {node}: checking failed: {e}")),
                 }
+                clients.insert(node.clone(), client);
             }
             Err(e) => problems.push(format!("{e}")),
         }
+    }
+    // The mappings, once both tables exist on both nodes.
+    if problems.is_empty() {
+        problems.extend(crate::mapping::check::problems(cfg, &clients).await);
     }
     if let Err(e) = check_broker(cfg).await {
         problems.push(format!(

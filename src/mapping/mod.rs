@@ -13,6 +13,7 @@
 //! reference still unpaired after `sync.reference_wait_ms`, makes its event bad (halt
 //! or dead letter): nothing is written with a wrong or NULL reference.
 
+pub mod check;
 pub mod convert;
 mod keys;
 mod pair;

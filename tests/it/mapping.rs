@@ -501,3 +501,52 @@ async fn mapping_errors_go_to_the_dead_letter_queue_and_nothing_else_stops() {
     );
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// `duplex check` validates the mapping against both live schemas and `--explain`
+/// prints what each side's row becomes.
+#[tokio::test]
+async fn check_validates_the_mapping_and_explains_a_row() {
+    let (rig, a, b) = rig("[snapshot]\nmode = \"never\"\n").await;
+    a.batch_execute(
+        "INSERT INTO users (email, name) VALUES ('x@legacy', 'X');
+         INSERT INTO orders (user_id, total_cents, status, note) SELECT id, 1999, 'S', 'n' FROM users;",
+    )
+    .await
+    .unwrap();
+    let out = rig.command(&["check"]);
+    let t = crate::harness::output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let out = rig.command(&["check", "--explain", "public.orders"]);
+    let t = crate::harness::output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    for want in [
+        "public.orders on a -> public.orders on b",
+        "key id -> id",
+        "UUIDv5(namespace, id)",
+        "total_cents (integer) -> total (numeric(12,2)): x 10^-2",
+        "P -> pending",
+        "user_id (integer) -> account_id (uuid): the b key of public.accounts's row",
+        "total=19.99",
+        "updated_at (timestamp without time zone) -> updated_at (timestamp with time zone): the same instant, as UTC",
+        "status=shipped",
+        "a row new to a gets the next value of public.orders_id_seq",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from:\n{t}");
+    }
+    // A modern column nothing feeds, NOT NULL without a default, is a problem; so is
+    // a reference whose column type is not the referenced key's.
+    b.batch_execute(
+        "ALTER TABLE accounts ADD COLUMN tier text NOT NULL;
+         ALTER TABLE orders DROP CONSTRAINT orders_account_id_fkey, ALTER account_id TYPE text;",
+    )
+    .await
+    .unwrap();
+    let out = rig.command(&["check"]);
+    let t = crate::harness::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("public.accounts.tier: NOT NULL without a default"),
+        "{t}"
+    );
+    assert!(t.contains("public.orders.account_id: references public.accounts, whose key on node b is uuid, not text"), "{t}");
+}
