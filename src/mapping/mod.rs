@@ -15,7 +15,7 @@
 
 pub mod check;
 pub mod convert;
-mod keys;
+pub(crate) mod keys;
 mod pair;
 
 use crate::config::{Config, Direction};

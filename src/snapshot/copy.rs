@@ -123,14 +123,38 @@ impl<'a> CopyWorker<'a> {
 
     /// Copies a chunk of a mapped table through the mapping (see `snapshot/mapped.rs`).
     async fn copy_mapped(&mut self, t: &CopyTable, chunk: &Chunk) -> Result<u64, SnapshotError> {
+        let filter = t.chunk_filter(chunk);
+        self.ensure_mapped_copier().await?;
+        let copier = self.mapped.as_mut().expect("connected above");
+        copier
+            .copy(&self.source, self.dir, t, &filter, Some(chunk))
+            .await
+    }
+
+    /// Copies the rows of a mapped table with these (source) keys through the
+    /// mapping, under last-writer-wins: the repair path of `duplex verify`.
+    pub(crate) async fn copy_mapped_keys(
+        &mut self,
+        t: &CopyTable,
+        keys: &[Vec<String>],
+    ) -> Result<u64, SnapshotError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let filter = format!(" WHERE {}", t.key_in(keys));
+        self.ensure_mapped_copier().await?;
+        let copier = self.mapped.as_mut().expect("connected above");
+        copier.copy(&self.source, self.dir, t, &filter, None).await
+    }
+
+    async fn ensure_mapped_copier(&mut self) -> Result<(), SnapshotError> {
         if self.mapped.is_none() {
             let origin = format!("{}_copy{}m", self.cfg.origin_name(self.dir), self.n);
             crate::pg::setup::ensure_origin(&self.target, &self.dir.to, &origin).await?;
             let copier = MappedCopier::connect(self.cfg, self.dir, &origin, self.n).await?;
             self.mapped = Some(copier);
         }
-        let copier = self.mapped.as_mut().expect("connected above");
-        copier.copy(&self.source, self.dir, t, chunk).await
+        Ok(())
     }
 
     /// Copies the source's row with key `key` into the target under last-writer-wins

@@ -39,39 +39,41 @@ impl<'a> MappedCopier<'a> {
         Ok(MappedCopier { writer })
     }
 
-    /// Copies `chunk` of `t` from `source` through the mapping; returns its rows.
+    /// Copies the rows of `t` matching `filter` (` WHERE ...`) from `source` through
+    /// the mapping in one transaction, marking `chunk` copied in it if given;
+    /// returns the rows.
     pub(crate) async fn copy(
         &mut self,
         source: &Client,
         dir: &Direction,
         t: &CopyTable,
-        chunk: &Chunk,
+        filter: &str,
+        chunk: Option<&Chunk>,
     ) -> Result<u64, SnapshotError> {
         let rows = source
-            .query(&t.rows_sql(chunk), &[])
+            .query(&t.rows_where(filter), &[])
             .await
             .map_err(sql_err(&dir.from, format!("reading {}", t.name)))?;
         let events = events_of(dir, t, &rows);
         let n = events.len() as u64;
-        let context = format!("writing chunk {} of {}", chunk.chunk, t.name);
-        self.writer.execute("BEGIN", "beginning a chunk").await?;
+        let context = format!("writing rows of {}", t.name);
+        self.writer.execute("BEGIN", "beginning a copy").await?;
         let written = self.write(dir, t, events).await;
         if let Err(e) = written {
-            let _ = self
-                .writer
-                .execute("ROLLBACK", "rolling back a chunk")
-                .await;
+            let _ = self.writer.execute("ROLLBACK", "rolling back a copy").await;
             return Err(e);
         }
-        self.writer
-            .client
-            .execute(
-                "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
-                 WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
-                &[&dir.from, &t.name, &chunk.chunk, &(n as i64)],
-            )
-            .await
-            .map_err(sql_err(&dir.to, context.clone()))?;
+        if let Some(chunk) = chunk {
+            self.writer
+                .client
+                .execute(
+                    "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
+                     WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
+                    &[&dir.from, &t.name, &chunk.chunk, &(n as i64)],
+                )
+                .await
+                .map_err(sql_err(&dir.to, context.clone()))?;
+        }
         self.writer.execute("COMMIT", &context).await?;
         Ok(n)
     }

@@ -184,9 +184,10 @@ impl CopyTable {
         )
     }
 
-    /// The source rows of a chunk, each column as its type's output function prints
-    /// it (as the stream carries it; NULL stays NULL), for a copy through the mapping.
-    pub(crate) fn rows_sql(&self, chunk: &Chunk) -> String {
+    /// The source rows matching `filter` (` WHERE ...`, or empty), each column as its
+    /// type's output function prints it (as the stream carries it; NULL stays NULL),
+    /// for a copy through the mapping.
+    pub(crate) fn rows_where(&self, filter: &str) -> String {
         let texts: Vec<String> = self
             .columns
             .iter()
@@ -196,10 +197,9 @@ impl CopyTable {
             })
             .collect();
         format!(
-            "SELECT {} FROM {}{} ORDER BY {}",
+            "SELECT {} FROM {}{filter} ORDER BY {}",
             texts.join(", "),
             self.source_sql_name,
-            self.chunk_filter(chunk),
             self.key_list("")
         )
     }

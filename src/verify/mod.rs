@@ -11,6 +11,7 @@
 //! Each run's result is recorded on the nodes for the daemon's metrics ([`record`]).
 
 mod compare;
+mod mapped;
 mod orphans;
 mod progress;
 mod record;
@@ -46,6 +47,8 @@ pub enum VerifyError {
     Table(#[from] SnapshotError),
     #[error("table {0} is not in the config's [[tables]]")]
     UnknownTable(String),
+    #[error("{0}")]
+    Mapping(String),
 }
 
 /// One key that differs.
@@ -111,6 +114,23 @@ pub async fn run(
             continue;
         };
         let keys: Vec<Vec<String>> = t.differences.iter().map(|d| d.key.clone()).collect();
+        if tc.is_mapped() {
+            let missing_on_first = format!("missing_on_{first}");
+            let found: BTreeMap<Vec<String>, Difference> = t
+                .differences
+                .iter()
+                .map(|d| {
+                    let kind = match d.kind.as_str() {
+                        k if k == missing_on_first => Difference::MissingOnFirst,
+                        "mismatched" => Difference::Mismatched(d.columns.clone()),
+                        _ => Difference::MissingOnSecond,
+                    };
+                    (d.key.clone(), kind)
+                })
+                .collect();
+            repaired += mapped::repair(cfg, &pair, tc, &found).await?;
+            continue;
+        }
         repaired += repair::repair(cfg, &pair, tc, &keys).await?;
     }
     Ok((compare_all(cfg, only, settle).await?, repaired))
@@ -152,20 +172,29 @@ async fn compare_all(
         .iter()
         .filter(|tc| only.is_none_or(|t| t == tc.name))
     {
-        let t = CopyTable::describe(&a, &b, &dir, tc).await?;
-        let split = crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS).await?;
-        let bounds: Vec<Vec<String>> = split
-            .bounds
-            .iter()
-            .filter_map(|b| serde_json::from_str(b).ok())
-            .collect();
-        let mut meter = progress::Meter::new(&tc.name, split.rows);
-        let found = compare::table(&pair, &t, &bounds, &mut meter).await;
-        meter.finish();
-        let found = found?;
-        let differences = settle_differences(&pair, &t, found.differences, window).await?;
-        let mut orphans = orphans::find(&a, first, &tc.name).await?;
-        orphans.extend(orphans::find(&b, second, &tc.name).await?);
+        let (found, differences) = if tc.is_mapped() {
+            let m = mapped::MappedTable::describe(&pair, tc).await?;
+            let found = mapped::table(&pair, &m).await?;
+            let differences = settle_mapped(&pair, &m, &found.differences, window).await?;
+            (found, differences)
+        } else {
+            let t = CopyTable::describe(&a, &b, &dir, tc).await?;
+            let split = crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS).await?;
+            let bounds: Vec<Vec<String>> = split
+                .bounds
+                .iter()
+                .filter_map(|b| serde_json::from_str(b).ok())
+                .collect();
+            let mut meter = progress::Meter::new(&tc.name, split.rows);
+            let found = compare::table(&pair, &t, &bounds, &mut meter).await;
+            meter.finish();
+            let mut found = found?;
+            let found_differences = std::mem::take(&mut found.differences);
+            let differences = settle_differences(&pair, &t, found_differences, window).await?;
+            (found, differences)
+        };
+        let mut orphans = orphans::find(&a, first, tc.name_on(first)).await?;
+        orphans.extend(orphans::find(&b, second, tc.name_on(second)).await?);
         tables.push(TableReport {
             table: tc.name.clone(),
             rows: BTreeMap::from([
@@ -256,6 +285,49 @@ async fn settle_differences(
             }
             if entry.1.elapsed() >= window {
                 let (d, since, _) = open.remove(&key).expect("key is open");
+                settled.insert(key, (d, since.elapsed().as_secs_f64()));
+            }
+        }
+        if !open.is_empty() {
+            tokio::time::sleep(RECHECK_EVERY).await;
+        }
+    }
+    Ok(settled)
+}
+
+/// [`settle_differences`] for a mapped table: a difference is reported once it has
+/// kept its kind (and differing columns) for `window`.
+async fn settle_mapped(
+    pair: &Pair<'_>,
+    m: &mapped::MappedTable,
+    found: &BTreeMap<Vec<String>, Difference>,
+    window: Duration,
+) -> Result<BTreeMap<Vec<String>, (Difference, f64)>, VerifyError> {
+    let started = Instant::now();
+    let mut open: BTreeMap<Vec<String>, (Difference, Instant)> = found
+        .iter()
+        .map(|(k, d)| (k.clone(), (d.clone(), started)))
+        .collect();
+    let mut settled = BTreeMap::new();
+    let give_up = window * 10 + Duration::from_secs(10);
+    while !open.is_empty() && started.elapsed() < give_up {
+        let keys: Vec<Vec<String>> = open.keys().cloned().collect();
+        let kinds: BTreeMap<Vec<String>, Difference> = open
+            .iter()
+            .map(|(k, (d, _))| (k.clone(), d.clone()))
+            .collect();
+        let now = mapped::recheck(pair, m, &keys, &kinds).await?;
+        for key in keys {
+            let Some(d) = now.get(&key) else {
+                open.remove(&key);
+                continue;
+            };
+            let entry = open.get_mut(&key).expect("key is open");
+            if entry.0 != *d {
+                *entry = (d.clone(), Instant::now());
+            }
+            if entry.1.elapsed() >= window {
+                let (d, since) = open.remove(&key).expect("key is open");
                 settled.insert(key, (d, since.elapsed().as_secs_f64()));
             }
         }
