@@ -136,6 +136,13 @@ impl TxnReader {
             LogicalMessage::Origin { name, .. } => {
                 if let Some(t) = self.txn.as_mut() {
                     t.echo = name.starts_with(ORIGIN_PREFIX);
+                    // Under an origin, Begin carries the origin's timestamp (never set
+                    // by duplex's sessions, so stale), not the commit time: the repairs
+                    // and key pairings such a transaction publishes are stamped when
+                    // read, just after their commit.
+                    if t.echo {
+                        t.commit_ts_us = now_ms * 1000;
+                    }
                 }
             }
             LogicalMessage::Commit {

@@ -143,7 +143,14 @@ fn repairs_written_by_apply_sessions_are_published() {
     };
     let out = feed(
         &mut r,
-        vec![begin(), origin, insert("1"), repair, pruned, commit()],
+        vec![
+            begin(),
+            origin.clone(),
+            insert("1"),
+            repair,
+            pruned,
+            commit(),
+        ],
     );
     let Output::Event(ev) = &out[0] else {
         panic!("{out:?}")
@@ -159,6 +166,20 @@ fn repairs_written_by_apply_sessions_are_published() {
         }
     ));
     assert_eq!(out.len(), 2);
+    // Begin carried the origin's stale timestamp (0 here): the event is stamped
+    // with the time it was read instead.
+    let mut out = Vec::new();
+    let second = LogicalMessage::Insert {
+        relation_id: 8,
+        new: TupleData(vec![text("2")]),
+    };
+    for m in [begin(), origin, second, commit()] {
+        r.handle(m, Lsn(1), 1_700_000_000_000, &mut out).unwrap();
+    }
+    let Output::Event(stamped) = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(stamped.source.commit_ts_us, 1_700_000_000_000_000);
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod pair;
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Op, Row, Value, KEY_PAIRS};
 use crate::pg::node::{describe, sql_class};
+use crate::pg::sql::{quote_ident, quote_literal};
 use crate::{Classify, ErrorClass};
 use keys::{PairingError, Pairings};
 pub use pair::PairMap;
@@ -108,6 +109,30 @@ impl Mapper {
 
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
+    }
+
+    /// Prunes the target's pairings of rows that are gone and whose tombstone has
+    /// been pruned (run after the tombstones are): until then a late change of the
+    /// key must find its row's pairing, and so its tombstone.
+    pub fn prune_sql(&self, retention_ms: u64) -> String {
+        let mine = if self.target_is_a { "key_a" } else { "key_b" };
+        self.pairs
+            .iter()
+            .map(|p| {
+                let (schema, table) = p.target_table.split_once('.').unwrap_or(("public", &p.target_table));
+                format!(
+                    "DELETE FROM duplex.key_pairs kp WHERE kp.table_name = {label}
+                       AND kp.paired_at < now() - {retention_ms} * interval '1 millisecond'
+                       AND NOT EXISTS (SELECT 1 FROM {t} r WHERE r.{k}::text = kp.{mine})
+                       AND NOT EXISTS (SELECT 1 FROM duplex.tombstones tb WHERE tb.table_name = {name}
+                                       AND tb.key = jsonb_build_array(kp.{mine}));",
+                    label = quote_literal(&p.label),
+                    t = format_args!("{}.{}", quote_ident(schema), quote_ident(table)),
+                    k = quote_ident(&p.target_key),
+                    name = quote_literal(&p.target_table),
+                )
+            })
+            .collect()
     }
 
     /// The target table of a mapped source table (`schema.table`).

@@ -656,3 +656,58 @@ async fn verify_compares_through_the_mapping_and_repairs() {
     );
     assert_eq!(d.stop().await, Some(0));
 }
+
+async fn orders_pairs(c: &Client) -> Vec<String> {
+    pairs(c, "public.orders").await.into_keys().collect()
+}
+
+/// A deleted row's pairing outlives it as long as its tombstone (a late change of
+/// the key must find both), then maintenance removes it on both nodes; a live row's
+/// pairing stays.
+#[tokio::test]
+async fn a_deleted_rows_pairing_goes_with_its_tombstone() {
+    let (rig, a, b) = rig("[snapshot]\nmode = \"never\"\n").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    a.batch_execute(
+        "INSERT INTO users (id, email, name) VALUES (1, 'p@l', 'P');
+         INSERT INTO orders (id, user_id, total_cents, status) VALUES (10, 1, 100, 'P'), (11, 1, 200, 'S');",
+    )
+    .await
+    .unwrap();
+    converged(&a, &b, Duration::from_secs(60)).await;
+    a.batch_execute("DELETE FROM orders WHERE id = 10")
+        .await
+        .unwrap();
+    // Later changes on both sides carry each direction's applied time past the delete.
+    a.batch_execute("INSERT INTO users (id, email, name) VALUES (2, 'q@l', 'Q')")
+        .await
+        .unwrap();
+    b.batch_execute(
+        "UPDATE accounts SET full_name = 'P2', updated_at = clock_timestamp() WHERE email = 'p@l'",
+    )
+    .await
+    .unwrap();
+    converged(&a, &b, Duration::from_secs(60)).await;
+    assert_eq!(orders_pairs(&a).await, ["10", "11"]);
+    assert_eq!(orders_pairs(&b).await, ["10", "11"]);
+    assert_eq!(d.stop().await, Some(0));
+    // With a retention this short, the start's maintenance prunes the tombstone,
+    // then the pairing, on each node.
+    rig.edit_config(&[(
+        "linger_ms = 10",
+        "linger_ms = 10\ntombstone_retention_ms = 1",
+    )]);
+    let d = rig.start();
+    d.wait_applying(2).await;
+    for c in [&a, &b] {
+        wait_for(
+            "the deleted order's pairing to go",
+            Duration::from_secs(60),
+            || async move { (orders_pairs(c).await == ["11"]).then_some(()) },
+        )
+        .await;
+    }
+    assert_eq!(d.stop().await, Some(0));
+}

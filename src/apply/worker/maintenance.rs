@@ -1,6 +1,6 @@
 //! Between transactions, the worker keeps the target's duplex tables small: it sweeps
 //! rows older than a recent tombstone of their key, and prunes old tombstones,
-//! conflicts and repairs.
+//! conflicts, repairs, and the key pairings of mapped rows long deleted.
 
 use super::Worker;
 use crate::apply::error::ApplyError;
@@ -49,8 +49,10 @@ impl Worker<'_> {
                (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
                '-infinity')) - {retention_ms} * interval '1 millisecond';
              DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
-             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};",
+             DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};
+             {pairings}",
             kept = self.cfg.sync.conflicts_kept,
+            pairings = self.writer.pairing_prune_sql(retention_ms),
             from = quote_literal(&self.dir.from),
             topic = quote_literal(&self.cfg.topic(&self.dir.from)),
         );

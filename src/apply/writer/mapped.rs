@@ -16,6 +16,12 @@ pub struct MappedBatch<'e> {
 }
 
 impl TargetWriter<'_> {
+    /// SQL pruning the target's key pairings of rows long gone (empty without mapped
+    /// tables).
+    pub fn pairing_prune_sql(&self, retention_ms: u64) -> String {
+        self.mapper.prune_sql(retention_ms)
+    }
+
     /// Maps `events` (and the delete times they carry) into the target's schema.
     pub async fn map<'e>(
         &self,
