@@ -83,6 +83,76 @@ fn example_config_is_valid() {
 }
 
 #[test]
+fn legacy_modern_example_config_is_valid_and_mapped() {
+    let text = include_str!("../../config/legacy-modern.example.toml");
+    let c = Config::parse(text).unwrap();
+    c.validate().unwrap();
+    let accounts = &c.tables[0];
+    assert!(accounts.is_mapped());
+    assert_eq!(accounts.name_on("legacy"), "public.users");
+    assert_eq!(accounts.name_on("modern"), "public.accounts");
+    assert_eq!(c.tables[1].name_on("legacy"), "public.orders");
+    assert_eq!(
+        c.tables[1].columns[1].scale.as_ref().unwrap()["legacy"],
+        100
+    );
+}
+
+#[test]
+fn mapping_mistakes_name_their_field() {
+    let base = include_str!("../../config/legacy-modern.example.toml");
+    for (from, to, field) in [
+        (
+            "nodes = { legacy = \"public.users\", modern = \"public.accounts\" }",
+            "nodes = { legacy = \"public.users\", other = \"public.accounts\" }",
+            "tables[0].nodes",
+        ),
+        (
+            "scale = { legacy = 100, modern = 1 }",
+            "scale = { legacy = 120, modern = 1 }",
+            "tables[1].columns[1].scale",
+        ),
+        (
+            "modern = [\"pending\", \"shipped\", \"cancelled\"]",
+            "modern = [\"pending\", \"shipped\"]",
+            "tables[1].columns[2].values",
+        ),
+        (
+            "modern = [\"pending\", \"shipped\", \"cancelled\"]",
+            "modern = [\"pending\", \"shipped\", \"pending\"]",
+            "tables[1].columns[2].values.modern",
+        ),
+        (
+            "references = \"public.accounts\"",
+            "references = \"public.nope\"",
+            "tables[1].columns[0].references",
+        ),
+        (
+            "new_key = { modern = { namespace = \"users\", from = [\"email\"] } }",
+            "new_key = { modern = { namespace = \"users\", from = [] } }",
+            "tables[0].new_key.modern.from",
+        ),
+    ] {
+        assert!(base.contains(from), "{from}");
+        let text = base.replace(from, to);
+        let err = Config::parse(&text)
+            .and_then(|c| c.validate().map(|_| c))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{field}`")), "{field}: {err}");
+    }
+    // A column entry's value must be a column name.
+    let text = base.replace(
+        "{ legacy = \"name\", modern = \"full_name\" }",
+        "{ legacy = 1, modern = \"full_name\" }",
+    );
+    assert!(Config::parse(&text)
+        .unwrap_err()
+        .to_string()
+        .contains("column's name"));
+}
+
+#[test]
 fn kafka_secrets_never_show_in_debug_output() {
     let text = GOOD.replace(
         "[kafka.properties]",
