@@ -182,8 +182,8 @@ async fn setup_and_teardown_are_idempotent() {
         .unwrap()
         .get(0);
     assert_eq!(
-        tables, 4,
-        "the table, duplex.tombstones, truncations and repairs"
+        tables, 5,
+        "the table, duplex.tombstones, truncations, repairs and key_pairs"
     );
 
     let out = rig.command(&["teardown"]);
