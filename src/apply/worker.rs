@@ -314,9 +314,10 @@ impl<'a> Worker<'a> {
         self.begin().await?;
         let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
         let batch_started = Instant::now();
-        self.writer.execute("SAVEPOINT batch", "savepoint").await?;
-        // Mapped tables' events and key pairings belong to the batch's savepoint.
+        // Mapped tables' key pairings are made before the savepoint: a batch that
+        // falls back to writing event by event keeps them for the rows it writes.
         let mapped = self.writer.map(events, deleted).await?;
+        self.writer.execute("SAVEPOINT batch", "savepoint").await?;
         let (events, deleted) = (mapped.events, mapped.deleted);
         for (ev, reason) in mapped.bad {
             let p = pending_of(pending, &ev);

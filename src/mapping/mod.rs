@@ -17,6 +17,7 @@ pub mod check;
 pub mod convert;
 pub(crate) mod keys;
 mod pair;
+mod pairing;
 
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Op, Row, Value, KEY_PAIRS};
@@ -166,7 +167,17 @@ impl Mapper {
             ..Mapped::default()
         };
         let learned = self.learned(events, &mut out.outcomes);
-        pairings.learn(&learned).await?;
+        let local: HashMap<String, (String, String)> = self
+            .pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.label.clone(),
+                    (p.target_table_sql(), p.target_key.clone()),
+                )
+            })
+            .collect();
+        pairings.learn(&learned, &local).await?;
         let mut known = self.lookup_all(&pairings, events, deleted).await?;
         self.pair_new_rows(&pairings, events, &mut known, &mut out.outcomes)
             .await?;
@@ -196,12 +207,14 @@ impl Mapper {
         Ok(out)
     }
 
-    /// Pairings the peer published, as (table, key_a, key_b); their events are dropped.
+    /// Pairings the peer made and published, as (table, key_a, key_b, made_on);
+    /// their events are dropped, as are the peer's copies of pairings made here (a
+    /// stale copy must not bring back a pairing this node has since released).
     fn learned(
         &self,
         events: &[Cow<'_, ChangeEvent>],
         outcomes: &mut [Outcome],
-    ) -> Vec<(String, String, String)> {
+    ) -> Vec<(String, String, String, String)> {
         let mut learned = Vec::new();
         for (i, ev) in events.iter().enumerate() {
             if (ev.source.schema.as_str(), ev.source.table.as_str()) != KEY_PAIRS {
@@ -211,12 +224,19 @@ impl Mapper {
             let Some(row) = ev.after.as_ref().filter(|_| ev.op == Op::Insert) else {
                 continue;
             };
-            if let (Some(t), Some(a), Some(b)) = (
+            if let (Some(t), Some(a), Some(b), Some(by)) = (
                 text(row, "table_name"),
                 text(row, "key_a"),
                 text(row, "key_b"),
+                text(row, "made_on"),
             ) {
-                learned.push((t.to_string(), a.to_string(), b.to_string()));
+                if by != self.target {
+                    // A later pairing of either key supersedes an earlier one.
+                    learned.retain(|(lt, la, lb, _): &(String, String, String, String)| {
+                        !(lt == t && (la == a || lb == b))
+                    });
+                    learned.push((t.to_string(), a.to_string(), b.to_string(), by.to_string()));
+                }
             }
         }
         learned
@@ -259,7 +279,7 @@ impl Mapper {
     }
 
     /// Gives every upserted row without a pairing its target key, and records the
-    /// pairings. A row whose key cannot be made is bad.
+    /// pairings (see [`pairing::pair_new_rows`]). A row whose key cannot be made is bad.
     async fn pair_new_rows(
         &self,
         pairings: &Pairings<'_>,
@@ -268,51 +288,10 @@ impl Mapper {
         outcomes: &mut [Outcome],
     ) -> Result<(), MapError> {
         for p in &self.pairs {
-            // First image of each new key, in batch order.
-            let mut new: Vec<(usize, String)> = Vec::new();
-            let mut seen = HashSet::new();
-            for (i, ev) in events.iter().enumerate() {
-                if outcomes[i] != Outcome::Keep || ev.op == Op::Delete || ev.after.is_none() {
-                    continue;
-                }
-                if self.pair_of(ev).map(|q| &q.label) != Some(&p.label) {
-                    continue;
-                }
-                let Some(k) = p.source_key_of(ev) else {
-                    continue;
-                };
-                if !known.contains_key(&(p.label.clone(), k.clone())) && seen.insert(k.clone()) {
-                    new.push((i, k));
-                }
-            }
-            if new.is_empty() {
-                continue;
-            }
-            let rows: Vec<(&str, &Row)> = new
-                .iter()
-                .filter_map(|(i, k)| events[*i].after.as_ref().map(|r| (k.as_str(), r)))
+            let mine: Vec<usize> = (0..events.len())
+                .filter(|i| self.pair_of(&events[*i]).map(|q| &q.label) == Some(&p.label))
                 .collect();
-            let made = p.new_keys(pairings, &rows).await?;
-            let mut pairs = Vec::new();
-            for ((i, k), made) in new.iter().zip(made) {
-                match made {
-                    Ok(t) => pairs.push((k.clone(), t)),
-                    Err(reason) => outcomes[*i] = Outcome::Bad(reason),
-                }
-            }
-            pairings.insert(&p.label, &pairs).await?;
-            // What holds now: a pairing learned meanwhile wins over the one made here.
-            let keys: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
-            let stored = pairings.lookup(&p.label, &keys).await?;
-            for (s, t) in &pairs {
-                match stored.get(s) {
-                    Some(st) => {
-                        known.insert((p.label.clone(), s.clone()), st.clone());
-                    }
-                    None => tracing::warn!(table = %p.label, key = %s, target = %t,
-                        "key pairing not stored: the target key is paired with another source key"),
-                }
-            }
+            pairing::pair_new_rows(p, pairings, events, &mine, known, outcomes).await?;
         }
         Ok(())
     }

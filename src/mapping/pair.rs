@@ -11,7 +11,7 @@ use crate::event::{ChangeEvent, Op, Row, Value};
 use crate::identity;
 use crate::pg::sql::quote_ident;
 use crate::pg::table::TargetTable;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -236,6 +236,7 @@ impl PairMap {
         &self,
         pairings: &Pairings<'_>,
         rows: &[(&str, &Row)],
+        deleting: &HashSet<String>,
     ) -> Result<Vec<Result<String, String>>, MapError> {
         match &self.new_key {
             NewKey::Derive { namespace, from } => Ok(rows
@@ -254,7 +255,8 @@ impl PairMap {
                 })
                 .collect()),
             NewKey::Allocate { sequence, matching } => {
-                self.allocate(pairings, rows, sequence, matching).await
+                self.allocate(pairings, rows, sequence, matching, deleting)
+                    .await
             }
         }
     }
@@ -265,6 +267,7 @@ impl PairMap {
         rows: &[(&str, &Row)],
         sequence: &str,
         matching: &[(String, String)],
+        deleting: &HashSet<String>,
     ) -> Result<Vec<Result<String, String>>, MapError> {
         let sql_err = |context: String| {
             let node = pairings.node.to_string();
@@ -296,21 +299,33 @@ impl PairMap {
             let found = pairings
                 .client
                 .query(
+                    // A row already paired belongs to another of the source's
+                    // rows (one deleted there and made again): it is no match.
                     &format!(
-                        "SELECT concat_ws(E'\\x1f', {c}), {k}::text FROM {table}
-                         WHERE concat_ws(E'\\x1f', {c}) = ANY($1)",
+                        "SELECT concat_ws(E'\\x1f', {c}), {k}::text FROM {table} t
+                         WHERE concat_ws(E'\\x1f', {c}) = ANY($1)
+                           AND NOT EXISTS (SELECT 1 FROM duplex.key_pairs kp
+                                           WHERE kp.table_name = $2 AND kp.{dst} = t.{k}::text)",
                         c = cols.join(", "),
                         k = quote_ident(&self.target_key),
+                        dst = if pairings.target_is_a {
+                            "key_a"
+                        } else {
+                            "key_b"
+                        },
                     ),
-                    &[&wanted],
+                    &[&wanted, &self.label],
                 )
                 .await
                 .map_err(sql_err(format!(
                     "finding rows of {} by natural key",
                     self.target_table
                 )))?;
-            let by_natural: HashMap<String, String> =
-                found.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let by_natural: HashMap<String, String> = found
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .filter(|(_, k): &(String, String)| !deleting.contains(k))
+                .collect();
             for (i, (_, row)) in rows.iter().enumerate() {
                 out[i] = natural(row).and_then(|n| by_natural.get(&n).cloned());
             }
@@ -336,7 +351,7 @@ impl PairMap {
             .collect())
     }
 
-    fn target_table_sql(&self) -> String {
+    pub fn target_table_sql(&self) -> String {
         let (s, t) = self
             .target_table
             .split_once('.')

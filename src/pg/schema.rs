@@ -151,6 +151,9 @@ CREATE TABLE IF NOT EXISTS duplex.key_pairs (
     table_name text NOT NULL,
     key_a text NOT NULL,
     key_b text NOT NULL,
+    -- The node whose applier made the pairing; the peer stores it as learned, and
+    -- the copy that comes back from the peer is ignored.
+    made_on text NOT NULL,
     paired_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_name, key_a),
     UNIQUE (table_name, key_b)
