@@ -204,9 +204,14 @@ async fn legacy_app(c: Client, seed: u64, until: Instant) -> u64 {
             2..=4 => c
                 .execute(
                     "INSERT INTO orders (user_id, total_cents, status, note)
-                     SELECT id, $1, $2, 'from legacy' FROM users WHERE email NOT LIKE '%churn%'
-                     ORDER BY random() LIMIT 1",
-                    &[&(rng.below(100_000) as i32), &STATUSES[rng.below(3) as usize]],
+                     SELECT id, $1, $2, 'from legacy' FROM users
+                     WHERE email NOT LIKE '%churn%' AND email LIKE $3 ORDER BY random() LIMIT 1",
+                    &[
+                        &(rng.below(100_000) as i32),
+                        &STATUSES[rng.below(3) as usize],
+                        // Half of them for users born on modern.
+                        &["m%", "%"][rng.below(2) as usize],
+                    ],
                 )
                 .await,
             5..=7 => c
@@ -267,8 +272,14 @@ async fn modern_app(c: Client, seed: u64, until: Instant) -> u64 {
                 .execute(
                     "INSERT INTO orders (id, account_id, total, status, note)
                      SELECT gen_random_uuid(), id, $1::int8 / 100.0, $2, 'from modern'
-                     FROM accounts WHERE email NOT LIKE '%churn%' ORDER BY random() LIMIT 1",
-                    &[&(rng.below(100_000) as i64), &MODERN_STATUSES[rng.below(3) as usize]],
+                     FROM accounts WHERE email NOT LIKE '%churn%' AND email LIKE $3
+                     ORDER BY random() LIMIT 1",
+                    &[
+                        &(rng.below(100_000) as i64),
+                        &MODERN_STATUSES[rng.below(3) as usize],
+                        // Half of them for users born on legacy.
+                        &["l%", "%"][rng.below(2) as usize],
+                    ],
                 )
                 .await,
             5..=7 => c
