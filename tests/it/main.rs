@@ -14,6 +14,7 @@ mod identity;
 mod interleavings;
 mod long_transactions;
 mod mapping;
+mod mapping_edges;
 mod observability;
 mod oversize;
 mod partial;
