@@ -50,13 +50,10 @@ impl TableProgress {
         } else {
             "ETA ?".to_string()
         };
-        let width = 20;
-        let filled = ((pct / 100.0) * width as f64) as usize;
         format!(
-            "snapshot {direction} {:<24} [{}{}] {:>5.1}% {}/{} rows, {:.0} rows/s, {}",
+            "snapshot {direction} {:<24} {} {:>5.1}% {}/{} rows, {:.0} rows/s, {}",
             self.table,
-            "#".repeat(filled),
-            " ".repeat(width - filled),
+            bar(pct),
             pct,
             self.rows,
             self.estimated,
@@ -193,6 +190,13 @@ impl Progress {
         let _ = err.flush();
         lines.len()
     }
+}
+
+/// A 20-character bar for `pct` percent, in brackets.
+pub(crate) fn bar(pct: f64) -> String {
+    const WIDTH: usize = 20;
+    let filled = ((pct.clamp(0.0, 100.0) / 100.0) * WIDTH as f64) as usize;
+    format!("[{}{}]", "#".repeat(filled), " ".repeat(WIDTH - filled))
 }
 
 pub(crate) fn human_duration(secs: f64) -> String {

@@ -2,7 +2,7 @@
 //! ranges finish (bar, rows, rate, ETA); otherwise a plain line every
 //! [`LOG_EVERY`], for long runs under cron. The report itself goes to stdout.
 
-use crate::snapshot::progress::human_duration;
+use crate::snapshot::progress::{bar, human_duration};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -85,13 +85,10 @@ impl Meter {
         } else {
             "?".to_string()
         };
-        let width = 20;
-        let filled = ((pct / 100.0) * width as f64) as usize;
         format!(
-            "verify {:<24} [{}{}] {pct:>5.1}% {}/{} rows, {rate:.0} rows/s, ETA {eta}",
+            "verify {:<24} {} {pct:>5.1}% {}/{} rows, {rate:.0} rows/s, ETA {eta}",
             self.table,
-            "#".repeat(filled),
-            " ".repeat(width - filled),
+            bar(pct),
             self.rows,
             total,
         )
