@@ -34,6 +34,10 @@ use tracing::Instrument;
 /// librdkafka consumer settings duplex changes from librdkafka's defaults.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "10"),
+    // Once the prefetch queue is full, librdkafka waits this long before fetching
+    // again (1 s by default): a consumer that drains the queue in 0.1 s then idles for
+    // 0.9 s, which capped a catch-up at 13,000 messages/s.
+    ("fetch.queue.backoff.ms", "10"),
     ("queued.min.messages", "10000"),
     ("queued.max.messages.kbytes", "8192"),
 ];
