@@ -202,15 +202,18 @@ impl TargetTable {
     /// Deletes, among the rows just written for keys `$1..$n`, those older than a
     /// tombstone of table `$n+1`: a local delete that committed after the decision
     /// (the statement's new snapshot sees it; later deletes find the row locked).
-    /// Returns their keys and `updated_at`.
+    /// Returns their keys and `updated_at`. Only keys with a tombstone (or a
+    /// truncation) reach the table: usually none, so the statement costs one index
+    /// probe of the tombstones per key.
     pub fn settle_sql(&self) -> String {
         let upd = quote_ident(&self.updated_at);
         let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
         format!(
-            "{cte}
-             DELETE FROM {table} t USING i, {deleted}
-             WHERE {join} AND tb.deleted_at IS NOT NULL
-               AND (t.{upd} IS NULL OR tb.deleted_at >= t.{upd})
+            "{cte},
+             d AS MATERIALIZED (SELECT i.*, tb.deleted_at FROM i, {deleted}
+                                WHERE tb.deleted_at IS NOT NULL)
+             DELETE FROM {table} t USING d i
+             WHERE {join} AND (t.{upd} IS NULL OR i.deleted_at >= t.{upd})
              RETURNING {ks}, t.{upd}::text",
             cte = self.keys_cte(),
             table = self.sql_name,
