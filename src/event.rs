@@ -11,6 +11,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A WAL position (PostgreSQL's `pg_lsn`), printed as `X/Y` in hex like PostgreSQL does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -243,7 +244,7 @@ pub struct ChangeEvent {
     /// Primary-key column names, in key order.
     pub key: Vec<String>,
     /// Column name → PostgreSQL type as `format_type` prints it, in table order.
-    pub types: Vec<(String, String)>,
+    pub types: Arc<[(String, String)]>,
     pub source: Source,
     /// When duplex read the change, milliseconds since the Unix epoch.
     pub ts_ms: i64,
@@ -372,7 +373,7 @@ impl ChangeEvent {
             before: env.before,
             after,
             key: env.key,
-            types: env.types.0,
+            types: env.types.0.into(),
             source: env.source,
             ts_ms: env.ts_ms,
         })

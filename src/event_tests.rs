@@ -21,7 +21,8 @@ fn sample() -> ChangeEvent {
             ("body".into(), "text".into()),
             ("note".into(), "text".into()),
             ("name".into(), "text".into()),
-        ],
+        ]
+        .into(),
         source: Source {
             node: "a".into(),
             db: "app".into(),

@@ -16,6 +16,7 @@ use crate::capture::walsender::PG_EPOCH_OFFSET_US;
 use crate::config::ORIGIN_PREFIX;
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, KEY_PAIRS, REPAIRS};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// What the reader found wrong with the stream.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,8 @@ pub struct TxnReader {
     /// The slot's stream id, stamped on every event.
     stream: Option<String>,
     tables: HashMap<u32, TableInfo>,
+    /// Each table's column → type list as events carry it, shared by its events.
+    typed: HashMap<u32, Arc<[(String, String)]>>,
     txn: Option<Txn>,
 }
 
@@ -96,12 +99,14 @@ impl TxnReader {
             db: db.to_string(),
             stream,
             tables: HashMap::new(),
+            typed: HashMap::new(),
             txn: None,
         }
     }
 
     /// Registers a relation (from a Relation message plus catalog lookups).
     pub fn add_table(&mut self, relation_id: u32, info: TableInfo) {
+        self.typed.remove(&relation_id);
         self.tables.insert(relation_id, info);
     }
 
@@ -168,8 +173,13 @@ impl TxnReader {
                 });
             }
             LogicalMessage::Relation(rel) => self.refresh_columns(rel),
+            LogicalMessage::Insert { relation_id, .. }
+            | LogicalMessage::Update { relation_id, .. }
+            | LogicalMessage::Delete { relation_id, .. }
+                if self.echo_dropped(relation_id, matches!(msg, LogicalMessage::Insert { .. })) => {
+            }
             LogicalMessage::Insert { relation_id, new } => {
-                let after = self.row(relation_id, &new, false, wal_start)?;
+                let after = self.row(relation_id, new, false, wal_start)?;
                 self.emit(
                     relation_id,
                     Op::Insert,
@@ -186,9 +196,9 @@ impl TxnReader {
                 new,
             } => {
                 let before = old
-                    .map(|o| self.old_row(relation_id, &o, wal_start))
+                    .map(|o| self.old_row(relation_id, o, wal_start))
                     .transpose()?;
-                let after = self.row(relation_id, &new, false, wal_start)?;
+                let after = self.row(relation_id, new, false, wal_start)?;
                 self.emit(
                     relation_id,
                     Op::Update,
@@ -200,7 +210,7 @@ impl TxnReader {
                 )?;
             }
             LogicalMessage::Delete { relation_id, old } => {
-                let before = self.old_row(relation_id, &old, wal_start)?;
+                let before = self.old_row(relation_id, old, wal_start)?;
                 self.emit(
                     relation_id,
                     Op::Delete,
@@ -225,6 +235,7 @@ impl TxnReader {
     /// A Relation message may arrive again after ALTER TABLE: keep the catalog's key
     /// and types but follow the stream's column list.
     fn refresh_columns(&mut self, rel: Relation) {
+        self.typed.remove(&rel.id);
         if let Some(t) = self.tables.get_mut(&rel.id) {
             t.columns = rel.columns.into_iter().map(|c| c.name).collect();
         }
@@ -243,24 +254,27 @@ impl TxnReader {
     ) -> Result<(), ReaderError> {
         let table = self.table(relation_id, wal_start)?;
         let key = table.key.clone();
-        let types = table
-            .columns
-            .iter()
-            .cloned()
-            .zip(table.types.iter().cloned())
-            .collect();
         let (schema, name) = (table.schema.clone(), table.name.clone());
+        let types = match self.typed.get(&relation_id) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<[(String, String)]> = table
+                    .columns
+                    .iter()
+                    .cloned()
+                    .zip(table.types.iter().cloned())
+                    .collect();
+                self.typed.insert(relation_id, t.clone());
+                t
+            }
+        };
         let Some(t) = self.txn.as_mut() else {
             return Err(ReaderError::OutsideTransaction {
                 message: "row change",
                 lsn: wal_start,
             });
         };
-        // Repairs and key pairings are what an apply session writes that the peer
-        // must see.
-        let published_from_apply =
-            op == Op::Insert && [REPAIRS, KEY_PAIRS].contains(&(schema.as_str(), name.as_str()));
-        if t.echo && !published_from_apply {
+        if t.echo && op == Op::Truncate {
             return Ok(());
         }
         let ev = ChangeEvent {
@@ -290,13 +304,29 @@ impl TxnReader {
         Ok(())
     }
 
+    /// True for a row change of a transaction duplex applied (an echo), which is
+    /// dropped before its row is built: only the repairs and key pairings an apply
+    /// session inserts are what the peer must see. (An unknown relation is not
+    /// dropped here, so that it is reported.)
+    fn echo_dropped(&self, relation_id: u32, insert: bool) -> bool {
+        if !self.txn.as_ref().is_some_and(|t| t.echo) {
+            return false;
+        }
+        let Some(table) = self.tables.get(&relation_id) else {
+            return false;
+        };
+        let published =
+            [REPAIRS, KEY_PAIRS].contains(&(table.schema.as_str(), table.name.as_str()));
+        !(insert && published)
+    }
+
     fn table(&self, relation_id: u32, lsn: Lsn) -> Result<&TableInfo, ReaderError> {
         self.tables
             .get(&relation_id)
             .ok_or(ReaderError::UnknownRelation { relation_id, lsn })
     }
 
-    fn old_row(&self, relation_id: u32, old: &OldTuple, lsn: Lsn) -> Result<Row, ReaderError> {
+    fn old_row(&self, relation_id: u32, old: OldTuple, lsn: Lsn) -> Result<Row, ReaderError> {
         match old {
             OldTuple::Key(t) => self.row(relation_id, t, true, lsn),
             OldTuple::Full(t) => self.row(relation_id, t, false, lsn),
@@ -308,13 +338,13 @@ impl TxnReader {
     fn row(
         &self,
         relation_id: u32,
-        tuple: &TupleData,
+        tuple: TupleData,
         key_only: bool,
         lsn: Lsn,
     ) -> Result<Row, ReaderError> {
         let table = self.table(relation_id, lsn)?;
         let mut cols = Vec::with_capacity(tuple.0.len());
-        for (name, data) in table.columns.iter().zip(&tuple.0) {
+        for (name, data) in table.columns.iter().zip(tuple.0) {
             if key_only && !table.key.contains(name) {
                 continue;
             }
@@ -322,12 +352,10 @@ impl TxnReader {
                 ColumnData::Null => Value::Null,
                 ColumnData::UnchangedToast => Value::UnchangedToast,
                 ColumnData::Text(bytes) => {
-                    Value::Text(String::from_utf8(bytes.clone()).map_err(|_| {
-                        ReaderError::NotUtf8 {
-                            table: format!("{}.{}", table.schema, table.name),
-                            column: name.clone(),
-                            lsn,
-                        }
+                    Value::Text(String::from_utf8(bytes).map_err(|_| ReaderError::NotUtf8 {
+                        table: format!("{}.{}", table.schema, table.name),
+                        column: name.clone(),
+                        lsn,
                     })?)
                 }
                 ColumnData::Binary(_) => {

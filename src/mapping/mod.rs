@@ -28,6 +28,7 @@ use keys::{PairingError, Pairings};
 pub use pair::PairMap;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -346,7 +347,7 @@ impl Mapper {
         out.source.schema = schema.to_string();
         out.source.table = table.to_string();
         out.key = vec![p.target_key.clone()];
-        out.types = Vec::new();
+        out.types = Arc::from([]);
         if ev.op == Op::Truncate {
             return Outcome::Mapped(Box::new(out));
         }

@@ -128,7 +128,7 @@ fn events_of(dir: &Direction, t: &CopyTable, rows: &[tokio_postgres::Row]) -> Ve
                 })
                 .collect())),
             key: t.key.iter().map(|(k, _)| k.clone()).collect(),
-            types: Vec::new(),
+            types: std::sync::Arc::from([]),
             source: Source {
                 node: dir.from.clone(),
                 db: String::new(),

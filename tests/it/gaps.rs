@@ -39,7 +39,7 @@ pub fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
                 ("updated_at", "timestamp with time zone"),
             ]
             .map(|(c, t)| (c.to_string(), t.to_string()))
-            .to_vec(),
+            .into(),
             source: Source {
                 node: "a".into(),
                 db: db.into(),

@@ -67,7 +67,7 @@ mod tests {
             before: None,
             after: None,
             key: vec![],
-            types: vec![],
+            types: std::sync::Arc::from([]),
             source: Source {
                 node: "a".into(),
                 db: "app".into(),
