@@ -6,6 +6,7 @@
 use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES, TRUNCATIONS};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// When each deleted key was deleted, and each truncated table truncated, on the
 /// source, from the tombstones and truncation rows published in the same transaction.
@@ -79,7 +80,14 @@ pub type DeletedKey = (String, Vec<String>);
 pub fn prepare_batch<'e>(
     events: impl Iterator<Item = &'e ChangeEvent>,
 ) -> (Vec<Cow<'e, ChangeEvent>>, DeleteTimes) {
-    let mut out = Vec::new();
+    let events: Vec<&ChangeEvent> = events.collect();
+    // Most batches have no unchanged-TOAST value to fill: they need no images.
+    let toast = events.iter().any(|e| {
+        e.after
+            .as_ref()
+            .is_some_and(|a| a.0.iter().any(|(_, v)| *v == Value::UnchangedToast))
+    });
+    let mut out = Vec::with_capacity(events.len());
     let mut deleted = DeleteTimes::default();
     let mut images = Images::default();
     for ev in events {
@@ -118,6 +126,10 @@ pub fn prepare_batch<'e>(
                     out.push(Cow::Owned(del));
                 }
             }
+        }
+        if !toast {
+            out.push(Cow::Borrowed(ev));
+            continue;
         }
         // The key this event changes: its old row's, or (no old row sent) its own.
         let prior = old_key.or_else(|| ev.after.as_ref().map(|a| images.key(ev, a)));
@@ -239,7 +251,7 @@ fn repair_of(ev: &ChangeEvent) -> Option<(ChangeEvent, Option<(DeletedKey, Strin
     repair.source.schema = schema.to_string();
     repair.source.table = table.to_string();
     repair.key = vec![];
-    repair.types = vec![];
+    repair.types = Arc::from([]);
     match text(row, "deleted_at") {
         Some(at) => {
             let key: Vec<String> = serde_json::from_str(&text(row, "key")?).ok()?;
@@ -274,7 +286,7 @@ mod tests {
             before: None,
             after: Some(Row(cols)),
             key: vec!["id".into()],
-            types: vec![],
+            types: std::sync::Arc::from([]),
             source: Source {
                 node: "a".into(),
                 db: "app".into(),
