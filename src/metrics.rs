@@ -35,7 +35,7 @@ pub const SOURCE_SLOT_LAG_BYTES: &str = "duplex_source_slot_lag_bytes";
 /// WAL the slot keeps on the node: current WAL LSN − restart_lsn. Labels: node.
 pub const SOURCE_SLOT_RETAINED_WAL_BYTES: &str = "duplex_source_slot_retained_wal_bytes";
 /// WAL that can still be written before the slot is lost (max_slot_wal_keep_size);
-/// absent when unlimited. Labels: node.
+/// +Inf when unlimited, 0 once lost. Labels: node.
 pub const SOURCE_SLOT_SAFE_WAL_SIZE_BYTES: &str = "duplex_source_slot_safe_wal_size_bytes";
 /// 1 for the slot's current wal_status. Labels: node, status
 /// (reserved|extended|unreserved|lost).
@@ -231,9 +231,9 @@ impl ApplyMetrics {
     }
 }
 
-/// One node's capture metrics, registered once when its reader starts. Per-table
-/// series are created on a table's first event: the tables are those of the
-/// publication, a bounded set.
+/// One node's capture metrics, registered once when its reader starts. The configured
+/// tables' series exist at zero from the start; a table the publication holds beyond
+/// them (added by hand) gets its series on its first event.
 #[derive(Clone)]
 pub struct CaptureMetrics {
     node: String,
@@ -251,15 +251,23 @@ pub struct CaptureMetrics {
 /// The slot's possible `wal_status` values ([`SOURCE_SLOT_WAL_STATUS`]'s label).
 pub const SLOT_WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
+/// The capture metrics' `op` label values.
+pub const SOURCE_OPS: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+/// The slot's `safe_wal_size` when `max_slot_wal_keep_size` is unlimited: nothing can
+/// be written that would lose the slot.
+pub const UNLIMITED_SAFE_WAL_SIZE: f64 = f64::INFINITY;
+
 impl CaptureMetrics {
-    pub fn new(node: &str) -> CaptureMetrics {
+    /// Registers `node`'s series, with those of its `tables` (`schema.table` on the node).
+    pub fn new<'t>(node: &str, tables: impl IntoIterator<Item = &'t str>) -> CaptureMetrics {
         let n = node.to_string();
         let counter = |name: &'static str| {
             let c = metrics::counter!(name, "node" => n.clone());
             c.increment(0);
             c
         };
-        CaptureMetrics {
+        let mut m = CaptureMetrics {
             connected: metrics::gauge!(SOURCE_CONNECTED, "node" => n.clone()),
             transactions: counter(SOURCE_TRANSACTIONS_TOTAL),
             echoes: counter(SOURCE_ECHOES_SUPPRESSED_TOTAL),
@@ -273,7 +281,16 @@ impl CaptureMetrics {
                 .collect(),
             tables: BTreeMap::new(),
             node: n,
+        };
+        for table in tables {
+            for op in SOURCE_OPS {
+                let (read, produced) = m.table_op(table, op);
+                read.increment(0);
+                produced.increment(0);
+            }
         }
+        m.slot_safe_wal_size.set(UNLIMITED_SAFE_WAL_SIZE);
+        m
     }
 
     /// Sets the wal_status gauge of `status` to 1 and the others to 0.
@@ -350,11 +367,40 @@ impl VerifyMetrics {
     }
 }
 
-/// Installs the global Prometheus recorder.
+/// Upper bounds of [`APPLY_COMMIT_TO_APPLY_SECONDS`]' buckets: 1 ms to 10 minutes, fine
+/// around the 10–500 ms a healthy direction shows, so `histogram_quantile` is close.
+pub const LATENCY_BUCKETS_SECONDS: [f64; 24] = [
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Upper bounds of [`APPLY_BATCH_SECONDS`]' buckets: 1 ms to 1 minute.
+pub const BATCH_BUCKETS_SECONDS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Upper bounds of [`APPLY_BATCH_ROWS`]' buckets: 1 row to `sync.batch_rows`' largest
+/// useful values.
+pub const BATCH_BUCKETS_ROWS: [f64; 14] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+];
+
+/// Installs the global Prometheus recorder. Every histogram is a Prometheus histogram
+/// (`_bucket`, `_sum`, `_count`), so that instances aggregate and quantiles are computed
+/// by the server.
 pub fn install() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in [
+        (APPLY_COMMIT_TO_APPLY_SECONDS, &LATENCY_BUCKETS_SECONDS[..]),
+        (APPLY_BATCH_SECONDS, &BATCH_BUCKETS_SECONDS[..]),
+        (APPLY_BATCH_ROWS, &BATCH_BUCKETS_ROWS[..]),
+    ] {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+            .map_err(|e| e.to_string())?;
+    }
+    let handle = builder.install_recorder().map_err(|e| e.to_string())?;
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }

@@ -49,7 +49,7 @@ pub async fn run_source(
         errors_metric: m::SOURCE_ERRORS_TOTAL,
         label: ("node", node.clone()),
     };
-    let metrics = CaptureMetrics::new(&node);
+    let metrics = CaptureMetrics::new(&node, cfg.tables.iter().map(|t| t.name_on(&node)));
     supervise(&cfg, &what, &health, shutdown, |mut shutdown| {
         let (cfg, node, health, component) = (&cfg, &node, &health, &component);
         let metrics = metrics.clone();
@@ -232,17 +232,20 @@ impl Session<'_> {
             })?;
         let Some(row) = row else { return Ok(()) };
         let m = &self.metrics;
-        for (gauge, column) in [
-            (&m.slot_lag, 0),
-            (&m.slot_retained_wal, 1),
-            (&m.slot_safe_wal_size, 3),
-        ] {
+        for (gauge, column) in [(&m.slot_lag, 0), (&m.slot_retained_wal, 1)] {
             if let Some(v) = row.get::<_, Option<f64>>(column) {
                 gauge.set(v);
             }
         }
         let status: Option<String> = row.get(2);
-        m.set_wal_status(status.as_deref().unwrap_or(""));
+        let status = status.as_deref().unwrap_or("");
+        // NULL means unlimited, or a slot already lost.
+        let safe = row.get::<_, Option<f64>>(3).unwrap_or(match status {
+            "lost" => 0.0,
+            _ => m::UNLIMITED_SAFE_WAL_SIZE,
+        });
+        m.slot_safe_wal_size.set(safe);
+        m.set_wal_status(status);
         Ok(())
     }
 
