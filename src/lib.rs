@@ -6,7 +6,8 @@
 //! applies. They share `pg` (what duplex keeps on each node), `kafka`, `config`,
 //! `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
 //! `cli` parses commands; `status`, `preflight` and `verify` read both sides, and
-//! `cutover` combines status and verify into the switch-over gate. See
+//! `cutover` combines status and verify into the switch-over gate; `standby` lets
+//! a second instance wait to take over. See
 //! ARCHITECTURE.md.
 
 pub mod apply;
@@ -24,6 +25,7 @@ pub(crate) mod pg;
 pub(crate) mod preflight;
 pub(crate) mod runtime;
 pub(crate) mod snapshot;
+pub(crate) mod standby;
 pub(crate) mod status;
 pub(crate) mod verify;
 

@@ -97,6 +97,13 @@ pub const VERIFY_DIFFERENCES: &str = "duplex_verify_differences";
 /// When the last `duplex verify` of the table finished (0: never). Labels: table.
 pub const VERIFY_LAST_RUN_TIMESTAMP_SECONDS: &str = "duplex_verify_last_run_timestamp_seconds";
 
+/// 1 while this instance does all the work: every component holds its lock (see
+/// `standby`); 0 while it waits as a standby (or only part of it works). No labels.
+pub const INSTANCE_ACTIVE: &str = "duplex_instance_active";
+/// 1 while the component works in this instance, 0 while it waits for another
+/// instance or is down. Labels: component ("source <node>", "apply <direction>").
+pub const INSTANCE_COMPONENT_ACTIVE: &str = "duplex_instance_component_active";
+
 /// Always 1. Labels: version.
 pub const BUILD_INFO: &str = "duplex_build_info";
 
@@ -405,40 +412,90 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Which components are up, for `/readyz`.
+/// What a component is doing, for `/readyz` and the instance metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentState {
+    /// Connecting, failed, halted or stopped.
+    Down,
+    /// Waiting while another instance does its work.
+    Standby,
+    Up,
+}
+
+/// What the instance does, when it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every component works here.
+    Active,
+    /// Every component waits for another instance.
+    Standby,
+    /// Some components work here, the others in another instance.
+    Shared,
+}
+
+/// Which components are up, for `/readyz` and [`INSTANCE_ACTIVE`].
 #[derive(Default, Clone)]
 pub struct Health {
-    components: Arc<Mutex<BTreeMap<String, bool>>>,
+    components: Arc<Mutex<BTreeMap<String, (ComponentState, Gauge)>>>,
 }
 
 impl Health {
-    /// Declares a component that must be up for readiness.
+    /// Declares a component that must be up (or standing by) for readiness.
     pub fn register(&self, name: &str) {
-        self.set(name, false);
+        self.set_state(name, ComponentState::Down);
     }
 
     pub fn set(&self, name: &str, up: bool) {
-        if let Ok(mut m) = self.components.lock() {
-            m.insert(name.to_string(), up);
-        }
+        let state = if up {
+            ComponentState::Up
+        } else {
+            ComponentState::Down
+        };
+        self.set_state(name, state);
     }
 
-    /// Ready when every registered component is up; otherwise lists those that are not.
-    pub fn readiness(&self) -> Result<(), Vec<String>> {
+    pub fn set_state(&self, name: &str, state: ComponentState) {
+        let Ok(mut m) = self.components.lock() else {
+            return;
+        };
+        let entry = m.entry(name.to_string()).or_insert_with(|| {
+            let g = metrics::gauge!(INSTANCE_COMPONENT_ACTIVE, "component" => name.to_string());
+            (state, g)
+        });
+        entry.0 = state;
+        entry.1.set(if state == ComponentState::Up {
+            1.0
+        } else {
+            0.0
+        });
+        let all_up = m.values().all(|(s, _)| *s == ComponentState::Up);
+        metrics::gauge!(INSTANCE_ACTIVE).set(if all_up { 1.0 } else { 0.0 });
+    }
+
+    /// Ready when every registered component is up or standing by, with the instance's
+    /// role; otherwise lists the components that are down.
+    pub fn readiness(&self) -> Result<Role, Vec<String>> {
         let m = self
             .components
             .lock()
             .map_err(|_| vec!["health".to_string()])?;
         let down: Vec<String> = m
             .iter()
-            .filter(|(_, up)| !**up)
+            .filter(|(_, (s, _))| *s == ComponentState::Down)
             .map(|(n, _)| n.clone())
             .collect();
-        if down.is_empty() {
-            Ok(())
-        } else {
-            Err(down)
+        if !down.is_empty() {
+            return Err(down);
         }
+        let standby = m
+            .values()
+            .filter(|(s, _)| *s == ComponentState::Standby)
+            .count();
+        Ok(match standby {
+            0 => Role::Active,
+            n if n == m.len() => Role::Standby,
+            _ => Role::Shared,
+        })
     }
 }
 
@@ -509,7 +566,15 @@ async fn respond(
         "/metrics" => ("200 OK", handle.render()),
         "/healthz" => ("200 OK", "ok\n".to_string()),
         "/readyz" => match health.readiness() {
-            Ok(()) => ("200 OK", "ready\n".to_string()),
+            Ok(Role::Active) => ("200 OK", "ready: active\n".to_string()),
+            Ok(Role::Standby) => (
+                "200 OK",
+                "ready: standby (another instance does the work)\n".to_string(),
+            ),
+            Ok(Role::Shared) => (
+                "200 OK",
+                "ready: active for part of the work, standby for the rest\n".to_string(),
+            ),
             Err(down) => (
                 "503 Service Unavailable",
                 format!("not ready: {}\n", down.join(", ")),

@@ -57,6 +57,10 @@ pub async fn run_apply(
     };
     let metrics = ApplyMetrics::new(&dir.to_string(), cfg.tables.iter().map(|t| t.name.as_str()));
     metrics.halted.set(0.0);
+    // The initial-sync series exist (at zero) too, whether a copy runs or not.
+    for t in &cfg.tables {
+        m::SnapshotMetrics::new(&dir.to_string(), &t.name);
+    }
     // A transaction found incomplete is waited for across sessions: the next one
     // reads its broken copy again.
     let awaiting = std::sync::Mutex::new(None);
@@ -66,7 +70,16 @@ pub async fn run_apply(
         async move {
             let carried = awaiting.lock().ok().and_then(|mut a| a.take());
             let connected = metrics.connected.clone();
-            let r = apply_once(cfg, dir, health, component, metrics, carried, shutdown).await;
+            let mut lock_shutdown = shutdown.clone();
+            let r = crate::standby::run_leased(
+                cfg,
+                &dir.to,
+                component,
+                health,
+                &mut lock_shutdown,
+                || apply_once(cfg, dir, health, component, metrics, carried, shutdown),
+            )
+            .await;
             if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
                 if let Ok(mut a) = awaiting.lock() {
                     *a = Some(*gap);

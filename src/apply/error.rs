@@ -18,6 +18,8 @@ pub enum ApplyError {
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error(transparent)]
+    Lease(#[from] crate::standby::LeaseError),
+    #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("direction {direction}: Kafka: {source}")]
     Kafka {
@@ -61,6 +63,7 @@ impl Classify for ApplyError {
         match self {
             ApplyError::Write(e) => e.class(),
             ApplyError::Node(e) => e.class(),
+            ApplyError::Lease(e) => e.class(),
             ApplyError::Snapshot(e) => e.class(),
             ApplyError::Kafka { source, .. } => kafka::class_of(source),
             ApplyError::IncompleteTransaction { .. } | ApplyError::Stalled { .. } => {

@@ -17,6 +17,8 @@ use crate::{Classify, ErrorClass};
 pub enum PipelineError {
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error(transparent)]
+    Lease(#[from] crate::standby::LeaseError),
     #[error("node {node}: {source}")]
     Walsender {
         node: String,
@@ -46,6 +48,7 @@ impl Classify for PipelineError {
     fn class(&self) -> ErrorClass {
         match self {
             PipelineError::Node(e) => e.class(),
+            PipelineError::Lease(e) => e.class(),
             PipelineError::Walsender { source, .. } => source.class(),
             PipelineError::Sql { source, .. } => sql_class(source),
             PipelineError::Sink { source, .. } => source.class(),

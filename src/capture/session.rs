@@ -55,7 +55,16 @@ pub async fn run_source(
         let metrics = metrics.clone();
         async move {
             let connected = metrics.connected.clone();
-            let r = stream_once(cfg, node, health, component, metrics, &mut shutdown).await;
+            let mut lock_shutdown = shutdown.clone();
+            let r = crate::standby::run_leased(
+                cfg,
+                node,
+                component,
+                health,
+                &mut lock_shutdown,
+                || stream_once(cfg, node, health, component, metrics, &mut shutdown),
+            )
+            .await;
             connected.set(0.0);
             r
         }

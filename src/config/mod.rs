@@ -29,6 +29,9 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_INITIAL_MS: u64 = 500;
 pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+pub const DEFAULT_TAKEOVER_MS: u64 = 15_000;
+/// Below this, a slow node answering a lock check would make components stop for nothing.
+pub const MIN_TAKEOVER_MS: u64 = 5_000;
 pub const DEFAULT_UPDATED_AT: &str = "updated_at";
 /// Replication origins of duplex's apply sessions start with this; the reader drops
 /// transactions carrying such an origin so that applied changes never echo back.
@@ -72,6 +75,25 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub standby: StandbyConfig,
+}
+
+/// Two `duplex run` on one config: one works, the other waits (see `standby`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandbyConfig {
+    /// How long after the active instance dies (or loses its nodes) a waiting instance
+    /// takes over, at most.
+    pub takeover_ms: u64,
+}
+
+impl Default for StandbyConfig {
+    fn default() -> Self {
+        StandbyConfig {
+            takeover_ms: DEFAULT_TAKEOVER_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +219,12 @@ impl Config {
             if v == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if self.standby.takeover_ms < MIN_TAKEOVER_MS {
+            return Err(invalid(
+                "standby.takeover_ms",
+                format!("must be at least {MIN_TAKEOVER_MS}"),
+            ));
         }
         if s.retry_max_ms < s.retry_initial_ms {
             return Err(invalid(

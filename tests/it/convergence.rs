@@ -26,7 +26,7 @@ const TABLES: &[&str] = &[
     "public.users",
 ];
 
-async fn rig() -> Rig {
+pub async fn rig() -> Rig {
     let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
     let rig = Rig::both(&ddl, TABLES, "").await;
     rig.add_identity("public.users", "users", &["email"]);
@@ -48,7 +48,7 @@ impl Rng {
 
 /// Random writes on `node` until `until`; returns the row changes committed (each is
 /// one event on the node's topic, with tombstones counted for deletes).
-async fn workload(c: Client, node: u64, until: Instant) -> u64 {
+pub async fn workload(c: Client, node: u64, until: Instant) -> u64 {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (node + 1));
     let mut changes = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(4));
@@ -115,7 +115,7 @@ async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
     (wa.await.unwrap(), wb.await.unwrap())
 }
 
-async fn assert_identical_and_applied_once(rig: &Rig) {
+pub async fn assert_identical_and_applied_once(rig: &Rig) {
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     converge(

@@ -21,6 +21,7 @@ mod partial;
 mod restore;
 mod snapshot;
 mod source;
+mod standby;
 mod timeouts;
 mod toast;
 mod tombstones;

@@ -97,6 +97,8 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
         r#"duplex_source_errors_total{node="a",class="transient"} 0"#,
         r#"duplex_source_slot_safe_wal_size_bytes{node="a"} "#,
         r#"duplex_apply_halted{direction="a_to_b"} 0"#,
+        r#"duplex_snapshot_rows_total{direction="b_to_a",table="public.items"} 0"#,
+        r#"duplex_snapshot_chunks_remaining{direction="a_to_b",table="public.items"} "#,
         // Histograms, not summaries: buckets that servers can aggregate.
         r#"duplex_apply_commit_to_apply_seconds_bucket{direction="a_to_b",le="0.1"} 0"#,
         r#"duplex_apply_commit_to_apply_seconds_count{direction="b_to_a"} 0"#,

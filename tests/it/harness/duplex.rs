@@ -145,10 +145,27 @@ retry_max_ms = 1000
 
     /// Starts `duplex run` in the background.
     pub fn start(&self) -> Daemon {
+        self.start_with(&self.config)
+    }
+
+    /// A copy of the config for a second instance on this host: the same except
+    /// `metrics.listen`, on a port of its own. Returns its path and metrics port.
+    pub fn second_instance_config(&self) -> (PathBuf, u16) {
+        let cfg = std::fs::read_to_string(&self.config).unwrap();
+        let port = super::free_port();
+        let listen = cfg.lines().find(|l| l.starts_with("listen = ")).unwrap();
+        let path = self.dir.join(format!("{}.toml", unique("instance")));
+        let text = cfg.replace(listen, &format!("listen = \"127.0.0.1:{port}\""));
+        std::fs::write(&path, text).unwrap();
+        (path, port)
+    }
+
+    /// Starts `duplex run --config <config>` in the background.
+    pub fn start_with(&self, config: &std::path::Path) -> Daemon {
         let log = self.dir.join(format!("{}.log", unique("duplex")));
         let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
             .args(["run", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
