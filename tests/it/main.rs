@@ -8,6 +8,7 @@ mod bad_events;
 mod bench_smoke;
 mod convergence;
 mod cutover;
+mod deploy;
 mod gaps;
 mod harness;
 mod identity;
