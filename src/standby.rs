@@ -260,7 +260,11 @@ mod tests {
             [standby]
             takeover_ms = 500
             "#;
-        let e = Config::parse(text).unwrap().validate().unwrap_err().to_string();
+        let e = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("standby.takeover_ms"), "{e}");
     }
 }

@@ -191,7 +191,7 @@ pub(super) fn validate(
 pub fn power_of_ten(v: u64) -> Option<u32> {
     let mut n = 0;
     let mut x = v;
-    while x > 1 && x % 10 == 0 {
+    while x > 1 && x.is_multiple_of(10) {
         x /= 10;
         n += 1;
     }
