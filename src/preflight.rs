@@ -113,6 +113,21 @@ pub async fn node_problems(
             ));
         }
     }
+    // `duplex setup` creates the duplex schema and the publication.
+    let row = client
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'CREATE'), current_database()::text,
+                    to_regnamespace('duplex') IS NOT NULL
+                    AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&cfg.publication_name(node)],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) && !row.get::<_, bool>(2) {
+        let db: String = row.get(1);
+        problems.push(format!(
+            "node {node}: role {user} may not create the duplex schema and publication; run GRANT CREATE ON DATABASE {db} TO {user}"
+        ));
+    }
     let mut naive = Vec::new();
     for t in &cfg.tables {
         let (p, local) = table_problems(client, node, t.name_on(node), &t.updated_at).await?;
@@ -202,7 +217,8 @@ async fn table_problems(
                             AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped),
                     EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
                             AND a.attname = $3 AND NOT a.attisdropped
-                            AND a.atttypid = 'timestamp'::regtype)
+                            AND a.atttypid = 'timestamp'::regtype),
+                    pg_has_role(c.relowner, 'USAGE'), current_user::text
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name, &updated_at],
@@ -225,6 +241,13 @@ async fn table_problems(
     if !row.get::<_, bool>(2) {
         problems.push(format!(
             "node {node}: table {table} has no column {updated_at}; add it or set updated_at for this table"
+        ));
+    }
+    // Publishing a table and adding triggers to it take its owner's rights.
+    if !row.get::<_, bool>(4) {
+        let user: String = row.get(5);
+        problems.push(format!(
+            "node {node}: role {user} does not own table {table}, which duplex publishes and adds its triggers to; run ALTER TABLE {table} OWNER TO {user} (or GRANT the owner role TO {user})"
         ));
     }
     Ok((problems, row.get(3)))

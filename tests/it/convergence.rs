@@ -27,10 +27,17 @@ const TABLES: &[&str] = &[
 ];
 
 pub async fn rig() -> Rig {
+    let rig = rig_before_setup().await;
+    assert!(rig.command(&["setup"]).status.success());
+    rig
+}
+
+/// The tables, with an apply log, and a config for both directions; nothing set up on
+/// the nodes yet.
+pub async fn rig_before_setup() -> Rig {
     let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
     let rig = Rig::both(&ddl, TABLES, "").await;
     rig.add_identity("public.users", "users", &["email"]);
-    assert!(rig.command(&["setup"]).status.success());
     rig
 }
 
@@ -107,7 +114,7 @@ pub async fn workload(c: Client, node: u64, until: Instant) -> u64 {
     changes
 }
 
-async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
+pub async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
     let cl = Cluster::shared();
     let until = Instant::now() + Duration::from_secs(secs);
     let wa = tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until));

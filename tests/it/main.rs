@@ -19,6 +19,7 @@ mod mapping_edges;
 mod observability;
 mod oversize;
 mod partial;
+mod privilege;
 mod restore;
 mod snapshot;
 mod source;
