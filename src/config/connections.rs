@@ -143,6 +143,21 @@ fn default_max_in_flight() -> usize {
     DEFAULT_MAX_IN_FLIGHT_MESSAGES
 }
 
+/// Prefix of the environment variables that set `[kafka.properties]`.
+pub const KAFKA_PROPERTY_ENV_PREFIX: &str = "DUPLEX_KAFKA_PROPERTIES_";
+
+/// The librdkafka property an environment variable sets: the rest of the name after
+/// [`KAFKA_PROPERTY_ENV_PREFIX`], lower-cased, `_` for `.` (librdkafka's property names
+/// have no `_`): `DUPLEX_KAFKA_PROPERTIES_SASL_PASSWORD` sets `sasl.password`.
+pub fn kafka_property_of_env_var(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(KAFKA_PROPERTY_ENV_PREFIX)?;
+    let valid = !rest.is_empty()
+        && rest
+            .split('_')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric()));
+    valid.then(|| rest.to_ascii_lowercase().replace('_', "."))
+}
+
 /// `DUPLEX_NODES_<NAME>_PASSWORD`, the name upper-cased.
 pub fn password_env_var(node: &str) -> String {
     format!("DUPLEX_NODES_{}_PASSWORD", node.to_ascii_uppercase())

@@ -15,7 +15,10 @@ mod connections;
 pub mod mapping;
 mod snapshot;
 mod sync;
-pub use connections::{is_secret_property, password_env_var, redact_url, KafkaConfig, NodeConfig};
+pub use connections::{
+    is_secret_property, kafka_property_of_env_var, password_env_var, redact_url, KafkaConfig,
+    NodeConfig,
+};
 pub use snapshot::{SnapshotConfig, SnapshotMode};
 pub use sync::{IdentityConfig, OnError, SyncConfig, TableConfig};
 
@@ -163,6 +166,10 @@ impl Config {
             other => other,
         })?;
         cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.apply_kafka_env(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
         cfg.validate()?;
         Ok(cfg)
     }
@@ -179,6 +186,17 @@ impl Config {
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         for (name, node) in self.nodes.iter_mut() {
             node.password_from_env = env(&password_env_var(name));
+        }
+    }
+
+    /// Takes `[kafka.properties]` from `DUPLEX_KAFKA_PROPERTIES_<PROPERTY>` variables
+    /// among `vars` (see [`kafka_property_of_env_var`]); they win over the file's, so
+    /// that secrets need not be in it.
+    pub fn apply_kafka_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        for (name, value) in vars {
+            if let Some(property) = kafka_property_of_env_var(&name) {
+                self.kafka.properties.insert(property, value);
+            }
         }
     }
 

@@ -164,3 +164,43 @@ fn kafka_secrets_never_show_in_debug_output() {
     assert!(dbg.contains("\"sasl.username\": \"svc\""), "{dbg}");
     assert!(dbg.contains("\"sasl.password\": \"<redacted>\""), "{dbg}");
 }
+
+#[test]
+fn kafka_properties_come_from_the_environment_and_win() {
+    assert_eq!(
+        kafka_property_of_env_var("DUPLEX_KAFKA_PROPERTIES_SASL_PASSWORD").as_deref(),
+        Some("sasl.password")
+    );
+    assert_eq!(
+        kafka_property_of_env_var("DUPLEX_KAFKA_PROPERTIES_SSL_KEY_PASSWORD").as_deref(),
+        Some("ssl.key.password")
+    );
+    for not_one in [
+        "DUPLEX_KAFKA_PROPERTIES_",
+        "DUPLEX_KAFKA_PROPERTIES__X",
+        "DUPLEX_KAFKA_PROPERTIES_A-B",
+        "DUPLEX_NODES_A_PASSWORD",
+    ] {
+        assert_eq!(kafka_property_of_env_var(not_one), None, "{not_one}");
+    }
+    let mut c = Config::parse(&GOOD.replace(
+        "\"security.protocol\" = \"plaintext\"",
+        "\"security.protocol\" = \"plaintext\"\n\"sasl.password\" = \"from-file\"",
+    ))
+    .unwrap();
+    c.apply_kafka_env([
+        (
+            "DUPLEX_KAFKA_PROPERTIES_SASL_PASSWORD".to_string(),
+            "s3cr3t-env".to_string(),
+        ),
+        ("HOME".to_string(), "/root".to_string()),
+    ]);
+    assert_eq!(c.kafka.properties["sasl.password"], "s3cr3t-env");
+    assert_eq!(c.kafka.properties["security.protocol"], "plaintext");
+    assert_eq!(c.kafka.properties.len(), 2);
+    assert!(!format!("{c:?}").contains("s3cr3t-env"));
+    // The properties duplex sets itself stay refused, from the environment too.
+    c.apply_kafka_env([("DUPLEX_KAFKA_PROPERTIES_ACKS".to_string(), "1".to_string())]);
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("kafka.properties.acks"), "{e}");
+}

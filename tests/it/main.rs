@@ -21,6 +21,7 @@ mod oversize;
 mod partial;
 mod privilege;
 mod restore;
+mod secrets;
 mod snapshot;
 mod source;
 mod standby;

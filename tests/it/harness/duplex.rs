@@ -135,10 +135,16 @@ retry_max_ms = 1000
 
     /// Runs a one-shot duplex command (check, setup, teardown, ...).
     pub fn command(&self, args: &[&str]) -> Output {
+        self.command_env(args, &[])
+    }
+
+    /// `command` with variables added to its environment.
+    pub fn command_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_duplex"))
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .envs(env.iter().copied())
             .output()
             .unwrap()
     }
@@ -162,11 +168,16 @@ retry_max_ms = 1000
 
     /// Starts `duplex run --config <config>` in the background.
     pub fn start_with(&self, config: &std::path::Path) -> Daemon {
+        self.start_env(config, &[("RUST_LOG", "info")])
+    }
+
+    /// Starts `duplex run --config <config>` with `env` added to its environment.
+    pub fn start_env(&self, config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.join(format!("{}.log", unique("duplex")));
         let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
