@@ -72,6 +72,14 @@ impl Status {
     /// Why this status fails a `--max-lag` gate, if it does.
     pub fn gate(&self, max_lag_seconds: f64) -> Vec<String> {
         let mut failing = self.problems.clone();
+        for n in &self.nodes {
+            if n.wal_status.as_deref() == Some("lost") {
+                failing.push(format!(
+                    "node {}: slot {} was invalidated by PostgreSQL (wal_status lost): its unread changes are gone; run `duplex setup`, then `duplex snapshot`",
+                    n.node, n.slot
+                ));
+            }
+        }
         for d in &self.directions {
             if d.state == DirectionState::Halted {
                 failing.push(format!(

@@ -36,6 +36,12 @@ pub enum NodeError {
         created_lsn: String,
         created_at: String,
     },
+    #[error("node {node}: replication slot {slot} was invalidated by PostgreSQL (wal_status lost): it held more WAL than max_slot_wal_keep_size allows, and the changes it had not read since LSN {confirmed} are gone. Run `duplex setup` (it drops the invalidated slot and creates it again), then `duplex snapshot` to bring the peer level with this node; raise max_slot_wal_keep_size if duplex may be stopped this long again")]
+    SlotInvalidated {
+        node: String,
+        slot: String,
+        confirmed: String,
+    },
     #[error("node {node}'s WAL ends at {wal_end}, but node {peer} already applied its changes up to {applied} through the same slot {slot}: node {node} went back in time (restored from a backup or a disk snapshot?), and its new changes would be taken for ones already applied. Bring node {peer} level with node {node} (copy the configured tables), then drop the slot on node {node} (SELECT pg_drop_replication_slot('{slot}')) and run `duplex setup`: the new slot starts a new stream")]
     HistoryRewound {
         node: String,
@@ -68,6 +74,7 @@ impl Classify for NodeError {
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
             NodeError::Config { .. }
             | NodeError::SlotLost { .. }
+            | NodeError::SlotInvalidated { .. }
             | NodeError::HistoryRewound { .. } => ErrorClass::Definite,
         }
     }

@@ -15,12 +15,14 @@ use tokio_postgres::Client;
 /// How long setup's DDL waits for a lock before it fails (and is retried).
 const SETUP_LOCK_TIMEOUT_MS: u64 = 5_000;
 
-/// What setup may do about a slot duplex created before and that has disappeared.
+/// What setup may do about a slot duplex created before and that has disappeared or
+/// that PostgreSQL invalidated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LostSlot {
     /// Stop with [`NodeError::SlotLost`]: the daemon never papers over lost changes.
     Refuse,
-    /// Create it again: the operator ran `duplex setup` after resynchronising.
+    /// Create it again (dropping an invalidated one first): the operator ran `duplex
+    /// setup` to resynchronise.
     Recreate,
 }
 
@@ -184,11 +186,31 @@ async fn ensure_slot(
     let slot = cfg.slot_name(node);
     let row = client
         .query_opt(
-            "SELECT plugin, database FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin, database, wal_status, coalesce(confirmed_flush_lsn::text, '?')
+             FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(sql_err(node, "reading pg_replication_slots"))?;
+    let row = match row {
+        // PostgreSQL invalidated the slot (max_slot_wal_keep_size): it can never
+        // stream again. Only the operator's `duplex setup` replaces it.
+        Some(row) if row.get::<_, Option<String>>(2).as_deref() == Some("lost") => {
+            if lost == LostSlot::Refuse {
+                return Err(NodeError::SlotInvalidated {
+                    node: node.to_string(),
+                    slot,
+                    confirmed: row.get(3),
+                });
+            }
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(sql_err(node, format!("dropping invalidated slot {slot}")))?;
+            None
+        }
+        row => row,
+    };
     if let Some(row) = row {
         let plugin: Option<String> = row.get(0);
         if plugin.as_deref() != Some("pgoutput") {
@@ -267,7 +289,7 @@ async fn ensure_slot(
         .map_err(sql_err(node, "writing duplex.slots"))?;
     Ok(Some(match before {
         Some(_) => format!(
-            "created replication slot {slot} again (it had been lost; changes made while it was gone were not read)"
+            "created replication slot {slot} again (it had been lost or invalidated; changes made meanwhile were not read)"
         ),
         None => format!("created replication slot {slot}"),
     }))

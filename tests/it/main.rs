@@ -22,6 +22,7 @@ mod partial;
 mod privilege;
 mod restore;
 mod secrets;
+mod slot_loss;
 mod snapshot;
 mod source;
 mod standby;

@@ -15,13 +15,19 @@ pub struct Rig {
     pub db_b: String,
     pub prefix: String,
     pub config: PathBuf,
+    /// Where both databases are.
+    pub cluster: &'static Cluster,
 }
 
 impl Rig {
     /// Two fresh databases on the shared cluster, the given DDL run on both, and a
     /// config streaming a → b for `tables`, with `extra` TOML appended.
     pub async fn new(ddl: &str, tables: &[&str], extra: &str) -> Rig {
-        let cluster = Cluster::shared();
+        Rig::new_on(Cluster::shared(), ddl, tables, extra).await
+    }
+
+    /// Like `new`, on `cluster`.
+    pub async fn new_on(cluster: &'static Cluster, ddl: &str, tables: &[&str], extra: &str) -> Rig {
         let (db_a, db_b) = (cluster.create_db(), cluster.create_db());
         for db in [&db_a, &db_b] {
             cluster.client(db).await.batch_execute(ddl).await.unwrap();
@@ -34,6 +40,7 @@ impl Rig {
             db_a,
             db_b,
             prefix,
+            cluster,
         };
         rig.write_config(tables, extra);
         rig
@@ -72,7 +79,7 @@ impl Rig {
     }
 
     pub fn write_config(&self, tables: &[&str], extra: &str) {
-        let cluster = Cluster::shared();
+        let cluster = self.cluster;
         let tables: String = tables
             .iter()
             .map(|t| format!("[[tables]]\nname = \"{t}\"\n"))
@@ -122,7 +129,7 @@ retry_max_ms = 1000
 
     /// Drops node a's slot, as a failover or a restore would lose it.
     pub async fn drop_slot_a(&self) {
-        Cluster::shared()
+        self.cluster
             .client(&self.db_a)
             .await
             .batch_execute(&format!(
