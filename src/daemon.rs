@@ -15,6 +15,21 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+/// Set when a component found that continuing could apply wrong data (the broker
+/// lost messages): the others stop without finishing what they hold.
+static ABORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the stop that follows an abort: appliers roll back what they hold instead of
+/// committing it. The component that calls it fails, which stops the others.
+pub fn abort() {
+    ABORTING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the components are stopping on an [`abort`].
+pub fn aborting() -> bool {
+    ABORTING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// How long the components have to stop once told to.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
 

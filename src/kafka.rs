@@ -38,6 +38,14 @@ pub enum SinkError {
     },
     #[error("reading the topic's offsets: {0}")]
     Task(String),
+    #[error("topic {topic} went back: the broker acknowledged offset {now} after offset {before}, so it lost messages it had acknowledged (a broker without durable storage restarted, or the topic was deleted and created again). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
+    OffsetsWentBack {
+        topic: String,
+        before: i64,
+        now: i64,
+    },
+    #[error("topic {topic} does not exist any more, although the broker had acknowledged messages up to offset {last} on it: the broker lost them (a broker without durable storage restarted, or the topic was deleted). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
+    TopicGone { topic: String, last: i64 },
 }
 
 impl Classify for SinkError {
@@ -47,8 +55,19 @@ impl Classify for SinkError {
             SinkError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,
             // The same event would be too large on every retry.
             SinkError::TooLarge { .. } => ErrorClass::Definite,
+            SinkError::OffsetsWentBack { .. } | SinkError::TopicGone { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
+    }
+}
+
+impl SinkError {
+    /// Whether the broker lost messages it had acknowledged.
+    pub fn is_topic_lost(&self) -> bool {
+        matches!(
+            self,
+            SinkError::OffsetsWentBack { .. } | SinkError::TopicGone { .. }
+        )
     }
 }
 

@@ -194,7 +194,13 @@ async fn apply_once(
         let stall = worker.stall_deadline();
         tokio::select! {
             biased;
-            _ = shutdown.changed() => return worker.finish().await,
+            // After an abort, what the worker holds is rolled back with its session.
+            _ = shutdown.changed() => {
+                if crate::daemon::aborting() {
+                    return Ok(());
+                }
+                return worker.finish().await;
+            }
             msg = consumer.recv() => {
                 let msg = msg.map_err(|e| position_lost(dir, &topic, committed_next, e))?;
                 if let Some(expected) = expect_first.take() {

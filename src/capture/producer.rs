@@ -23,6 +23,10 @@ use tokio::sync::{mpsc, watch};
 /// durable when `send` returns; it is once the returned future resolves `Ok`.
 /// Delivery is at-least-once: after a restart the slot replays from the last confirmed
 /// commit, so the topic may hold a commit twice, never miss one.
+/// librdkafka's `message.timeout.ms` unless the user sets it.
+const MESSAGE_TIMEOUT_MS: &str = "30000";
+
+#[derive(Clone)]
 pub struct ChangeProducer {
     producer: FutureProducer,
     topic: String,
@@ -38,10 +42,38 @@ impl ChangeProducer {
         if !cfg.properties.contains_key("linger.ms") {
             cc.set("linger.ms", "5");
         }
+        // A message the broker has not acknowledged in this time fails its delivery,
+        // and the session starts again with a new producer (the slot replays what was
+        // not confirmed). librdkafka's 5 minutes would leave a producer the broker no
+        // longer knows (it came back without its state) retrying that long.
+        if !["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .any(|k| cfg.properties.contains_key(*k))
+        {
+            cc.set("message.timeout.ms", MESSAGE_TIMEOUT_MS);
+        }
         Ok(ChangeProducer {
             producer: cc.create()?,
             topic: topic.to_string(),
         })
+    }
+
+    /// Whether the broker knows the topic: `Ok(false)` when its metadata says the topic
+    /// does not exist. Errors reaching the broker are returned as they are.
+    pub async fn topic_exists(&self) -> Result<bool, SinkError> {
+        use rdkafka::producer::Producer;
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+        })
+        .await
+        .map_err(|e| SinkError::Task(e.to_string()))?
     }
 
     /// Enqueues one event. Waits only while librdkafka's own queue is full.
@@ -49,7 +81,12 @@ impl ChangeProducer {
         let key = ev.kafka_key();
         let payload = ev.to_json();
         loop {
-            let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+            // Partition 0 always: the node's commit order holds within one partition
+            // only, the appliers read that one, and its offsets are checked to grow.
+            let record = FutureRecord::to(&self.topic)
+                .partition(0)
+                .key(&key)
+                .payload(&payload);
             match self.producer.send_result(record) {
                 Ok(f) => return Ok(f),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -73,6 +110,32 @@ impl ChangeProducer {
     }
 }
 
+/// How often [`watch_topic`] asks the broker for the topic.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Resolves when the broker no longer knows the topic although it acknowledged
+/// messages on it (twice in a row, so that one odd metadata answer is not enough).
+/// A broker that cannot be reached proves nothing: the deliveries' own errors say so.
+pub async fn watch_topic(producer: ChangeProducer, acked: watch::Receiver<Acked>) -> SinkError {
+    let mut missing = 0;
+    loop {
+        tokio::time::sleep(TOPIC_CHECK_EVERY).await;
+        let Some(last) = acked.borrow().last else {
+            continue;
+        };
+        match producer.topic_exists().await {
+            Ok(false) => missing += 1,
+            Ok(true) | Err(_) => missing = 0,
+        }
+        if missing >= 2 {
+            return SinkError::TopicGone {
+                topic: producer.topic.clone(),
+                last,
+            };
+        }
+    }
+}
+
 /// An entry of the delivery queue, in stream order.
 pub enum Pending {
     Message {
@@ -86,13 +149,30 @@ pub enum Pending {
     },
 }
 
+/// The offsets the broker acknowledged on the node's topic, as far as they are known.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub topic: String,
+    /// The highest offset acknowledged so far, in this session or (persisted in
+    /// `duplex.slots.last_offset`) an earlier one.
+    pub last: Option<i64>,
+}
+
 /// Awaits deliveries in order and publishes the newest durable commit end LSN on
-/// `durable`. Returns when the queue closes (all durable) or on the first failed
-/// delivery, whose commit and everything after it stay unconfirmed.
+/// `durable`, and the highest acknowledged offset on `acked` at each commit. Returns
+/// when the queue closes (all durable) or on the first failed delivery, whose commit
+/// and everything after it stay unconfirmed.
+///
+/// The topic is append-only: every acknowledged offset must be above the last one.
+/// One that is not means the broker lost messages it had acknowledged (a broker
+/// without durable storage restarted, the topic was deleted and created again):
+/// [`SinkError::OffsetsWentBack`], before the commit is confirmed.
 pub async fn track_deliveries(
     mut queue: mpsc::Receiver<Pending>,
     durable: watch::Sender<Lsn>,
+    acked: watch::Sender<Acked>,
 ) -> Result<(), SinkError> {
+    let mut last = acked.borrow().clone();
     while let Some(p) = queue.recv().await {
         match p {
             Pending::Message {
@@ -100,11 +180,22 @@ pub async fn track_deliveries(
                 delivery,
                 produced,
             } => match delivery.await {
-                Ok(Ok(_)) => produced.increment(1),
+                Ok(Ok(d)) => {
+                    if let Some(before) = last.last.filter(|l| d.offset <= *l) {
+                        return Err(SinkError::OffsetsWentBack {
+                            topic: last.topic,
+                            before,
+                            now: d.offset,
+                        });
+                    }
+                    last.last = Some(d.offset);
+                    produced.increment(1);
+                }
                 Ok(Err((error, _))) => return Err(SinkError::Delivery { commit_lsn, error }),
                 Err(_) => return Err(SinkError::TrackerGone),
             },
             Pending::Commit { end_lsn } => {
+                acked.send_replace(last.clone());
                 durable.send_replace(end_lsn);
             }
         }

@@ -147,8 +147,20 @@ async fn stream_once(
 
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let last_offset: Option<i64> = client
+        .query_one(
+            "SELECT max(last_offset) FROM duplex.slots WHERE slot_name = $1",
+            &[&slot_name],
+        )
+        .await
+        .map_err(sql("reading duplex.slots"))?
+        .get(0);
+    let (acked_tx, acked_rx) = watch::channel(producer::Acked {
+        topic: topic.clone(),
+        last: last_offset,
+    });
     let tracker = tokio::spawn(
-        producer::track_deliveries(queue_rx, durable_tx)
+        producer::track_deliveries(queue_rx, durable_tx, acked_tx)
             .instrument(tracing::info_span!("delivery_tracker", node)),
     );
     let mut session = Session {
@@ -160,6 +172,8 @@ async fn stream_once(
         reader: TxnReader::new(node, &ident.dbname, slot_stream),
         queue: queue_tx,
         durable: durable_rx,
+        acked: acked_rx,
+        recorded_offset: last_offset,
         tracker,
         progress: SlotProgress::default(),
         out: Vec::new(),
@@ -178,6 +192,9 @@ struct Session<'a> {
     reader: TxnReader,
     queue: mpsc::Sender<Pending>,
     durable: watch::Receiver<Lsn>,
+    /// The highest offset acknowledged, and the one last recorded on the node.
+    acked: watch::Receiver<producer::Acked>,
+    recorded_offset: Option<i64>,
     tracker: JoinHandle<Result<(), SinkError>>,
     /// What may be confirmed to the slot.
     progress: SlotProgress,
@@ -192,16 +209,19 @@ impl Session<'_> {
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(self.cfg.source.heartbeat_interval_ms));
         let mut slot_stats = tokio::time::interval(SLOT_STATS_EVERY);
+        let topic_gone = producer::watch_topic(self.producer.clone(), self.acked.clone());
+        let mut topic_gone = std::pin::pin!(topic_gone);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return self.drain().await,
+                e = &mut topic_gone => return Err(self.sink_failed(e).await),
                 joined = &mut self.tracker => {
                     let e = match joined {
                         Ok(Err(e)) => e,
                         _ => SinkError::TrackerGone,
                     };
-                    return Err(self.sink_err(e));
+                    return Err(self.sink_failed(e).await);
                 }
                 // Timers before the stream: during a catch-up the stream is always
                 // ready, and the node must still hear from us within its
@@ -359,6 +379,28 @@ impl Session<'_> {
                 .map_err(|e| self.wal_err(e))?;
             self.metrics.confirmed_lsn.set(flush.0 as f64);
         }
+        self.record_offset().await
+    }
+
+    /// Records the highest acknowledged offset on the node, so that a later session
+    /// notices a broker that came back without it.
+    async fn record_offset(&mut self) -> Result<(), PipelineError> {
+        let last = self.acked.borrow().last;
+        if last.is_none() || last == self.recorded_offset {
+            return Ok(());
+        }
+        self.client
+            .execute(
+                "UPDATE duplex.slots SET last_offset = $1 WHERE slot_name = $2",
+                &[&last, &self.cfg.slot_name(self.node)],
+            )
+            .await
+            .map_err(|source| PipelineError::Sql {
+                node: self.node.to_string(),
+                context: "recording the topic's last offset",
+                source,
+            })?;
+        self.recorded_offset = last;
         Ok(())
     }
 
@@ -377,6 +419,26 @@ impl Session<'_> {
         self.send_status(true).await?;
         tracing::info!(node = self.node, confirmed = %self.progress.confirmed(), "reader stopped");
         Ok(())
+    }
+
+    /// The session's end on a sink error; a broker found to have lost acknowledged
+    /// messages is recorded on the node first, so that no later session (of this
+    /// process or another) reads or writes the topic before the operator resynchronised.
+    async fn sink_failed(&mut self, source: SinkError) -> PipelineError {
+        if source.is_topic_lost() {
+            crate::daemon::abort();
+            let recorded = self
+                .client
+                .execute(
+                    "UPDATE duplex.slots SET topic_lost = $1 WHERE slot_name = $2",
+                    &[&source.to_string(), &self.cfg.slot_name(self.node)],
+                )
+                .await;
+            if let Err(e) = recorded {
+                tracing::error!(node = self.node, error = %e, "could not record the lost topic on the node");
+            }
+        }
+        self.sink_err(source)
     }
 
     fn sink_err(&self, source: SinkError) -> PipelineError {

@@ -30,12 +30,20 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
     let slot_name = cfg.slot_name(&dir.from);
     let stream = source
         .query_opt(
-            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
+            "SELECT stream, topic_lost FROM duplex.slots WHERE slot_name = $1",
             &[&slot_name],
         )
         .await;
     let stream: String = match stream {
-        Ok(Some(row)) => row.get(0),
+        Ok(Some(row)) => {
+            if let Some(detail) = row.get::<_, Option<String>>(1) {
+                return Err(NodeError::TopicLost {
+                    node: dir.from.clone(),
+                    detail,
+                });
+            }
+            row.get(0)
+        }
         Ok(None) => return Ok(()),
         Err(e) if not_set_up(&e) => return Ok(()),
         Err(e) => return Err(sql_err(&dir.from, "reading duplex.slots")(e)),

@@ -42,6 +42,8 @@ pub enum NodeError {
         slot: String,
         confirmed: String,
     },
+    #[error("node {node}: {detail} (recorded in duplex.slots.topic_lost when it was found; nothing reads or writes this topic until it is cleared)")]
+    TopicLost { node: String, detail: String },
     #[error("node {node}'s WAL ends at {wal_end}, but node {peer} already applied its changes up to {applied} through the same slot {slot}: node {node} went back in time (restored from a backup or a disk snapshot?), and its new changes would be taken for ones already applied. Bring node {peer} level with node {node} (copy the configured tables), then drop the slot on node {node} (SELECT pg_drop_replication_slot('{slot}')) and run `duplex setup`: the new slot starts a new stream")]
     HistoryRewound {
         node: String,
@@ -75,6 +77,7 @@ impl Classify for NodeError {
             NodeError::Config { .. }
             | NodeError::SlotLost { .. }
             | NodeError::SlotInvalidated { .. }
+            | NodeError::TopicLost { .. }
             | NodeError::HistoryRewound { .. } => ErrorClass::Definite,
         }
     }

@@ -80,6 +80,18 @@ DO $$ BEGIN
                    AND attname = 'stream' AND NOT attisdropped) THEN
         ALTER TABLE duplex.apply_positions ADD COLUMN stream text;
     END IF;
+    -- The highest offset the broker acknowledged on the node's topic: a broker that
+    -- comes back without it lost messages.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
+                   AND attname = 'last_offset' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.slots ADD COLUMN last_offset bigint;
+    END IF;
+    -- Set when the broker was found to have lost acknowledged messages: no session
+    -- reads or writes the topic again until the operator resynchronised.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
+                   AND attname = 'topic_lost' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.slots ADD COLUMN topic_lost text;
+    END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS duplex.conflicts (
     id bigserial PRIMARY KEY,

@@ -6,6 +6,7 @@ mod apply;
 mod auth;
 mod bad_events;
 mod bench_smoke;
+mod broker_loss;
 mod convergence;
 mod cutover;
 mod deploy;

@@ -36,8 +36,33 @@ impl Broker {
         SHARED.get_or_init(Broker::start)
     }
 
+    /// A broker of the test's own (memory storage), to restart or stop.
+    pub fn start_own() -> Broker {
+        Broker::start()
+    }
+
+    /// Kills the broker and starts a new one on the same port: memory storage, so it
+    /// comes back without any topic or message.
+    pub fn restart_empty(&self) {
+        {
+            let mut child = self._child.lock().unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let fresh = Broker::spawn(self.port);
+        *self._child.lock().unwrap() = fresh;
+    }
+
     fn start() -> Broker {
         let port = free_port();
+        let child = Broker::spawn(port);
+        Broker {
+            port,
+            _child: std::sync::Mutex::new(child),
+        }
+    }
+
+    fn spawn(port: u16) -> std::process::Child {
         let dir = temp_dir("duplex-tansu-");
         let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
@@ -70,10 +95,7 @@ impl Broker {
             assert!(Instant::now() < deadline, "tansu did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Broker {
-            port,
-            _child: std::sync::Mutex::new(child),
-        }
+        child
     }
 
     pub fn brokers(&self) -> String {

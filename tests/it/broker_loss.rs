@@ -1,0 +1,89 @@
+//! A broker that comes back without the messages duplex relied on (a memory broker
+//! restarted: every topic gone): duplex notices and stops with a message saying what
+//! happened and how to resynchronise; it never skips the lost range silently nor
+//! applies anything twice.
+
+use crate::apply::converge;
+use crate::harness::duplex::Rig;
+use crate::harness::kafka::Broker;
+use crate::harness::pg::Cluster;
+use std::time::Duration;
+
+const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+
+#[tokio::test]
+async fn a_broker_that_lost_its_log_stops_duplex_with_the_cause() {
+    let broker: &'static Broker = Box::leak(Box::new(Broker::start_own()));
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let shared = Broker::shared().brokers();
+    rig.edit_config(&[(shared.as_str(), broker.brokers().as_str())]);
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    assert!(rig.command(&["setup"]).status.success());
+    let mut d = rig.start();
+    d.wait_applying(1).await;
+    for t in 0..5 {
+        a.batch_execute(&format!(
+            "INSERT INTO items (id, val) SELECT {t} * 10 + g, 'before' FROM generate_series(1, 10) g"
+        ))
+        .await
+        .unwrap();
+    }
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+
+    broker.restart_empty();
+    // The application goes on writing; the topic now starts again at offset 0.
+    let writes = async {
+        for t in 0..20 {
+            a.batch_execute(&format!(
+                "INSERT INTO items (id, val) SELECT 1000 + {t} * 10 + g, 'after' FROM generate_series(1, 10) g"
+            ))
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    writes.await;
+    // duplex stops (exit code 1), naming the cause, before anything of the new log is
+    // applied: the topic's offsets went back.
+    assert_eq!(d.exited(Duration::from_secs(90)).await, Some(1));
+    let logs = d.logs();
+    assert!(
+        logs.contains("went back") && logs.contains("lost messages it had acknowledged"),
+        "no explanation:\n{logs}"
+    );
+    let after: i64 = b
+        .query_one("SELECT count(*) FROM items WHERE val = 'after'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        after, 0,
+        "rows of the new log were applied past the lost range"
+    );
+    // It stays stopped: a restart says the same (the last offset is recorded on a).
+    let mut again = rig.start();
+    assert_eq!(again.exited(Duration::from_secs(90)).await, Some(1));
+    assert!(again.logs().contains("went back"), "{}", again.logs());
+
+    // The recovery the message gives: reset both positions, start, copy.
+    b.batch_execute("DELETE FROM duplex.apply_positions")
+        .await
+        .unwrap();
+    a.batch_execute("UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL")
+        .await
+        .unwrap();
+    let d = rig.start();
+    d.wait_applying(1).await;
+    let snapshot = rig.command(&["snapshot"]);
+    assert!(
+        snapshot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snapshot.stderr)
+    );
+    a.batch_execute("INSERT INTO items (id, val) VALUES (5000, 'recovered')")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    assert_eq!(d.stop().await, Some(0));
+}
