@@ -12,6 +12,7 @@ mod cutover;
 mod deploy;
 mod gaps;
 mod harness;
+mod hostile;
 mod identity;
 mod interleavings;
 mod long_transactions;

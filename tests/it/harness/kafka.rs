@@ -149,6 +149,23 @@ impl Broker {
     }
 
     /// Writes `events` to `topic` partition 0, in order, as the reader would.
+    /// Writes raw (key, value) messages to `topic` partition 0, in order: what any
+    /// client of the broker could put there.
+    pub fn produce_raw(&self, topic: &str, messages: &[(Vec<u8>, Vec<u8>)]) {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("message.max.bytes", "8000000")
+            .create()
+            .unwrap();
+        for (key, payload) in messages {
+            producer
+                .send(BaseRecord::to(topic).partition(0).key(key).payload(payload))
+                .unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
     pub fn produce(&self, topic: &str, events: &[ChangeEvent]) {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
