@@ -32,6 +32,8 @@ pub enum PipelineError {
     },
     #[error("node {node}: {source}")]
     Reader { node: String, source: ReaderError },
+    #[error("node {node}: nothing received for {ms} ms (source.receive_timeout_ms) although duplex's heartbeat writes WAL every source.heartbeat_interval_ms: the connection is stalled; reconnecting")]
+    Stalled { node: String, ms: u64 },
     #[error("node {node}: {context}: {}", node::describe(source))]
     Sql {
         node: String,
@@ -55,6 +57,7 @@ impl Classify for PipelineError {
             // The same bytes decode the same way on every retry.
             PipelineError::Decode { .. } | PipelineError::Reader { .. } => ErrorClass::Definite,
             PipelineError::Preflight { .. } => ErrorClass::Definite,
+            PipelineError::Stalled { .. } => ErrorClass::Transient,
         }
     }
 }

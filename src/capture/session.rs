@@ -32,6 +32,8 @@ use tracing::Instrument;
 
 /// How often slot statistics are read from the node.
 const SLOT_STATS_EVERY: Duration = Duration::from_secs(5);
+/// How often the reader looks whether its connection went silent.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a clean shutdown waits for in-flight messages to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 
@@ -211,6 +213,11 @@ impl Session<'_> {
         let mut slot_stats = tokio::time::interval(SLOT_STATS_EVERY);
         let topic_gone = producer::watch_topic(self.producer.clone(), self.acked.clone());
         let mut topic_gone = std::pin::pin!(topic_gone);
+        // A stalled connection (no FIN, no data) is noticed by silence: on a healthy
+        // one the heartbeat's WAL arrives every heartbeat interval.
+        let patience = Duration::from_millis(self.cfg.source.receive_timeout_ms);
+        let mut last_received = tokio::time::Instant::now();
+        let mut stall_check = tokio::time::interval(STALL_CHECK_EVERY);
         loop {
             tokio::select! {
                 biased;
@@ -223,24 +230,66 @@ impl Session<'_> {
                     };
                     return Err(self.sink_failed(e).await);
                 }
+                _ = stall_check.tick() => {
+                    if last_received.elapsed() > patience {
+                        return Err(self.stalled());
+                    }
+                }
                 // Timers before the stream: during a catch-up the stream is always
                 // ready, and the node must still hear from us within its
                 // wal_sender_timeout.
-                _ = status.tick() => self.send_status(true).await?,
+                _ = status.tick() => self.patiently(patience, |s| s.send_status(true)).await?,
                 msg = self.stream.recv() => {
                     let msg = msg.map_err(|e| self.wal_err(e))?;
                     self.on_message(msg).await?;
+                    // After the message is handed on: waiting for the broker is no stall.
+                    last_received = tokio::time::Instant::now();
                 }
-                _ = heartbeat.tick() => {
-                    // A WAL record in this database, so the slot moves even when idle.
-                    self.client
-                        .execute("SELECT pg_logical_emit_message(false, 'duplex.heartbeat', '')", &[])
-                        .await
-                        .map_err(|source| PipelineError::Sql { node: self.node.to_string(), context: "emitting heartbeat", source })?;
-                }
-                _ = slot_stats.tick() => self.slot_stats().await?,
+                _ = heartbeat.tick() => self.patiently(patience, |s| s.heartbeat()).await?,
+                _ = slot_stats.tick() => self.patiently(patience, |s| s.slot_stats()).await?,
             }
         }
+    }
+
+    /// Runs one of the reader's own requests to the node, which a stalled connection
+    /// would leave waiting for ever: at most `patience`.
+    async fn patiently<'s, F, Fut>(
+        &'s mut self,
+        patience: Duration,
+        f: F,
+    ) -> Result<(), PipelineError>
+    where
+        F: FnOnce(&'s mut Self) -> Fut,
+        Fut: std::future::Future<Output = Result<(), PipelineError>> + 's,
+    {
+        let node = self.node.to_string();
+        let ms = self.cfg.source.receive_timeout_ms;
+        tokio::time::timeout(patience, f(self))
+            .await
+            .map_err(|_| PipelineError::Stalled { node, ms })?
+    }
+
+    fn stalled(&self) -> PipelineError {
+        PipelineError::Stalled {
+            node: self.node.to_string(),
+            ms: self.cfg.source.receive_timeout_ms,
+        }
+    }
+
+    /// A WAL record in this database, so the slot moves even when idle.
+    async fn heartbeat(&mut self) -> Result<(), PipelineError> {
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'duplex.heartbeat', '')",
+                &[],
+            )
+            .await
+            .map_err(|source| PipelineError::Sql {
+                node: self.node.to_string(),
+                context: "emitting heartbeat",
+                source,
+            })?;
+        Ok(())
     }
 
     /// Exports how much WAL the slot holds and how close it is to being lost.

@@ -31,6 +31,7 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_INITIAL_MS: u64 = 500;
 pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
+pub const DEFAULT_RECEIVE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_TAKEOVER_MS: u64 = 15_000;
 /// Below this, a slow node answering a lock check would make components stop for nothing.
@@ -109,6 +110,10 @@ pub struct SourceConfig {
     pub connect_timeout_ms: u64,
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// A replication connection that delivers nothing (not even the heartbeat's WAL)
+    /// for this long, or a node that does not answer a statement of the reader in this
+    /// time, is taken for stalled and reconnected.
+    pub receive_timeout_ms: u64,
 }
 
 impl Default for SourceConfig {
@@ -119,6 +124,7 @@ impl Default for SourceConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            receive_timeout_ms: DEFAULT_RECEIVE_TIMEOUT_MS,
         }
     }
 }
@@ -242,6 +248,12 @@ impl Config {
             return Err(invalid(
                 "standby.takeover_ms",
                 format!("must be at least {MIN_TAKEOVER_MS}"),
+            ));
+        }
+        if s.receive_timeout_ms < 2 * s.heartbeat_interval_ms {
+            return Err(invalid(
+                "source.receive_timeout_ms",
+                "must be at least twice source.heartbeat_interval_ms (the heartbeat is what arrives on an idle connection)",
             ));
         }
         if s.retry_max_ms < s.retry_initial_ms {

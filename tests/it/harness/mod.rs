@@ -9,6 +9,7 @@
 pub mod duplex;
 pub mod kafka;
 pub mod pg;
+pub mod proxy;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
