@@ -180,6 +180,9 @@ pub async fn track_deliveries(
                 delivery,
                 produced,
             } => match delivery.await {
+                // Offset -1: acknowledged without an offset (a retried message the
+                // broker recognised as a duplicate of one it already holds).
+                Ok(Ok(d)) if d.offset < 0 => produced.increment(1),
                 Ok(Ok(d)) => {
                     if let Some(before) = last.last.filter(|l| d.offset <= *l) {
                         return Err(SinkError::OffsetsWentBack {

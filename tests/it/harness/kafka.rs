@@ -49,30 +49,41 @@ impl Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let fresh = Broker::spawn(self.port);
+        let fresh = Broker::spawn(self.port, self.port);
         *self._child.lock().unwrap() = fresh;
     }
 
-    fn start() -> Broker {
-        let port = free_port();
-        let child = Broker::spawn(port);
+    /// A broker of the test's own that tells clients to reach it at 127.0.0.1:`port`
+    /// (a proxy in front of it). `brokers()` is then that address.
+    pub fn start_behind(port: u16, listen: u16) -> Broker {
+        let child = Broker::spawn(listen, port);
         Broker {
             port,
             _child: std::sync::Mutex::new(child),
         }
     }
 
-    fn spawn(port: u16) -> std::process::Child {
+    fn start() -> Broker {
+        let port = free_port();
+        let child = Broker::spawn(port, port);
+        Broker {
+            port,
+            _child: std::sync::Mutex::new(child),
+        }
+    }
+
+    fn spawn(port: u16, advertised: u16) -> std::process::Child {
         let dir = temp_dir("duplex-tansu-");
         let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let child = Command::new(tansu_bin())
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args([
                 "--storage-engine",
