@@ -151,8 +151,9 @@ async fn stream_once(
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let last_offset: Option<i64> = client
         .query_one(
-            "SELECT max(last_offset) FROM duplex.slots WHERE slot_name = $1",
-            &[&slot_name],
+            "SELECT max(last_offset) FROM duplex.slots
+             WHERE slot_name = $1 AND last_offset_topic = $2",
+            &[&slot_name, &topic],
         )
         .await
         .map_err(sql("reading duplex.slots"))?
@@ -440,8 +441,13 @@ impl Session<'_> {
         }
         self.client
             .execute(
-                "UPDATE duplex.slots SET last_offset = $1 WHERE slot_name = $2",
-                &[&last, &self.cfg.slot_name(self.node)],
+                "UPDATE duplex.slots SET last_offset = $1, last_offset_topic = $3
+                 WHERE slot_name = $2",
+                &[
+                    &last,
+                    &self.cfg.slot_name(self.node),
+                    &self.cfg.topic(self.node),
+                ],
             )
             .await
             .map_err(|source| PipelineError::Sql {

@@ -86,6 +86,11 @@ DO $$ BEGIN
                    AND attname = 'last_offset' AND NOT attisdropped) THEN
         ALTER TABLE duplex.slots ADD COLUMN last_offset bigint;
     END IF;
+    -- The topic last_offset is on: another topic (a new topic_prefix) starts afresh.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
+                   AND attname = 'last_offset_topic' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.slots ADD COLUMN last_offset_topic text;
+    END IF;
     -- Set when the broker was found to have lost acknowledged messages: no session
     -- reads or writes the topic again until the operator resynchronised.
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
