@@ -248,23 +248,7 @@ mod tests {
 
     #[test]
     fn takeover_below_the_minimum_is_refused() {
-        let text = r#"
-            [nodes.a]
-            url = "postgres://u@127.0.0.1:5432/d"
-            [nodes.b]
-            url = "postgres://u@127.0.0.1:5433/d"
-            [kafka]
-            brokers = "127.0.0.1:9092"
-            [[tables]]
-            name = "public.t"
-            [standby]
-            takeover_ms = 500
-            "#;
-        let e = Config::parse(text)
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = cfg(500).validate().unwrap_err().to_string();
         assert!(e.contains("standby.takeover_ms"), "{e}");
     }
 }

@@ -25,6 +25,16 @@ pub async fn rows(c: &Client, table: &str) -> Vec<String> {
     .collect()
 }
 
+/// The `id`s of `items`, in order.
+pub async fn item_ids(c: &Client) -> Vec<i32> {
+    c.query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Waits until every table has the same rows on both nodes; on timeout, fails with
 /// the first difference.
 pub async fn converge(a: &Client, b: &Client, tables: &[&str], timeout: Duration) {

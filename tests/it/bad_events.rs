@@ -2,7 +2,7 @@
 //! dead-letter queue; nothing is lost either way, and replay applies them once the
 //! target is fixed.
 
-use crate::apply::{converge, rows};
+use crate::apply::{converge, item_ids, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
 use crate::harness::output_text as text;
@@ -153,13 +153,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
         "{}",
         text(&out)
     );
-    let ids: Vec<i32> = b
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i32> = item_ids(&b).await;
     assert_eq!(ids, vec![1, 2, 3, 6]);
     assert_eq!(rows(&b, "wide").await.len(), 1);
     let list = text(&rig.command(&["dlq", "list"]));

@@ -4,6 +4,7 @@
 //! message, never in a panic or a wrong write; the valid events around them are
 //! applied.
 
+use crate::apply::item_ids;
 use crate::gaps::{txn, DDL};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
@@ -69,24 +70,12 @@ async fn hostile_messages_go_to_the_dead_letter_queue_and_valid_ones_apply() {
     wait_for("the valid rows on b", Duration::from_secs(60), || {
         let b = &b;
         async move {
-            let ids: Vec<i32> = b
-                .query("SELECT id FROM items ORDER BY id", &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let ids = item_ids(b).await;
             (ids.contains(&7)).then_some(ids)
         }
     })
     .await;
-    let ids: Vec<i32> = b
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = item_ids(&b).await;
     // Nothing wrong was written: only rows whose events were valid, each as sent.
     for id in &ids {
         assert!(
@@ -136,13 +125,7 @@ async fn a_hostile_message_halts_its_direction_by_default() {
     let logs = d.wait_log("halted", 1, Duration::from_secs(60)).await;
     assert!(logs.contains("Kafka offset 1"), "{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
-    let ids: Vec<i32> = b
-        .query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = item_ids(&b).await;
     // Nothing past the halt; what came before it is applied now or after the fix.
     assert!(ids.is_empty() || ids == [1], "{ids:?}");
     let status = rig.command(&["status"]);
