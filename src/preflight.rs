@@ -5,6 +5,7 @@
 //! runs [`node_problems`] on its own node at start and stops with them if there are
 //! any, since none of them goes away by retrying.
 
+use crate::capture::walsender::WalsenderConnection;
 use crate::config::Config;
 use crate::kafka::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
@@ -25,6 +26,9 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
                     Ok(p) => problems.extend(p),
                     Err(e) => problems.push(format!("node {node}: checking failed: {e}")),
                 }
+                if is_source {
+                    problems.extend(replication_problem(cfg, node).await);
+                }
                 clients.insert(node.clone(), client);
             }
             Err(e) => problems.push(format!("{e}")),
@@ -41,6 +45,27 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
         ));
     }
     problems
+}
+
+/// Opens a replication connection the way `duplex run` does (its own TLS handshake
+/// and authentication, and pg_hba.conf's `replication` lines) and identifies the node.
+async fn replication_problem(cfg: &Config, node: &str) -> Option<String> {
+    let node_cfg = cfg.nodes.get(node)?;
+    let pg = node_cfg.pg_config().ok()?;
+    let tls = match crate::pg::node::tls_of(cfg, node) {
+        Ok(tls) => tls,
+        Err(e) => return Some(e.to_string()),
+    };
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    let allow_cleartext = node_cfg.allow_cleartext_password;
+    let identified = async {
+        WalsenderConnection::connect(&pg, &tls, "duplex check", timeout, allow_cleartext)
+            .await?
+            .identify_system()
+            .await
+    };
+    let e = identified.await.err()?;
+    Some(format!("node {node}: replication connection: {e}"))
 }
 
 /// Problems on one node, as lines for the operator.
@@ -180,8 +205,9 @@ fn is_utc(zone: &str) -> bool {
 /// asks over a plain connection); `None` when that cannot be learnt.
 async fn default_time_zone(cfg: &Config, node: &str) -> Option<String> {
     let pg = cfg.nodes.get(node)?.pg_config().ok()?;
+    let tls = crate::pg::node::tls_of(cfg, node).ok()?;
     let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let (client, connection) = tokio::time::timeout(timeout, pg.connect(tokio_postgres::NoTls))
+    let (client, connection) = tokio::time::timeout(timeout, pg.connect(tls))
         .await
         .ok()?
         .ok()?;

@@ -127,10 +127,12 @@ async fn stream_once(
             detail: e.to_string(),
         })
     })?;
+    let tls = crate::pg::node::tls_of(cfg, node)?;
     let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
     let allow_cleartext = cfg.nodes[node].allow_cleartext_password;
     let mut wal = WalsenderConnection::connect(
         &pg,
+        &tls,
         &format!("duplex reader {node}"),
         timeout,
         allow_cleartext,

@@ -1,15 +1,19 @@
 //! A connection to a node's walsender in `replication=database` mode.
 //!
 //! tokio-postgres cannot open replication connections, so this speaks the protocol
-//! directly over a socket with postgres-protocol's message codecs: startup and
-//! authentication (`auth`: trust, md5, SCRAM-SHA-256, cleartext where allowed),
+//! directly over a socket with postgres-protocol's message codecs: TLS negotiation
+//! (`pg::tls`, as the URL's `sslmode` asks), startup and authentication (`auth`:
+//! trust, md5, SCRAM-SHA-256 with channel binding, cleartext where allowed),
 //! simple queries for the replication commands, and then COPY BOTH, where the node
 //! sends XLogData and keepalives and we send standby status updates. Bytes read from the socket are kept
 //! in one buffer, so [`ReplicationStream::recv`] can be cancelled (e.g. by a timer in
 //! `select!`) without losing data.
 
+use crate::config::tls::SslMode;
 use crate::event::Lsn;
 use crate::pg::sql::{class_of_sqlstate, quote_ident, quote_literal, OUTPUT_SETTINGS};
+use crate::pg::tls::server_end_point;
+pub use crate::pg::tls::{Tls, TlsError};
 use crate::{Classify, ErrorClass};
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
@@ -46,6 +50,8 @@ pub enum WalsenderError {
     NoPassword,
     #[error("the node asked for the password in cleartext; duplex refuses to send it (a node set up for md5 or SCRAM never asks that, so someone between may be after the password). If the node's pg_hba.conf really uses the `password` method, set allow_cleartext_password = true for this node")]
     CleartextRefused,
+    #[error("TLS to the node: {0}")]
+    Tls(#[from] TlsError),
     #[error("unsupported connection setting: {0}")]
     Unsupported(String),
     #[error("unexpected replication protocol message: {0}")]
@@ -59,6 +65,7 @@ impl Classify for WalsenderError {
             | WalsenderError::CleartextRefused
             | WalsenderError::Unsupported(_) => ErrorClass::Definite,
             WalsenderError::Server { code, .. } => class_of_sqlstate(code),
+            WalsenderError::Tls(e) => e.class(),
             _ => ErrorClass::Transient,
         }
     }
@@ -99,20 +106,16 @@ pub struct SystemIdentity {
 }
 
 impl WalsenderConnection {
-    /// Opens a socket to the first reachable host of `cfg`, starts a replication
-    /// session and authenticates.
+    /// Opens a socket to the first reachable host of `cfg`, negotiates TLS as `tls`
+    /// says, starts a replication session and authenticates.
     pub async fn connect(
         cfg: &tokio_postgres::Config,
+        tls: &Tls,
         application_name: &str,
         timeout: Duration,
         allow_cleartext: bool,
     ) -> Result<WalsenderConnection, WalsenderError> {
-        if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(WalsenderError::Unsupported(
-                "sslmode=require: TLS to the node is not supported yet; use a TLS tunnel or sslmode=prefer on a trusted network".into(),
-            ));
-        }
-        let socket = open_socket(cfg, timeout).await?;
+        let (socket, binding) = open_socket(cfg, tls, timeout).await?;
         let mut conn = WalsenderConnection {
             socket,
             read: BytesMut::with_capacity(64 * 1024),
@@ -129,8 +132,15 @@ impl WalsenderConnection {
         params.extend_from_slice(OUTPUT_SETTINGS);
         frontend::startup_message(params, &mut conn.write)?;
         conn.flush().await?;
-        conn.authenticate(user, cfg.get_password(), allow_cleartext)
-            .await?;
+        let auth = auth::Credentials {
+            user,
+            password: cfg.get_password(),
+            allow_cleartext,
+            binding,
+            require_binding: cfg.get_channel_binding()
+                == tokio_postgres::config::ChannelBinding::Require,
+        };
+        conn.authenticate(auth).await?;
         conn.wait_ready().await?;
         Ok(conn)
     }
@@ -362,10 +372,14 @@ fn now_pg_us() -> i64 {
     unix_us - PG_EPOCH_OFFSET_US
 }
 
+/// The connected socket, and the TLS channel binding when it is encrypted.
+type Opened = (Box<dyn Socket>, Option<Vec<u8>>);
+
 async fn open_socket(
     cfg: &tokio_postgres::Config,
+    tls: &Tls,
     timeout: Duration,
-) -> Result<Box<dyn Socket>, WalsenderError> {
+) -> Result<Opened, WalsenderError> {
     use tokio_postgres::config::Host;
     let hosts = cfg.get_hosts();
     let ports = cfg.get_ports();
@@ -377,9 +391,12 @@ async fn open_socket(
             #[cfg(unix)]
             Host::Unix(dir) => dir.join(format!(".s.PGSQL.{port}")).display().to_string(),
         };
-        match tokio::time::timeout(timeout, connect_one(host, port)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(source)) => last = WalsenderError::Connect { endpoint, source },
+        match tokio::time::timeout(timeout, connect_one(host, port, tls)).await {
+            Ok(Ok(opened)) => return Ok(opened),
+            Ok(Err(WalsenderError::Io(source))) => {
+                last = WalsenderError::Connect { endpoint, source }
+            }
+            Ok(Err(e)) => last = e,
             Err(_) => last = WalsenderError::ConnectTimeout(endpoint),
         }
     }
@@ -389,19 +406,45 @@ async fn open_socket(
 async fn connect_one(
     host: &tokio_postgres::config::Host,
     port: u16,
-) -> std::io::Result<Box<dyn Socket>> {
+    tls: &Tls,
+) -> Result<Opened, WalsenderError> {
     use tokio_postgres::config::Host;
     match host {
         Host::Tcp(h) => {
-            let s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
+            let mut s = tokio::net::TcpStream::connect((h.as_str(), port)).await?;
             s.set_nodelay(true)?;
-            Ok(Box::new(s))
+            if tls.mode() == SslMode::Disable || !offers_tls(&mut s).await? {
+                return match tls.mode().requires_tls() {
+                    true => Err(TlsError::NotOffered(tls.mode().name()).into()),
+                    false => Ok((Box::new(s), None)),
+                };
+            }
+            let s = tls.handshake(h, s).await?;
+            let binding = server_end_point(s.ssl());
+            Ok((Box::new(s), binding))
         }
+        // Like libpq, no TLS over a Unix socket: it never leaves the machine.
         #[cfg(unix)]
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok((Box::new(s), None))
         }
+    }
+}
+
+/// Sends an SSLRequest; whether the node answered that it will speak TLS.
+async fn offers_tls(s: &mut tokio::net::TcpStream) -> Result<bool, WalsenderError> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    s.write_all(&buf).await?;
+    match s.read_u8().await? {
+        b'S' => Ok(true),
+        b'N' => Ok(false),
+        other => Err(protocol(&format!(
+            "answer '{}' to the TLS request",
+            other as char
+        ))),
     }
 }
 

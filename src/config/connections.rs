@@ -2,6 +2,7 @@
 //! secrets (a URL's password, SASL and TLS properties), so their `Debug` output and
 //! [`NodeConfig::redacted_url`] never show them.
 
+use super::tls::{self, TlsParams};
 use super::{
     invalid, ConfigError, DEFAULT_MAX_IN_FLIGHT_MESSAGES, DEFAULT_REPLICATION_FACTOR,
     DEFAULT_TOPIC_PREFIX,
@@ -46,19 +47,34 @@ impl NodeConfig {
         redact_url(&self.url)
     }
 
-    /// Connection parameters, with the environment's password applied.
+    /// Connection parameters, with the environment's password applied and TLS
+    /// negotiation set from `sslmode` (the certificate checks are in [`Self::tls`]).
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let mut cfg = tokio_postgres::Config::from_str(&self.url)
+        let (rest, tls) = tls::split(&self.url).map_err(|e| invalid("url", e))?;
+        let mut cfg = tokio_postgres::Config::from_str(&rest)
             .map_err(|e| invalid("url", format!("not a PostgreSQL URL: {e}")))?;
         if let Some(pw) = &self.password_from_env {
             cfg.password(pw.as_bytes());
         }
+        cfg.ssl_mode(tls.mode.negotiation());
         Ok(cfg)
+    }
+
+    /// The URL's TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslpassword`).
+    pub fn tls(&self) -> Result<TlsParams, ConfigError> {
+        tls::split(&self.url)
+            .map(|(_, params)| params)
+            .map_err(|e| invalid("url", e))
     }
 }
 
-/// Replaces the password part of `scheme://user:password@host` with `***`.
+/// Replaces the password part of `scheme://user:password@host`, and the values of
+/// `password` and `sslpassword` parameters, with `***`.
 pub fn redact_url(url: &str) -> String {
+    redact_parameters(&redact_userinfo(url))
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -76,6 +92,34 @@ pub fn redact_url(url: &str) -> String {
         ),
         None => url.to_string(),
     }
+}
+
+/// `password=…` and `sslpassword=…`, in a URI's query or a key/value string: the value
+/// runs to the next `&` or blank (a quoted value with blanks is cut at the first one,
+/// which still hides its start).
+fn redact_parameters(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(i) = rest.find("password") {
+        let (before, after) = rest.split_at(i + "password".len());
+        out.push_str(before);
+        let starts_key = before[..i]
+            .chars()
+            .last()
+            .is_none_or(|c| matches!(c, '?' | '&' | ' ') || before[..i].ends_with("ssl"));
+        let value = after.trim_start().strip_prefix('=');
+        match value {
+            Some(v) if starts_key => {
+                let v = v.trim_start();
+                let end = v.find(['&', ' ']).unwrap_or(v.len());
+                out.push_str("=***");
+                rest = &v[end..];
+            }
+            _ => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[derive(Clone, Deserialize)]

@@ -15,6 +15,7 @@ mod connections;
 pub mod mapping;
 mod snapshot;
 mod sync;
+pub mod tls;
 pub use connections::{
     is_secret_property, kafka_property_of_env_var, password_env_var, redact_url, KafkaConfig,
     NodeConfig,

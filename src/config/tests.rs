@@ -77,6 +77,29 @@ fn passwords_never_show_in_debug_output() {
 }
 
 #[test]
+fn url_passwords_are_redacted_in_every_form() {
+    for (url, shown) in [
+        ("postgres://u:pw1@h/d", "postgres://u:***@h/d"),
+        (
+            "postgres://u@h/d?sslmode=verify-full&sslpassword=pw2&sslcert=/c",
+            "postgres://u@h/d?sslmode=verify-full&sslpassword=***&sslcert=/c",
+        ),
+        (
+            "host=h password = pw3 sslpassword=pw4 user=u",
+            "host=h password=*** sslpassword=*** user=u",
+        ),
+        ("postgres://u@h/password_db", "postgres://u@h/password_db"),
+    ] {
+        assert_eq!(redact_url(url), shown);
+    }
+    let e = err_of(&GOOD.replace("5432/app", "5432/app?sslmode=on"));
+    assert!(
+        e.contains("nodes.legacy.url") && e.contains("sslmode=on"),
+        "{e}"
+    );
+}
+
+#[test]
 fn example_config_is_valid() {
     let text = include_str!("../../config/duplex.example.toml");
     Config::parse(text).unwrap().validate().unwrap();

@@ -5,7 +5,8 @@
 //! errors; `setup` creates or removes the `duplex` schema, publication, slot and
 //! replication origins; `triggers` installs the tombstone and identity triggers on the
 //! configured tables; `history` checks that a node did not go back in time; `table`
-//! reads a configured table's columns and key.
+//! reads a configured table's columns and key; `tls` encrypts and authenticates the
+//! connections to a node.
 
 pub mod history;
 pub mod node;
@@ -13,4 +14,5 @@ pub mod schema;
 pub mod setup;
 pub mod sql;
 pub mod table;
+pub mod tls;
 pub mod triggers;

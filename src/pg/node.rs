@@ -5,9 +5,10 @@
 
 use crate::config::Config;
 use crate::pg::sql::{class_of_sqlstate, OUTPUT_SETTINGS};
+use crate::pg::tls::{Tls, TlsError};
 use crate::{Classify, ErrorClass};
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::Instrument;
 
 /// Errors administering a node.
@@ -102,12 +103,39 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     s
 }
 
-/// Connection losses are transient; server errors go by SQLSTATE.
+/// Connection losses are transient; server errors go by SQLSTATE; TLS failures by
+/// their cause (a certificate not accepted is definite, a connection lost midway is
+/// not).
 pub fn sql_class(e: &tokio_postgres::Error) -> ErrorClass {
-    match e.code() {
-        Some(code) => class_of_sqlstate(code.code()),
-        None => ErrorClass::Transient,
+    if let Some(code) = e.code() {
+        return class_of_sqlstate(code.code());
     }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<TlsError>() {
+            return tls.class();
+        }
+        cause = c.source();
+    }
+    // tokio-postgres's own TLS error: the node refused TLS that sslmode requires.
+    if e.to_string().starts_with("error performing TLS handshake") {
+        return ErrorClass::Definite;
+    }
+    ErrorClass::Transient
+}
+
+/// The TLS context of `node` from its URL.
+pub fn tls_of(cfg: &Config, node: &str) -> Result<Tls, NodeError> {
+    let config_err = |detail: String| NodeError::Config {
+        node: node.to_string(),
+        detail,
+    };
+    let node_cfg = cfg
+        .nodes
+        .get(node)
+        .ok_or_else(|| config_err("not in the config".into()))?;
+    let params = node_cfg.tls().map_err(|e| config_err(e.to_string()))?;
+    Tls::new(&params).map_err(|e| config_err(e.to_string()))
 }
 
 pub(crate) fn sql_err(
@@ -142,7 +170,7 @@ pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, 
         .map(|(k, v)| format!("-c {k}={}", v.replace(' ', "\\ ")))
         .collect();
     pg.options(options.join(" "));
-    let fut = pg.connect(NoTls);
+    let fut = pg.connect(tls_of(cfg, node)?);
     let (client, connection) = tokio::time::timeout(timeout + Duration::from_secs(1), fut)
         .await
         .map_err(|_| NodeError::Timeout {

@@ -3,7 +3,8 @@
 //! errors.
 
 use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
-use duplex::capture::walsender::{WalsenderConnection, WalsenderError};
+use duplex::capture::walsender::{Tls, WalsenderConnection, WalsenderError};
+use duplex::config::tls::TlsParams;
 use duplex::{Classify, ErrorClass};
 use std::str::FromStr;
 use std::time::Duration;
@@ -27,11 +28,17 @@ async fn connect_allowing(
     }
     WalsenderConnection::connect(
         &cfg,
+        &prefer_tls(),
         "duplex test",
         Duration::from_secs(10),
         allow_cleartext,
     )
     .await
+}
+
+/// libpq's default, `sslmode=prefer`: the shared cluster has no TLS.
+fn prefer_tls() -> Tls {
+    Tls::new(&TlsParams::default()).unwrap()
 }
 
 #[tokio::test]
@@ -78,10 +85,16 @@ async fn unreachable_node_is_transient() {
     let port = crate::harness::free_port();
     let cfg =
         tokio_postgres::Config::from_str(&format!("postgres://x@127.0.0.1:{port}/db")).unwrap();
-    let e = WalsenderConnection::connect(&cfg, "duplex test", Duration::from_secs(5), false)
-        .await
-        .err()
-        .expect("connected to nothing");
+    let e = WalsenderConnection::connect(
+        &cfg,
+        &prefer_tls(),
+        "duplex test",
+        Duration::from_secs(5),
+        false,
+    )
+    .await
+    .err()
+    .expect("connected to nothing");
     assert_eq!(e.class(), ErrorClass::Transient, "{e}");
     assert!(e.to_string().contains(&port.to_string()), "{e}");
 }

@@ -35,8 +35,14 @@ pub async fn rig() -> Rig {
 /// The tables, with an apply log, and a config for both directions; nothing set up on
 /// the nodes yet.
 pub async fn rig_before_setup() -> Rig {
+    rig_before_setup_on(Cluster::shared()).await
+}
+
+/// Like `rig_before_setup`, with both databases on `cluster`.
+pub async fn rig_before_setup_on(cluster: &'static Cluster) -> Rig {
     let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
-    let rig = Rig::both(&ddl, TABLES, "").await;
+    let rig = Rig::new_on(cluster, &ddl, TABLES, "").await;
+    rig.edit_config(&[("\"a_to_b\"", "\"both\"")]);
     rig.add_identity("public.users", "users", &["email"]);
     rig
 }
@@ -115,7 +121,7 @@ pub async fn workload(c: Client, node: u64, until: Instant) -> u64 {
 }
 
 pub async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
-    let cl = Cluster::shared();
+    let cl = rig.cluster;
     let until = Instant::now() + Duration::from_secs(secs);
     let wa = tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until));
     let wb = tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until));
@@ -123,7 +129,7 @@ pub async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
 }
 
 pub async fn assert_identical_and_applied_once(rig: &Rig) {
-    let cl = Cluster::shared();
+    let cl = rig.cluster;
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     converge(
         &a,
@@ -133,7 +139,7 @@ pub async fn assert_identical_and_applied_once(rig: &Rig) {
     )
     .await;
     // A version may arrive twice only as a repair (the peer re-sending its winner).
-    for (c, peer) in [(&a, &rig.db_b), (&b, &rig.db_a)] {
+    for (c, peer) in [(&a, &b), (&b, &a)] {
         assert_eq!(
             applied_twice(c, peer).await,
             0,

@@ -30,6 +30,7 @@ mod snapshot;
 mod source;
 mod standby;
 mod timeouts;
+mod tls;
 mod toast;
 mod tombstones;
 mod verify;

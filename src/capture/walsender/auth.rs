@@ -1,25 +1,42 @@
-//! Authentication of a replication connection: trust, md5 and SCRAM-SHA-256, and a
-//! cleartext password only where the node's config allows it (a node set up for md5
-//! or SCRAM never asks for one, so such a request may come from someone between).
+//! Authentication of a replication connection: trust, md5 and SCRAM-SHA-256 (bound to
+//! the TLS session, SCRAM-SHA-256-PLUS, when it is encrypted and the node offers it),
+//! and a cleartext password only where the node's config allows it (a node set up for
+//! md5 or SCRAM never asks for one, so such a request may come from someone between).
 
 use super::{parse_backend, protocol, server_error, WalsenderConnection, WalsenderError};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
 
+/// Who connects, and what the TLS session offers to bind SCRAM to.
+pub(super) struct Credentials<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a [u8]>,
+    pub allow_cleartext: bool,
+    /// The `tls-server-end-point` hash when the connection is encrypted.
+    pub binding: Option<Vec<u8>>,
+    /// `channel_binding=require` in the URL: only SCRAM bound to the TLS session.
+    pub require_binding: bool,
+}
+
 impl WalsenderConnection {
-    pub(super) async fn authenticate(
-        &mut self,
-        user: &str,
-        password: Option<&[u8]>,
-        allow_cleartext: bool,
-    ) -> Result<(), WalsenderError> {
+    pub(super) async fn authenticate(&mut self, c: Credentials<'_>) -> Result<(), WalsenderError> {
+        let (user, password, allow_cleartext) = (c.user, c.password, c.allow_cleartext);
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = self.read_frame().await?;
             let msg = parse_backend(frame)?;
             match msg {
+                backend::Message::AuthenticationOk if c.require_binding && scram.is_none() => {
+                    return Err(unbound());
+                }
                 backend::Message::AuthenticationOk => return Ok(()),
+                backend::Message::AuthenticationCleartextPassword
+                | backend::Message::AuthenticationMd5Password(_)
+                    if c.require_binding =>
+                {
+                    return Err(unbound());
+                }
                 backend::Message::AuthenticationCleartextPassword => {
                     if !allow_cleartext {
                         return Err(WalsenderError::CleartextRefused);
@@ -35,19 +52,31 @@ impl WalsenderConnection {
                 }
                 backend::Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
-                    let mut has_scram = false;
+                    let (mut has_scram, mut has_plus) = (false, false);
                     while let Some(m) = mechanisms.next()? {
                         has_scram |= m == "SCRAM-SHA-256";
-                    }
-                    if !has_scram {
-                        return Err(WalsenderError::Unsupported(
-                            "the node offers no SASL mechanism duplex supports (SCRAM-SHA-256)"
-                                .into(),
-                        ));
+                        has_plus |= m == "SCRAM-SHA-256-PLUS";
                     }
                     let pw = password.ok_or(WalsenderError::NoPassword)?;
-                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.write)?;
+                    let (mechanism, binding) = match c.binding.clone() {
+                        Some(hash) if has_plus => (
+                            "SCRAM-SHA-256-PLUS",
+                            ChannelBinding::tls_server_end_point(hash),
+                        ),
+                        _ if c.require_binding => return Err(unbound()),
+                        // Encrypted, but the node offers no binding: say so ('y'), so
+                        // that a node which does offer it sees the downgrade.
+                        Some(_) if has_scram => ("SCRAM-SHA-256", ChannelBinding::unrequested()),
+                        None if has_scram => ("SCRAM-SHA-256", ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(WalsenderError::Unsupported(
+                                "the node offers no SASL mechanism duplex supports (SCRAM-SHA-256)"
+                                    .into(),
+                            ))
+                        }
+                    };
+                    let s = ScramSha256::new(pw, binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.write)?;
                     scram = Some(s);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
@@ -70,4 +99,10 @@ impl WalsenderConnection {
             self.flush().await?;
         }
     }
+}
+
+fn unbound() -> WalsenderError {
+    WalsenderError::Unsupported(
+        "channel_binding=require, but the node did not authenticate with SCRAM bound to a TLS session (use sslmode=require or stricter and scram-sha-256 in pg_hba.conf)".into(),
+    )
 }

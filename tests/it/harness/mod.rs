@@ -6,6 +6,7 @@
 //! database, slot, publication and topic prefix, so tests stay independent. Clusters
 //! with special settings (e.g. wal_level=replica) are started per test.
 
+pub mod certs;
 pub mod duplex;
 pub mod kafka;
 pub mod pg;

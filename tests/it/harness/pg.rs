@@ -143,7 +143,15 @@ impl Cluster {
         cluster
     }
 
-    fn psql(&self, db: &str, sql: &str) {
+    /// Puts `lines` ahead of the test defaults in pg_hba.conf (the first match wins)
+    /// and reloads.
+    pub fn prepend_hba(&self, lines: &str) {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        std::fs::write(path, format!("{lines}\n{HBA}")).unwrap();
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) {
         let mut c = pg_command("psql");
         c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.dir)
