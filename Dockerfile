@@ -57,7 +57,7 @@ LABEL org.opencontainers.image.title="duplex" \
       org.opencontainers.image.description="Keeps two PostgreSQL databases in sync in both directions through Kafka" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# Runtime libraries of the binary (libssl3 also for TLS to the broker), CA
+# Runtime libraries of the binary (libssl3 for TLS to the broker and the nodes), CA
 # certificates for the broker's TLS, and the user it runs as. DL3008: see above.
 # hadolint ignore=DL3008
 RUN apt-get update \
