@@ -116,6 +116,10 @@ impl Lease {
                     check_every: check_interval(cfg),
                 }));
             }
+            if end_silent_holder(cfg, &client, node, &key).await? {
+                tracing::warn!(component, node, "the lock's holder had been silent for longer than standby.takeover_ms (its instance stopped working, or its connection to the node is stalled): ended its session");
+                continue;
+            }
             if !waiting {
                 tracing::info!(
                     component,
@@ -163,6 +167,37 @@ impl Lease {
             reason,
         }
     }
+}
+
+/// Ends the session holding the lock `key` if the node has heard nothing from it for
+/// longer than T. A working holder checks its session every T/4 and stops within T/2
+/// when a check goes unanswered, so such a holder no longer works: its process is
+/// gone or frozen, or its connection stalled somewhere the node cannot tell (a hung
+/// middlebox still answers TCP keepalives). Its component's own fences stay: the slot
+/// and the replication origin take one session at a time. True if it ended one.
+async fn end_silent_holder(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+    key: &str,
+) -> Result<bool, NodeError> {
+    let silent_s = cfg.standby.takeover_ms as f64 / 1000.0;
+    let ended = client
+        .query_opt(
+            "SELECT pg_terminate_backend(a.pid, 5000)
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid,
+                  (SELECT hashtextextended($1, 0) AS v) k
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND l.classid = ((k.v >> 32) & 4294967295)::oid
+               AND l.objid = (k.v & 4294967295)::oid
+               AND a.state = 'idle'
+               AND clock_timestamp() - a.state_change > $2 * interval '1 second'",
+            &[&key, &silent_s],
+        )
+        .await
+        .map_err(node::sql_err(node, "looking at the standby lock's holder"))?;
+    Ok(ended.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 /// How often a working component looks whether its lock session was closed (a local

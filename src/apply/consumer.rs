@@ -16,6 +16,7 @@
 use crate::apply::error::ApplyError;
 use crate::apply::progress::{self, DirectionState};
 use crate::apply::sequence::Gap;
+use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
@@ -114,14 +115,21 @@ async fn apply_once(
     {
         return Ok(());
     }
-    let writer = TargetWriter::connect(cfg, dir, metrics.clone()).await?;
-    let stored = progress::stored(&writer.client, cfg, dir)
-        .await
-        .map_err(|source| WriteError::Sql {
-            node: dir.to.clone(),
-            context: "reading duplex.apply_positions".into(),
-            source,
-        })?;
+    let writer = connect_bounded(cfg, dir, metrics.clone()).await?;
+    let watchdog = Watchdog::new(cfg, dir, writer.backend_pid);
+    let stored = watchdog
+        .run(async {
+            progress::stored(&writer.client, cfg, dir)
+                .await
+                .map_err(|source| {
+                    ApplyError::from(WriteError::Sql {
+                        node: dir.to.clone(),
+                        context: "reading duplex.apply_positions".into(),
+                        source,
+                    })
+                })
+        })
+        .await?;
     let committed_next = stored.next_offset;
     let offset = committed_next.map_or(Offset::Beginning, Offset::Offset);
     let topic = cfg.topic(&dir.from);
@@ -155,13 +163,19 @@ async fn apply_once(
     tpl.add_partition_offset(&topic, 0, offset)
         .map_err(kafka_err)?;
     consumer.assign(&tpl).map_err(kafka_err)?;
-    progress::set_state(&writer.client, dir, DirectionState::Running, None)
-        .await
-        .map_err(|source| WriteError::Sql {
-            node: dir.to.clone(),
-            context: "writing duplex.apply_state".into(),
-            source,
-        })?;
+    watchdog
+        .run(async {
+            progress::set_state(&writer.client, dir, DirectionState::Running, None)
+                .await
+                .map_err(|source| {
+                    ApplyError::from(WriteError::Sql {
+                        node: dir.to.clone(),
+                        context: "writing duplex.apply_state".into(),
+                        source,
+                    })
+                })
+        })
+        .await?;
     health.set(component, true);
     metrics.connected.set(1.0);
     tracing::info!(direction = %dir, topic = %topic, ?offset, "applying");
@@ -170,7 +184,7 @@ async fn apply_once(
     worker.report_to(standing_tx);
     // Prune once at the start too, before anything is applied: a session that ends
     // within a minute must not keep its tables unpruned.
-    worker.maintain().await?;
+    watchdog.run(worker.maintain()).await?;
     let reporter = tokio::spawn(
         progress::report_lag(
             metrics,
@@ -199,7 +213,7 @@ async fn apply_once(
                 if crate::daemon::aborting() {
                     return Ok(());
                 }
-                return worker.finish().await;
+                return watchdog.run(worker.finish()).await;
             }
             msg = consumer.recv() => {
                 let msg = msg.map_err(|e| position_lost(dir, &topic, committed_next, e))?;
@@ -210,12 +224,32 @@ async fn apply_once(
                         )));
                     }
                 }
-                worker.take(msg.offset(), msg.key().unwrap_or_default(), msg.payload().unwrap_or_default()).await?;
+                let (key, payload) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
+                watchdog.run(worker.take(msg.offset(), key, payload)).await?;
             }
-            _ = sleep_until(deadline), if deadline.is_some() => worker.linger_expired().await?,
-            _ = sleep_until(stall), if stall.is_some() => worker.stalled().await?,
-            _ = sweep.tick() => worker.sweep().await?,
+            _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
+            _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
+            _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
         }
+    }
+}
+
+/// Opens the apply session, within the connect timeout plus `sync.receive_timeout_ms`
+/// for its setup statements (a connection that stalls right away says nothing either).
+async fn connect_bounded<'a>(
+    cfg: &'a Config,
+    dir: &'a Direction,
+    metrics: ApplyMetrics,
+) -> Result<TargetWriter<'a>, ApplyError> {
+    let bound = Duration::from_millis(cfg.source.connect_timeout_ms + cfg.sync.receive_timeout_ms);
+    match tokio::time::timeout(bound, TargetWriter::connect(cfg, dir, metrics)).await {
+        Ok(writer) => Ok(writer?),
+        Err(_) => Err(ApplyError::TargetStalled {
+            direction: dir.to_string(),
+            to: dir.to.clone(),
+            waited_s: bound.as_secs_f64(),
+            why: "opening the apply session did not finish".into(),
+        }),
     }
 }
 

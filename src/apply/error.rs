@@ -47,6 +47,13 @@ pub enum ApplyError {
         commit_lsn: String,
         secs: u64,
     },
+    #[error("direction {direction}: the apply session on node {to} got no answer for {waited_s:.1} s and is taken for stalled: {why}; reconnecting and writing the open transaction again from the last commit (sync.receive_timeout_ms sets how long it waits)")]
+    TargetStalled {
+        direction: String,
+        to: String,
+        waited_s: f64,
+        why: String,
+    },
     #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
     BadEvent {
         direction: String,
@@ -66,9 +73,9 @@ impl Classify for ApplyError {
             ApplyError::Lease(e) => e.class(),
             ApplyError::Snapshot(e) => e.class(),
             ApplyError::Kafka { source, .. } => kafka::class_of(source),
-            ApplyError::IncompleteTransaction { .. } | ApplyError::Stalled { .. } => {
-                ErrorClass::Transient
-            }
+            ApplyError::IncompleteTransaction { .. }
+            | ApplyError::Stalled { .. }
+            | ApplyError::TargetStalled { .. } => ErrorClass::Transient,
             ApplyError::Sink { source, .. } => source.class(),
             ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
         }

@@ -5,7 +5,8 @@
 //! them) and commits whole source transactions with their position; `writer` writes
 //! them under last-writer-wins (`target` builds its SQL); `progress` stores and reports
 //! where the direction stands; `dead_letter` keeps the events the target refused;
-//! `error` says which failures retry and which halt the direction.
+//! `watchdog` gives up a session whose connection stalled; `error` says which
+//! failures retry and which halt the direction.
 
 pub(crate) mod batch;
 pub(crate) mod consumer;
@@ -14,5 +15,6 @@ pub(crate) mod error;
 pub(crate) mod progress;
 mod sequence;
 pub mod target;
+mod watchdog;
 mod worker;
 pub(crate) mod writer;

@@ -109,6 +109,8 @@ pub struct TargetWriter<'a> {
     cfg: &'a Config,
     dir: &'a Direction,
     pub client: Client,
+    /// The session's server process, for the [`crate::apply::watchdog`].
+    pub backend_pid: i32,
     tables: HashMap<String, Option<TargetTable>>,
     incoming_wins_ties: bool,
     /// The peer receives from this node, so repairs written here reach it.
@@ -142,11 +144,12 @@ impl<'a> TargetWriter<'a> {
         let client = node::connect(cfg, &dir.to, purpose).await?;
         let origin = origin.to_string();
         let mapper = crate::mapping::Mapper::load(cfg, dir, &client).await?;
-        let w = TargetWriter {
+        let mut w = TargetWriter {
             cfg,
             dir,
             mapper,
             client,
+            backend_pid: 0,
             tables: HashMap::new(),
             metrics,
             incoming_wins_ties: cfg.tie_winner() == dir.from,
@@ -164,12 +167,23 @@ impl<'a> TargetWriter<'a> {
             .batch_execute(SESSION_COMMIT)
             .await
             .map_err(w.sql("setting synchronous_commit = off"))?;
-        w.client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        w.use_origin(&origin, purpose).await?;
+        // The node too should notice when duplex is gone (a dead route, a host that
+        // died): its session holds the origin the next session needs.
+        let keepalive_s = (cfg.sync.receive_timeout_ms / 3000).max(1);
+        w.backend_pid = w
+            .client
+            .query_one(
+                &format!(
+                    "SELECT pg_backend_pid(), set_config('tcp_keepalives_idle', '{keepalive_s}', false),
+                            set_config('tcp_keepalives_interval', '{keepalive_s}', false),
+                            set_config('tcp_keepalives_count', '3', false)"
+                ),
+                &[],
+            )
             .await
-            .map_err(w.sql(&format!(
-                "using replication origin {origin} (run duplex setup)"
-            )))?;
+            .map_err(w.sql("setting TCP keepalives"))?
+            .get(0);
         // In a deadlock with the application, the session that waited deadlock_timeout
         // first gives up: let that be duplex, which writes its transaction again,
         // rather than the application, which would see an error.
@@ -184,6 +198,41 @@ impl<'a> TargetWriter<'a> {
                 "cannot lower deadlock_timeout for apply sessions (GRANT SET ON PARAMETER deadlock_timeout TO the duplex role): in a deadlock with duplex, the application's transaction may be the one aborted");
         }
         Ok(w)
+    }
+
+    /// Sets the session's replication origin. The origin takes one session at a time:
+    /// one of this component's earlier sessions may still hold it on the node after
+    /// duplex gave it up (its connection stalled, so the node never heard it close).
+    /// The caller holds the component's lease, so such a session, silent for longer
+    /// than `sync.receive_timeout_ms`, works for no one: it is ended and the origin
+    /// taken.
+    async fn use_origin(&self, origin: &str, purpose: &str) -> Result<(), WriteError> {
+        let context = format!("using replication origin {origin} (run duplex setup)");
+        let setup = "SELECT pg_replication_origin_session_setup($1)";
+        match self.client.execute(setup, &[&origin]).await {
+            Err(e) if e.code().is_some_and(|c| c.code() == "55006") => {
+                let silent_s = self.cfg.sync.receive_timeout_ms as f64 / 1000.0;
+                let ended = self
+                    .client
+                    .query(
+                        "SELECT pid, pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = $1
+                           AND pid <> pg_backend_pid() AND state LIKE 'idle%'
+                           AND clock_timestamp() - state_change > $2 * interval '1 second'",
+                        &[&format!("duplex {purpose}"), &silent_s],
+                    )
+                    .await
+                    .map_err(self.sql("looking for the session holding the origin"))?;
+                if ended.is_empty() {
+                    return Err(self.sql(&context)(e));
+                }
+                let pids: Vec<i32> = ended.iter().map(|r| r.get(0)).collect();
+                tracing::warn!(direction = %self.dir, origin, ?pids, "ended an earlier session of this component that still held the replication origin, silent for longer than sync.receive_timeout_ms");
+                self.client.execute(setup, &[&origin]).await.map(drop)
+            }
+            other => other.map(drop),
+        }
+        .map_err(self.sql(&context))
     }
 
     fn sql(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> WriteError {

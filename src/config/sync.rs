@@ -10,6 +10,9 @@ pub const DEFAULT_LINGER_MS: u64 = 20;
 pub const DEFAULT_TOMBSTONE_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const DEFAULT_CONFLICTS_KEPT: i64 = 100_000;
 pub const DEFAULT_REFERENCE_WAIT_MS: u64 = 10_000;
+pub const DEFAULT_APPLY_RECEIVE_TIMEOUT_MS: u64 = 30_000;
+/// Below this, a busy node would be asked about every statement.
+pub const MIN_APPLY_RECEIVE_TIMEOUT_MS: u64 = 1_000;
 
 /// What a direction does with an event it cannot apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -43,6 +46,11 @@ pub struct SyncConfig {
     /// How long a mapped row waits, inside its batch, for the row its foreign key
     /// references to be paired on the target; then it is a bad event.
     pub reference_wait_ms: u64,
+    /// How long an apply session waits for the target's answer before it asks the
+    /// node, over a new connection, whether the statement is still running: a node
+    /// that finished it (the answer is lost: a dead route, a hung middlebox) or cannot
+    /// be reached means a stalled connection, which is dropped and replaced.
+    pub receive_timeout_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -56,6 +64,7 @@ impl Default for SyncConfig {
             tombstone_retention_ms: DEFAULT_TOMBSTONE_RETENTION_MS,
             conflicts_kept: DEFAULT_CONFLICTS_KEPT,
             reference_wait_ms: DEFAULT_REFERENCE_WAIT_MS,
+            receive_timeout_ms: DEFAULT_APPLY_RECEIVE_TIMEOUT_MS,
         }
     }
 }
@@ -182,6 +191,12 @@ impl SyncConfig {
         }
         if self.conflicts_kept < 0 {
             return Err(invalid("sync.conflicts_kept", "must not be negative"));
+        }
+        if self.receive_timeout_ms < MIN_APPLY_RECEIVE_TIMEOUT_MS {
+            return Err(invalid(
+                "sync.receive_timeout_ms",
+                format!("must be at least {MIN_APPLY_RECEIVE_TIMEOUT_MS}"),
+            ));
         }
         if let Some(w) = &self.tie_winner {
             if !nodes.contains(&w) {
