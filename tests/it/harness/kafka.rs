@@ -1,4 +1,5 @@
-//! A Tansu broker (Kafka protocol, memory storage) for tests, and a reader of topics.
+//! A Tansu broker (Kafka protocol; memory storage, or a SQLite file for a log that
+//! survives a restart) for tests, and a reader of topics.
 
 use super::{free_port, register, temp_dir, Cleanup};
 use duplex::event::ChangeEvent;
@@ -6,12 +7,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+const MEMORY: &str = "memory://tansu/";
+
 pub struct Broker {
     pub port: u16,
+    /// Tansu's `--storage-engine`, and the directory it runs in (a SQLite file's
+    /// path is taken relative to it).
+    storage: (String, Option<PathBuf>),
     /// Killed at exit (see `harness::cleanup_at_exit`).
     _child: std::sync::Mutex<std::process::Child>,
 }
@@ -22,7 +28,7 @@ fn tansu_bin() -> PathBuf {
         return p.into();
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let cached = PathBuf::from(home).join(".cache/duplex/tansu-0.6.0/bin/tansu");
+    let cached = PathBuf::from(home).join(".cache/duplex/tansu-0.6.0-sql/bin/tansu");
     if cached.exists() {
         cached
     } else {
@@ -41,43 +47,92 @@ impl Broker {
         Broker::start()
     }
 
+    /// A broker of the test's own keeping its log in a SQLite file, so that
+    /// [`Broker::restart`] brings it back with every topic and message.
+    pub fn start_durable() -> Broker {
+        let port = free_port();
+        let storage = (
+            "sqlite://tansu.db".into(),
+            Some(temp_dir("duplex-tansu-log-")),
+        );
+        let child = Broker::spawn(port, port, &storage);
+        Broker {
+            port,
+            storage,
+            _child: std::sync::Mutex::new(child),
+        }
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same port and storage.
+    pub fn restart(&self) {
+        self.kill();
+        let fresh = Broker::spawn(self.port, self.port, &self.storage);
+        *self._child.lock().unwrap() = fresh;
+    }
+
+    /// Stops the broker (SIGTERM, waiting for it to exit) and starts it again on the
+    /// same port and storage, as a rolling restart does.
+    pub fn restart_gracefully(&self) {
+        {
+            let mut child = self._child.lock().unwrap();
+            // SAFETY: a plain syscall on a process this test started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        let fresh = Broker::spawn(self.port, self.port, &self.storage);
+        *self._child.lock().unwrap() = fresh;
+    }
+
+    fn kill(&self) {
+        let mut child = self._child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Kills the broker and starts a new one on the same port: memory storage, so it
     /// comes back without any topic or message.
     pub fn restart_empty(&self) {
-        {
-            let mut child = self._child.lock().unwrap();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let fresh = Broker::spawn(self.port, self.port);
-        *self._child.lock().unwrap() = fresh;
+        assert_eq!(self.storage.0, MEMORY, "a durable broker keeps its log");
+        self.restart();
     }
 
     /// A broker of the test's own that tells clients to reach it at 127.0.0.1:`port`
     /// (a proxy in front of it). `brokers()` is then that address.
     pub fn start_behind(port: u16, listen: u16) -> Broker {
-        let child = Broker::spawn(listen, port);
+        let storage = (MEMORY.into(), None);
+        let child = Broker::spawn(listen, port, &storage);
         Broker {
             port,
+            storage,
             _child: std::sync::Mutex::new(child),
         }
     }
 
     fn start() -> Broker {
         let port = free_port();
-        let child = Broker::spawn(port, port);
+        let storage = (MEMORY.into(), None);
+        let child = Broker::spawn(port, port, &storage);
         Broker {
             port,
+            storage,
             _child: std::sync::Mutex::new(child),
         }
     }
 
-    fn spawn(port: u16, advertised: u16) -> std::process::Child {
+    fn spawn(
+        port: u16,
+        advertised: u16,
+        (storage, cwd): &(String, Option<PathBuf>),
+    ) -> std::process::Child {
         let dir = temp_dir("duplex-tansu-");
         let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised = format!("tcp://127.0.0.1:{advertised}");
-        let child = Command::new(tansu_bin())
+        let mut command = Command::new(tansu_bin());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let child = command
             .args([
                 "broker",
                 "--listener-url",
@@ -87,11 +142,11 @@ impl Broker {
             ])
             .args([
                 "--storage-engine",
-                "memory://tansu/",
+                storage.as_str(),
                 "--cluster-id",
                 "duplex-test",
             ])
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
