@@ -2,7 +2,8 @@
 //! it to the target node, exactly once.
 //!
 //! The worker assigns partition 0 of `<prefix>.<from>.changes` explicitly, from the
-//! offset stored in the target's `duplex.apply_positions`, and reads events in the
+//! offset stored in the target's `duplex.apply_positions` (see [`super::resume`] for how
+//! the first message read is checked against it), and reads events in the
 //! source's commit order. Events gather into a batch (`sync.batch_rows`, `linger_ms`);
 //! the target transaction commits only at a source transaction boundary, after the
 //! position row is updated in it, so a crash at any instant leaves the target either
@@ -15,6 +16,7 @@
 
 use crate::apply::error::ApplyError;
 use crate::apply::progress::{self, DirectionState};
+use crate::apply::resume::{Resume, Step};
 use crate::apply::sequence::Gap;
 use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
@@ -25,7 +27,7 @@ use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,13 +198,17 @@ async fn apply_once(
         .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
     );
     let _reporter = AbortOnDrop(reporter);
-    if let Some(stored) = committed_next {
-        check_in_log(consumer.clone(), dir, &topic, stored).await?;
-    }
+    // The first message must be the stored one: anything later means a gap, once a
+    // broker's answer from the next record batch is told apart (see `resume`).
+    let mut resume = match committed_next {
+        Some(stored) => Some(Resume::at(
+            stored,
+            check_in_log(consumer.clone(), dir, &topic, stored).await?,
+        )),
+        None => None,
+    };
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first message must be the stored one: anything else means a gap.
-    let mut expect_first = committed_next;
     loop {
         let deadline = worker.linger_deadline();
         let stall = worker.stall_deadline();
@@ -217,12 +223,22 @@ async fn apply_once(
             }
             msg = consumer.recv() => {
                 let msg = msg.map_err(|e| position_lost(dir, &topic, committed_next, e))?;
-                if let Some(expected) = expect_first.take() {
-                    if msg.offset() != expected {
-                        return Err(lost(dir, &topic, expected, format!(
-                            "the first message read is at offset {}, so messages were removed from the log", msg.offset()
-                        )));
+                if let Some(r) = resume.as_mut() {
+                    match r.on(msg.offset()) {
+                        Step::Apply if r.read_back() > 0 => tracing::info!(direction = %dir,
+                            offset = msg.offset(), read_back = r.read_back(),
+                            "resumed at the stored offset, read back from an earlier record batch"),
+                        Step::Apply => {}
+                        Step::Skip => continue,
+                        Step::ReadFrom(from) => {
+                            read_from(&consumer, &topic, from).map_err(kafka_err)?;
+                            continue;
+                        }
+                        Step::Lost { first } => return Err(lost(dir, &topic, r.stored(), format!(
+                            "the first message read is at offset {first}, so messages were removed from the log"
+                        ))),
                     }
+                    resume = None;
                 }
                 let (key, payload) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
                 watchdog.run(worker.take(msg.offset(), key, payload)).await?;
@@ -253,6 +269,13 @@ async fn connect_bounded<'a>(
     }
 }
 
+/// Assigns the partition again, reading from `from`.
+fn read_from(consumer: &StreamConsumer, topic: &str, from: i64) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
+    consumer.assign(&tpl)
+}
+
 fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
     ApplyError::PositionLost {
         direction: dir.to_string(),
@@ -263,7 +286,8 @@ fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError
     }
 }
 
-/// The stored offset must not lie before the partition's first retained message.
+/// The stored offset must not lie before the partition's first retained message;
+/// returns that message's offset.
 /// (Past the end is left to the broker's OffsetOutOfRange, which `auto.offset.reset =
 /// error` turns into [`position_lost`]: some brokers report as the log end the base
 /// offset of the last record batch, which would make a healthy direction halt.)
@@ -272,7 +296,7 @@ async fn check_in_log(
     dir: &Direction,
     topic: &str,
     stored: i64,
-) -> Result<(), ApplyError> {
+) -> Result<i64, ApplyError> {
     let t = topic.to_string();
     let marks = tokio::task::spawn_blocking(move || {
         consumer.fetch_watermarks(&t, 0, Duration::from_secs(10))
@@ -296,7 +320,7 @@ async fn check_in_log(
         ),
         ));
     }
-    Ok(())
+    Ok(low)
 }
 
 /// A consumer error: the stored offset out of the log's range is definite (it will

@@ -13,6 +13,7 @@ pub(crate) mod consumer;
 pub(crate) mod dead_letter;
 pub(crate) mod error;
 pub(crate) mod progress;
+mod resume;
 mod sequence;
 pub mod target;
 mod watchdog;

@@ -94,12 +94,6 @@ async fn stalled_and_cut_connections_to_the_broker_are_survived() {
         Broker::shared().brokers().as_str(),
         broker.brokers().as_str(),
     )]);
-    // One message per record batch: the test broker answers a fetch that starts inside
-    // a batch with the next batch, which duplex rightly takes for lost messages; a
-    // reconnecting applier resumes at any offset.
-    let mut cfg = std::fs::read_to_string(&rig.config).unwrap();
-    cfg.push_str("\n[kafka.properties]\n\"batch.num.messages\" = \"1\"\n");
-    std::fs::write(&rig.config, cfg).unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;
