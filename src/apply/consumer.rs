@@ -123,13 +123,7 @@ async fn apply_once(
         .run(async {
             progress::stored(&writer.client, cfg, dir)
                 .await
-                .map_err(|source| {
-                    ApplyError::from(WriteError::Sql {
-                        node: dir.to.clone(),
-                        context: "reading duplex.apply_positions".into(),
-                        source,
-                    })
-                })
+                .map_err(target_sql(dir, "reading duplex.apply_positions"))
         })
         .await?;
     let committed_next = stored.next_offset;
@@ -169,13 +163,7 @@ async fn apply_once(
         .run(async {
             progress::set_state(&writer.client, dir, DirectionState::Running, None)
                 .await
-                .map_err(|source| {
-                    ApplyError::from(WriteError::Sql {
-                        node: dir.to.clone(),
-                        context: "writing duplex.apply_state".into(),
-                        source,
-                    })
-                })
+                .map_err(target_sql(dir, "writing duplex.apply_state"))
         })
         .await?;
     health.set(component, true);
@@ -266,6 +254,20 @@ async fn connect_bounded<'a>(
             waited_s: bound.as_secs_f64(),
             why: "opening the apply session did not finish".into(),
         }),
+    }
+}
+
+/// Turns an error of a statement on the target into the direction's error.
+fn target_sql<'a>(
+    dir: &'a Direction,
+    context: &'a str,
+) -> impl FnOnce(tokio_postgres::Error) -> ApplyError + 'a {
+    move |source| {
+        ApplyError::from(WriteError::Sql {
+            node: dir.to.clone(),
+            context: context.into(),
+            source,
+        })
     }
 }
 

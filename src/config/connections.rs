@@ -191,7 +191,7 @@ fn default_max_in_flight() -> usize {
 pub const KAFKA_PROPERTY_ENV_PREFIX: &str = "DUPLEX_KAFKA_PROPERTIES_";
 
 /// The librdkafka property an environment variable sets: the rest of the name after
-/// [`KAFKA_PROPERTY_ENV_PREFIX`], lower-cased, `_` for `.` (librdkafka's property names
+/// `KAFKA_PROPERTY_ENV_PREFIX`, lower-cased, `_` for `.` (librdkafka's property names
 /// have no `_`): `DUPLEX_KAFKA_PROPERTIES_SASL_PASSWORD` sets `sasl.password`.
 pub fn kafka_property_of_env_var(name: &str) -> Option<String> {
     let rest = name.strip_prefix(KAFKA_PROPERTY_ENV_PREFIX)?;

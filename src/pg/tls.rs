@@ -281,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for TlsSt
     }
 }
 
-/// tokio-postgres's side: one [`HostTls`] per host it tries.
+/// tokio-postgres's side: one `HostTls` per host it tries.
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MakeTlsConnect<S> for Tls {
     type Stream = TlsStream<S>;
     type TlsConnect = HostTls;

@@ -3,7 +3,7 @@
 //! SIGKILL over and over.
 
 use crate::apply::converge;
-use crate::harness::duplex::Rig;
+use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
 use crate::interleavings::{applied_twice, apply_log_ddl};
@@ -128,6 +128,28 @@ pub async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
     (wa.await.unwrap(), wb.await.unwrap())
 }
 
+/// Starts duplex and, once both directions apply, runs both nodes' workloads for
+/// `secs`, each of which must make more than `at_least` changes; then checks the nodes
+/// end identical with nothing applied twice. Returns the running daemon and the
+/// changes made on a and on b.
+pub async fn converges_under_workloads(
+    rig: &Rig,
+    secs: u64,
+    at_least: u64,
+) -> (Daemon, (u64, u64)) {
+    let d = rig.start();
+    // Changes only: a row copied at the first start and then replayed from the
+    // topic would count as applied twice.
+    d.wait_applying(2).await;
+    let (changes_a, changes_b) = run_workloads(rig, secs).await;
+    assert!(
+        changes_a > at_least && changes_b > at_least,
+        "workload too small: {changes_a}, {changes_b}"
+    );
+    assert_identical_and_applied_once(rig).await;
+    (d, (changes_a, changes_b))
+}
+
 pub async fn assert_identical_and_applied_once(rig: &Rig) {
     let cl = rig.cluster;
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
@@ -151,16 +173,7 @@ pub async fn assert_identical_and_applied_once(rig: &Rig) {
 #[tokio::test]
 async fn concurrent_writes_on_both_nodes_converge_without_echo() {
     let rig = rig().await;
-    let d = rig.start();
-    // Changes only: a row copied at the first start and then replayed from the
-    // topic would count as applied twice.
-    d.wait_applying(2).await;
-    let (changes_a, changes_b) = run_workloads(&rig, 30).await;
-    assert!(
-        changes_a > 1000 && changes_b > 1000,
-        "workload too small: {changes_a}, {changes_b}"
-    );
-    assert_identical_and_applied_once(&rig).await;
+    let (d, (changes_a, changes_b)) = converges_under_workloads(&rig, 30, 1000).await;
     let a = Cluster::shared().client(&rig.db_a).await;
     let conflicts: i64 = a
         .query_one("SELECT count(*) FROM duplex.conflicts", &[])
