@@ -166,13 +166,15 @@ pub struct Acked {
 /// The topic is append-only: every acknowledged offset must be above the last one.
 /// One that is not means the broker lost messages it had acknowledged (a broker
 /// without durable storage restarted, the topic was deleted and created again):
-/// [`SinkError::OffsetsWentBack`], before the commit is confirmed.
+/// [`SinkError::OffsetsWentBack`], before the commit is confirmed. A retried batch the
+/// broker acknowledged as a duplicate carries no offsets (see [`DuplicateBatch`]).
 pub async fn track_deliveries(
     mut queue: mpsc::Receiver<Pending>,
     durable: watch::Sender<Lsn>,
     acked: watch::Sender<Acked>,
 ) -> Result<(), SinkError> {
     let mut last = acked.borrow().clone();
+    let mut duplicate = DuplicateBatch::default();
     while let Some(p) = queue.recv().await {
         match p {
             Pending::Message {
@@ -180,9 +182,7 @@ pub async fn track_deliveries(
                 delivery,
                 produced,
             } => match delivery.await {
-                // Offset -1: acknowledged without an offset (a retried message the
-                // broker recognised as a duplicate of one it already holds).
-                Ok(Ok(d)) if d.offset < 0 => produced.increment(1),
+                Ok(Ok(d)) if duplicate.holds(d.offset) => produced.increment(1),
                 Ok(Ok(d)) => {
                     if let Some(before) = last.last.filter(|l| d.offset <= *l) {
                         return Err(SinkError::OffsetsWentBack {
@@ -204,4 +204,63 @@ pub async fn track_deliveries(
         }
     }
     Ok(())
+}
+
+/// Recognises the messages of a retried record batch that the broker acknowledged as a
+/// duplicate of one it already holds (`DUPLICATE_SEQUENCE_NUMBER`, base offset -1).
+/// Their true offsets are unknown: librdkafka numbers such a batch's messages from the
+/// base offset on, so they arrive as -1, 0, 1, … in order, which must not be taken for
+/// offsets that went back.
+#[derive(Debug, Default)]
+struct DuplicateBatch {
+    /// The offset the batch's next message would report.
+    next: Option<i64>,
+}
+
+impl DuplicateBatch {
+    /// Whether the acknowledgement with `offset` belongs to such a batch (it carries
+    /// no offset to record).
+    fn holds(&mut self, offset: i64) -> bool {
+        if offset < 0 {
+            self.next = Some(0);
+            return true;
+        }
+        if self.next == Some(offset) {
+            self.next = Some(offset + 1);
+            return true;
+        }
+        self.next = None;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DuplicateBatch;
+
+    #[test]
+    fn a_duplicate_batchs_numbering_from_minus_one_is_not_an_offset() {
+        let mut d = DuplicateBatch::default();
+        // Offsets 10..=12, then a retried batch of four acknowledged as a duplicate,
+        // then the next batch at 13.
+        for o in [10, 11, 12] {
+            assert!(!d.holds(o));
+        }
+        for o in [-1, 0, 1, 2] {
+            assert!(d.holds(o), "{o}");
+        }
+        assert!(!d.holds(13));
+        assert!(!d.holds(14));
+    }
+
+    #[test]
+    fn offsets_from_zero_without_a_duplicate_before_are_offsets() {
+        let mut d = DuplicateBatch::default();
+        assert!(!d.holds(0));
+        assert!(!d.holds(1));
+        // A single-message duplicate, then offsets that are not its run.
+        assert!(d.holds(-1));
+        assert!(!d.holds(5));
+        assert!(!d.holds(0));
+    }
 }
