@@ -3,8 +3,9 @@
 //!
 //! The worker assigns partition 0 of `<prefix>.<from>.changes` explicitly, from the
 //! offset stored in the target's `duplex.apply_positions` (see [`super::resume`] for how
-//! the first message read is checked against it), and reads events in the
-//! source's commit order. Events gather into a batch (`sync.batch_rows`, `linger_ms`);
+//! the first message read is checked against it), and reads events in the source's
+//! commit order: [`super::intake`] reads and decodes them on a task of its own while the
+//! worker writes the previous batch. Events gather into a batch (`sync.batch_rows`, `linger_ms`);
 //! the target transaction commits only at a source transaction boundary, after the
 //! position row is updated in it, so a crash at any instant leaves the target either
 //! before or after whole source transactions, and the restart resumes exactly there.
@@ -15,8 +16,9 @@
 //! which then halts the direction or goes to the dead-letter queue.
 
 use crate::apply::error::ApplyError;
+use crate::apply::intake;
 use crate::apply::progress::{self, DirectionState};
-use crate::apply::resume::{Resume, Step};
+use crate::apply::resume::Resume;
 use crate::apply::sequence::Gap;
 use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
@@ -27,8 +29,7 @@ use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::runtime::{supervise, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -188,13 +189,22 @@ async fn apply_once(
     let _reporter = AbortOnDrop(reporter);
     // The first message must be the stored one: anything later means a gap, once a
     // broker's answer from the next record batch is told apart (see `resume`).
-    let mut resume = match committed_next {
+    let resume = match committed_next {
         Some(stored) => Some(Resume::at(
             stored,
             check_in_log(consumer.clone(), dir, &topic, stored).await?,
         )),
         None => None,
     };
+    let source = intake::Source {
+        consumer,
+        dir: dir.clone(),
+        topic: topic.clone(),
+        stored: committed_next,
+        resume,
+    };
+    let (mut intake, task) = intake::start(source, cfg.sync.batch_rows, shutdown.clone());
+    let _intake = AbortOnDrop(task);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -209,27 +219,15 @@ async fn apply_once(
                 }
                 return watchdog.run(worker.finish()).await;
             }
-            msg = consumer.recv() => {
-                let msg = msg.map_err(|e| position_lost(dir, &topic, committed_next, e))?;
-                if let Some(r) = resume.as_mut() {
-                    match r.on(msg.offset()) {
-                        Step::Apply if r.read_back() > 0 => tracing::info!(direction = %dir,
-                            offset = msg.offset(), read_back = r.read_back(),
-                            "resumed at the stored offset, read back from an earlier record batch"),
-                        Step::Apply => {}
-                        Step::Skip => continue,
-                        Step::ReadFrom(from) => {
-                            read_from(&consumer, &topic, from).map_err(kafka_err)?;
-                            continue;
-                        }
-                        Step::Lost { first } => return Err(lost(dir, &topic, r.stored(), format!(
-                            "the first message read is at offset {first}, so messages were removed from the log"
-                        ))),
-                    }
-                    resume = None;
-                }
-                let (key, payload) = (msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
-                watchdog.run(worker.take(msg.offset(), key, payload)).await?;
+            taken = intake.recv() => {
+                // The stage ends after sending its error, or on shutdown (the arm above).
+                let Some(taken) = taken else {
+                    return Err(ApplyError::Sink {
+                        direction: dir.to_string(),
+                        source: SinkError::Task("the intake stage ended".into()),
+                    });
+                };
+                watchdog.run(worker.take(taken?)).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
@@ -271,23 +269,6 @@ fn target_sql<'a>(
     }
 }
 
-/// Assigns the partition again, reading from `from`.
-fn read_from(consumer: &StreamConsumer, topic: &str, from: i64) -> KafkaResult<()> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
-    consumer.assign(&tpl)
-}
-
-fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
-    ApplyError::PositionLost {
-        direction: dir.to_string(),
-        to: dir.to.clone(),
-        topic: topic.to_string(),
-        offset,
-        detail,
-    }
-}
-
 /// The stored offset must not lie before the partition's first retained message;
 /// returns that message's offset.
 /// (Past the end is left to the broker's OffsetOutOfRange, which `auto.offset.reset =
@@ -313,7 +294,7 @@ async fn check_in_log(
         source,
     })?;
     if stored < low {
-        return Err(lost(
+        return Err(intake::lost(
             dir,
             topic,
             stored,
@@ -323,24 +304,6 @@ async fn check_in_log(
         ));
     }
     Ok(low)
-}
-
-/// A consumer error: the stored offset out of the log's range is definite (it will
-/// not come back), anything else transient.
-fn position_lost(dir: &Direction, topic: &str, offset: Option<i64>, e: KafkaError) -> ApplyError {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    match e.rdkafka_error_code() {
-        Some(Code::AutoOffsetReset | Code::OffsetOutOfRange) => lost(
-            dir,
-            topic,
-            offset.unwrap_or(0),
-            format!("the broker says {e}"),
-        ),
-        _ => ApplyError::Kafka {
-            direction: dir.to_string(),
-            source: e,
-        },
-    }
 }
 
 /// Aborts a helper task when the session that owns it ends.

@@ -12,6 +12,7 @@ pub(crate) mod batch;
 pub(crate) mod consumer;
 pub(crate) mod dead_letter;
 pub(crate) mod error;
+mod intake;
 pub(crate) mod progress;
 mod resume;
 mod sequence;

@@ -13,6 +13,7 @@
 use crate::apply::batch::{prepare_batch, writable_len};
 use crate::apply::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::apply::error::ApplyError;
+use crate::apply::intake::Taken;
 use crate::apply::progress::{self, Standing, Stored};
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};
@@ -149,19 +150,20 @@ impl<'a> Worker<'a> {
         }
     }
 
-    pub(super) async fn take(
-        &mut self,
-        offset: i64,
-        key: &[u8],
-        raw: &[u8],
-    ) -> Result<(), ApplyError> {
+    pub(super) async fn take(&mut self, taken: Taken) -> Result<(), ApplyError> {
+        let Taken {
+            offset,
+            key,
+            raw,
+            event,
+        } = taken;
         self.next_offset = Some(offset + 1);
         self.consumed_next = Some(offset + 1);
         self.last_taken_at = Instant::now();
-        let event = match ChangeEvent::from_json(raw) {
+        let event = match event {
             Ok(e) => e,
             Err(e) => {
-                let letter = DeadLetter::unparseable(offset, key, raw, e.to_string());
+                let letter = DeadLetter::unparseable(offset, &key, &raw, e);
                 self.begin().await?;
                 // Not among `written`: a retry in place would lose its record.
                 self.written_complete = false;
@@ -192,8 +194,8 @@ impl<'a> Worker<'a> {
         self.pending.push(Pending {
             event,
             offset,
-            key: key.to_vec(),
-            raw: raw.to_vec(),
+            key,
+            raw,
         });
         self.first_pending_at.get_or_insert_with(Instant::now);
         // The lag reporter learns of a batch when it starts and when it commits, not

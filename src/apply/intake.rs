@@ -1,0 +1,166 @@
+//! The intake stage of a direction: reads the source's change topic and decodes each
+//! message on a task of its own, so that the next batch is read and decoded while the
+//! worker writes one to the target.
+//!
+//! consumer (librdkafka's fetch queue) → [`resume`](super::resume) check of the first
+//! message → JSON decode → bounded channel → the worker. Order is the topic's: one task
+//! reads, one channel carries. Nothing here is durable or acknowledged: the worker
+//! stores positions in the target, and a message taken from the channel but not yet
+//! committed there is read again after a restart.
+
+use crate::apply::error::ApplyError;
+use crate::apply::resume::{Resume, Step};
+use crate::config::Direction;
+use crate::event::ChangeEvent;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// One message of the topic, decoded.
+pub(super) struct Taken {
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub raw: Vec<u8>,
+    /// The event, or why the message is not one.
+    pub event: Result<ChangeEvent, String>,
+}
+
+/// The reading side of the intake stage: messages in topic order, or the error that
+/// ended the stage (after which nothing more arrives).
+pub(super) type Intake = mpsc::Receiver<Result<Taken, ApplyError>>;
+
+/// What the intake task needs to read `topic` for `dir`.
+pub(super) struct Source {
+    pub consumer: Arc<StreamConsumer>,
+    pub dir: Direction,
+    pub topic: String,
+    /// The offset stored in the target, where reading starts (`None`: the beginning).
+    pub stored: Option<i64>,
+    /// The check of the first message against `stored`.
+    pub resume: Option<Resume>,
+}
+
+/// Starts the intake task; it holds at most `capacity` decoded messages ahead of the
+/// worker and ends when the worker drops its [`Intake`] or on `shutdown`.
+pub(super) fn start(
+    source: Source,
+    capacity: usize,
+    shutdown: watch::Receiver<bool>,
+) -> (Intake, tokio::task::JoinHandle<()>) {
+    use tracing::Instrument;
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let span = tracing::info_span!("intake", direction = %source.dir);
+    (rx, tokio::spawn(run(source, tx, shutdown).instrument(span)))
+}
+
+async fn run(
+    mut s: Source,
+    tx: mpsc::Sender<Result<Taken, ApplyError>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Its own handle: a message borrows the consumer while `s` changes.
+    let consumer = s.consumer.clone();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tx.closed() => return,
+            msg = consumer.recv() => msg,
+        };
+        let taken = match msg {
+            Ok(m) => match admit(&mut s, m.offset()) {
+                Ok(true) => Ok(decode(&m)),
+                Ok(false) => continue,
+                Err(e) => Err(*e),
+            },
+            Err(e) => Err(position_lost(&s, e)),
+        };
+        let failed = taken.is_err();
+        if tx.send(taken).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Taken {
+    let raw = m.payload().unwrap_or_default();
+    Taken {
+        offset: m.offset(),
+        key: m.key().unwrap_or_default().to_vec(),
+        event: ChangeEvent::from_json(raw).map_err(|e| e.to_string()),
+        raw: raw.to_vec(),
+    }
+}
+
+/// Whether the message at `offset` goes to the worker, while resuming at a stored
+/// offset: messages before it are dropped, and the partition is assigned again from
+/// further back when the broker answered from past it.
+fn admit(s: &mut Source, offset: i64) -> Result<bool, Box<ApplyError>> {
+    let Some(r) = s.resume.as_mut() else {
+        return Ok(true);
+    };
+    match r.on(offset) {
+        Step::Apply => {
+            if r.read_back() > 0 {
+                tracing::info!(direction = %s.dir, offset, read_back = r.read_back(),
+                    "resumed at the stored offset, read back from an earlier record batch");
+            }
+            s.resume = None;
+            Ok(true)
+        }
+        Step::Skip => Ok(false),
+        Step::ReadFrom(from) => {
+            read_from(&s.consumer, &s.topic, from).map_err(|source| {
+                Box::new(ApplyError::Kafka {
+                    direction: s.dir.to_string(),
+                    source,
+                })
+            })?;
+            Ok(false)
+        }
+        Step::Lost { first } => Err(Box::new(lost(
+            &s.dir,
+            &s.topic,
+            r.stored(),
+            format!(
+                "the first message read is at offset {first}, so messages were removed from the log"
+            ),
+        ))),
+    }
+}
+
+/// Assigns the partition again, reading from `from`.
+fn read_from(consumer: &StreamConsumer, topic: &str, from: i64) -> KafkaResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
+    consumer.assign(&tpl)
+}
+
+pub(super) fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
+    ApplyError::PositionLost {
+        direction: dir.to_string(),
+        to: dir.to.clone(),
+        topic: topic.to_string(),
+        offset,
+        detail,
+    }
+}
+
+/// A consumer error: the stored offset out of the log's range is definite (it will
+/// not come back), anything else transient.
+fn position_lost(s: &Source, e: KafkaError) -> ApplyError {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match e.rdkafka_error_code() {
+        Some(Code::AutoOffsetReset | Code::OffsetOutOfRange) => lost(
+            &s.dir,
+            &s.topic,
+            s.stored.unwrap_or(0),
+            format!("the broker says {e}"),
+        ),
+        _ => ApplyError::Kafka {
+            direction: s.dir.to_string(),
+            source: e,
+        },
+    }
+}
