@@ -146,16 +146,26 @@ pub fn read_topic(
     cc.set("group.id", "duplex-tail")
         .set("enable.auto.commit", "false");
     let consumer: BaseConsumer = cc.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut last = std::time::Instant::now();
+    // A topic not created yet (duplex not started, or starting) is waited for, within
+    // `idle`: an assignment without partitions would never see its messages.
     let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+    while tpl.count() == 0 {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in metadata.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        if tpl.count() == 0 {
+            if last.elapsed() >= idle {
+                return Ok(0);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     consumer.assign(&tpl)?;
     let mut read = 0;
-    let mut last = std::time::Instant::now();
     while max.is_none_or(|m| read < m) && last.elapsed() < idle {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {

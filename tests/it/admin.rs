@@ -427,3 +427,42 @@ async fn a_lost_slot_stops_run_until_the_operator_recreates_it() {
     d.wait_log("streaming", 1, Duration::from_secs(30)).await;
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// `duplex tail` started before duplex has created the node's topic waits for it,
+/// within its timeout, and prints the first change.
+#[tokio::test]
+async fn tail_started_before_the_topic_exists_prints_the_first_change() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    assert!(rig.command(&["setup"]).status.success());
+    let tail = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "tail",
+            "--node",
+            "a",
+            "--max",
+            "1",
+            "--timeout-ms",
+            "60000",
+            "--config",
+        ])
+        .arg(&rig.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a = Cluster::shared().client(&rig.db_a).await;
+    a.batch_execute("INSERT INTO items (id, v) VALUES (42, 'first')")
+        .await
+        .unwrap();
+    let d = rig.start();
+    let out = tokio::task::spawn_blocking(move || tail.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"first\""),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(d.stop().await, Some(0));
+}
