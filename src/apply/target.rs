@@ -25,11 +25,15 @@ impl TargetTable {
     /// table's last truncation, whichever is later (NULL: neither). `$p` is the table
     /// name; incoming keys are `i.k0, ...`.
     fn deleted_lateral(&self, p: usize) -> String {
+        Self::deleted_lateral_at(p, &self.tombstone_key())
+    }
+
+    /// [`Self::deleted_lateral`] for the tombstone key expression `tomb`.
+    fn deleted_lateral_at(p: usize, tomb: &str) -> String {
         format!(
             "LATERAL (SELECT greatest(
                 (SELECT deleted_at FROM duplex.tombstones WHERE table_name = ${p}::text AND key = {tomb}),
-                (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)) AS deleted_at) tb",
-            tomb = self.tombstone_key(),
+                (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)) AS deleted_at) tb"
         )
     }
 
@@ -97,14 +101,18 @@ impl TargetTable {
         )
     }
 
-    /// Upserts rows given as one text array per column of `columns`; the guard repeats
-    /// the LWW rule in case the target changed since the decision. `$n+1`: incoming
-    /// wins ties. Rows keep the source's values of `GENERATED ALWAYS` identity columns.
+    /// Upserts rows given as one text array per column of `columns` (which hold the
+    /// key and `updated_at`) where they win under last-writer-wins, and returns the
+    /// keys written, as text of the target's key types. The decision is the
+    /// statement's own: a row whose `updated_at` is NULL, further ahead than `$n+3`
+    /// ms (NULL: any), or not newer than the key's tombstone (table name `$n+2`) is
+    /// not inserted, and the conflict guard keeps a newer target row (`$n+1`: incoming
+    /// wins ties). Rows keep the source's values of `GENERATED ALWAYS` identity
+    /// columns.
     pub fn upsert_sql(&self, columns: &[&str]) -> String {
-        let params: Vec<String> = (1..=columns.len())
-            .map(|p| format!("${p}::text[]"))
-            .collect();
-        let names: Vec<String> = (0..columns.len()).map(|p| format!("c{p}")).collect();
+        let m = columns.len();
+        let params: Vec<String> = (1..=m).map(|p| format!("${p}::text[]")).collect();
+        let names: Vec<String> = (0..m).map(|p| format!("c{p}")).collect();
         let casts: Vec<String> = columns
             .iter()
             .enumerate()
@@ -126,32 +134,66 @@ impl TargetTable {
                  OR ({t}.{upd} = EXCLUDED.{upd} AND ${tie}::bool)",
                 sets = sets.join(", "),
                 t = self.sql_name,
-                tie = columns.len() + 1,
+                tie = m + 1,
             )
         };
         // Rows are locked in key order, as an application that orders its writes does,
         // so that the two rarely deadlock.
-        let order: Vec<String> = self
+        let key_pos: Vec<usize> = self
             .key
             .iter()
             .filter_map(|k| columns.iter().position(|c| c == k))
-            .map(|p| format!("{}", p + 1))
             .collect();
+        let order: Vec<String> = key_pos.iter().map(|p| format!("{}", p + 1)).collect();
+        let tomb: Vec<String> = key_pos.iter().map(|p| format!("i.c{p}")).collect();
+        let ts = columns
+            .iter()
+            .position(|c| *c == self.updated_at)
+            .map(|p| format!("i.c{p}::{}", self.type_of(&self.updated_at)))
+            .unwrap_or_else(|| "NULL".into());
+        let returning: Vec<String> = keys.iter().map(|k| format!("{k}::text")).collect();
         format!(
             "INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE
              SELECT {casts} FROM unnest({params}) AS i({names})
-             {order} ON CONFLICT ({keys}) DO {action}",
+             LEFT JOIN {deleted} ON true
+             WHERE {ts} IS NOT NULL AND (tb.deleted_at IS NULL OR tb.deleted_at < {ts})
+               AND (${skew}::int8 IS NULL OR {ts} <= now() + ${skew}::int8 * interval '1 millisecond')
+             {order} ON CONFLICT ({keys}) DO {action}
+             RETURNING {returning}",
             table = self.sql_name,
             cols = quoted.join(", "),
             casts = casts.join(", "),
             params = params.join(", "),
             names = names.join(", "),
+            deleted = Self::deleted_lateral_at(m + 2, &format!("jsonb_build_array({})", tomb.join(", "))),
+            skew = m + 3,
             order = if order.is_empty() {
                 String::new()
             } else {
                 format!("ORDER BY {}", order.join(", "))
             },
             keys = keys.join(", "),
+            returning = returning.join(", "),
+        )
+    }
+
+    /// Keys `$1..$n` (text) as the target prints its key types, so that they compare
+    /// with what [`Self::upsert_sql`] returns.
+    pub fn key_text_sql(&self) -> String {
+        let n = self.key.len();
+        let keys: Vec<String> = (1..=n).map(|p| format!("${p}::text[]")).collect();
+        let names: Vec<String> = (0..n).map(|p| format!("k{p}")).collect();
+        let casts: Vec<String> = self
+            .key
+            .iter()
+            .enumerate()
+            .map(|(p, k)| format!("i.k{p}::{}::text", self.type_of(k)))
+            .collect();
+        format!(
+            "SELECT {} FROM unnest({}) WITH ORDINALITY AS i({}, ord) ORDER BY ord",
+            casts.join(", "),
+            keys.join(", "),
+            names.join(", ")
         )
     }
 
@@ -200,25 +242,38 @@ impl TargetTable {
     }
 
     /// Deletes, among the rows just written for keys `$1..$n`, those older than a
-    /// tombstone of table `$n+1`: a local delete that committed after the decision
-    /// (the statement's new snapshot sees it; later deletes find the row locked).
-    /// Returns their keys and `updated_at`. Only keys with a tombstone (or a
-    /// truncation) reach the table: usually none, so the statement costs one index
-    /// probe of the tombstones per key.
+    /// tombstone of table `$n+1`: a local delete that committed after the upsert's
+    /// snapshot (this statement's new snapshot sees it; later deletes find the row
+    /// locked). `$n+2` holds the rows' `updated_at` texts. Returns their keys and
+    /// `updated_at`. Only when a tombstone or truncation of the table is at least as
+    /// new as the oldest of those versions (one probe of the `deleted_at` index; in a
+    /// catch-up of inserts, none) are the keys looked up, one tombstone probe each,
+    /// and only keys with a tombstone reach the table.
     pub fn settle_sql(&self) -> String {
         let upd = quote_ident(&self.updated_at);
-        let ks: Vec<String> = (0..self.key.len()).map(|n| format!("i.k{n}")).collect();
+        let n = self.key.len();
+        let ks: Vec<String> = (0..n).map(|k| format!("i.k{k}")).collect();
+        let oldest = format!(
+            "(SELECT min(u::{}) FROM unnest(${}::text[]) AS u)",
+            self.type_of(&self.updated_at),
+            n + 2
+        );
         format!(
             "{cte},
              d AS MATERIALIZED (SELECT i.*, tb.deleted_at FROM i, {deleted}
-                                WHERE tb.deleted_at IS NOT NULL)
+                                WHERE (EXISTS (SELECT 1 FROM duplex.tombstones
+                                               WHERE deleted_at >= {oldest} AND table_name = ${tbl}::text)
+                                       OR EXISTS (SELECT 1 FROM duplex.truncations
+                                                  WHERE table_name = ${tbl}::text AND truncated_at >= {oldest}))
+                                  AND tb.deleted_at IS NOT NULL)
              DELETE FROM {table} t USING d i
              WHERE {join} AND (t.{upd} IS NULL OR i.deleted_at >= t.{upd})
              RETURNING {ks}, t.{upd}::text",
             cte = self.keys_cte(),
             table = self.sql_name,
             join = self.key_join(),
-            deleted = self.deleted_lateral(self.key.len() + 1),
+            deleted = self.deleted_lateral(n + 1),
+            tbl = n + 1,
             ks = ks.join(", "),
         )
     }

@@ -84,3 +84,41 @@ fn decide_and_delete_number_their_parameters() {
     assert!(del.contains("unnest($1::text[], $2::text[])"), "{del}");
     assert!(del.contains("t.\"id\" = i.k0::bigint"), "{del}");
 }
+
+#[test]
+fn the_upsert_decides_in_the_statement_and_returns_what_it_wrote() {
+    let sql = items().upsert_sql(&["body", "id", "updated_at"]);
+    // NULL versions, versions too far ahead and versions a tombstone beats are not
+    // inserted; the tombstone is looked up by the incoming key text.
+    assert!(
+        sql.contains("WHERE i.c2::timestamp with time zone IS NOT NULL"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("key = jsonb_build_array(i.c1)")
+            && sql.contains("tb.deleted_at < i.c2::timestamp with time zone"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("$5::text") && sql.contains("$6::int8"),
+        "{sql}"
+    );
+    assert!(sql.ends_with("RETURNING \"id\"::text"), "{sql}");
+    let keys = items().key_text_sql();
+    assert!(keys.contains("i.k0::bigint::text"), "{keys}");
+    assert!(keys.contains("ORDER BY ord"), "{keys}");
+}
+
+#[test]
+fn settling_looks_keys_up_only_when_a_tombstone_is_new_enough() {
+    let settle = items().settle_sql();
+    assert!(
+        settle.contains("(SELECT min(u::timestamp with time zone) FROM unnest($3::text[]) AS u)"),
+        "{settle}"
+    );
+    assert!(
+        settle.contains("deleted_at >= (SELECT min(")
+            && settle.contains("truncated_at >= (SELECT min("),
+        "{settle}"
+    );
+}

@@ -5,9 +5,11 @@
 //! subscriber's: `session_replication_role = replica` (the application's triggers do
 //! not fire again) under the replication origin `duplex_from_<source>` (the target's
 //! reader drops these transactions, so nothing echoes back). [`TargetWriter::apply`]
-//! splits events into runs of one table and kind, keeps the last event per key in a
-//! run, asks the target which versions win, and writes the winners in one statement
-//! per run. Transactions are the caller's: nothing here commits.
+//! splits events into runs of one table, keeps the highest version per key in a run,
+//! and writes the upserts in one statement per set of columns that decides which win
+//! and returns what it wrote; the deletes, and the upserts not written, go through
+//! one decision statement, then the winning deletes are written. Transactions are the
+//! caller's: nothing here commits.
 
 use crate::apply::target::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
@@ -383,19 +385,29 @@ impl<'a> TargetWriter<'a> {
         if rows.is_empty() {
             return Ok(());
         }
-        let decisions = self.decide(&table, &rows, tc).await?;
-        let (mut upserts, mut deletes, mut lost) = (Vec::new(), Vec::new(), Vec::new());
-        let mut also_repair = Vec::new();
-        for (c, d) in rows.into_iter().zip(decisions) {
+        // Upserts decide in their own statement; only the rows it did not write, and
+        // the deletes, are asked about (usually none in a catch-up: one statement per
+        // row instead of two).
+        let (upserts, deletes): (Vec<Candidate>, Vec<Candidate>) =
+            rows.into_iter().partition(|c| c.kind != Kind::Delete);
+        let (mut written, mut undecided) = self.upsert(events, &table, tc, upserts).await?;
+        undecided.extend(deletes);
+        let decisions = if undecided.is_empty() {
+            Vec::new()
+        } else {
+            self.decide(&table, &undecided, tc).await?
+        };
+        let (mut deletes, mut lost) = (Vec::new(), Vec::new());
+        for (c, d) in undecided.into_iter().zip(decisions) {
             let resolution = match d.verdict {
+                // An upsert not written that the decision lets win: the target holds
+                // that version already (a table whose every column is its key).
+                Verdict::Apply if c.kind != Kind::Delete => {
+                    written.push(c);
+                    continue;
+                }
                 Verdict::Apply => {
-                    if c.repair {
-                        also_repair.push(c.key.clone());
-                    }
-                    match c.kind {
-                        Kind::Delete => deletes.push(c),
-                        _ => upserts.push(c),
-                    }
+                    deletes.push(c);
                     continue;
                 }
                 Verdict::Older => Resolution::KeptLocal,
@@ -403,17 +415,7 @@ impl<'a> TargetWriter<'a> {
                 Verdict::NullTs | Verdict::Future => {
                     out.bad.push(BadEvent {
                         index: c.index,
-                        reason: if d.verdict == Verdict::NullTs {
-                            format!(
-                                "{} is NULL: last-writer-wins cannot order this version",
-                                table.updated_at
-                            )
-                        } else {
-                            format!(
-                                "{} is further in the future than max_future_skew_ms allows",
-                                table.updated_at
-                            )
-                        },
+                        reason: bad_version(&table, d.verdict),
                     });
                     continue;
                 }
@@ -424,10 +426,15 @@ impl<'a> TargetWriter<'a> {
                 resolution,
             });
         }
-        self.upsert(events, &table, &upserts).await?;
+        let also_repair: Vec<Vec<String>> = written
+            .iter()
+            .chain(&deletes)
+            .filter(|c| c.repair)
+            .map(|c| c.key.clone())
+            .collect();
         self.delete(&table, &deletes).await?;
-        let settled = self.settle(&table, &upserts).await?;
-        out.rows += upserts.len() + deletes.len() - settled.len();
+        let settled = self.settle(&table, &written).await?;
+        out.rows += written.len() + deletes.len() - settled.len();
         lost.extend(settled);
         out.conflicts += lost.len();
         self.record_losers(events, &table, &lost).await?;
@@ -484,6 +491,21 @@ impl<'a> TargetWriter<'a> {
             }
         };
         Ok((key, ts))
+    }
+}
+
+/// Why a version that last-writer-wins cannot order is a bad event.
+fn bad_version(table: &TargetTable, verdict: Verdict) -> String {
+    if verdict == Verdict::NullTs {
+        format!(
+            "{} is NULL: last-writer-wins cannot order this version",
+            table.updated_at
+        )
+    } else {
+        format!(
+            "{} is further in the future than max_future_skew_ms allows",
+            table.updated_at
+        )
     }
 }
 

@@ -1,8 +1,10 @@
 //! Last-writer-wins for a run of rows: which incoming versions win on the target, the
 //! losers recorded as conflicts, and repairs that tell the peer the winner.
 //!
-//! In: the candidates of a run (one final version per key). The decision is one
-//! set-based statement per run; after the winners are written, [`TargetWriter::settle`]
+//! In: the candidates of a run (one final version per key). Upserts decide in the
+//! statement that writes them (`writer/statements`); [`TargetWriter::decide`] is one
+//! set-based statement for the deletes and for the upserts that statement did not
+//! write, telling why. After the winners are written, [`TargetWriter::settle`]
 //! removes inserted rows that a local delete, committed meanwhile, made older than
 //! their tombstone. Out: for every key whose incoming version lost, a conflict row and,
 //! when the peer receives from this node, a row in `duplex.repairs` holding this node's
@@ -141,7 +143,7 @@ pub(super) struct Lost {
 }
 
 /// Key columns as parameters `$1..$n`: one text array per key column.
-fn key_arrays<'k>(
+pub(super) fn key_arrays<'k>(
     key_len: usize,
     keys: impl Iterator<Item = &'k Vec<String>>,
 ) -> Vec<Vec<&'k str>> {
@@ -154,7 +156,7 @@ fn key_arrays<'k>(
     arrays
 }
 
-fn params<'p>(arrays: &'p [Vec<&str>]) -> Vec<&'p (dyn ToSql + Sync)> {
+pub(super) fn params<'p>(arrays: &'p [Vec<&str>]) -> Vec<&'p (dyn ToSql + Sync)> {
     arrays.iter().map(|k| k as &(dyn ToSql + Sync)).collect()
 }
 
@@ -208,8 +210,10 @@ impl TargetWriter<'_> {
             return Ok(Vec::new());
         }
         let keys = key_arrays(table.key.len(), written.iter().map(|c| &c.key));
+        let ts: Vec<Option<&str>> = written.iter().map(|c| c.ts.as_deref()).collect();
         let mut p = params(&keys);
         p.push(&table.name);
+        p.push(&ts);
         let rows = self
             .client
             .query(&table.settle_sql(), &p)

@@ -2,12 +2,14 @@
 //! same columns present, one delete per run, and a truncate as of its time. Each is a
 //! single statement over arrays of text values cast on the target.
 
-use super::lww::Candidate;
+use super::lww::{key_arrays, params, Candidate};
 use super::{TargetWriter, WriteError};
 use crate::apply::batch::DeleteTimes;
 use crate::apply::target::TargetTable;
+use crate::config::TableConfig;
 use crate::event::{format_unix_us, ChangeEvent, Value};
 use std::borrow::Cow;
+use std::collections::HashSet;
 use tokio_postgres::types::ToSql;
 
 impl TargetWriter<'_> {
@@ -34,56 +36,102 @@ impl TargetWriter<'_> {
         Ok(())
     }
 
+    /// Writes the upserts in `candidates` that win under last-writer-wins (see
+    /// [`TargetTable::upsert_sql`]); returns those written and those not, whose
+    /// verdict the caller asks for.
     pub(super) async fn upsert(
         &self,
         events: &[Cow<'_, ChangeEvent>],
         table: &TargetTable,
-        winners: &[Candidate],
-    ) -> Result<(), WriteError> {
+        tc: Option<&TableConfig>,
+        candidates: Vec<Candidate>,
+    ) -> Result<(Vec<Candidate>, Vec<Candidate>), WriteError> {
         // Rows with the same columns present go in one statement (unchanged-TOAST
         // columns are left out, so the target keeps its value).
-        let mut groups: Vec<(Vec<&str>, Vec<usize>)> = Vec::new();
-        for Candidate { index: i, .. } in winners {
-            let cols: Vec<&str> = events[*i]
+        let mut groups: Vec<(Vec<&str>, Vec<Candidate>)> = Vec::new();
+        for c in candidates {
+            let cols: Vec<&str> = events[c.index]
                 .after
                 .iter()
                 .flat_map(|r| r.0.iter())
                 .filter(|(_, v)| *v != Value::UnchangedToast)
                 .map(|(c, _)| c.as_str())
                 .collect();
-            match groups.iter_mut().find(|(c, _)| *c == cols) {
-                Some((_, members)) => members.push(*i),
-                None => groups.push((cols, vec![*i])),
+            match groups.iter_mut().find(|(g, _)| *g == cols) {
+                Some((_, members)) => members.push(c),
+                None => groups.push((cols, vec![c])),
             }
         }
+        let skew = tc.and_then(|t| t.max_future_skew_ms).map(|v| v as i64);
+        let (mut written, mut not_written) = (Vec::new(), Vec::new());
         for (cols, members) in groups {
             let arrays: Vec<Vec<Option<&str>>> = cols
                 .iter()
-                .map(|c| {
+                .map(|col| {
                     members
                         .iter()
-                        .map(|&i| match events[i].after.as_ref().and_then(|r| r.get(c)) {
-                            Some(Value::Text(t)) => Some(t.as_str()),
-                            _ => None,
-                        })
+                        .map(
+                            |c| match events[c.index].after.as_ref().and_then(|r| r.get(col)) {
+                                Some(Value::Text(t)) => Some(t.as_str()),
+                                _ => None,
+                            },
+                        )
                         .collect()
                 })
                 .collect();
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             params.push(&self.incoming_wins_ties);
-            self.client
-                .execute(&table.upsert_sql(&cols), &params)
+            params.push(&table.name);
+            params.push(&skew);
+            let returned = self
+                .client
+                .query(&table.upsert_sql(&cols), &params)
                 .await
                 .map_err(self.sql(&format!("upserting into {}", table.name)))?;
             if let Some(t) = self.metrics.table(&table.label) {
-                t.upserts.increment(members.len() as u64);
+                t.upserts.increment(returned.len() as u64);
+            }
+            if returned.len() == members.len() {
+                written.extend(members);
+                continue;
+            }
+            let n = table.key.len();
+            let returned: HashSet<Vec<String>> = returned
+                .iter()
+                .map(|r| (0..n).map(|i| r.get(i)).collect())
+                .collect();
+            let keys = self.key_texts(table, &members).await?;
+            for (c, key) in members.into_iter().zip(keys) {
+                if returned.contains(&key) {
+                    written.push(c);
+                } else {
+                    not_written.push(c);
+                }
             }
         }
-        for c in winners {
+        for c in &written {
             self.carry_toast(&events[c.index], table).await?;
         }
-        Ok(())
+        Ok((written, not_written))
+    }
+
+    /// The candidates' keys as the target prints its key types.
+    async fn key_texts(
+        &self,
+        table: &TargetTable,
+        members: &[Candidate],
+    ) -> Result<Vec<Vec<String>>, WriteError> {
+        let keys = key_arrays(table.key.len(), members.iter().map(|c| &c.key));
+        let rows = self
+            .client
+            .query(&table.key_text_sql(), &params(&keys))
+            .await
+            .map_err(self.sql(&format!("reading keys of {}", table.name)))?;
+        Ok(rows
+            .iter()
+            .map(|r| (0..table.key.len()).map(|i| r.get(i)).collect())
+            .collect())
     }
 
     pub(super) async fn delete(
