@@ -27,6 +27,8 @@ mod bad_events;
 use bad_events::pending_of;
 mod incomplete;
 mod maintenance;
+mod reclaim;
+use reclaim::Reclaim;
 
 pub(super) use maintenance::SWEEP_EVERY;
 use tokio::sync::watch;
@@ -83,6 +85,8 @@ pub(super) struct Worker<'a> {
     metrics: ApplyMetrics,
     /// Where bad events go when `sync.on_error = "dead_letter"`.
     dlq: DeadLetterQueue,
+    /// Frees applied batches off the apply path.
+    reclaim: Reclaim<Pending>,
 }
 
 impl<'a> Worker<'a> {
@@ -120,6 +124,7 @@ impl<'a> Worker<'a> {
             last_taken_at: Instant::now(),
             metrics,
             dlq: DeadLetterQueue::default(),
+            reclaim: Reclaim::start(&dir.to_string()),
         }
     }
 
@@ -280,7 +285,8 @@ impl<'a> Worker<'a> {
                     {
                         self.written.extend(pending);
                     } else {
-                        self.written.clear();
+                        self.reclaim.give(std::mem::take(&mut self.written));
+                        self.reclaim.give(pending);
                         self.written_complete = false;
                     }
                     return Ok(());
@@ -388,7 +394,7 @@ impl<'a> Worker<'a> {
         self.writer.execute("COMMIT", "committing").await?;
         self.in_txn = false;
         self.partial_written = false;
-        self.written.clear();
+        self.reclaim.give(std::mem::take(&mut self.written));
         self.written_complete = true;
         self.committed = self.sequence.applied();
         self.committed_next = Some(next_offset);
