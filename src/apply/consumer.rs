@@ -16,7 +16,7 @@
 //! which then halts the direction or goes to the dead-letter queue.
 
 use crate::apply::error::ApplyError;
-use crate::apply::intake;
+use crate::apply::intake::{self, Intake, Taken};
 use crate::apply::progress::{self, DirectionState};
 use crate::apply::resume::Resume;
 use crate::apply::sequence::Gap;
@@ -227,13 +227,33 @@ async fn apply_once(
                         source: SinkError::Task("the intake stage ended".into()),
                     });
                 };
-                watchdog.run(worker.take(taken?)).await?;
+                watchdog.run(take_ready(&mut worker, taken?, &mut intake, cfg.sync.batch_rows)).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
             _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
         }
     }
+}
+
+/// Takes `first`, then what the intake stage has ready, up to `max` messages: one
+/// turn of the loop above per message (its timers, the watchdog's) cost more than
+/// taking a decoded message. The deadlines are looked at again after `max`.
+async fn take_ready(
+    worker: &mut Worker<'_>,
+    first: Taken,
+    intake: &mut Intake,
+    max: usize,
+) -> Result<(), ApplyError> {
+    worker.take(first).await?;
+    for _ in 1..max {
+        match intake.try_recv() {
+            Ok(taken) => worker.take(taken?).await?,
+            // Empty, or ended: the loop's `recv` says which.
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// Opens the apply session, within the connect timeout plus `sync.receive_timeout_ms`
