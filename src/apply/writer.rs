@@ -22,7 +22,12 @@ use lww::{Candidate, Lost, Resolution, Verdict};
 use runs::{kind_of, runs, Kind, Run};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use tokio_postgres::Client;
+use std::sync::Mutex;
+use tokio_postgres::{Client, Statement};
+
+/// Statements a session keeps prepared, at most: past that the cache starts over
+/// (distinct statements are one per table and set of columns present).
+const PREPARED_MAX: usize = 256;
 
 /// `deadlock_timeout` of apply sessions, in ms: below the application's (1 s by
 /// default), so that duplex is the one to give up in a deadlock.
@@ -114,6 +119,9 @@ pub struct TargetWriter<'a> {
     /// The session's server process, for the [`crate::apply::watchdog`].
     pub backend_pid: i32,
     tables: HashMap<String, Option<TargetTable>>,
+    /// The batch statements prepared on this session, by their text: parsed once per
+    /// session, not once per batch (a round trip and a parse each).
+    prepared: Mutex<HashMap<String, Statement>>,
     incoming_wins_ties: bool,
     /// The peer receives from this node, so repairs written here reach it.
     peer_receives: bool,
@@ -153,6 +161,7 @@ impl<'a> TargetWriter<'a> {
             client,
             backend_pid: 0,
             tables: HashMap::new(),
+            prepared: Mutex::new(HashMap::new()),
             metrics,
             incoming_wins_ties: cfg.tie_winner() == dir.from,
             peer_receives: cfg
@@ -244,6 +253,22 @@ impl<'a> TargetWriter<'a> {
             context,
             source,
         }
+    }
+
+    /// `sql` prepared on this session, from the cache when it was before.
+    async fn prepared(&self, sql: String) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.prepared.lock().ok().and_then(|m| m.get(&sql).cloned());
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(&sql).await?;
+        if let Ok(mut m) = self.prepared.lock() {
+            if m.len() >= PREPARED_MAX {
+                m.clear();
+            }
+            m.insert(sql, statement.clone());
+        }
+        Ok(statement)
     }
 
     pub async fn execute(&self, sql: &str, context: &str) -> Result<(), WriteError> {
@@ -360,9 +385,12 @@ impl<'a> TargetWriter<'a> {
         // fire in replica mode), so one statement per kind serves the table.
         let mut rows: Vec<Candidate> = Vec::new();
         let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
+        // The last row whose columns all exist on the target: the rows of a run
+        // usually share their columns, so most are checked by comparing names.
+        let mut checked: Option<&Row> = None;
         for &index in &run.items {
             let kind = kind_of(&events[index]);
-            match self.prepare(&events[index], &table, tc, kind, deleted) {
+            match self.prepare(&events[index], &table, tc, kind, deleted, &mut checked) {
                 Ok((key, ts)) => {
                     let c = Candidate {
                         index,
@@ -442,13 +470,14 @@ impl<'a> TargetWriter<'a> {
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.
-    fn prepare(
+    fn prepare<'e>(
         &self,
-        ev: &ChangeEvent,
+        ev: &'e ChangeEvent,
         table: &TargetTable,
         tc: Option<&TableConfig>,
         kind: Kind,
         deleted: &DeleteTimes,
+        checked: &mut Option<&'e Row>,
     ) -> Result<(Vec<String>, Option<String>), String> {
         let image = if kind == Kind::Delete {
             ev.before.as_ref()
@@ -472,10 +501,14 @@ impl<'a> TargetWriter<'a> {
                 .unwrap_or_else(|| format_unix_us(ev.source.commit_ts_us));
             return Ok((key, Some(at)));
         }
-        for (col, _) in &image.0 {
-            if table.column(col).is_none() {
+        let same_columns = checked.is_some_and(|last| {
+            last.0.len() == image.0.len() && last.0.iter().zip(&image.0).all(|(a, b)| a.0 == b.0)
+        });
+        if !same_columns {
+            if let Some((col, _)) = image.0.iter().find(|(c, _)| table.column(c).is_none()) {
                 return Err(format!("column {col} is missing on the target node"));
             }
+            *checked = Some(image);
         }
         if let Some(id) = tc.and_then(|t| t.identity.as_ref()) {
             check_identity(image, id)?;

@@ -178,11 +178,16 @@ impl TargetWriter<'_> {
         p.push(&skew);
         let deletes: Vec<bool> = rows.iter().map(|c| c.kind == Kind::Delete).collect();
         p.push(&deletes);
+        let context = format!("comparing versions in {}", table.name);
+        let statement = self
+            .prepared(table.decide_sql())
+            .await
+            .map_err(self.sql(&context))?;
         let result = self
             .client
-            .query(&table.decide_sql(), &p)
+            .query(&statement, &p)
             .await
-            .map_err(self.sql(&format!("comparing versions in {}", table.name)))?;
+            .map_err(self.sql(&context))?;
         result
             .iter()
             .map(|r| {
@@ -214,11 +219,16 @@ impl TargetWriter<'_> {
         let mut p = params(&keys);
         p.push(&table.name);
         p.push(&ts);
+        let context = format!("checking tombstones in {}", table.name);
+        let statement = self
+            .prepared(table.settle_sql())
+            .await
+            .map_err(self.sql(&context))?;
         let rows = self
             .client
-            .query(&table.settle_sql(), &p)
+            .query(&statement, &p)
             .await
-            .map_err(self.sql(&format!("checking tombstones in {}", table.name)))?;
+            .map_err(self.sql(&context))?;
         let n = table.key.len();
         Ok(rows
             .iter()

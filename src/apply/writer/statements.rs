@@ -48,47 +48,55 @@ impl TargetWriter<'_> {
     ) -> Result<(Vec<Candidate>, Vec<Candidate>), WriteError> {
         // Rows with the same columns present go in one statement (unchanged-TOAST
         // columns are left out, so the target keeps its value).
-        let mut groups: Vec<(Vec<&str>, Vec<Candidate>)> = Vec::new();
-        for c in candidates {
-            let cols: Vec<&str> = events[c.index]
+        let present = |i: usize| {
+            events[i]
                 .after
                 .iter()
                 .flat_map(|r| r.0.iter())
                 .filter(|(_, v)| *v != Value::UnchangedToast)
-                .map(|(c, _)| c.as_str())
-                .collect();
-            match groups.iter_mut().find(|(g, _)| *g == cols) {
+        };
+        let mut groups: Vec<(Vec<&str>, Vec<Candidate>)> = Vec::new();
+        for c in candidates {
+            let names = || present(c.index).map(|(n, _)| n.as_str());
+            match groups
+                .iter_mut()
+                .rev()
+                .find(|(g, _)| g.iter().copied().eq(names()))
+            {
                 Some((_, members)) => members.push(c),
-                None => groups.push((cols, vec![c])),
+                None => groups.push((names().collect(), vec![c])),
             }
         }
         let skew = tc.and_then(|t| t.max_future_skew_ms).map(|v| v as i64);
         let (mut written, mut not_written) = (Vec::new(), Vec::new());
         for (cols, members) in groups {
-            let arrays: Vec<Vec<Option<&str>>> = cols
-                .iter()
-                .map(|col| {
-                    members
-                        .iter()
-                        .map(
-                            |c| match events[c.index].after.as_ref().and_then(|r| r.get(col)) {
-                                Some(Value::Text(t)) => Some(t.as_str()),
-                                _ => None,
-                            },
-                        )
-                        .collect()
-                })
+            // A member's present columns are the group's, in the same order.
+            let mut arrays: Vec<Vec<Option<&str>>> = (0..cols.len())
+                .map(|_| Vec::with_capacity(members.len()))
                 .collect();
+            for c in &members {
+                for (array, (_, v)) in arrays.iter_mut().zip(present(c.index)) {
+                    array.push(match v {
+                        Value::Text(t) => Some(t.as_str()),
+                        _ => None,
+                    });
+                }
+            }
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
             params.push(&self.incoming_wins_ties);
             params.push(&table.name);
             params.push(&skew);
+            let context = || format!("upserting into {}", table.name);
+            let statement = self
+                .prepared(table.upsert_sql(&cols))
+                .await
+                .map_err(self.sql(&context()))?;
             let returned = self
                 .client
-                .query(&table.upsert_sql(&cols), &params)
+                .query(&statement, &params)
                 .await
-                .map_err(self.sql(&format!("upserting into {}", table.name)))?;
+                .map_err(self.sql(&context()))?;
             if let Some(t) = self.metrics.table(&table.label) {
                 t.upserts.increment(returned.len() as u64);
             }
@@ -154,10 +162,15 @@ impl TargetWriter<'_> {
         params.push(&ts);
         params.push(&table.name);
         params.push(&self.dir.from);
-        self.client
-            .execute(&table.delete_sql(), &params)
+        let context = format!("deleting from {}", table.name);
+        let statement = self
+            .prepared(table.delete_sql())
             .await
-            .map_err(self.sql(&format!("deleting from {}", table.name)))?;
+            .map_err(self.sql(&context))?;
+        self.client
+            .execute(&statement, &params)
+            .await
+            .map_err(self.sql(&context))?;
         if let Some(t) = self.metrics.table(&table.label) {
             t.deletes.increment(winners.len() as u64);
         }
