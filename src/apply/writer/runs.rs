@@ -25,20 +25,28 @@ pub(super) fn runs(events: &[Cow<'_, ChangeEvent>]) -> Vec<Run> {
     let mut out: Vec<Run> = Vec::new();
     let mut segment = 0;
     for (i, ev) in events.iter().enumerate() {
-        let table = format!("{}.{}", ev.source.schema, ev.source.table);
+        let (schema, name) = (&ev.source.schema, &ev.source.table);
+        let table = || format!("{schema}.{name}");
         if ev.op == Op::Truncate {
             out.push(Run {
-                table,
+                table: table(),
                 kind: Kind::Truncate,
                 items: vec![i],
             });
             segment = out.len();
             continue;
         }
-        match out[segment..].iter_mut().find(|r| r.table == table) {
+        // Compared without building the name: this runs for every event.
+        let same = |r: &&mut Run| {
+            r.table.len() == schema.len() + 1 + name.len()
+                && r.table.starts_with(schema.as_str())
+                && r.table[schema.len()..].starts_with('.')
+                && r.table.ends_with(name.as_str())
+        };
+        match out[segment..].iter_mut().rev().find(same) {
             Some(r) => r.items.push(i),
             None => out.push(Run {
-                table,
+                table: table(),
                 kind: Kind::Upsert,
                 items: vec![i],
             }),
