@@ -250,50 +250,97 @@ pub struct ChangeEvent {
     pub ts_ms: i64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Envelope {
+struct Envelope<'a> {
     op: Op,
     before: Option<Row>,
     after: Option<Row>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     unchanged_toast: Vec<String>,
     key: Vec<String>,
-    types: Types,
+    #[serde(borrow)]
+    types: Types<'a>,
     source: Source,
     ts_ms: i64,
 }
 
-/// Ordered column → type map.
-struct Types(Vec<(String, String)>);
+/// Ordered column → type map, borrowed from the message where it can be: a decoder
+/// shares one copy per table ([`TypesCache`]).
+struct Types<'a>(Vec<(Str<'a>, Str<'a>)>);
 
-impl Serialize for Types {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (c, t) in &self.0 {
-            map.serialize_entry(c, t)?;
-        }
-        map.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for Types {
+impl<'de: 'a, 'a> Deserialize<'de> for Types<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct TypesVisitor;
-        impl<'de> Visitor<'de> for TypesVisitor {
-            type Value = Types;
+        struct TypesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for TypesVisitor<'a> {
+            type Value = Types<'a>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object of column name to type name")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Types, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Types<'a>, A::Error> {
                 let mut v = Vec::new();
-                while let Some(e) = m.next_entry::<String, String>()? {
+                while let Some(e) = m.next_entry::<Str<'a>, Str<'a>>()? {
                     v.push(e);
                 }
                 Ok(Types(v))
             }
         }
-        d.deserialize_map(TypesVisitor)
+        d.deserialize_map(TypesVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A JSON string, borrowed unless it had escapes.
+struct Str<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct StrVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for StrVisitor<'a> {
+            type Value = Str<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'a>, E> {
+                Ok(Str(v.into()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'a>, E> {
+                Ok(Str(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(StrVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Column type lists a decoder saw last, so that the events of one table share one
+/// copy instead of holding (and freeing) their own.
+#[derive(Default)]
+pub struct TypesCache(Vec<Arc<[(String, String)]>>);
+
+/// Type lists a [`TypesCache`] keeps: more tables than that in turn only cost copies.
+const TYPES_CACHED: usize = 32;
+
+impl TypesCache {
+    fn intern(&mut self, types: &Types<'_>) -> Arc<[(String, String)]> {
+        let same = |cached: &[(String, String)]| {
+            cached.len() == types.0.len()
+                && cached
+                    .iter()
+                    .zip(&types.0)
+                    .all(|((c, t), (dc, dt))| *c == dc.0 && *t == dt.0)
+        };
+        if let Some(hit) = self.0.iter().find(|c| same(c)) {
+            return hit.clone();
+        }
+        let owned: Arc<[(String, String)]> = types
+            .0
+            .iter()
+            .map(|(c, t)| (c.0.to_string(), t.0.to_string()))
+            .collect();
+        if self.0.len() >= TYPES_CACHED {
+            self.0.remove(0);
+        }
+        self.0.push(owned.clone());
+        owned
     }
 }
 
@@ -351,19 +398,22 @@ impl ChangeEvent {
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<ChangeEvent, EnvelopeError> {
+        Self::from_json_in(bytes, &mut TypesCache::default())
+    }
+
+    /// [`Self::from_json`], sharing type lists through `cache`.
+    pub fn from_json_in(
+        bytes: &[u8],
+        cache: &mut TypesCache,
+    ) -> Result<ChangeEvent, EnvelopeError> {
         let env: Envelope = serde_json::from_slice(bytes)?;
+        let types = cache.intern(&env.types);
         let after = env.after.map(|mut row| {
             // Put unchanged-TOAST columns back in table order.
-            for (col, _) in &env.types.0 {
+            for (pos, (col, _)) in types.iter().enumerate() {
                 if env.unchanged_toast.contains(col) && row.get(col).is_none() {
-                    let pos = env
-                        .types
-                        .0
-                        .iter()
-                        .position(|(c, _)| c == col)
-                        .unwrap_or(row.0.len())
-                        .min(row.0.len());
-                    row.0.insert(pos, (col.clone(), Value::UnchangedToast));
+                    row.0
+                        .insert(pos.min(row.0.len()), (col.clone(), Value::UnchangedToast));
                 }
             }
             row
@@ -373,7 +423,7 @@ impl ChangeEvent {
             before: env.before,
             after,
             key: env.key,
-            types: env.types.0.into(),
+            types,
             source: env.source,
             ts_ms: env.ts_ms,
         })

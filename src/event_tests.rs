@@ -81,3 +81,27 @@ fn garbage_is_an_error_not_a_panic() {
     assert!(ChangeEvent::from_json(b"{").is_err());
     assert!(ChangeEvent::from_json(br#"{"op":"x"}"#).is_err());
 }
+
+#[test]
+fn events_of_one_table_share_their_type_list_and_others_do_not() {
+    let mut cache = TypesCache::default();
+    let json = sample().to_json();
+    let first = ChangeEvent::from_json_in(&json, &mut cache).unwrap();
+    let second = ChangeEvent::from_json_in(&json, &mut cache).unwrap();
+    assert!(Arc::ptr_eq(&first.types, &second.types));
+    assert_eq!(second, sample());
+    // A column name with an escape (not borrowed from the message) decodes too, and a
+    // different list gets its own copy.
+    let mut other = sample();
+    other.types = vec![
+        ("id".into(), "bigint".into()),
+        ("na\"me".into(), "text".into()),
+    ]
+    .into();
+    other.after = Some(Row(vec![("id".into(), Value::Text("1".into()))]));
+    let third = ChangeEvent::from_json_in(&other.to_json(), &mut cache).unwrap();
+    assert_eq!(third, other);
+    assert!(!Arc::ptr_eq(&first.types, &third.types));
+    let fourth = ChangeEvent::from_json_in(&json, &mut cache).unwrap();
+    assert!(Arc::ptr_eq(&first.types, &fourth.types));
+}

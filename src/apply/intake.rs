@@ -11,7 +11,7 @@
 use crate::apply::error::ApplyError;
 use crate::apply::resume::{Resume, Step};
 use crate::config::Direction;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, TypesCache};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -62,6 +62,7 @@ async fn run(
 ) {
     // Its own handle: a message borrows the consumer while `s` changes.
     let consumer = s.consumer.clone();
+    let mut types = TypesCache::default();
     loop {
         let msg = tokio::select! {
             _ = shutdown.changed() => return,
@@ -70,7 +71,7 @@ async fn run(
         };
         let taken = match msg {
             Ok(m) => match admit(&mut s, m.offset()) {
-                Ok(true) => Ok(decode(&m)),
+                Ok(true) => Ok(decode(&m, &mut types)),
                 Ok(false) => continue,
                 Err(e) => Err(*e),
             },
@@ -83,12 +84,12 @@ async fn run(
     }
 }
 
-fn decode(m: &rdkafka::message::BorrowedMessage<'_>) -> Taken {
+fn decode(m: &rdkafka::message::BorrowedMessage<'_>, types: &mut TypesCache) -> Taken {
     let raw = m.payload().unwrap_or_default();
     Taken {
         offset: m.offset(),
         key: m.key().unwrap_or_default().to_vec(),
-        event: ChangeEvent::from_json(raw).map_err(|e| e.to_string()),
+        event: ChangeEvent::from_json_in(raw, types).map_err(|e| e.to_string()),
         raw: raw.to_vec(),
     }
 }
