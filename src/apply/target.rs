@@ -245,10 +245,11 @@ impl TargetTable {
     /// tombstone of table `$n+1`: a local delete that committed after the upsert's
     /// snapshot (this statement's new snapshot sees it; later deletes find the row
     /// locked). `$n+2` holds the rows' `updated_at` texts. Returns their keys and
-    /// `updated_at`. Only when a tombstone or truncation of the table is at least as
-    /// new as the oldest of those versions (one probe of the `deleted_at` index; in a
-    /// catch-up of inserts, none) are the keys looked up, one tombstone probe each,
-    /// and only keys with a tombstone reach the table.
+    /// `updated_at`. Only when the table's newest tombstone or truncation is at least
+    /// as new as the oldest of those versions (read backwards from the newest entry of
+    /// the `deleted_at` index: a range condition there would scan every older
+    /// tombstone) are the keys looked up, one tombstone probe each, and only keys
+    /// with a tombstone reach the table.
     pub fn settle_sql(&self) -> String {
         let upd = quote_ident(&self.updated_at);
         let n = self.key.len();
@@ -261,10 +262,10 @@ impl TargetTable {
         format!(
             "{cte},
              d AS MATERIALIZED (SELECT i.*, tb.deleted_at FROM i, {deleted}
-                                WHERE (EXISTS (SELECT 1 FROM duplex.tombstones
-                                               WHERE deleted_at >= {oldest} AND table_name = ${tbl}::text)
-                                       OR EXISTS (SELECT 1 FROM duplex.truncations
-                                                  WHERE table_name = ${tbl}::text AND truncated_at >= {oldest}))
+                                WHERE greatest(
+                                        (SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = ${tbl}::text),
+                                        (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${tbl}::text)
+                                      ) >= {oldest}
                                   AND tb.deleted_at IS NOT NULL)
              DELETE FROM {table} t USING d i
              WHERE {join} AND (t.{upd} IS NULL OR i.deleted_at >= t.{upd})

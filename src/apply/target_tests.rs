@@ -117,8 +117,9 @@ fn settling_looks_keys_up_only_when_a_tombstone_is_new_enough() {
         "{settle}"
     );
     assert!(
-        settle.contains("deleted_at >= (SELECT min(")
-            && settle.contains("truncated_at >= (SELECT min("),
+        settle.contains(
+            "(SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = $2::text)"
+        ) && settle.contains(") >= (SELECT min("),
         "{settle}"
     );
 }
