@@ -271,6 +271,20 @@ impl<'a> TargetWriter<'a> {
         Ok(statement)
     }
 
+    /// Runs the batch statement `sql`, prepared once per session, with `params`.
+    async fn query_prepared(
+        &self,
+        sql: String,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        context: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, WriteError> {
+        let statement = self.prepared(sql).await.map_err(self.sql(context))?;
+        self.client
+            .query(&statement, params)
+            .await
+            .map_err(self.sql(context))
+    }
+
     pub async fn execute(&self, sql: &str, context: &str) -> Result<(), WriteError> {
         self.client
             .batch_execute(sql)

@@ -179,15 +179,9 @@ impl TargetWriter<'_> {
         let deletes: Vec<bool> = rows.iter().map(|c| c.kind == Kind::Delete).collect();
         p.push(&deletes);
         let context = format!("comparing versions in {}", table.name);
-        let statement = self
-            .prepared(table.decide_sql())
-            .await
-            .map_err(self.sql(&context))?;
         let result = self
-            .client
-            .query(&statement, &p)
-            .await
-            .map_err(self.sql(&context))?;
+            .query_prepared(table.decide_sql(), &p, &context)
+            .await?;
         result
             .iter()
             .map(|r| {
@@ -220,15 +214,9 @@ impl TargetWriter<'_> {
         p.push(&table.name);
         p.push(&ts);
         let context = format!("checking tombstones in {}", table.name);
-        let statement = self
-            .prepared(table.settle_sql())
-            .await
-            .map_err(self.sql(&context))?;
         let rows = self
-            .client
-            .query(&statement, &p)
-            .await
-            .map_err(self.sql(&context))?;
+            .query_prepared(table.settle_sql(), &p, &context)
+            .await?;
         let n = table.key.len();
         Ok(rows
             .iter()

@@ -87,16 +87,10 @@ impl TargetWriter<'_> {
             params.push(&self.incoming_wins_ties);
             params.push(&table.name);
             params.push(&skew);
-            let context = || format!("upserting into {}", table.name);
-            let statement = self
-                .prepared(table.upsert_sql(&cols))
-                .await
-                .map_err(self.sql(&context()))?;
+            let context = format!("upserting into {}", table.name);
             let returned = self
-                .client
-                .query(&statement, &params)
-                .await
-                .map_err(self.sql(&context()))?;
+                .query_prepared(table.upsert_sql(&cols), &params, &context)
+                .await?;
             if let Some(t) = self.metrics.table(&table.label) {
                 t.upserts.increment(returned.len() as u64);
             }
@@ -163,14 +157,8 @@ impl TargetWriter<'_> {
         params.push(&table.name);
         params.push(&self.dir.from);
         let context = format!("deleting from {}", table.name);
-        let statement = self
-            .prepared(table.delete_sql())
-            .await
-            .map_err(self.sql(&context))?;
-        self.client
-            .execute(&statement, &params)
-            .await
-            .map_err(self.sql(&context))?;
+        self.query_prepared(table.delete_sql(), &params, &context)
+            .await?;
         if let Some(t) = self.metrics.table(&table.label) {
             t.deletes.increment(winners.len() as u64);
         }
