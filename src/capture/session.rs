@@ -98,11 +98,16 @@ async fn stream_once(
         node: node.to_string(),
         source,
     };
-    // The producer first: librdkafka acquires its idempotent producer id in the
-    // background, on a 500 ms timer that may take two turns; made here, that overlaps
-    // the checks below instead of holding back the first changes read (measured: the
-    // first change after a start took 0.7-0.95 s to reach the broker).
+    // The topic, then the producer, first: librdkafka acquires its idempotent producer
+    // id in the background, on a 500 ms timer that may take two turns; made here, that
+    // overlaps the checks below instead of holding back the first changes read
+    // (measured: the first change after a start took 0.7-0.95 s to reach the broker).
+    // The topic exists before the producer asks for it: a producer told the topic is
+    // unknown fails its first messages.
     let topic = cfg.topic(node);
+    kafka::ensure_topic(&cfg.kafka, &topic)
+        .await
+        .map_err(sink)?;
     let producer = ChangeProducer::new(&cfg.kafka, &topic).map_err(sink)?;
     let client = node::connect(cfg, node, "reader").await?;
     let problems = crate::preflight::node_problems(cfg, node, &client, true)
@@ -121,9 +126,6 @@ async fn stream_once(
             crate::pg::history::check(cfg, &dir).await?;
         }
     }
-    kafka::ensure_topic(&cfg.kafka, &topic)
-        .await
-        .map_err(sink)?;
 
     let pg = cfg.nodes[node].pg_config().map_err(|e| {
         PipelineError::Node(NodeError::Config {
