@@ -36,6 +36,7 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
 pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let health = Health::default();
+    register_components(&cfg, &health);
     let mut tasks = JoinSet::new();
     match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
         Ok(serve) => {
@@ -113,6 +114,17 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
     code
 }
 
+/// Registers every component before /readyz answers: registered only by its own
+/// task, a probe in between would find nothing down and call the instance ready.
+fn register_components(cfg: &Config, health: &Health) {
+    for node in cfg.source_nodes() {
+        health.register(&session::component(&node));
+    }
+    for dir in cfg.directions().unwrap_or_default() {
+        health.register(&crate::apply::consumer::component(&dir));
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
@@ -132,4 +144,38 @@ async fn start_metrics(
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     Ok(metrics::serve(listener, handle, health, shutdown)
         .instrument(tracing::info_span!("metrics_http")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_not_ready_before_its_components_report() {
+        let cfg = Config::parse(
+            r#"
+            [nodes.a]
+            url = "postgres://u@127.0.0.1:1/a"
+            [nodes.b]
+            url = "postgres://u@127.0.0.1:2/b"
+            [kafka]
+            brokers = "127.0.0.1:3"
+            [[tables]]
+            name = "public.items"
+            "#,
+        )
+        .unwrap();
+        let health = Health::default();
+        assert!(
+            health.readiness().is_ok(),
+            "nothing registered reads as ready"
+        );
+        register_components(&cfg, &health);
+        let mut down = health.readiness().unwrap_err();
+        down.sort();
+        assert_eq!(
+            down,
+            ["apply a_to_b", "apply b_to_a", "source a", "source b"]
+        );
+    }
 }

@@ -46,6 +46,11 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "8192"),
 ];
 
+/// The readiness component of `dir`'s apply.
+pub fn component(dir: &Direction) -> String {
+    format!("apply {dir}")
+}
+
 /// Applies `dir` until `shutdown`; a definite error halts this direction only.
 pub async fn run_apply(
     cfg: Arc<Config>,
@@ -53,7 +58,7 @@ pub async fn run_apply(
     health: Health,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
-    let component = format!("apply {dir}");
+    let component = component(&dir);
     let what = Supervised {
         component: &component,
         errors_metric: m::APPLY_ERRORS_TOTAL,

@@ -13,6 +13,7 @@ use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{client_config, SinkError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::ClientContext;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -26,10 +27,48 @@ use tokio::sync::{mpsc, watch};
 /// librdkafka's `message.timeout.ms` unless the user sets it.
 const MESSAGE_TIMEOUT_MS: &str = "30000";
 
+/// librdkafka's `statistics.interval.ms` unless the user sets it: how soon the
+/// producer learns that it has its id (see [`IdWatch`]).
+const STATISTICS_INTERVAL_MS: &str = "50";
+
 #[derive(Clone)]
 pub struct ChangeProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<IdWatch>,
     topic: String,
+    id_assigned: watch::Receiver<bool>,
+}
+
+/// The producer's librdkafka context. An idempotent producer holds every message
+/// until the broker has given it a producer id, which librdkafka asks for on a 500 ms
+/// timer that may take two turns after the producer is made. librdkafka tells of the
+/// id only in its statistics (`eos.idemp_state`), so this context reads them until
+/// the id is assigned, then ignores them.
+struct IdWatch {
+    assigned: watch::Sender<bool>,
+}
+
+impl ClientContext for IdWatch {
+    fn stats_raw(&self, statistics: &[u8]) {
+        if !*self.assigned.borrow() && id_assigned(statistics) {
+            self.assigned.send_replace(true);
+        }
+    }
+}
+
+/// Whether librdkafka's statistics say the idempotent producer has its id.
+fn id_assigned(statistics: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Stats {
+        eos: Option<Eos>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Eos {
+        idemp_state: String,
+    }
+    serde_json::from_slice::<Stats>(statistics)
+        .ok()
+        .and_then(|s| s.eos)
+        .is_some_and(|eos| eos.idemp_state == "Assigned")
 }
 
 impl ChangeProducer {
@@ -52,10 +91,24 @@ impl ChangeProducer {
         {
             cc.set("message.timeout.ms", MESSAGE_TIMEOUT_MS);
         }
+        if !cfg.properties.contains_key("statistics.interval.ms") {
+            cc.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        }
+        let (assigned, id_assigned) = watch::channel(false);
         Ok(ChangeProducer {
-            producer: cc.create()?,
+            producer: cc.create_with_context(IdWatch { assigned })?,
             topic: topic.to_string(),
+            id_assigned,
         })
+    }
+
+    /// Waits, at most `max`, until the producer has its id: messages sent before wait
+    /// for it in librdkafka's queue. True when it has. A producer that cannot reach the
+    /// broker never gets one; its deliveries fail with their own errors.
+    pub async fn wait_for_id(&self, max: Duration) -> bool {
+        let mut rx = self.id_assigned.clone();
+        let assigned = tokio::time::timeout(max, rx.wait_for(|a| *a)).await;
+        matches!(assigned, Ok(Ok(_)))
     }
 
     /// Whether the broker knows the topic: `Ok(false)` when its metadata says the topic
@@ -236,7 +289,34 @@ impl DuplicateBatch {
 
 #[cfg(test)]
 mod tests {
-    use super::DuplicateBatch;
+    use super::{id_assigned, DuplicateBatch};
+
+    #[test]
+    fn the_producer_id_is_read_from_librdkafkas_statistics() {
+        let stats = |state: &str| {
+            format!(
+                r#"{{"name":"rdkafka#producer-1","type":"producer","ts":1,"brokers":{{}},
+                "eos":{{"idemp_state":"{state}","idemp_stateage":3,"txn_state":"Init",
+                "producer_id":{},"producer_epoch":0,"epoch_cnt":1}}}}"#,
+                if state == "Assigned" { 7 } else { -1 }
+            )
+        };
+        assert!(id_assigned(stats("Assigned").as_bytes()));
+        for state in [
+            "Init",
+            "RequestPID",
+            "WaitTransport",
+            "WaitPID",
+            "DrainReset",
+        ] {
+            assert!(!id_assigned(stats(state).as_bytes()), "{state}");
+        }
+        // A consumer's statistics, or none that parse: no id.
+        assert!(!id_assigned(
+            br#"{"name":"c","type":"consumer","brokers":{}}"#
+        ));
+        assert!(!id_assigned(b"not json"));
+    }
 
     #[test]
     fn a_duplicate_batchs_numbering_from_minus_one_is_not_an_offset() {
