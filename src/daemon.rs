@@ -36,10 +36,12 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
 pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let health = Health::default();
-    register_components(&cfg, &health);
     let mut tasks = JoinSet::new();
     match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
         Ok(serve) => {
+            // After the recorder is installed (a gauge made before it never reports),
+            // before the endpoints answer.
+            register_components(&cfg, &health);
             tasks.spawn(async move {
                 serve.await;
                 Ok(())
