@@ -243,13 +243,7 @@ impl Session<'_> {
                 biased;
                 _ = shutdown.changed() => return self.drain().await,
                 e = &mut topic_gone => return Err(self.sink_failed(e).await),
-                joined = &mut self.tracker => {
-                    let e = match joined {
-                        Ok(Err(e)) => e,
-                        _ => SinkError::TrackerGone,
-                    };
-                    return Err(self.sink_failed(e).await);
-                }
+                joined = &mut self.tracker => return Err(self.tracker_ended(joined).await),
                 _ = stall_check.tick() => {
                     if last_received.elapsed() > patience {
                         return Err(self.stalled());
@@ -426,10 +420,25 @@ impl Session<'_> {
                 Pending::Commit { end_lsn }
             }
         };
-        self.queue
-            .send(pending)
-            .await
-            .map_err(|_| self.sink_err(SinkError::TrackerGone))
+        if self.queue.send(pending).await.is_err() {
+            // The tracker ended, and only does on an error: that error is the cause
+            // (offsets that went back must stop duplex, not read as a transient stop).
+            let joined = (&mut self.tracker).await;
+            return Err(self.tracker_ended(joined).await);
+        }
+        Ok(())
+    }
+
+    /// The session's end once the delivery tracker ended, on the error it ended with.
+    async fn tracker_ended(
+        &mut self,
+        joined: Result<Result<(), SinkError>, tokio::task::JoinError>,
+    ) -> PipelineError {
+        let e = match joined {
+            Ok(Err(e)) => e,
+            _ => SinkError::TrackerGone,
+        };
+        self.sink_failed(e).await
     }
 
     fn counters_for(&mut self, ev: &ChangeEvent) -> (metrics::Counter, metrics::Counter) {
@@ -484,7 +493,7 @@ impl Session<'_> {
         drop(std::mem::replace(&mut self.queue, closed));
         match tokio::time::timeout(SHUTDOWN_DRAIN, &mut self.tracker).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(self.sink_err(e)),
+            Ok(Ok(Err(e))) => return Err(self.sink_failed(e).await),
             _ => tracing::warn!(
                 node = self.node,
                 "in-flight messages not acknowledged in time; they will be re-read on restart"
