@@ -66,6 +66,8 @@ pub(super) struct Worker<'a> {
     /// Commit times (µs) of source transactions in the open target transaction.
     txn_commits: Vec<i64>,
     last_maintenance: Instant,
+    /// No sweep before this (see `maintenance::sweep_pause`).
+    next_sweep: Instant,
     consumed_next: Option<i64>,
     committed_next: Option<i64>,
     last_applied_commit_us: Option<i64>,
@@ -113,6 +115,7 @@ impl<'a> Worker<'a> {
             first_pending_at: None,
             txn_commits: Vec::new(),
             last_maintenance: Instant::now(),
+            next_sweep: Instant::now(),
             consumed_next: stored.next_offset,
             committed_next: stored.next_offset,
             last_applied_commit_us: stored.last_commit_us,
