@@ -135,7 +135,7 @@ pub fn tls_of(cfg: &Config, node: &str) -> Result<Tls, NodeError> {
         .get(node)
         .ok_or_else(|| config_err("not in the config".into()))?;
     let params = node_cfg.tls().map_err(|e| config_err(e.to_string()))?;
-    Tls::new(&params).map_err(|e| config_err(e.to_string()))
+    Tls::shared(&params).map_err(|e| config_err(e.to_string()))
 }
 
 pub(crate) fn sql_err(

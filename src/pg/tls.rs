@@ -81,7 +81,60 @@ pub struct Tls {
     check: String,
 }
 
+/// Contexts built so far, with the settings and the stamps of the files they read.
+/// Building one costs 18 ms of CPU (OpenSSL loads the system's CA bundle for every
+/// connector), which every connection paid: a start opens about twenty, and with both
+/// pipelines starting at once that was most of the time to `/readyz`.
+type Built = Vec<(TlsParams, Vec<Option<FileStamp>>, Tls)>;
+static BUILT: std::sync::Mutex<Built> = std::sync::Mutex::new(Vec::new());
+
+/// When a file was last changed, and its length.
+type FileStamp = (std::time::SystemTime, u64);
+
+/// The stamps of the files a context for `params` reads (given or libpq's defaults
+/// under `~/.postgresql`), so that a rotated certificate or key is read again, as
+/// libpq reads them for every connection.
+fn stamps(params: &TlsParams) -> Vec<Option<FileStamp>> {
+    let root = match &params.root_cert {
+        Some(RootCert::File(path)) => Some(path.clone()),
+        _ => None,
+    };
+    [
+        root,
+        home_file("root.crt"),
+        params
+            .client_cert
+            .clone()
+            .or_else(|| home_file("postgresql.crt")),
+        params
+            .client_key
+            .clone()
+            .or_else(|| home_file("postgresql.key")),
+    ]
+    .iter()
+    .map(|path| {
+        let meta = std::fs::metadata(path.as_ref()?).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    })
+    .collect()
+}
+
 impl Tls {
+    /// [`Self::new`], built once per settings and reused while the files it read are
+    /// unchanged.
+    pub fn shared(params: &TlsParams) -> Result<Tls, TlsError> {
+        let stamps = stamps(params);
+        // Held while building: two sessions starting at once build one context.
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, tls)) = built.iter().find(|(p, s, _)| p == params && *s == stamps) {
+            return Ok(tls.clone());
+        }
+        let tls = Tls::new(params)?;
+        built.retain(|(p, _, _)| p != params);
+        built.push((params.clone(), stamps, tls.clone()));
+        Ok(tls)
+    }
+
     pub fn new(params: &TlsParams) -> Result<Tls, TlsError> {
         let mut tls = Tls {
             mode: params.mode,
@@ -308,5 +361,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsConnect<S> for HostT
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move { self.tls.handshake(&self.host, stream).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address of the OpenSSL context: the same one is shared.
+    fn context_of(tls: &Tls) -> usize {
+        tls.connector
+            .as_ref()
+            .map_or(0, |c| std::ptr::from_ref(c.context()) as usize)
+    }
+
+    #[test]
+    fn a_context_is_built_once_per_settings_and_again_when_its_files_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("client.crt");
+        std::fs::write(&cert, "one").unwrap();
+        let params = TlsParams {
+            mode: SslMode::Prefer,
+            // Only stamped here: `prefer` reads no root certificate.
+            root_cert: Some(RootCert::File(cert.clone())),
+            ..Default::default()
+        };
+        let first = Tls::shared(&params).unwrap();
+        let again = Tls::shared(&params).unwrap();
+        assert_eq!(context_of(&first), context_of(&again));
+        let before = stamps(&params);
+        std::fs::write(&cert, "rotated, longer").unwrap();
+        assert_ne!(stamps(&params), before);
+        let rotated = Tls::shared(&params).unwrap();
+        assert_ne!(context_of(&first), context_of(&rotated));
+        // Other settings get their own context.
+        let required = TlsParams {
+            mode: SslMode::Require,
+            root_cert: None,
+            ..params.clone()
+        };
+        assert_ne!(
+            context_of(&Tls::shared(&required).unwrap()),
+            context_of(&rotated)
+        );
     }
 }
