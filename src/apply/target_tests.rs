@@ -101,8 +101,9 @@ fn the_upsert_decides_in_the_statement_and_returns_what_it_wrote() {
     );
     // The key's tombstone is looked up only when the table's newest is not older.
     assert!(
-        sql.contains("CASE WHEN g.tomb IS NULL OR g.tomb < i.c2::timestamp with time zone THEN true")
-            && sql.contains("g.trunc IS NULL OR g.trunc < i.c2::timestamp with time zone"),
+        sql.contains(
+            "CASE WHEN g.tomb IS NULL OR g.tomb < i.c2::timestamp with time zone THEN true"
+        ) && sql.contains("g.trunc IS NULL OR g.trunc < i.c2::timestamp with time zone"),
         "{sql}"
     );
     assert!(
