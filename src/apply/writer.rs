@@ -474,8 +474,12 @@ impl<'a> TargetWriter<'a> {
             .filter(|c| c.repair)
             .map(|c| c.key.clone())
             .collect();
-        self.delete(&table, &deletes).await?;
+        // Settling comes before this run's deletes: their tombstones are for other keys
+        // (one candidate per key), and once written they would open the settle's gate
+        // (the table's newest tombstone) for every key of a batch that mixes deletes
+        // with upserts, a probe per key for nothing (0.8 of 6.3 s in a mixed catch-up).
         let settled = self.settle(&table, &written).await?;
+        self.delete(&table, &deletes).await?;
         out.rows += written.len() + deletes.len() - settled.len();
         lost.extend(settled);
         out.conflicts += lost.len();
