@@ -28,8 +28,9 @@ impl TargetTable {
         format!(
             "LATERAL (SELECT greatest(
                 (SELECT deleted_at FROM duplex.tombstones WHERE table_name = ${p}::text AND key = {tomb}),
-                (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)) AS deleted_at) tb",
+                {truncated}) AS deleted_at) tb",
             tomb = self.tombstone_key(),
+            truncated = last_truncation(p),
         )
     }
 
@@ -158,8 +159,8 @@ impl TargetTable {
             "INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE
              SELECT {casts} FROM unnest({params}) AS i({names})
              CROSS JOIN (SELECT
-                 (SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = ${tbl}::text) AS tomb,
-                 (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${tbl}::text) AS trunc) g
+                 {newest} AS tomb,
+                 {truncated} AS trunc) g
              WHERE {ts} IS NOT NULL AND (g.trunc IS NULL OR g.trunc < {ts})
                AND CASE WHEN g.tomb IS NULL OR g.tomb < {ts} THEN true
                    ELSE NOT EXISTS (SELECT 1 FROM duplex.tombstones
@@ -174,6 +175,8 @@ impl TargetTable {
             params = params.join(", "),
             names = names.join(", "),
             tbl = m + 2,
+            newest = newest_tombstone(m + 2),
+            truncated = last_truncation(m + 2),
             tomb_key = tomb.join(", "),
             skew = m + 3,
             order = if order.is_empty() {
@@ -272,8 +275,8 @@ impl TargetTable {
             "{cte},
              d AS MATERIALIZED (SELECT i.*, tb.deleted_at FROM i, {deleted}
                                 WHERE greatest(
-                                        (SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = ${tbl}::text),
-                                        (SELECT truncated_at FROM duplex.truncations WHERE table_name = ${tbl}::text)
+                                        {newest},
+                                        {truncated}
                                       ) >= {oldest}
                                   AND tb.deleted_at IS NOT NULL)
              DELETE FROM {table} t USING d i
@@ -283,7 +286,8 @@ impl TargetTable {
             table = self.sql_name,
             join = self.key_join(),
             deleted = self.deleted_lateral(n + 1),
-            tbl = n + 1,
+            newest = newest_tombstone(n + 1),
+            truncated = last_truncation(n + 1),
             ks = ks.join(", "),
         )
     }
@@ -388,6 +392,17 @@ impl TargetTable {
             order = order.join(", "),
         )
     }
+}
+
+/// The newest tombstone time of table `$p`, read backwards from the newest entry of
+/// the `deleted_at` index (a range condition there would scan every older one).
+fn newest_tombstone(p: usize) -> String {
+    format!("(SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = ${p}::text)")
+}
+
+/// When table `$p` was last truncated (NULL: never).
+fn last_truncation(p: usize) -> String {
+    format!("(SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)")
 }
 
 #[cfg(test)]
