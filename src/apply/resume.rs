@@ -4,8 +4,9 @@
 //! that offset: a later one means the broker no longer has the messages in between, and
 //! the direction halts rather than skip them. One broker behaviour looks the same but is
 //! not a loss: asked for an offset inside a record batch, some Kafka-protocol brokers
-//! (Tansu 0.6) answer with the next batch instead of the one holding the offset, and a
-//! stored position is inside a batch whenever a transaction ended there. So before
+//! answer with the next batch instead of the one holding the offset (Apache Kafka
+//! answers with the batch itself, and librdkafka drops its messages before the offset),
+//! and a stored position is inside a batch whenever a transaction ended there. So before
 //! calling it a loss, duplex reads back from earlier offsets (1, 2, 4, … before the stored
 //! one, never before the log start) until the broker returns a message at or before the
 //! stored offset, and skips the ones before it, as a Kafka client does with a batch that

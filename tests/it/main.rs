@@ -1,5 +1,5 @@
-//! Integration tests against real PostgreSQL 15 clusters and a real Kafka-protocol
-//! broker (Tansu). `scripts/dev-env install` provides both.
+//! Integration tests against real PostgreSQL 15 clusters and Apache Kafka (KRaft).
+//! `scripts/dev-env install` provides both.
 
 mod admin;
 mod apply;

@@ -1,4 +1,4 @@
-//! Real components for the integration tests: PostgreSQL 15 clusters, a Tansu broker
+//! Real components for the integration tests: PostgreSQL 15 clusters, Apache Kafka
 //! and the duplex binary, all on loopback, started on demand and stopped when the
 //! test binary exits.
 //!
