@@ -230,6 +230,11 @@ pub struct Source {
     /// earlier versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
+    /// Commit LSN of the transaction the same capture session published before this
+    /// one; absent on a session's first transaction (and on events of earlier
+    /// versions). An applier that applied less than this lacks a whole transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_lsn: Option<Lsn>,
 }
 
 /// One change, as it is written to Kafka.

@@ -34,6 +34,7 @@ fn sample() -> ChangeEvent {
             xid: 900,
             commit_ts_us: 1_700_000_000_123_456,
             stream: Some("5f1c2d3e4a5b6c7d".into()),
+            prev_lsn: Some(Lsn(0x16B2000)),
         },
         ts_ms: 1_700_000_000_200,
     }

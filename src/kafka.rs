@@ -130,6 +130,23 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkErro
     Ok(())
 }
 
+/// How long asking the broker for a partition's offsets may take.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `topic` partition 0's first retained offset and the offset its next message will
+/// get (the log start and end).
+pub async fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<(i64, i64), SinkError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut cc = client_config(cfg);
+    cc.set("group.id", "duplex-watermarks");
+    let consumer: BaseConsumer = cc.create()?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, WATERMARKS_TIMEOUT))
+        .await
+        .map_err(|e| SinkError::Task(e.to_string()))?
+        .map_err(SinkError::Kafka)
+}
+
 /// Reads `topic` from the beginning of every partition and hands each message's value
 /// to `out`, until `max` messages were read or nothing arrived for `idle`. Blocking:
 /// for tools, not the pipeline.

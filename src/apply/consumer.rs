@@ -20,6 +20,7 @@ use crate::apply::intake::{self, Intake, Taken};
 use crate::apply::progress::{self, DirectionState};
 use crate::apply::resume::Resume;
 use crate::apply::sequence::Gap;
+use crate::apply::start;
 use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
@@ -27,6 +28,7 @@ use crate::config::{Config, Direction};
 use crate::kafka::{self, client_config, SinkError};
 use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
+use crate::pg::state::positions;
 use crate::runtime::{supervise, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -125,16 +127,19 @@ async fn apply_once(
     }
     let writer = connect_bounded(cfg, dir, metrics.clone()).await?;
     let watchdog = Watchdog::new(cfg, dir, writer.backend_pid);
-    let stored = watchdog
+    let topic = cfg.topic(&dir.from);
+    let mut stored = watchdog
         .run(async {
-            progress::stored(&writer.client, cfg, dir)
+            positions::load(&writer.client, &dir.from, &topic)
                 .await
                 .map_err(target_sql(dir, "reading duplex.apply_positions"))
         })
         .await?;
+    if stored.next_offset.is_none() {
+        stored.next_offset = start::first_offset(cfg, dir, &writer.client).await?;
+    }
     let committed_next = stored.next_offset;
     let offset = committed_next.map_or(Offset::Beginning, Offset::Offset);
-    let topic = cfg.topic(&dir.from);
     let kafka_err = |source| ApplyError::Kafka {
         direction: dir.to_string(),
         source,

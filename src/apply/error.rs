@@ -31,16 +31,19 @@ pub enum ApplyError {
         direction: String,
         source: SinkError,
     },
-    #[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them: resynchronise the target from the source (copy the tables, then delete this direction's row from duplex.apply_positions on node {to}) and restart duplex")]
+    #[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them. To resynchronise: delete this direction's row from duplex.apply_positions on node {to} (DELETE FROM duplex.apply_positions WHERE source_node = '{from}'), run `duplex snapshot` (it sets where the direction starts reading and copies what it missed, deletes included), and start duplex")]
     PositionLost {
         direction: String,
+        from: String,
         to: String,
         topic: String,
         offset: i64,
         detail: String,
     },
-    #[error("direction {direction}: source transaction {} arrived with events missing (found {} at Kafka offset {}, expected {}); rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again", gap.commit_lsn, gap.found, gap.offset, gap.expected.map_or("a new transaction".into(), |s| format!("seq {s}")))]
+    #[error("direction {direction}: {gap}; rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again")]
     IncompleteTransaction { direction: String, gap: Gap },
+    #[error("node {node}: {detail}")]
+    Waiting { node: String, detail: String },
     #[error("direction {direction}: no message for {secs} s while part of source transaction {commit_lsn} was written to the target: rolled it back to release its row locks; reading it again from the last commit")]
     Stalled {
         direction: String,
@@ -74,6 +77,7 @@ impl Classify for ApplyError {
             ApplyError::Snapshot(e) => e.class(),
             ApplyError::Kafka { source, .. } => kafka::class_of(source),
             ApplyError::IncompleteTransaction { .. }
+            | ApplyError::Waiting { .. }
             | ApplyError::Stalled { .. }
             | ApplyError::TargetStalled { .. } => ErrorClass::Transient,
             ApplyError::Sink { source, .. } => source.class(),

@@ -141,6 +141,7 @@ fn read_from(consumer: &StreamConsumer, topic: &str, from: i64) -> KafkaResult<(
 pub(super) fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
     ApplyError::PositionLost {
         direction: dir.to_string(),
+        from: dir.from.clone(),
         to: dir.to.clone(),
         topic: topic.to_string(),
         offset,

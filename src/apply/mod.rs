@@ -1,10 +1,13 @@
 //! Apply: a peer's topic into a node, exactly once.
 //!
-//! `consumer` reads the source node's topic from the position stored in the target;
-//! `worker` gathers events into batches (`sequence` says which to take, `batch` readies
-//! them) and commits whole source transactions with their position; `writer` writes
-//! them under last-writer-wins (`target` builds its SQL); `progress` stores and reports
-//! where the direction stands; `dead_letter` keeps the events the target refused;
+//! `consumer` runs a session: it reads the source node's topic from the position
+//! stored in the target (`start` says where a direction with none begins), through
+//! `intake` (reading and decoding on a task of its own, `resume` checking the first
+//! message against the stored offset); `worker` gathers events into batches
+//! (`sequence` says which to take, `batch` readies them, `worker/txn` keeps the open
+//! transaction's and the offsets' books) and commits whole source transactions with
+//! their position; `writer` writes them under last-writer-wins (`target` builds its
+//! SQL); `progress` reports where the direction stands; `dead_letter` keeps the events the target refused;
 //! `watchdog` gives up a session whose connection stalled; `error` says which
 //! failures retry and which halt the direction.
 
@@ -16,6 +19,7 @@ mod intake;
 pub(crate) mod progress;
 mod resume;
 mod sequence;
+mod start;
 pub mod target;
 mod watchdog;
 mod worker;

@@ -1,10 +1,9 @@
-//! Where an apply worker stands and what it tells the outside about itself: the
-//! position stored in the target's `duplex.apply_positions`, its state row in
+//! What an apply worker tells the outside about itself (its position is in
+//! `pg::state::positions`): its state row in
 //! `duplex.apply_state` (read by `duplex status`, so it outlives the process) and its
 //! lag gauges.
 
 use crate::config::{Config, Direction};
-use crate::event::Position;
 use crate::metrics::ApplyMetrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
@@ -53,81 +52,6 @@ impl std::fmt::Display for DirectionState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// What the target's `duplex.apply_positions` says of a direction: how far it applied.
-#[derive(Debug, Default)]
-pub struct Stored {
-    /// The last source position applied (a transaction's end).
-    pub applied: Option<Position>,
-    /// The Kafka offset to read next.
-    pub next_offset: Option<i64>,
-    /// Source commit time of the newest transaction applied, µs since the epoch.
-    pub last_commit_us: Option<i64>,
-    /// The source slot's stream `applied` belongs to.
-    pub stream: Option<String>,
-}
-
-/// Reads the direction's stored position; the default when it never applied.
-pub async fn stored(
-    client: &Client,
-    cfg: &Config,
-    dir: &Direction,
-) -> Result<Stored, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT next_offset, commit_lsn::text, seq,
-                    (extract(epoch FROM last_commit_ts) * 1000000)::int8, stream
-             FROM duplex.apply_positions WHERE source_node = $1 AND topic = $2",
-            &[&dir.from, &cfg.topic(&dir.from)],
-        )
-        .await?;
-    Ok(row.map_or_else(Stored::default, |r| {
-        let lsn: String = r.get(1);
-        let seq: i32 = r.get(2);
-        Stored {
-            applied: Some(Position {
-                commit_lsn: lsn.parse().unwrap_or_default(),
-                seq: seq as u32,
-            }),
-            next_offset: Some(r.get(0)),
-            last_commit_us: r.get(3),
-            stream: r.get(4),
-        }
-    }))
-}
-
-/// Stores how far the direction reaches, in the target transaction open on `client`:
-/// durable when that transaction commits, together with the rows it wrote.
-pub async fn store(
-    client: &Client,
-    cfg: &Config,
-    dir: &Direction,
-    s: &Stored,
-) -> Result<(), tokio_postgres::Error> {
-    let pos = s.applied.unwrap_or(Position {
-        commit_lsn: crate::event::Lsn::ZERO,
-        seq: 0,
-    });
-    client
-        .execute(
-            "INSERT INTO duplex.apply_positions (source_node, topic, next_offset, commit_lsn, seq, last_commit_ts, applied_at, stream)
-             VALUES ($1, $6, $2, $3::text::pg_lsn, $4, 'epoch'::timestamptz + $5::int8 * interval '1 microsecond', now(), $7)
-             ON CONFLICT (source_node, topic) DO UPDATE SET next_offset = EXCLUDED.next_offset,
-               commit_lsn = EXCLUDED.commit_lsn, seq = EXCLUDED.seq, applied_at = now(), stream = EXCLUDED.stream,
-               last_commit_ts = coalesce(EXCLUDED.last_commit_ts, duplex.apply_positions.last_commit_ts)",
-            &[
-                &dir.from,
-                &s.next_offset,
-                &pos.commit_lsn.to_string(),
-                &(pos.seq as i32),
-                &s.last_commit_us,
-                &cfg.topic(&dir.from),
-                &s.stream,
-            ],
-        )
-        .await?;
-    Ok(())
 }
 
 /// Records the direction's state (and why, for a halt) on its target.

@@ -14,12 +14,13 @@ use crate::apply::batch::{prepare_batch, writable_len};
 use crate::apply::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::apply::error::ApplyError;
 use crate::apply::intake::Taken;
-use crate::apply::progress::{self, Standing, Stored};
+use crate::apply::progress::Standing;
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Position};
 use crate::metrics::ApplyMetrics;
+use crate::pg::state::positions::{self, Stored};
 use crate::{Classify, ErrorClass};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +29,9 @@ use bad_events::pending_of;
 mod incomplete;
 mod maintenance;
 mod reclaim;
+mod txn;
 use reclaim::Reclaim;
+use txn::{Mark, Marked, Offsets, OpenTxn};
 
 pub(super) use maintenance::SWEEP_EVERY;
 use tokio::sync::watch;
@@ -49,39 +52,44 @@ struct Pending {
     raw: Vec<u8>,
 }
 
+impl Marked for Pending {
+    fn mark(&self) -> Mark {
+        Mark {
+            position: self.event.position(),
+            offset: self.offset,
+            last: self.event.source.last,
+            commit_us: self.event.source.commit_ts_us,
+        }
+    }
+}
+
 pub(super) struct Worker<'a> {
     cfg: &'a Config,
     dir: &'a Direction,
     writer: TargetWriter<'a>,
-    /// Where the events taken reach, committed or in the open transaction.
+    /// Where the events taken reach, committed, written or held.
     sequence: Sequence,
     /// The source slot's stream the taken events belong to (see `Source::stream`).
     stream: Option<String>,
+    /// The last source position committed.
     committed: Option<Position>,
-    /// Offset after the last message taken, not yet committed.
-    next_offset: Option<i64>,
+    /// The open target transaction.
+    txn: OpenTxn<Pending>,
+    /// Read, settled and committed Kafka offsets.
+    offsets: Offsets,
+    /// Events taken and not written yet, in topic order.
     pending: Vec<Pending>,
-    in_txn: bool,
+    /// The offset of a message that is no event, read after events still held, whose
+    /// dead letter the open transaction holds: it may commit only once they are written.
+    letter_after_held: Option<i64>,
     first_pending_at: Option<Instant>,
-    /// Commit times (µs) of source transactions in the open target transaction.
-    txn_commits: Vec<i64>,
     last_maintenance: Instant,
     /// No sweep before this (see `maintenance::sweep_pause`).
     next_sweep: Instant,
-    consumed_next: Option<i64>,
-    committed_next: Option<i64>,
     last_applied_commit_us: Option<i64>,
     oldest_pending_commit_us: Option<i64>,
     /// Where the lag reporter learns how far this worker is.
     standing_tx: Option<watch::Sender<Standing>>,
-    /// Events written into the open target transaction, kept while they are at most
-    /// `sync.batch_rows`, so that a deadlock can be retried without reconnecting.
-    written: Vec<Pending>,
-    /// `written` holds every event of the open transaction.
-    written_complete: bool,
-    /// The open transaction holds part of a source transaction whose end has not
-    /// arrived (it outgrew what may be held back).
-    partial_written: bool,
     /// When the last message was taken.
     last_taken_at: Instant,
     metrics: ApplyMetrics,
@@ -109,21 +117,16 @@ impl<'a> Worker<'a> {
             sequence: Sequence::new(stored.applied, awaiting),
             stream: stored.stream,
             committed: stored.applied,
-            next_offset: None,
+            txn: OpenTxn::default(),
+            offsets: Offsets::at(stored.next_offset),
             pending: Vec::new(),
-            in_txn: false,
+            letter_after_held: None,
             first_pending_at: None,
-            txn_commits: Vec::new(),
             last_maintenance: Instant::now(),
             next_sweep: Instant::now(),
-            consumed_next: stored.next_offset,
-            committed_next: stored.next_offset,
             last_applied_commit_us: stored.last_commit_us,
             oldest_pending_commit_us: None,
             standing_tx: None,
-            written: Vec::new(),
-            written_complete: true,
-            partial_written: false,
             last_taken_at: Instant::now(),
             metrics,
             dlq: DeadLetterQueue::default(),
@@ -144,11 +147,11 @@ impl<'a> Worker<'a> {
 
     pub(super) fn standing(&self) -> Standing {
         Standing {
-            consumed_next: self.consumed_next,
-            committed_next: self.committed_next,
+            consumed_next: self.offsets.consumed_next,
+            committed_next: self.offsets.committed_next,
             last_applied_commit_us: self.last_applied_commit_us,
             oldest_pending_commit_us: self.oldest_pending_commit_us,
-            idle: self.pending.is_empty() && !self.in_txn,
+            idle: self.pending.is_empty() && !self.txn.is_open(),
         }
     }
 
@@ -165,38 +168,36 @@ impl<'a> Worker<'a> {
             raw,
             event,
         } = taken;
-        self.next_offset = Some(offset + 1);
-        self.consumed_next = Some(offset + 1);
+        self.offsets.read(offset);
         self.last_taken_at = Instant::now();
         let event = match event {
             Ok(e) => e,
             Err(e) => {
                 let letter = DeadLetter::unparseable(offset, &key, &raw, e);
                 self.begin().await?;
-                // Not among `written`: a retry in place would lose its record.
-                self.written_complete = false;
-                return self.bad(letter).await;
+                self.txn.wrote_unkept();
+                self.bad(letter).await?;
+                self.settle_outside(offset, true);
+                return Ok(());
             }
         };
         self.follow_stream(&event);
-        let next = self
-            .sequence
-            .next(event.position(), event.source.last, offset);
+        let next = self.sequence.next(
+            event.position(),
+            event.source.last,
+            event.source.prev_lsn,
+            offset,
+        );
         match next {
             Next::Take => {}
-            Next::Duplicate | Next::Skip => {
-                if next == Next::Duplicate {
-                    self.metrics.duplicates.increment(1);
-                }
-                if self.pending.is_empty() && !self.in_txn {
-                    // Nothing else will publish: let the reporter see the replay end.
-                    self.publish();
-                    // And store the offset past it when the linger ends, so that a
-                    // tail of replays does not read as unapplied changes.
-                    self.first_pending_at.get_or_insert_with(Instant::now);
-                }
+            Next::Duplicate => {
+                self.metrics.duplicates.increment(1);
+                self.settle_outside(offset, false);
                 return Ok(());
             }
+            // Waiting for a transaction's next copy: nothing here is settled, so that
+            // a restart reads it again rather than past it.
+            Next::Skip => return Ok(()),
             Next::Gap { gap, taken } => return self.discard(gap, taken).await,
         }
         self.pending.push(Pending {
@@ -218,11 +219,29 @@ impl<'a> Worker<'a> {
         let n = self.pending.len();
         if n >= self.cfg.sync.batch_rows && (self.sequence.at_boundary() || n >= self.held_max()) {
             self.flush().await?;
-            if self.sequence.at_boundary() {
-                self.commit().await?;
-            }
+            self.commit_written().await?;
         }
         Ok(())
+    }
+
+    /// The message at `offset` needs nothing applied (a replay, one outside what is
+    /// applied, or a message that is no event, whose dead letter the open transaction
+    /// holds: `letter`): passed when nothing before it is held.
+    fn settle_outside(&mut self, offset: i64, letter: bool) {
+        if !self.pending.is_empty() {
+            if letter {
+                self.letter_after_held = Some(offset);
+            }
+            return;
+        }
+        self.offsets.passed(offset);
+        if !self.txn.is_open() {
+            // Nothing else will publish: let the reporter see the replay end.
+            self.publish();
+        }
+        // And store the offset past it when the linger ends, so that a tail of
+        // replays does not read as unapplied changes.
+        self.first_pending_at.get_or_insert_with(Instant::now);
     }
 
     /// Events the batch may grow to while an unfinished source transaction is held
@@ -231,20 +250,19 @@ impl<'a> Worker<'a> {
         HELD_MIN.max(2 * self.cfg.sync.batch_rows)
     }
 
+    /// The linger ended: writes what is complete and commits it, holding back an
+    /// unfinished source transaction without its row locks.
     pub(super) async fn linger_expired(&mut self) -> Result<(), ApplyError> {
         self.flush().await?;
-        if self.sequence.at_boundary() {
-            self.commit().await?;
-        }
-        Ok(())
+        self.commit_written().await
     }
 
     async fn begin(&mut self) -> Result<(), ApplyError> {
-        if !self.in_txn {
+        if !self.txn.is_open() {
             self.writer
                 .execute("BEGIN", "beginning a transaction")
                 .await?;
-            self.in_txn = true;
+            self.txn.began();
         }
         Ok(())
     }
@@ -262,9 +280,6 @@ impl<'a> Worker<'a> {
             n => n,
         };
         let held = self.pending.split_off(ready);
-        if self.pending.last().is_some_and(|p| !p.event.source.last) {
-            self.partial_written = true;
-        }
         let written = self.write_pending().await;
         // The held events wait for the next message (which arms the linger again).
         self.pending.extend(held);
@@ -272,33 +287,29 @@ impl<'a> Worker<'a> {
     }
 
     /// Writes `pending` into the open transaction. A deadlock or serialization failure
-    /// rolls the transaction back and writes it again, from `written`, when that holds
-    /// all of it; else the session restarts.
+    /// rolls the transaction back and writes it again when it kept all of it; else the
+    /// session restarts.
     async fn write_pending(&mut self) -> Result<(), ApplyError> {
         let mut attempt = 0;
         loop {
             let pending = std::mem::take(&mut self.pending);
-            if pending.is_empty() {
+            let Some(next) = pending.last().map(|p| p.offset + 1) else {
                 return Ok(());
-            }
+            };
             let e = match self.write(&pending).await {
                 Ok(()) => {
-                    if self.written_complete
-                        && self.written.len() + pending.len() <= self.cfg.sync.batch_rows
-                    {
-                        self.written.extend(pending);
-                    } else {
-                        self.reclaim.give(std::mem::take(&mut self.written));
-                        self.reclaim.give(pending);
-                        self.written_complete = false;
-                    }
+                    self.offsets.written_to(next);
+                    let free = self.txn.wrote(pending, self.cfg.sync.batch_rows);
+                    self.reclaim.give(free);
                     return Ok(());
                 }
                 Err(e) => e,
             };
             self.pending = pending;
             let reason = match &e {
-                ApplyError::Write(w) if self.written_complete && attempt < IN_PLACE_ATTEMPTS => {
+                ApplyError::Write(w)
+                    if self.txn.may_retry_in_place() && attempt < IN_PLACE_ATTEMPTS =>
+                {
                     w.retry_in_place()
                 }
                 _ => None,
@@ -309,15 +320,21 @@ impl<'a> Worker<'a> {
                 c.increment(1);
             }
             tracing::info!(direction = %self.dir, error = %e, attempt, "rolled back; writing the transaction again");
-            self.writer.execute("ROLLBACK", "rolling back").await?;
-            self.in_txn = false;
-            self.txn_commits.clear();
-            let mut again = std::mem::take(&mut self.written);
+            self.rollback().await?;
+            let mut again = self.txn.rolled_back();
             again.append(&mut self.pending);
             self.pending = again;
             // The other transaction goes first.
             tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
         }
+    }
+
+    /// Rolls the open transaction back on the target: what it settled is unsettled.
+    async fn rollback(&mut self) -> Result<(), ApplyError> {
+        self.offsets.rolled_back();
+        self.letter_after_held = None;
+        self.writer.execute("ROLLBACK", "rolling back").await?;
+        Ok(())
     }
 
     /// Writes `pending` into the open transaction.
@@ -361,12 +378,6 @@ impl<'a> Worker<'a> {
                 self.one_by_one(pending, &events, &deleted).await?;
             }
         }
-        self.txn_commits.extend(
-            pending
-                .iter()
-                .filter(|p| p.event.source.last)
-                .map(|p| p.event.source.commit_ts_us),
-        );
         self.metrics.batch_rows.record(events.len() as f64);
         self.metrics
             .batch_seconds
@@ -374,20 +385,32 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Stores the position and commits the open transaction.
-    async fn commit(&mut self) -> Result<(), ApplyError> {
-        let Some(next_offset) = self.next_offset else {
+    /// Commits what the open transaction holds of whole source transactions, with
+    /// the position it reaches; nothing while it holds part of one (see `txn`), or
+    /// while a dead letter in it waits for events still held.
+    async fn commit_written(&mut self) -> Result<(), ApplyError> {
+        if let Some(letter) = self.letter_after_held {
+            if self.pending.first().is_some_and(|p| p.offset < letter) {
+                return Ok(());
+            }
+            self.offsets.passed(letter);
+            self.letter_after_held = None;
+        }
+        let Ok(reach) = self.txn.committable() else {
+            return Ok(());
+        };
+        let Some(next_offset) = self.offsets.to_store() else {
             return Ok(());
         };
         self.begin().await?;
-        let last_commit_ts = self.txn_commits.last().copied();
-        let reach = Stored {
-            applied: self.sequence.applied(),
+        let stored = Stored {
+            applied: reach.map(|r| r.applied).or(self.committed),
             next_offset: Some(next_offset),
-            last_commit_us: last_commit_ts,
+            last_commit_us: self.txn.last_commit_us(),
             stream: self.stream.clone(),
         };
-        progress::store(&self.writer.client, self.cfg, self.dir, &reach)
+        let topic = self.cfg.topic(&self.dir.from);
+        positions::store(&self.writer.client, &self.dir.from, &topic, &stored)
             .await
             .map_err(|source| WriteError::Sql {
                 node: self.dir.to.clone(),
@@ -395,20 +418,17 @@ impl<'a> Worker<'a> {
                 source,
             })?;
         self.writer.execute("COMMIT", "committing").await?;
-        self.in_txn = false;
-        self.partial_written = false;
-        self.reclaim.give(std::mem::take(&mut self.written));
-        self.written_complete = true;
-        self.committed = self.sequence.applied();
-        self.committed_next = Some(next_offset);
-        self.next_offset = None;
-        if let Some(ts) = last_commit_ts {
+        self.offsets.committed(next_offset);
+        let (free, commits) = self.txn.committed();
+        self.reclaim.give(free);
+        self.committed = stored.applied;
+        if let Some(ts) = stored.last_commit_us {
             self.last_applied_commit_us = Some(ts);
         }
-        self.oldest_pending_commit_us = None;
+        self.oldest_pending_commit_us = self.pending.first().map(|p| p.event.source.commit_ts_us);
         self.publish();
         let now_us = unix_us();
-        for ts in self.txn_commits.drain(..) {
+        for ts in commits {
             self.metrics
                 .commit_to_apply
                 .record((now_us - ts).max(0) as f64 / 1e6);
@@ -423,16 +443,16 @@ impl<'a> Worker<'a> {
     /// Clean stop: commit what forms whole source transactions, drop the rest (it is
     /// read again on the next start).
     pub(super) async fn finish(&mut self) -> Result<(), ApplyError> {
-        if self.sequence.at_boundary() {
-            self.flush().await?;
-            self.commit().await?;
-        } else if self.in_txn {
-            self.writer.execute("ROLLBACK", "rolling back").await?;
+        self.flush().await?;
+        self.commit_written().await?;
+        if self.txn.is_open() {
+            self.rollback().await?;
+            self.txn.rolled_back();
         }
-        if let Err(e) = progress::set_state(
+        if let Err(e) = crate::apply::progress::set_state(
             &self.writer.client,
             self.dir,
-            progress::DirectionState::Stopped,
+            crate::apply::progress::DirectionState::Stopped,
             None,
         )
         .await

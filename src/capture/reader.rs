@@ -87,6 +87,9 @@ pub struct TxnReader {
     /// The slot's stream id, stamped on every event.
     stream: Option<String>,
     tables: HashMap<u32, TableInfo>,
+    /// Commit LSN of the last transaction this session published events of: each
+    /// event carries it, linking its transaction to the one before.
+    last_published: Option<Lsn>,
     /// Each table's column → type list as events carry it, shared by its events.
     typed: HashMap<u32, Arc<[(String, String)]>>,
     txn: Option<Txn>,
@@ -99,6 +102,7 @@ impl TxnReader {
             db: db.to_string(),
             stream,
             tables: HashMap::new(),
+            last_published: None,
             typed: HashMap::new(),
             txn: None,
         }
@@ -164,6 +168,9 @@ impl TxnReader {
                 if let Some(mut last) = t.held.take() {
                     last.source.last = true;
                     out.push(Output::Event(Box::new(last)));
+                }
+                if t.next_seq > 0 {
+                    self.last_published = Some(t.commit_lsn);
                 }
                 out.push(Output::Commit {
                     commit_lsn,
@@ -268,6 +275,7 @@ impl TxnReader {
                 t
             }
         };
+        let prev_lsn = self.last_published;
         let Some(t) = self.txn.as_mut() else {
             return Err(ReaderError::OutsideTransaction {
                 message: "row change",
@@ -294,6 +302,7 @@ impl TxnReader {
                 xid: t.xid,
                 commit_ts_us: t.commit_ts_us,
                 stream: self.stream.clone(),
+                prev_lsn,
             },
             ts_ms: now_ms,
         };

@@ -217,3 +217,63 @@ fn unknown_relation_and_bad_utf8_are_errors() {
     assert!(r.handle(commit(), Lsn(1), 0, &mut out).is_ok());
     assert!(r.handle(commit(), Lsn(1), 0, &mut out).is_err());
 }
+
+fn begin_at(lsn: u64) -> LogicalMessage {
+    LogicalMessage::Begin {
+        final_lsn: Lsn(lsn),
+        commit_ts: 0,
+        xid: 9,
+    }
+}
+
+fn commit_at(lsn: u64) -> LogicalMessage {
+    LogicalMessage::Commit {
+        flags: 0,
+        commit_lsn: Lsn(lsn),
+        end_lsn: Lsn(lsn + 30),
+        commit_ts: 0,
+    }
+}
+
+fn prev_links(out: &[Output]) -> Vec<(Lsn, Option<Lsn>)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Event(e) => Some((e.source.lsn, e.source.prev_lsn)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn each_transaction_links_to_the_one_published_before_it() {
+    let mut r = reader();
+    let echo = LogicalMessage::Origin {
+        origin_lsn: Lsn(5),
+        name: "duplex_from_b".into(),
+    };
+    let out = feed(
+        &mut r,
+        vec![
+            begin_at(100),
+            insert("1"),
+            insert("2"),
+            commit_at(100),
+            // An echo publishes nothing: the next transaction links past it.
+            begin_at(200),
+            echo,
+            insert("3"),
+            commit_at(200),
+            begin_at(300),
+            insert("4"),
+            commit_at(300),
+        ],
+    );
+    assert_eq!(
+        prev_links(&out),
+        vec![
+            (Lsn(100), None),
+            (Lsn(100), None),
+            (Lsn(300), Some(Lsn(100)))
+        ]
+    );
+}

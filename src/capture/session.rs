@@ -129,6 +129,12 @@ async fn stream_once(
     }
     setup::setup(cfg, node, setup::LostSlot::Refuse).await?;
     let slot_stream = setup::stream_of(&client, node, &cfg.slot_name(node)).await?;
+    // Before anything of the stream is published here: where it begins on the topic
+    // (kept if an earlier session recorded it), for directions starting without a copy.
+    if let Some(stream) = &slot_stream {
+        let (_, end) = kafka::watermarks(&cfg.kafka, &topic).await.map_err(sink)?;
+        crate::pg::state::streams::record_start(&client, node, stream, &topic, end).await?;
+    }
     for dir in cfg.directions().unwrap_or_default() {
         if dir.from == node {
             crate::pg::history::check(cfg, &dir).await?;

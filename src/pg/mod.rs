@@ -3,16 +3,18 @@
 //! `sql` holds the session output settings, quoting and the SQLSTATE policy; `node`
 //! opens sessions with duplex's fixed settings and describes and classifies SQL
 //! errors; `setup` creates or removes the `duplex` schema, publication, slot and
-//! replication origins; `triggers` installs the tombstone and identity triggers on the
+//! replication origins, bringing the `duplex` schema to its latest version through
+//! `state`'s numbered migrations; `state` owns what duplex records about itself
+//! there; `triggers` installs the tombstone and identity triggers on the
 //! configured tables; `history` checks that a node did not go back in time; `table`
 //! reads a configured table's columns and key; `tls` encrypts and authenticates the
 //! connections to a node.
 
 pub mod history;
 pub mod node;
-pub mod schema;
 pub mod setup;
 pub mod sql;
+pub(crate) mod state;
 pub mod table;
 pub mod tls;
 pub mod triggers;

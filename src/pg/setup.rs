@@ -39,11 +39,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
         ))
         .await
         .map_err(sql_err(node, "taking the setup lock"))?;
-    let mut done = Vec::new();
-    client
-        .batch_execute(super::schema::SCHEMA_SQL)
-        .await
-        .map_err(sql_err(node, "creating schema duplex"))?;
+    let mut done = super::state::migrations::migrate(&client, node).await?;
     let directions = cfg.directions().map_err(|e| NodeError::Config {
         node: node.to_string(),
         detail: e.to_string(),

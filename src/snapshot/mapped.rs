@@ -140,6 +140,7 @@ fn events_of(dir: &Direction, t: &CopyTable, rows: &[tokio_postgres::Row]) -> Ve
                 xid: 0,
                 commit_ts_us: now_us,
                 stream: None,
+                prev_lsn: None,
             },
             ts_ms: now_us / 1000,
         })

@@ -31,6 +31,7 @@ pub(crate) mod table;
 use crate::config::{Config, Direction, SnapshotMode};
 use crate::pg::node::{self, sql_err, NodeError};
 use crate::pg::setup::{self, LostSlot};
+use crate::pg::state::positions;
 use crate::{Classify, ErrorClass};
 use copy::CopyWorker;
 use plan::Method;
@@ -49,6 +50,11 @@ pub enum SnapshotError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Write(#[from] crate::apply::writer::WriteError),
+    #[error("snapshot {direction}: {source}")]
+    Kafka {
+        direction: String,
+        source: crate::kafka::SinkError,
+    },
     #[error("snapshot {direction}: table {table} {detail}")]
     Table {
         direction: String,
@@ -76,6 +82,7 @@ impl Classify for SnapshotError {
         match self {
             SnapshotError::Node(e) => e.class(),
             SnapshotError::Write(e) => e.class(),
+            SnapshotError::Kafka { source, .. } => source.class(),
             SnapshotError::Table { .. }
             | SnapshotError::BadRow { .. }
             | SnapshotError::BothPopulated { .. } => ErrorClass::Definite,
@@ -124,18 +131,46 @@ async fn publish(cfg: &Config, dir: &Direction) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Whether `dir` ever stored an apply position on its target.
+/// Whether `dir` ever applied a change on its target.
 async fn applied_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotError> {
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
-    let applied = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM duplex.apply_positions WHERE source_node = $1)",
-            &[&dir.from],
-        )
+    positions::applied_before(&target, &dir.from)
         .await
-        .map_err(sql_err(&dir.to, "reading duplex.apply_positions"))?
-        .get(0);
-    Ok(applied)
+        .map_err(|e| sql_err(&dir.to, "reading duplex.apply_positions")(e).into())
+}
+
+/// Records where `dir` starts reading its topic after a copy that has not read the
+/// source yet, unless the direction has a position there: the topic's end now. Every
+/// event before it is of a change committed before the copy reads, so the copy carries
+/// it, and a transaction still being published at that offset was committed before
+/// too. Returns whether it recorded a start.
+async fn record_start(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotError> {
+    let topic = cfg.topic(&dir.from);
+    let kafka = |source| SnapshotError::Kafka {
+        direction: dir.to_string(),
+        source,
+    };
+    let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+    let sql = |e| SnapshotError::from(sql_err(&dir.to, "writing duplex.apply_positions")(e));
+    if positions::exists(&target, &dir.from, &topic)
+        .await
+        .map_err(sql)?
+    {
+        return Ok(false);
+    }
+    crate::kafka::ensure_topic(&cfg.kafka, &topic)
+        .await
+        .map_err(kafka)?;
+    let (_, end) = crate::kafka::watermarks(&cfg.kafka, &topic)
+        .await
+        .map_err(kafka)?;
+    let recorded = positions::store_start(&target, &dir.from, &topic, end)
+        .await
+        .map_err(sql)?;
+    if recorded {
+        tracing::info!(direction = %dir, topic = %topic, offset = end, "the direction will read its topic from here, after the copy");
+    }
+    Ok(recorded)
 }
 
 /// `duplex snapshot`: copies every configured table (or `only`) in both directions
@@ -158,6 +193,9 @@ pub async fn recopy(
     }
     set_up_both(cfg).await?;
     for dir in &dirs {
+        // A direction without a position (it lost it, see the recovery in README)
+        // starts where this copy begins.
+        record_start(cfg, dir).await?;
         let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
         let mut target = node::connect(cfg, &dir.to, "snapshot plan").await?;
         for tc in cfg
@@ -216,10 +254,27 @@ async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
         .await
         .map_err(sql_err(&first, "taking the snapshot plan lock"))?;
     let (mut decided, mut empty) = (Vec::new(), Vec::new());
-    for dir in &dirs {
-        if applied_before(cfg, dir).await? {
-            continue;
+    let starting: Vec<&Direction> = {
+        let mut v = Vec::new();
+        for dir in &dirs {
+            if !applied_before(cfg, dir).await? {
+                v.push(dir);
+            }
         }
+        v
+    };
+    // Before any table is looked at: what a plan finds empty, and every chunk it
+    // copies later, is read after the start each direction records here.
+    for dir in &starting {
+        if record_start(cfg, dir).await?
+            && !plan::load(&node::connect(cfg, &dir.to, "snapshot plan").await?, dir)
+                .await?
+                .is_empty()
+        {
+            tracing::warn!(direction = %dir, "the direction lost its position and copied its tables before: it starts at the topic's end now; run `duplex snapshot` to copy what it missed");
+        }
+    }
+    for dir in starting {
         let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
         let planned: Vec<String> = plan::load(&target, dir)
             .await?

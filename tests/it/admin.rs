@@ -238,7 +238,7 @@ async fn run_stops_with_a_message_on_definite_errors() {
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
     let md5_url = Cluster::shared().url(MD5_USER.0, &rig.db_a);
     rig.edit_config(&[(&a_url, &md5_url)]);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+    let child = std::process::Command::new(crate::harness::duplex::bin())
         .args(["run", "--config"])
         .arg(&rig.config)
         .env("DUPLEX_NODES_A_PASSWORD", "not-the-password")
@@ -434,7 +434,7 @@ async fn a_lost_slot_stops_run_until_the_operator_recreates_it() {
 async fn tail_started_before_the_topic_exists_prints_the_first_change() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
-    let tail = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+    let tail = std::process::Command::new(crate::harness::duplex::bin())
         .args([
             "tail",
             "--node",

@@ -37,7 +37,7 @@ fn stdout_of(cmd: &mut Command) -> String {
 
 fn duplex_uuid(ns: &str, values: &[&str]) -> String {
     stdout_of(
-        Command::new(env!("CARGO_BIN_EXE_duplex"))
+        Command::new(crate::harness::duplex::bin())
             .args(["uuid", "--namespace", ns])
             .args(values),
     )

@@ -13,6 +13,9 @@ use tokio_postgres::Client;
 async fn row_one_applied(rig: &Rig) -> (crate::harness::duplex::Daemon, Client) {
     let b = Cluster::shared().client(&rig.db_b).await;
     let d = rig.start();
+    // Events written to the topic before the direction's first start would be before
+    // where it starts reading (what the source held then is the copy's).
+    d.wait_applying(1).await;
     Broker::shared().produce(&rig.topic(), &txn(&rig.db_a, 0x100, &[1]));
     wait_for("row 1 on b", Duration::from_secs(60), || {
         let b = &b;
@@ -99,5 +102,46 @@ async fn a_stalled_transaction_too_large_to_hold_back_releases_its_locks() {
     .await;
     Broker::shared().produce(&rig.topic(), &whole[1201..]);
     wait_count(&b, "SELECT count(*) FROM items", 1202).await;
+    assert_eq!(d.stop().await, Some(0));
+}
+
+/// Whole transactions read together with the head of an unfinished one (the source or
+/// the broker went down after publishing part of it) are committed at once: the
+/// application neither waits on their rows nor misses them, for as long as the rest
+/// does not come, and the unfinished one is applied whole once it does.
+#[tokio::test]
+async fn whole_transactions_before_an_unfinished_one_commit_without_it() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let (d, b) = row_one_applied(&rig).await;
+    let db = rig.db_a.clone();
+    let unfinished = txn(&db, 0x400, &[20, 21, 22]);
+    let mut events = [txn(&db, 0x200, &[10]), txn(&db, 0x300, &[11, 12])].concat();
+    events.extend_from_slice(&unfinished[..2]);
+    // One produce: the applier reads them all in one linger.
+    Broker::shared().produce(&rig.topic(), &events);
+    wait_count(&b, "SELECT count(*) FROM items WHERE id IN (10, 11, 12)", 3).await;
+    // The outage lasts: for seconds, the application updates those rows without
+    // waiting on a lock, and the applied position covers them.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        b.batch_execute(
+            "SET lock_timeout = '500ms'; UPDATE items SET val = 'app', updated_at = now() WHERE id IN (10, 11, 12); RESET lock_timeout",
+        )
+        .await
+        .expect("the applier holds the rows of a whole transaction");
+    }
+    let stored: String = b
+        .query_one("SELECT commit_lsn::text FROM duplex.apply_positions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "0/300", "the committed position");
+    assert_eq!(
+        crate::harness::count(&b, "SELECT count(*) FROM items WHERE id >= 20").await,
+        0,
+        "part of the unfinished transaction was committed"
+    );
+    Broker::shared().produce(&rig.topic(), &unfinished[2..]);
+    wait_count(&b, "SELECT count(*) FROM items WHERE id >= 20", 3).await;
     assert_eq!(d.stop().await, Some(0));
 }

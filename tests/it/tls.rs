@@ -179,7 +179,7 @@ async fn certificates_duplex_must_not_accept_are_definite_errors_naming_why() {
         let cfg = cfg.replace(&cluster.url("postgres", &rig.db_a), &url);
         let path = rig.dir.join("bad.toml");
         std::fs::write(&path, cfg).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        let out = std::process::Command::new(crate::harness::duplex::bin())
             .args(["check", "--config"])
             .arg(&path)
             .output()

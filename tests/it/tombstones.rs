@@ -138,7 +138,7 @@ async fn an_application_role_without_grants_on_duplex_can_write() {
         .await
         .unwrap()
         .get(0);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+    let out = std::process::Command::new(crate::harness::duplex::bin())
         .args(["uuid", "--namespace", "users", "zoe@example.com", "t"])
         .output()
         .unwrap();

@@ -27,7 +27,7 @@ impl Worker<'_> {
         if let Some(old) = &self.stream {
             tracing::warn!(direction = %self.dir, old_stream = %old, new_stream = %stream, position = %event.position(),
                 "the source's slot was created again: applying its changes from the start of the new slot");
-            self.sequence = Sequence::new(None, None);
+            self.sequence = Sequence::new_stream();
         }
         self.stream = Some(stream.clone());
     }
@@ -38,8 +38,8 @@ impl Worker<'_> {
     pub(super) async fn discard(&mut self, gap: Gap, taken: usize) -> Result<(), ApplyError> {
         self.metrics.incomplete.increment(1);
         if taken <= self.pending.len() {
-            tracing::warn!(direction = %self.dir, commit_lsn = %gap.commit_lsn, found = %gap.found, expected_seq = ?gap.expected, offset = gap.offset,
-                "a source transaction arrived with events missing; discarded it, waiting for the source to publish it again");
+            tracing::warn!(direction = %self.dir, %gap,
+                "discarded what arrived of it, waiting for the source to publish it again");
             self.pending.truncate(self.pending.len() - taken);
             if self.pending.is_empty() {
                 self.first_pending_at = None;
@@ -47,14 +47,11 @@ impl Worker<'_> {
             }
             return Ok(());
         }
-        if self.in_txn {
-            self.writer.execute("ROLLBACK", "rolling back").await?;
-            self.in_txn = false;
+        if self.txn.is_open() {
+            self.rollback().await?;
         }
+        self.txn.rolled_back();
         self.pending.clear();
-        self.written.clear();
-        self.written_complete = true;
-        self.txn_commits.clear();
         Err(ApplyError::IncompleteTransaction {
             direction: self.dir.to_string(),
             gap,
@@ -64,7 +61,9 @@ impl Worker<'_> {
     /// When the part of a source transaction in the open target transaction must be
     /// given up, if no message arrives before.
     pub(in crate::apply) fn stall_deadline(&self) -> Option<Instant> {
-        (self.partial_written && self.in_txn).then(|| self.last_taken_at + STALLED_AFTER)
+        self.txn
+            .holds_partial()
+            .then(|| self.last_taken_at + STALLED_AFTER)
     }
 
     /// The rest of a partly written source transaction did not arrive in time (the
@@ -72,13 +71,9 @@ impl Worker<'_> {
     /// not wait on the rows it locked, and read it again in a new session.
     pub(in crate::apply) async fn stalled(&mut self) -> Result<(), ApplyError> {
         let commit_lsn = self.pending.last().map(|p| p.event.source.lsn);
-        self.writer.execute("ROLLBACK", "rolling back").await?;
-        self.in_txn = false;
-        self.partial_written = false;
+        self.rollback().await?;
+        self.txn.rolled_back();
         self.pending.clear();
-        self.written.clear();
-        self.written_complete = true;
-        self.txn_commits.clear();
         Err(ApplyError::Stalled {
             direction: self.dir.to_string(),
             commit_lsn: commit_lsn.map_or_else(|| "?".into(), |l| l.to_string()),

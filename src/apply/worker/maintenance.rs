@@ -37,7 +37,7 @@ impl Worker<'_> {
     /// Between transactions: removes rows that a recent tombstone of their own node
     /// outdates (see [`TargetWriter::sweep`]).
     pub(in crate::apply) async fn sweep(&mut self) -> Result<(), ApplyError> {
-        if self.in_txn || !self.pending.is_empty() || Instant::now() < self.next_sweep {
+        if self.txn.is_open() || !self.pending.is_empty() || Instant::now() < self.next_sweep {
             return Ok(());
         }
         let started = Instant::now();

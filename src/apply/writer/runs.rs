@@ -87,6 +87,7 @@ mod tests {
                 xid: 1,
                 commit_ts_us: 0,
                 stream: None,
+                prev_lsn: None,
             },
             ts_ms: 0,
         }

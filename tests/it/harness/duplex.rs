@@ -8,6 +8,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+/// The duplex binary under test: this build's, or `DUPLEX_TEST_BIN` (to run a test
+/// against another build, e.g. to see a regression test fail on the code before a fix).
+pub fn bin() -> PathBuf {
+    std::env::var_os("DUPLEX_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_duplex").into())
+}
+
 /// One test's setup: node `a` (the source) and node `b`, each a database of its own.
 pub struct Rig {
     pub dir: PathBuf,
@@ -147,7 +155,7 @@ retry_max_ms = 1000
 
     /// `command` with variables added to its environment.
     pub fn command_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_duplex"))
+        Command::new(bin())
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -181,7 +189,7 @@ retry_max_ms = 1000
     /// Starts `duplex run --config <config>` with `env` added to its environment.
     pub fn start_env(&self, config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.join(format!("{}.log", unique("duplex")));
-        let child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        let child = Command::new(bin())
             .args(["run", "--config"])
             .arg(config)
             .envs(env.iter().copied())

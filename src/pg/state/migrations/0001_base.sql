@@ -1,14 +1,6 @@
-//! The `duplex` schema on each node: the tables duplex keeps there, created with
-//! `IF NOT EXISTS` on every setup so that an upgrade adds what is new and a reconnect
-//! takes no lock.
-
-pub(crate) const SCHEMA_SQL: &str = "
-CREATE SCHEMA IF NOT EXISTS duplex;
-CREATE TABLE IF NOT EXISTS duplex.schema_version (
-    version integer PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO duplex.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
+-- 0001: the duplex schema as its first release made it, and as every setup up to
+-- schema version 1 created it (IF NOT EXISTS: nodes already at version 1 pass
+-- through unchanged).
 -- Where each direction into this node stands, written in the same transaction as the
 -- rows it applied.
 CREATE TABLE IF NOT EXISTS duplex.apply_positions (
@@ -69,35 +61,7 @@ CREATE TABLE IF NOT EXISTS duplex.slots (
     created_at timestamptz NOT NULL DEFAULT now(),
     stream text NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
 );
--- Columns added since the first release, added only where missing (no lock otherwise).
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
-                   AND attname = 'stream' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.slots ADD COLUMN stream text NOT NULL
-            DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.apply_positions'::regclass
-                   AND attname = 'stream' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.apply_positions ADD COLUMN stream text;
-    END IF;
-    -- The highest offset the broker acknowledged on the node's topic: a broker that
-    -- comes back without it lost messages.
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
-                   AND attname = 'last_offset' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.slots ADD COLUMN last_offset bigint;
-    END IF;
-    -- The topic last_offset is on: another topic (a new topic_prefix) starts afresh.
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
-                   AND attname = 'last_offset_topic' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.slots ADD COLUMN last_offset_topic text;
-    END IF;
-    -- Set when the broker was found to have lost acknowledged messages: no session
-    -- reads or writes the topic again until the operator resynchronised.
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.slots'::regclass
-                   AND attname = 'topic_lost' AND NOT attisdropped) THEN
-        ALTER TABLE duplex.slots ADD COLUMN topic_lost text;
-    END IF;
-END $$;
+
 CREATE TABLE IF NOT EXISTS duplex.conflicts (
     id bigserial PRIMARY KEY,
     recorded_at timestamptz NOT NULL DEFAULT now(),
@@ -185,4 +149,3 @@ CREATE TABLE IF NOT EXISTS duplex.verify_results (
     differences bigint NOT NULL,
     orphans bigint NOT NULL
 );
-";
