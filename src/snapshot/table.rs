@@ -288,11 +288,11 @@ impl CopyTable {
 }
 
 /// Whether the binary COPY format serves every column of `columns` in `table`
-/// (quoted): their types are built in (below `FirstNormalObjectId`, so they are the
-/// same on every server) and have a binary format, and so do the elements of arrays;
-/// composites are not. Otherwise text: an extension's type may have no binary
-/// format (`seg`, `isn`: 42883 on the first row), and a user type's OID, which the
-/// array and record formats carry, differs between the nodes.
+/// (quoted): each type, and an array's element type, is built in (below
+/// `FirstNormalObjectId`, so the same on every server), has a binary format, and is
+/// not a composite (whose fields could be anything). Otherwise text: an extension's
+/// type may have no binary format (`seg`, `isn`: 42883 on the first row), and a user
+/// type's OID, which the array and record formats carry, differs between the nodes.
 async fn binary_types(
     client: &Client,
     table: &str,
