@@ -293,8 +293,10 @@ impl TargetTable {
     }
 
     /// Writes a repair for each of the keys `$1..$n` of table `$n+1`: the target's
-    /// current winner, the row (every column as text) or, when a tombstone is newer,
-    /// the tombstone. Keys with neither are skipped.
+    /// current winner, the row (every stored column as text) or, when a tombstone is
+    /// newer, the tombstone. Keys with neither are skipped. Generated columns are left
+    /// out, as pgoutput leaves them out: the peer computes its own, and refuses a
+    /// value for them (428C9).
     pub fn repair_sql(&self) -> String {
         let upd = quote_ident(&self.updated_at);
         // jsonb_build_object takes at most 100 arguments: 50 columns per call.
@@ -314,6 +316,7 @@ impl TargetTable {
         let row = pairs(
             self.columns
                 .iter()
+                .filter(|c| !c.generated)
                 .map(|c| {
                     let col = format!("t.{}", quote_ident(&c.name));
                     // Printed by the output function, as pgoutput prints it.

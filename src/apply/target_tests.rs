@@ -66,6 +66,19 @@ fn upserts_lock_in_key_order_and_repairs_carry_every_column() {
 }
 
 #[test]
+fn repairs_leave_generated_columns_out() {
+    let mut t = items();
+    t.columns.push(TargetColumn {
+        name: "total".into(),
+        type_sql: "integer".into(),
+        generated: true,
+    });
+    let r = t.repair_sql();
+    assert!(r.contains("'body', CASE"), "{r}");
+    assert!(!r.contains("total"), "{r}");
+}
+
+#[test]
 fn decide_and_delete_number_their_parameters() {
     let t = items();
     let d = t.decide_sql();

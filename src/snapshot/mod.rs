@@ -302,7 +302,8 @@ async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
         let mut target = node::connect(cfg, &dir.to, "snapshot plan").await?;
         let p = plan::store(cfg, &source, &mut target, dir, t, *method).await?;
         tracing::info!(direction = %dir, table = %t.name, method = method.as_str(),
-            rows = p.rows_estimated, chunks = p.chunks, "snapshot planned");
+            format = t.copy_format(), rows = p.rows_estimated, chunks = p.chunks,
+            "snapshot planned");
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! A table as both nodes have it, and the SQL that copies it: the source's stored
 //! columns read by primary-key range with `COPY (SELECT ...) TO STDOUT`, written with
-//! `COPY ... FROM STDIN` (binary when both sides' types match), and merged from a
-//! staging table under the stream's last-writer-wins rules.
+//! `COPY ... FROM STDIN` (binary when both sides have the same built-in types), and
+//! merged from a staging table under the stream's last-writer-wins rules.
 
 use super::SnapshotError;
 use crate::config::{Direction, TableConfig};
@@ -27,7 +27,8 @@ pub(crate) struct CopyTable {
     pub columns: Vec<String>,
     /// Primary-key columns with their source types, in key order.
     pub key: Vec<(String, String)>,
-    /// Every copied column has the same type on both nodes.
+    /// Copied in PostgreSQL's binary format: every copied column has the same type
+    /// on both nodes, and one of [`binary_types`].
     pub binary: bool,
     pub target: TargetTable,
 }
@@ -66,6 +67,16 @@ impl CopyTable {
                 Some(t) => binary &= t.type_sql == c.type_sql,
             }
             columns.push(c.name.clone());
+        }
+        if binary {
+            for (client, node, table) in [
+                (source, &dir.from, &source_table),
+                (target, &dir.to, &target_table),
+            ] {
+                binary &= binary_types(client, &table.sql_name, &columns)
+                    .await
+                    .map_err(sql_err(node, format!("reading the types of {}", tc.name)))?;
+            }
         }
         let key: Vec<(String, String)> = source_table
             .key
@@ -214,6 +225,15 @@ impl CopyTable {
         )
     }
 
+    /// How rows are copied, for the log: `binary` or `text` COPY, or `mapped`.
+    pub(crate) fn copy_format(&self) -> &'static str {
+        match (self.mapped, self.binary) {
+            (true, _) => "mapped",
+            (false, true) => "binary",
+            (false, false) => "text",
+        }
+    }
+
     fn format(&self) -> &'static str {
         if self.binary {
             " (FORMAT binary)"
@@ -265,6 +285,34 @@ impl CopyTable {
             keys = self.key_list(""),
         )
     }
+}
+
+/// Whether the binary COPY format serves every column of `columns` in `table`
+/// (quoted): each type, and an array's element type, is built in (below
+/// `FirstNormalObjectId`, so the same on every server), has a binary format, and is
+/// not a composite (whose fields could be anything). Otherwise text: an extension's
+/// type may have no binary format (`seg`, `isn`: 42883 on the first row), and a user
+/// type's OID, which the array and record formats carry, differs between the nodes.
+async fn binary_types(
+    client: &Client,
+    table: &str,
+    columns: &[String],
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(bool_and(
+                      t.oid < 16384 AND t.typtype <> 'c' AND t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+                      AND (t.typelem = 0 OR (e.oid < 16384 AND e.typtype <> 'c'
+                                             AND e.typsend::oid <> 0 AND e.typreceive::oid <> 0))), true)
+             FROM pg_attribute a
+             JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_type e ON e.oid = t.typelem
+             WHERE a.attrelid = $1::text::regclass AND a.attname = ANY($2::text[])
+               AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table, &columns],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// One key range of a table: above `lower` (exclusive), up to `upper` (inclusive);

@@ -459,3 +459,92 @@ async fn generated_and_identity_columns_copy_and_partitions_too() {
     assert_eq!(count(&b, "SELECT count(*) FROM part_high").await, 4001);
     assert_eq!(d.stop().await, Some(0));
 }
+
+#[tokio::test]
+async fn user_and_extension_types_copy_between_databases() {
+    // User types in arrays and composites, the same on both nodes, but b made another
+    // type first, so each has another OID there (the binary array and record formats
+    // carry them); an extension type in a domain (earthdistance's `earth`, over
+    // `cube`); and an extension type without a binary format (`seg`). Beside them,
+    // a table of built-in types only, which keeps the binary format.
+    let types = "CREATE EXTENSION cube; CREATE EXTENSION earthdistance; CREATE EXTENSION seg;
+                 CREATE TYPE role AS ENUM ('reader', 'writer', 'admin');
+                 CREATE DOMAIN percent AS int CHECK (VALUE BETWEEN 0 AND 100);
+                 CREATE TYPE grant_ AS (who text, role role);";
+    let ddl = "CREATE TABLE members (id int PRIMARY KEY, main role, roles role[], shares percent[],
+                                     grants grant_[], last grant_, home earth, span seg,
+                                     updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+               CREATE TABLE notes (id int PRIMARY KEY, body text, tags text[], at tstzrange,
+                                   updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let tables = ["public.members", "public.notes"];
+    let rig = Rig::both("", &tables, "[snapshot]\nchunk_rows = 500\n").await;
+    let (a, b) = clients(&rig).await;
+    a.batch_execute(&format!("{types} {ddl}")).await.unwrap();
+    b.batch_execute(&format!(
+        "CREATE TYPE unrelated AS ENUM ('x'); {types} {ddl}"
+    ))
+    .await
+    .unwrap();
+    let oids = "SELECT string_agg(oid::text, ',' ORDER BY typname) FROM pg_type
+                WHERE typname IN ('role', '_role', 'percent', '_percent', 'grant_', '_grant_')";
+    let oid_a: String = a.query_one(oids, &[]).await.unwrap().get(0);
+    let oid_b: String = b.query_one(oids, &[]).await.unwrap().get(0);
+    assert_ne!(oid_a, oid_b);
+    a.batch_execute(
+        "INSERT INTO members (id, main, roles, shares, grants, last, home, span)
+         SELECT i, (enum_range(NULL::role))[1 + i % 3],
+                CASE WHEN i % 7 = 0 THEN NULL ELSE (enum_range(NULL::role))[1 : 1 + i % 3] END,
+                ARRAY[i % 101, (i * 7) % 101]::percent[],
+                ARRAY[ROW('u' || i, 'writer')::grant_, ROW(NULL, 'admin')::grant_],
+                ROW('last ' || i, (enum_range(NULL::role))[1 + i % 3])::grant_,
+                CASE WHEN i % 11 = 0 THEN NULL ELSE ll_to_earth(-60 + i % 120, -170 + i % 340) END,
+                ((i % 40) * 0.25 || ' .. ' || (i % 40) * 0.25 + 0.5)::seg
+         FROM generate_series(1, 3000) i;
+         INSERT INTO notes (id, body, tags, at)
+         SELECT i, 'note ' || i, ARRAY['t' || i % 5, NULL], tstzrange(now(), NULL)
+         FROM generate_series(1, 1000) i",
+    )
+    .await
+    .unwrap();
+    let d = rig.start();
+    // The application goes on writing through the copy: these types travel the
+    // stream too.
+    a.batch_execute(
+        "UPDATE members SET roles = roles || 'admin'::role, home = ll_to_earth(48.85, 2.35),
+                updated_at = clock_timestamp()
+         WHERE id % 250 = 0",
+    )
+    .await
+    .unwrap();
+    let copied = wait_for("the copy a → b to end", Duration::from_secs(120), || {
+        let logs = d.logs();
+        async move {
+            if logs.contains("snapshot copied direction=a_to_b") {
+                Some(Ok(logs))
+            } else if logs.contains(" ERROR ") {
+                Some(Err(logs))
+            } else {
+                None
+            }
+        }
+    })
+    .await;
+    let logs = copied.unwrap_or_else(|logs| panic!("the copy failed: {logs}"));
+    // Built-in types keep the binary format.
+    assert!(
+        logs.contains(r#"table=public.members method="direct" format="text""#)
+            && logs.contains(r#"table=public.notes method="direct" format="binary""#),
+        "{logs}"
+    );
+    b.batch_execute(
+        "UPDATE members SET shares = '{1,2,3}', updated_at = clock_timestamp() WHERE id = 3000",
+    )
+    .await
+    .unwrap();
+    identical(&a, &b, &tables, Duration::from_secs(60)).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM members").await, 3000);
+    let paris = "SELECT count(*) FROM members WHERE 'admin' = ANY (roles)
+                 AND earth_distance(home, ll_to_earth(48.85, 2.35)) < 1";
+    assert_eq!(count(&b, paris).await, 12);
+    assert_eq!(d.stop().await, Some(0));
+}

@@ -47,13 +47,25 @@ impl TargetWriter<'_> {
         candidates: Vec<Candidate>,
     ) -> Result<(Vec<Candidate>, Vec<Candidate>), WriteError> {
         // Rows with the same columns present go in one statement (unchanged-TOAST
-        // columns are left out, so the target keeps its value).
+        // columns are left out, so the target keeps its value). So are the target's
+        // generated columns, which it computes and refuses values for (428C9):
+        // pgoutput never sends them, but an image from elsewhere may carry them (a
+        // repair written by an older duplex, a replayed dead letter).
+        let generated: Vec<&str> = table
+            .columns
+            .iter()
+            .filter(|c| c.generated)
+            .map(|c| c.name.as_str())
+            .collect();
+        let generated = &generated;
         let present = |i: usize| {
             events[i]
                 .after
                 .iter()
                 .flat_map(|r| r.0.iter())
-                .filter(|(_, v)| *v != Value::UnchangedToast)
+                .filter(move |(n, v)| {
+                    *v != Value::UnchangedToast && !generated.contains(&n.as_str())
+                })
         };
         let mut groups: Vec<(Vec<&str>, Vec<Candidate>)> = Vec::new();
         for c in candidates {

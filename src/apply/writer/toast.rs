@@ -31,10 +31,13 @@ impl TargetWriter<'_> {
         let (Some(old), Some(new)) = (key_of(before), key_of(after)) else {
             return Ok(());
         };
+        // A generated column is computed on the new row already, and takes no value.
         let unchanged: Vec<&str> = after
             .0
             .iter()
-            .filter(|(_, v)| *v == Value::UnchangedToast)
+            .filter(|(c, v)| {
+                *v == Value::UnchangedToast && table.column(c).is_some_and(|t| !t.generated)
+            })
             .map(|(c, _)| c.as_str())
             .collect();
         if old == new || unchanged.is_empty() {

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS duplex.truncations (
 );
 -- The winner of a key whose incoming version lost here, written by the apply session
 -- and published (the one exception to echo suppression), so the peer converges on it:
--- `image` is every column as text, or the key columns when `deleted_at` is set.
+-- `image` is every stored (not generated) column as text, or the key columns when
+-- `deleted_at` is set.
 CREATE TABLE IF NOT EXISTS duplex.repairs (
     id bigserial PRIMARY KEY,
     made_at timestamptz NOT NULL DEFAULT now(),
