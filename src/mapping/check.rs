@@ -236,7 +236,17 @@ async fn explain_direction(
         pair.target_key,
         dir.to,
         match &pair.new_key {
-            NewKey::Derive { from, .. } => format!("UUIDv5(namespace, {})", from.join(", ")),
+            NewKey::Derive { from, matching, .. } if matching.is_empty() =>
+                format!("UUIDv5(namespace, {})", from.join(", ")),
+            NewKey::Derive { from, matching, .. } => format!(
+                "the key of the unpaired row with the same {}, else UUIDv5(namespace, {})",
+                matching
+                    .iter()
+                    .map(|(_, t)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                from.join(", ")
+            ),
             NewKey::Allocate { sequence, matching } if matching.is_empty() =>
                 format!("the next value of {sequence}"),
             NewKey::Allocate { sequence, matching } => format!(

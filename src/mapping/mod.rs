@@ -145,6 +145,58 @@ impl Mapper {
             .map(|p| p.target_table.clone())
     }
 
+    /// (referenced table label, source key) of every non-NULL reference of `ev`.
+    pub fn references_of(&self, ev: &ChangeEvent) -> Vec<(String, String)> {
+        self.pair_of(ev).map_or_else(Vec::new, |p| {
+            p.references_of(ev)
+                .into_iter()
+                .map(|(label, k)| (label.to_string(), k))
+                .collect()
+        })
+    }
+
+    /// The references `events` make to rows that have no pairing on the target and
+    /// are not among `events` themselves, as referenced table label → source keys.
+    /// A copy takes those rows along (see `snapshot/mapped`): no pairing comes for
+    /// them while it runs, since the stream is applied after it.
+    pub async fn unpaired_references(
+        &self,
+        client: &Client,
+        events: &[ChangeEvent],
+    ) -> Result<HashMap<String, HashSet<String>>, MapError> {
+        let pairings = Pairings {
+            client,
+            node: &self.target,
+            target_is_a: self.target_is_a,
+        };
+        let mut present: HashSet<(&str, String)> = HashSet::new();
+        for ev in events.iter().filter(|e| e.op != Op::Delete) {
+            if let Some((p, k)) = self
+                .pair_of(ev)
+                .and_then(|p| Some((p, p.source_key_of(ev)?)))
+            {
+                present.insert((p.label.as_str(), k));
+            }
+        }
+        let mut wanted: HashMap<String, HashSet<String>> = HashMap::new();
+        for ev in events {
+            let Some(p) = self.pair_of(ev) else { continue };
+            for (label, k) in p.references_of(ev) {
+                if !present.contains(&(label, k.clone())) {
+                    wanted.entry(label.to_string()).or_default().insert(k);
+                }
+            }
+        }
+        for (label, keys) in wanted.iter_mut() {
+            let list: Vec<String> = keys.iter().cloned().collect();
+            for (s, _) in pairings.lookup(label, &list).await? {
+                keys.remove(&s);
+            }
+        }
+        wanted.retain(|_, keys| !keys.is_empty());
+        Ok(wanted)
+    }
+
     /// The pair whose source table is `schema.table`.
     fn pair_of(&self, ev: &ChangeEvent) -> Option<&PairMap> {
         let name = format!("{}.{}", ev.source.schema, ev.source.table);

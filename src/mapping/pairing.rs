@@ -8,8 +8,10 @@
 //! may claim one target key: every one of them maps to it (their events are that
 //! row's history, in order), and the last one holds the pairing. A pairing of that
 //! target key to an earlier source key is released when that source row is deleted
-//! in the batch or the target row is gone; otherwise two live rows claim one key and
-//! the newcomer is a bad event.
+//! in the batch or the target row is gone. Otherwise another live row holds the key
+//! (the natural key moved to it on the source): the newcomer then gets, on a node that
+//! derives keys, a key of its own ([`PairMap::fallback_key`]), and is a bad event
+//! only on a node that numbers them, where a number is never another row's.
 
 use super::keys::Pairings;
 use super::pair::PairMap;
@@ -17,6 +19,11 @@ use super::{MapError, Outcome};
 use crate::event::{ChangeEvent, Op, Row};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+
+/// How many other keys a new row whose key is another live row's may try (see
+/// [`PairMap::fallback_key`]): the first, made from its own source key, is free in
+/// practice.
+const FALLBACKS: u32 = 3;
 
 /// Pairs the new rows among `events[mine]` (the events of `p`'s source table).
 pub(super) async fn pair_new_rows(
@@ -79,36 +86,65 @@ pub(super) async fn pair_new_rows(
             Err(reason) => outcomes[*i] = Outcome::Bad(reason),
         }
     }
-    let targets: Vec<String> = order.clone();
-    release(p, pairings, &targets, &deleted_sources).await?;
-    let pairs: Vec<(String, String)> = order
-        .iter()
-        .filter_map(|t| claims[t].last().map(|(_, s)| (s.clone(), t.clone())))
-        .collect();
-    pairings.insert(label, &pairs).await?;
-    // What holds now: a pairing learned meanwhile, or a live row's, wins.
-    let holders: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
-    let stored = pairings.lookup(label, &holders).await?;
-    for t in &order {
-        let claimants = &claims[t];
-        let holder = &claimants.last().expect("claimed").1;
-        match stored.get(holder) {
-            Some(st) => {
+    for attempt in 0..=FALLBACKS {
+        if order.is_empty() {
+            break;
+        }
+        release(p, pairings, &order, &deleted_sources).await?;
+        let pairs: Vec<(String, String)> = order
+            .iter()
+            .filter_map(|t| claims[t].last().map(|(_, s)| (s.clone(), t.clone())))
+            .collect();
+        pairings.insert(label, &pairs).await?;
+        // What holds now: a pairing learned meanwhile, or a live row's, wins.
+        let holders: Vec<String> = pairs.iter().map(|(s, _)| s.clone()).collect();
+        let stored = pairings.lookup(label, &holders).await?;
+        let mut again: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        let mut again_order = Vec::new();
+        for t in &order {
+            let claimants = &claims[t];
+            let (at, holder) = claimants.last().expect("claimed");
+            if let Some(st) = stored.get(holder) {
                 for (_, s) in claimants {
                     known.insert((label.clone(), s.clone()), st.clone());
                 }
+                continue;
             }
-            None => {
-                tracing::warn!(table = %label, key = %holder, target = %t,
-                    "key pairing not stored: the target key is paired with another source key whose row exists");
-                for (i, s) in claimants {
-                    outcomes[*i] = Outcome::Bad(format!(
-                        "{} key {s} would be {t} on the target, which is paired with another live row",
-                        p.source_table
-                    ));
+            // The key is another live row's: the claimants take a key of their own.
+            let other = (attempt < FALLBACKS)
+                .then(|| events[*at].after.as_ref())
+                .flatten()
+                .and_then(|row| p.fallback_key(row, holder, attempt));
+            match other {
+                Some(Ok(f)) => {
+                    tracing::info!(table = %label, key = %holder, taken = %t, instead = %f,
+                        "the derived key is another live row's (its natural key moved there): the new row gets a key of its own");
+                    if !again.contains_key(&f) {
+                        again_order.push(f.clone());
+                    }
+                    again
+                        .entry(f)
+                        .or_default()
+                        .extend(claimants.iter().cloned());
+                }
+                Some(Err(reason)) => {
+                    for (i, _) in claimants {
+                        outcomes[*i] = Outcome::Bad(reason.clone());
+                    }
+                }
+                None => {
+                    tracing::warn!(table = %label, key = %holder, target = %t,
+                        "key pairing not stored: the target key is paired with another source key whose row exists");
+                    for (i, s) in claimants {
+                        outcomes[*i] = Outcome::Bad(format!(
+                            "{} key {s} would be {t} on the target, which is paired with another live row",
+                            p.source_table
+                        ));
+                    }
                 }
             }
         }
+        (claims, order) = (again, again_order);
     }
     Ok(())
 }

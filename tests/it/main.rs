@@ -18,6 +18,7 @@ mod interleavings;
 mod long_transactions;
 mod mapping;
 mod mapping_edges;
+mod mapping_races;
 mod network;
 mod observability;
 mod oversize;
