@@ -228,6 +228,8 @@ impl WalsenderConnection {
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
             quote_ident(slot),
             start,
+            // The replication grammar has no E'' strings; a publication name is
+            // a-z, 0-9 and _ (the config checks it), so this is a plain literal.
             quote_literal(&quote_ident(publication)),
         );
         frontend::query(&sql, &mut self.write)?;
