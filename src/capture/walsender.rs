@@ -50,6 +50,8 @@ pub enum WalsenderError {
     NoPassword,
     #[error("the node asked for the password in cleartext; duplex refuses to send it (a node set up for md5 or SCRAM never asks that, so someone between may be after the password). If the node's pg_hba.conf really uses the `password` method, set allow_cleartext_password = true for this node")]
     CleartextRefused,
+    #[error("the node did not prove that it knows the password: {0}. Someone between duplex and the node may be impersonating it: check the network path, and use sslmode=verify-full so that only the node's own certificate is accepted")]
+    Unproven(String),
     #[error("TLS to the node: {0}")]
     Tls(#[from] TlsError),
     #[error("unsupported connection setting: {0}")]
@@ -63,6 +65,7 @@ impl Classify for WalsenderError {
         match self {
             WalsenderError::NoPassword
             | WalsenderError::CleartextRefused
+            | WalsenderError::Unproven(_)
             | WalsenderError::Unsupported(_) => ErrorClass::Definite,
             WalsenderError::Server { code, .. } => class_of_sqlstate(code),
             WalsenderError::Tls(e) => e.class(),
@@ -225,6 +228,8 @@ impl WalsenderConnection {
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
             quote_ident(slot),
             start,
+            // The replication grammar has no E'' strings; a publication name is
+            // a-z, 0-9 and _ (the config checks it), so this is a plain literal.
             quote_literal(&quote_ident(publication)),
         );
         frontend::query(&sql, &mut self.write)?;

@@ -65,6 +65,21 @@ fn bad_values_name_the_field() {
 }
 
 #[test]
+fn system_roots_with_a_weak_sslmode_name_the_url() {
+    let weak = GOOD.replace("5433/app", "5433/app?sslmode=require&sslrootcert=system");
+    let e = err_of(&weak);
+    assert!(
+        e.contains("nodes.modern.url") && e.contains("sslrootcert=system"),
+        "{e}"
+    );
+    let full = GOOD.replace(
+        "5433/app",
+        "5433/app?sslmode=verify-full&sslrootcert=system",
+    );
+    Config::parse(&full).unwrap().validate().unwrap();
+}
+
+#[test]
 fn passwords_never_show_in_debug_output() {
     let mut c = Config::parse(GOOD).unwrap();
     c.apply_env(|k| (k == "DUPLEX_NODES_MODERN_PASSWORD").then(|| "envpw".to_string()));

@@ -126,7 +126,9 @@ impl TlsParams {
 const TLS_KEYS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword"];
 
 /// Splits `url` into what tokio-postgres should parse and the TLS parameters.
-/// `sslrootcert=system` without an `sslmode` means `verify-full`, as in libpq.
+/// `sslrootcert=system` without an `sslmode` means `verify-full`, as in libpq, and
+/// with any other `sslmode` it is refused, as libpq 16 does: without a host name
+/// check, any public CA's certificate for any name would pass.
 pub fn split(url: &str) -> Result<(String, TlsParams), String> {
     let (rest, mut params, mode_given) =
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -134,24 +136,38 @@ pub fn split(url: &str) -> Result<(String, TlsParams), String> {
         } else {
             split_key_values(url)?
         };
-    if !mode_given && params.root_cert == Some(RootCert::System) {
-        params.mode = SslMode::VerifyFull;
+    if params.root_cert == Some(RootCert::System) {
+        match mode_given {
+            None => params.mode = SslMode::VerifyFull,
+            Some(_) if params.mode == SslMode::VerifyFull => {}
+            Some(mode) => {
+                return Err(format!(
+                    "sslmode={mode} may not be used with sslrootcert=system: with the system's trusted roots any public CA's certificate would pass unless its host name is checked. Use sslmode=verify-full (or leave sslmode out)"
+                ))
+            }
+        }
     }
     Ok((rest, params))
 }
 
-fn split_uri(url: &str) -> Result<(String, TlsParams, bool), String> {
+/// The URL without its TLS parameters, the parameters, and `sslmode` as written.
+type Split = (String, TlsParams, Option<String>);
+
+fn split_uri(url: &str) -> Result<Split, String> {
     let mut params = TlsParams::default();
-    let mut mode_given = false;
+    let mut mode_given = None;
     let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), params, false));
+        return Ok((url.to_string(), params, None));
     };
     let mut kept = Vec::new();
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if TLS_KEYS.contains(&key) {
-            mode_given |= key == "sslmode";
-            params.set(key, percent_decode(value)?)?;
+            let value = percent_decode(value)?;
+            if key == "sslmode" {
+                mode_given = Some(value.clone());
+            }
+            params.set(key, value)?;
         } else {
             kept.push(pair);
         }
@@ -163,13 +179,15 @@ fn split_uri(url: &str) -> Result<(String, TlsParams, bool), String> {
     Ok((rest, params, mode_given))
 }
 
-fn split_key_values(s: &str) -> Result<(String, TlsParams, bool), String> {
+fn split_key_values(s: &str) -> Result<Split, String> {
     let mut params = TlsParams::default();
-    let mut mode_given = false;
+    let mut mode_given = None;
     let mut kept = Vec::new();
     for (raw, key, value) in key_values(s)? {
         if TLS_KEYS.contains(&key.as_str()) {
-            mode_given |= key == "sslmode";
+            if key == "sslmode" {
+                mode_given = Some(value.clone());
+            }
             params.set(&key, value)?;
         } else {
             kept.push(raw);
@@ -288,10 +306,13 @@ mod tests {
             (p.mode, p.root_cert),
             (SslMode::VerifyFull, Some(RootCert::System))
         );
-        let p = split("postgres://h/d?sslrootcert=system&sslmode=require")
+        let p = split("host=h sslmode=verify-full sslrootcert=system")
             .unwrap()
             .1;
-        assert_eq!(p.mode, SslMode::Require);
+        assert_eq!(
+            (p.mode, p.root_cert),
+            (SslMode::VerifyFull, Some(RootCert::System))
+        );
         assert_eq!(
             split("postgres://h/d?sslmode=allow").unwrap().1.mode,
             SslMode::Prefer
@@ -299,5 +320,25 @@ mod tests {
         let e = split("postgres://h/d?sslmode=verify").unwrap_err();
         assert!(e.contains("sslmode=verify is not one of"), "{e}");
         assert!(split("postgres://h/d?sslrootcert=%zz").is_err());
+    }
+
+    /// Any public CA's certificate for any name passes the system's roots without a
+    /// host name check: libpq 16 refuses the combination, and so does duplex.
+    #[test]
+    fn system_roots_only_with_verify_full() {
+        for mode in ["disable", "allow", "prefer", "require", "verify-ca"] {
+            for url in [
+                format!("postgres://h/d?sslrootcert=system&sslmode={mode}"),
+                format!("host=h sslmode={mode} sslrootcert=system"),
+            ] {
+                let e = split(&url).unwrap_err();
+                assert!(
+                    e.contains(&format!("sslmode={mode}"))
+                        && e.contains("sslrootcert=system")
+                        && e.contains("verify-full"),
+                    "{url}: {e}"
+                );
+            }
+        }
     }
 }

@@ -5,7 +5,9 @@
 use crate::ErrorClass;
 
 /// Session settings that fix how values are printed, so the text that reaches Kafka
-/// does not depend on the server's or role's defaults.
+/// does not depend on the server's or role's defaults; and how string literals are
+/// read: with `standard_conforming_strings` off (a database's or role's setting), a
+/// backslash in a key spliced into SQL would escape the quote closing its literal.
 pub const OUTPUT_SETTINGS: &[(&str, &str)] = &[
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),
@@ -13,6 +15,7 @@ pub const OUTPUT_SETTINGS: &[(&str, &str)] = &[
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
     ("client_encoding", "UTF8"),
+    ("standard_conforming_strings", "on"),
 ];
 
 /// Splits SQLSTATEs into those that go away by themselves and those an operator fixes.
@@ -38,9 +41,15 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Quotes an SQL string literal.
+/// Quotes an SQL string literal as PostgreSQL's `quote_literal()` does: a string with
+/// a backslash becomes an escape string (`E'...'`, backslashes doubled), which reads
+/// the same whatever `standard_conforming_strings` is; others a plain literal, which
+/// does too when it has no backslash.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    match s.contains('\\') {
+        true => format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''")),
+        false => format!("'{}'", s.replace('\'', "''")),
+    }
 }
 
 #[cfg(test)]
@@ -68,5 +77,7 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"x\') OR (1=1) --"), r"E'x\\'') OR (1=1) --'");
+        assert_eq!(quote_literal(r"tab\there"), r"E'tab\\there'");
     }
 }

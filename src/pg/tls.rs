@@ -35,7 +35,7 @@ pub enum TlsError {
         path: PathBuf,
         detail: String,
     },
-    #[error("sslmode={mode} needs a root certificate: {} does not exist. Set sslrootcert to the CA's certificate (PEM), use sslrootcert=system for the system's trusted roots, or choose a sslmode that does not check the certificate", path.display())]
+    #[error("sslmode={mode} needs a root certificate: {} does not exist. Set sslrootcert to the CA's certificate (PEM), use sslrootcert=system with sslmode=verify-full for the system's trusted roots, or choose a sslmode that does not check the certificate", path.display())]
     NoRootCert { mode: &'static str, path: PathBuf },
     #[error("the certificate of {host} was not accepted: {reason} ({check})")]
     Rejected {

@@ -24,6 +24,7 @@ mod observability;
 mod oversize;
 mod partial;
 mod privilege;
+mod quoting;
 mod restore;
 mod secrets;
 mod slot_loss;

@@ -202,3 +202,46 @@ async fn certificates_duplex_must_not_accept_are_definite_errors_naming_why() {
         }
     }
 }
+
+/// The system's trusted roots without a host name check would let any public CA's
+/// certificate for any name through: a config error naming the node's URL, before
+/// anything connects.
+#[test]
+fn system_roots_without_verify_full_are_a_config_error() {
+    let dir = crate::harness::temp_dir("duplex-cfg-");
+    for mode in ["require", "verify-ca"] {
+        let config = dir.join(format!("{mode}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[nodes.a]
+url = "postgres://duplex@db.example.net/app?sslmode={mode}&sslrootcert=system"
+[nodes.b]
+url = "postgres://duplex@127.0.0.1/app"
+[kafka]
+brokers = "127.0.0.1:9"
+[sync]
+direction = "a_to_b"
+[[tables]]
+name = "public.items"
+"#
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let said = output_text(&out);
+        assert_eq!(out.status.code(), Some(2), "{mode}: {said}");
+        assert!(
+            said.contains("nodes.a.url")
+                && said.contains(&format!(
+                    "sslmode={mode} may not be used with sslrootcert=system"
+                )),
+            "{mode}: {said}"
+        );
+    }
+}

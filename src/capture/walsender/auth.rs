@@ -2,6 +2,12 @@
 //! the TLS session, SCRAM-SHA-256-PLUS, when it is encrypted and the node offers it),
 //! and a cleartext password only where the node's config allows it (a node set up for
 //! md5 or SCRAM never asks for one, so such a request may come from someone between).
+//!
+//! Once SCRAM has started, the node's "authenticated" counts only after its final
+//! message proved that it knows the password (and, bound to the TLS session, that
+//! duplex's TLS session ends at the node): an impostor between duplex and the node
+//! can say "authenticated" right after duplex's first message, and that is what
+//! `channel_binding=require` exists to refuse.
 
 use super::{parse_backend, protocol, server_error, WalsenderConnection, WalsenderError};
 use fallible_iterator::FallibleIterator;
@@ -22,15 +28,21 @@ pub(super) struct Credentials<'a> {
 impl WalsenderConnection {
     pub(super) async fn authenticate(&mut self, c: Credentials<'_>) -> Result<(), WalsenderError> {
         let (user, password, allow_cleartext) = (c.user, c.password, c.allow_cleartext);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         loop {
             let frame = self.read_frame().await?;
             let msg = parse_backend(frame)?;
             match msg {
-                backend::Message::AuthenticationOk if c.require_binding && scram.is_none() => {
-                    return Err(unbound());
+                backend::Message::AuthenticationOk => {
+                    return match &scram {
+                        Some(s) if !s.proven => Err(WalsenderError::Unproven(
+                            "it said authentication succeeded before finishing SCRAM".into(),
+                        )),
+                        Some(s) if c.require_binding && !s.bound => Err(unbound()),
+                        None if c.require_binding => Err(unbound()),
+                        _ => Ok(()),
+                    };
                 }
-                backend::Message::AuthenticationOk => return Ok(()),
                 backend::Message::AuthenticationCleartextPassword
                 | backend::Message::AuthenticationMd5Password(_)
                     if c.require_binding =>
@@ -75,18 +87,32 @@ impl WalsenderConnection {
                             ))
                         }
                     };
+                    if scram.is_some() {
+                        return Err(protocol("a second SASL start"));
+                    }
                     let s = ScramSha256::new(pw, binding);
                     frontend::sasl_initial_response(mechanism, s.message(), &mut self.write)?;
-                    scram = Some(s);
+                    scram = Some(Scram {
+                        exchange: s,
+                        bound: mechanism == "SCRAM-SHA-256-PLUS",
+                        proven: false,
+                    });
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
                     let s = scram.as_mut().ok_or_else(|| protocol("SASL continue"))?;
-                    s.update(body.data())?;
-                    frontend::sasl_response(s.message(), &mut self.write)?;
+                    s.exchange.update(body.data()).map_err(|e| {
+                        WalsenderError::Unproven(format!("its SCRAM message is not valid ({e})"))
+                    })?;
+                    frontend::sasl_response(s.exchange.message(), &mut self.write)?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
                     let s = scram.as_mut().ok_or_else(|| protocol("SASL final"))?;
-                    s.finish(body.data())?;
+                    // Checks the server's signature: only who knows the password (and,
+                    // with -PLUS, saw this TLS session) can compute it.
+                    s.exchange.finish(body.data()).map_err(|e| {
+                        WalsenderError::Unproven(format!("its SCRAM signature is wrong ({e})"))
+                    })?;
+                    s.proven = true;
                     continue;
                 }
                 backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
@@ -99,6 +125,15 @@ impl WalsenderConnection {
             self.flush().await?;
         }
     }
+}
+
+/// A SCRAM exchange under way.
+struct Scram {
+    exchange: ScramSha256,
+    /// SCRAM-SHA-256-PLUS: bound to the TLS session.
+    bound: bool,
+    /// The node's final message carried a valid server signature.
+    proven: bool,
 }
 
 fn unbound() -> WalsenderError {
