@@ -22,15 +22,16 @@ impl TargetTable {
     }
 
     /// `LATERAL` subquery `tb` with the key's `deleted_at`: its tombstone's time or the
-    /// table's last truncation, whichever is later (NULL: neither). `$p` is the table
-    /// name; incoming keys are `i.k0, ...`.
-    fn deleted_lateral(&self, p: usize) -> String {
+    /// table's last truncation by another node than `$q` (the incoming node: its own
+    /// rows follow its truncation in its commit order), whichever is later (NULL:
+    /// neither). `$p` is the table name; incoming keys are `i.k0, ...`.
+    fn deleted_lateral(&self, p: usize, q: usize) -> String {
         format!(
             "LATERAL (SELECT greatest(
                 (SELECT deleted_at FROM duplex.tombstones WHERE table_name = ${p}::text AND key = {tomb}),
                 {truncated}) AS deleted_at) tb",
             tomb = self.tombstone_key(),
-            truncated = last_truncation(p),
+            truncated = last_truncation(p, q),
         )
     }
 
@@ -45,7 +46,8 @@ impl TargetTable {
              VALUES ($2::text, $1::text::timestamptz, $3::text)
              ON CONFLICT (table_name) DO UPDATE
                SET truncated_at = greatest(duplex.truncations.truncated_at, EXCLUDED.truncated_at),
-                   origin = EXCLUDED.origin",
+                   origin = CASE WHEN EXCLUDED.truncated_at >= duplex.truncations.truncated_at
+                            THEN EXCLUDED.origin ELSE duplex.truncations.origin END",
             table = self.sql_name,
             ty = self.type_of(&self.updated_at),
         )
@@ -60,7 +62,8 @@ impl TargetTable {
     /// Decides, for incoming rows given as key arrays `$1..$n`, their `updated_at`
     /// texts `$n+1` (the delete time for a delete), whether each wins: `$n+2` is the
     /// table name, `$n+3` true when the incoming node wins ties, `$n+4` the allowed
-    /// future skew in ms (NULL: any), `$n+5` true for each delete. A delete wins over a
+    /// future skew in ms (NULL: any), `$n+5` true for each delete, `$n+6` the incoming
+    /// node. A delete wins over a
     /// row as new or older, and only meets a tombstone where no row is left.
     /// Returns per row: ordinal, local `updated_at`, tombstone time, verdict
     /// (`apply`, `older`, `tombstone`, `null_ts`, `future`).
@@ -94,7 +97,7 @@ impl TargetTable {
             del = n + 5,
             table = self.sql_name,
             join = self.key_join(),
-            deleted = self.deleted_lateral(n + 2),
+            deleted = self.deleted_lateral(n + 2, n + 6),
         )
     }
 
@@ -103,8 +106,9 @@ impl TargetTable {
     /// keys written, as text of the target's key types. The decision is the
     /// statement's own: a row whose `updated_at` is NULL, further ahead than `$n+3`
     /// ms (NULL: any), or not newer than the key's tombstone or the table's last
-    /// truncation (table name `$n+2`) is not inserted, and the conflict guard keeps a
-    /// newer target row (`$n+1`: incoming wins ties). Rows keep the source's values of
+    /// truncation by another node than the incoming one `$n+4` (table name `$n+2`) is
+    /// not inserted, and the conflict guard keeps a newer target row (`$n+1`: incoming
+    /// wins ties). Rows keep the source's values of
     /// `GENERATED ALWAYS` identity columns.
     ///
     /// The table's newest tombstone is read once (backwards from the newest entry of
@@ -176,7 +180,7 @@ impl TargetTable {
             names = names.join(", "),
             tbl = m + 2,
             newest = newest_tombstone(m + 2),
-            truncated = last_truncation(m + 2),
+            truncated = last_truncation(m + 2, m + 4),
             tomb_key = tomb.join(", "),
             skew = m + 3,
             order = if order.is_empty() {
@@ -256,7 +260,8 @@ impl TargetTable {
     /// Deletes, among the rows just written for keys `$1..$n`, those older than a
     /// tombstone of table `$n+1`: a local delete that committed after the upsert's
     /// snapshot (this statement's new snapshot sees it; later deletes find the row
-    /// locked). `$n+2` holds the rows' `updated_at` texts. Returns their keys and
+    /// locked). `$n+2` holds the rows' `updated_at` texts, `$n+3` the incoming node
+    /// (whose own truncation they follow). Returns their keys and
     /// `updated_at`. Only when the table's newest tombstone or truncation is at least
     /// as new as the oldest of those versions (read backwards from the newest entry of
     /// the `deleted_at` index: a range condition there would scan every older
@@ -285,16 +290,17 @@ impl TargetTable {
             cte = self.keys_cte(),
             table = self.sql_name,
             join = self.key_join(),
-            deleted = self.deleted_lateral(n + 1),
+            deleted = self.deleted_lateral(n + 1, n + 3),
             newest = newest_tombstone(n + 1),
-            truncated = last_truncation(n + 1),
+            truncated = last_truncation(n + 1, n + 3),
             ks = ks.join(", "),
         )
     }
 
     /// Writes a repair for each of the keys `$1..$n` of table `$n+1`: the target's
     /// current winner, the row (every stored column as text) or, when a tombstone is
-    /// newer, the tombstone. Keys with neither are skipped. Generated columns are left
+    /// newer, the tombstone. Keys with neither are skipped. A truncation the peer `$n+2`
+    /// made is its own to apply: never a per-key delete sent back to it. Generated columns are left
     /// out, as pgoutput leaves them out: the peer computes its own, and refuses a
     /// value for them (428C9).
     pub fn repair_sql(&self) -> String {
@@ -350,7 +356,7 @@ impl TargetTable {
             tomb = self.tombstone_key(),
             table = self.sql_name,
             join = self.key_join(),
-            deleted = self.deleted_lateral(self.key.len() + 1),
+            deleted = self.deleted_lateral(self.key.len() + 1, self.key.len() + 2),
         )
     }
 
@@ -403,9 +409,11 @@ fn newest_tombstone(p: usize) -> String {
     format!("(SELECT max(deleted_at) FROM duplex.tombstones WHERE table_name = ${p}::text)")
 }
 
-/// When table `$p` was last truncated (NULL: never).
-fn last_truncation(p: usize) -> String {
-    format!("(SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text)")
+/// When table `$p` was last truncated by another node than `$q` (NULL: never).
+fn last_truncation(p: usize, q: usize) -> String {
+    format!(
+        "(SELECT truncated_at FROM duplex.truncations WHERE table_name = ${p}::text AND origin <> ${q}::text)"
+    )
 }
 
 #[cfg(test)]

@@ -86,6 +86,11 @@ impl<'a> CopyWorker<'a> {
         })
     }
 
+    /// The direction and the worker's source and target sessions.
+    pub(crate) fn sessions(&self) -> (&'a Direction, &Client, &Client) {
+        (self.dir, &self.source, &self.target)
+    }
+
     /// Copies `chunk` of `t`; returns the rows copied. A direct copy that meets a row
     /// written since planning (the table is no longer empty) is done again as a merge.
     pub(crate) async fn copy(
@@ -272,11 +277,21 @@ impl<'a> CopyWorker<'a> {
         Ok(format!("pg_temp.{staging}"))
     }
 
+    /// Merges the staged rows into the table, then settles them: a statement of its
+    /// own, with a snapshot that sees deletes committed while the merge waited.
     async fn merge(&self, t: &CopyTable, staging: &str) -> Result<(), SnapshotError> {
+        let context = || format!("merging into {}", t.name);
         self.target
-            .execute(&t.merge_sql(staging), &[&t.name, &self.incoming_wins_ties])
+            .execute(
+                &t.merge_sql(staging),
+                &[&t.name, &self.incoming_wins_ties, &self.dir.from],
+            )
             .await
-            .map_err(sql_err(&self.dir.to, format!("merging into {}", t.name)))?;
+            .map_err(sql_err(&self.dir.to, context()))?;
+        self.target
+            .execute(&t.settle_merge_sql(staging), &[&t.name, &self.dir.from])
+            .await
+            .map_err(sql_err(&self.dir.to, context()))?;
         Ok(())
     }
 
@@ -298,6 +313,10 @@ impl<'a> CopyWorker<'a> {
             Method::Direct => {
                 self.target
                     .execute(&t.target.sweep_sql(), &[&t.name, &ALL_TOMBSTONES_MS])
+                    .await
+                    .map_err(sql_err(to, context.clone()))?;
+                self.target
+                    .execute(&t.truncated_in_chunk_sql(chunk), &[&t.name, &self.dir.from])
                     .await
                     .map_err(sql_err(to, context.clone()))?;
             }

@@ -22,6 +22,7 @@
 //! under last-writer-wins, for every table or one.
 
 pub(crate) mod copy;
+mod deletes;
 mod mapped;
 mod plan;
 pub(crate) mod progress;
@@ -399,6 +400,17 @@ async fn copy_tables(
     }
     let chunks: usize = levels.values().map(VecDeque::len).sum();
     tracing::info!(direction = %dir, tables = tables.len(), chunks, "copying");
+    // What the source deleted goes first: a truncation, then its rows reloaded, must
+    // leave the reloaded rows (see `deletes`).
+    {
+        let mut worker = CopyWorker::connect(cfg, dir, 0).await?;
+        for (t, _) in tables.values() {
+            let carried = worker.carry_deletes(t).await?;
+            if carried > 0 {
+                tracing::info!(direction = %dir, table = %t.name, tombstones = carried, "carried the source's deletes");
+            }
+        }
+    }
     let (done_tx, done_rx) = watch::channel(false);
     let copying = async {
         let mut r = Ok(());

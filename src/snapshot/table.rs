@@ -243,8 +243,12 @@ impl CopyTable {
     }
 
     /// Upserts the staged rows of `staging` under the stream's rules: a row loses to
-    /// a tombstone or truncation at least as new, and to a target row that is newer
-    /// (or as new, unless `$2`: the source wins ties). `$1` is the table name.
+    /// a tombstone at least as new, to a truncation at least as new that another node
+    /// than the source `$3` made (the source's own rows follow its truncation in its
+    /// commit order), and to a target row that is newer (or as new, unless `$2`: the
+    /// source wins ties). A row without `updated_at` is copied only where its key has
+    /// neither a row nor a tombstone; one target row without it against another is a
+    /// tie. `$1` is the table name.
     pub(crate) fn merge_sql(&self, staging: &str) -> String {
         let t = &self.sql_name;
         let upd = quote_ident(&self.target.updated_at);
@@ -265,8 +269,9 @@ impl CopyTable {
             "NOTHING".to_string()
         } else {
             format!(
-                "UPDATE SET {} WHERE {t}.{upd} IS NULL OR {t}.{upd} < EXCLUDED.{upd}
-                 OR ({t}.{upd} = EXCLUDED.{upd} AND $2::bool)",
+                "UPDATE SET {} WHERE CASE WHEN EXCLUDED.{upd} IS NULL THEN {t}.{upd} IS NULL AND $2::bool
+                   ELSE {t}.{upd} IS NULL OR {t}.{upd} < EXCLUDED.{upd}
+                        OR ({t}.{upd} = EXCLUDED.{upd} AND $2::bool) END",
                 sets.join(", ")
             )
         };
@@ -274,15 +279,67 @@ impl CopyTable {
             "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE
              SELECT {picked} FROM {staging} s
              WHERE NOT EXISTS (SELECT 1 FROM duplex.tombstones tb WHERE tb.table_name = $1::text
-                               AND tb.key = jsonb_build_array({tomb}) AND tb.deleted_at >= s.{upd})
+                               AND tb.key = jsonb_build_array({tomb})
+                               AND (s.{upd} IS NULL OR tb.deleted_at >= s.{upd}))
                AND NOT EXISTS (SELECT 1 FROM duplex.truncations tr WHERE tr.table_name = $1::text
-                               AND tr.truncated_at >= s.{upd})
+                               AND tr.origin <> $3::text
+                               AND (s.{upd} IS NULL OR tr.truncated_at >= s.{upd}))
              ORDER BY {keys}
              ON CONFLICT ({keys}) DO {action}",
             cols = cols.join(", "),
             picked = picked.join(", "),
             tomb = tomb.join(", "),
             keys = self.key_list(""),
+        )
+    }
+}
+
+impl CopyTable {
+    /// Deletes, among the target rows the chunk's transaction just merged from
+    /// `staging` (their `xmin` is the transaction's own: rows the target held are
+    /// never touched), the ones a tombstone or truncation now outdates, under
+    /// the rules of [`Self::merge_sql`] (`$1` table name, `$2` source node): a delete
+    /// the application committed while the merge waited for its row let the older
+    /// version in, as on the stream (see `apply::target::settle_sql`).
+    pub(crate) fn settle_merge_sql(&self, staging: &str) -> String {
+        let t = &self.sql_name;
+        let upd = quote_ident(&self.target.updated_at);
+        let join: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("t.{0} = s.{0}", quote_ident(k)))
+            .collect();
+        let tomb: Vec<String> = self
+            .key
+            .iter()
+            .map(|(k, _)| format!("concat(t.{})", quote_ident(k)))
+            .collect();
+        format!(
+            "DELETE FROM {t} t USING {staging} s
+             WHERE {join} AND t.xmin = pg_current_xact_id()::xid
+               AND (EXISTS (SELECT 1 FROM duplex.tombstones tb WHERE tb.table_name = $1::text
+                            AND tb.key = jsonb_build_array({tomb})
+                            AND (t.{upd} IS NULL OR tb.deleted_at >= t.{upd}))
+                 OR EXISTS (SELECT 1 FROM duplex.truncations tr WHERE tr.table_name = $1::text
+                            AND tr.origin <> $2::text
+                            AND (t.{upd} IS NULL OR tr.truncated_at >= t.{upd})))",
+            join = join.join(" AND "),
+            tomb = tomb.join(", "),
+        )
+    }
+
+    /// Deletes the rows of `chunk` the transaction just copied directly that a
+    /// truncation another node than the source `$2` made outdates (`$1` table name):
+    /// one recorded while the chunk was copied. (Tombstones are swept separately.)
+    pub(crate) fn truncated_in_chunk_sql(&self, chunk: &Chunk) -> String {
+        let upd = quote_ident(&self.target.updated_at);
+        let filter = self.chunk_filter(chunk);
+        let and = if filter.is_empty() { " WHERE" } else { " AND" };
+        format!(
+            "DELETE FROM {t}{filter}{and} xmin = pg_current_xact_id()::xid AND EXISTS (
+               SELECT 1 FROM duplex.truncations tr WHERE tr.table_name = $1::text
+               AND tr.origin <> $2::text AND ({upd} IS NULL OR tr.truncated_at >= {upd}))",
+            t = self.sql_name,
         )
     }
 }

@@ -10,6 +10,7 @@ mod broker_loss;
 mod convergence;
 mod cutover;
 mod deploy;
+mod first_start;
 mod gaps;
 mod harness;
 mod hostile;

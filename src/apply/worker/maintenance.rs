@@ -55,14 +55,28 @@ impl Worker<'_> {
     /// direction has applied (the source commit time of the newest change applied;
     /// nothing is pruned before the first), not from the wall clock: a direction
     /// halted for longer than the retention keeps every tombstone its backlog may meet.
+    /// A delete of this node's own (a tombstone or truncation of origin `local`) is
+    /// kept, besides, until the peer applied changes committed the retention after it
+    /// (a transaction may stay open that long): a copy into the peer after a lost
+    /// slot, topic or position carries it from here (see `snapshot::deletes`).
+    /// Truncations are pruned as tombstones are.
     pub(in crate::apply) async fn maintain(&mut self) -> Result<(), ApplyError> {
         self.last_maintenance = Instant::now();
         // Beyond a century the interval would overflow; nothing is that old anyway.
         let retention_ms = self.cfg.sync.tombstone_retention_ms.min(MAX_RETENTION_MS);
+        let peer_has = match self.peer_applied_until().await {
+            None => "'infinity'".to_string(),
+            Some(until) => quote_literal(&until.unwrap_or_else(|| "-infinity".into())),
+        };
         let sql = format!(
             "DELETE FROM duplex.tombstones WHERE deleted_at < least(now(), coalesce(
                (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
-               '-infinity')) - {retention_ms} * interval '1 millisecond';
+               '-infinity')) - {retention_ms} * interval '1 millisecond'
+               AND (origin <> 'local' OR deleted_at < {peer_has}::timestamptz - {retention_ms} * interval '1 millisecond');
+             DELETE FROM duplex.truncations WHERE truncated_at < least(now(), coalesce(
+               (SELECT last_commit_ts FROM duplex.apply_positions WHERE source_node = {from} AND topic = {topic}),
+               '-infinity')) - {retention_ms} * interval '1 millisecond'
+               AND (origin <> 'local' OR truncated_at < {peer_has}::timestamptz - {retention_ms} * interval '1 millisecond');
              DELETE FROM duplex.conflicts WHERE id <= (SELECT max(id) FROM duplex.conflicts) - {kept};
              DELETE FROM duplex.repairs WHERE id <= (SELECT max(id) FROM duplex.repairs) - {kept};
              {pairings}",
@@ -75,6 +89,37 @@ impl Worker<'_> {
             .writer
             .execute(&sql, "pruning tombstones and conflicts")
             .await?)
+    }
+
+    /// How far the peer applied this node's changes (the source commit time of the
+    /// newest, as text): `None` when it does not receive them (no direction this way),
+    /// `Some(None)` when that is unknown now (unreachable, nothing applied yet).
+    async fn peer_applied_until(&self) -> Option<Option<String>> {
+        let (me, peer) = (&self.dir.to, &self.dir.from);
+        let reverse = self
+            .cfg
+            .directions()
+            .unwrap_or_default()
+            .into_iter()
+            .any(|d| d.from == *me && d.to == *peer);
+        if !reverse {
+            return None;
+        }
+        let client = match crate::pg::node::connect(self.cfg, peer, "tombstone pruning").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(direction = %self.dir, error = %e, "keeping this node's own tombstones until the peer can say it applied them");
+                return Some(None);
+            }
+        };
+        let applied = client
+            .query_opt(
+                "SELECT last_commit_ts::text FROM duplex.apply_positions
+                 WHERE source_node = $1 AND topic = $2 AND commit_lsn <> '0/0'",
+                &[me, &self.cfg.topic(me)],
+            )
+            .await;
+        Some(applied.ok().flatten().and_then(|r| r.get(0)))
     }
 }
 

@@ -178,6 +178,7 @@ impl TargetWriter<'_> {
         p.push(&skew);
         let deletes: Vec<bool> = rows.iter().map(|c| c.kind == Kind::Delete).collect();
         p.push(&deletes);
+        p.push(&self.dir.from);
         let context = format!("comparing versions in {}", table.name);
         let result = self
             .query_prepared(table.decide_sql(), &p, &context)
@@ -213,6 +214,7 @@ impl TargetWriter<'_> {
         let mut p = params(&keys);
         p.push(&table.name);
         p.push(&ts);
+        p.push(&self.dir.from);
         let context = format!("checking tombstones in {}", table.name);
         let rows = self
             .query_prepared(table.settle_sql(), &p, &context)
@@ -271,6 +273,7 @@ impl TargetWriter<'_> {
         let keys = key_arrays(table.key.len(), keys.iter());
         let mut p = params(&keys);
         p.push(&table.name);
+        p.push(&self.dir.from);
         let repaired = self
             .client
             .execute(&table.repair_sql(), &p)

@@ -99,6 +99,7 @@ impl TargetWriter<'_> {
             params.push(&self.incoming_wins_ties);
             params.push(&table.name);
             params.push(&skew);
+            params.push(&self.dir.from);
             let context = format!("upserting into {}", table.name);
             let returned = self
                 .query_prepared(table.upsert_sql(&cols), &params, &context)
