@@ -5,9 +5,11 @@
 //! [`record`], which writes it with its error to the target's `duplex.dead_letters`
 //! (in the same transaction as the batch, so the position only moves past it once it
 //! is recorded) and to the topic `<prefix>.<source>.dlq`. `duplex dlq list` shows the
-//! table; `duplex dlq replay` applies each unreplayed event again under the same rules
-//! (last-writer-wins, tombstones) and marks those that now succeed.
+//! table; `duplex dlq replay` applies each unreplayed event again the way the stream
+//! does (through a mapped table's mapping, under last-writer-wins and tombstones) and
+//! marks those that now succeed.
 
+use crate::apply::batch::prepare_batch;
 use crate::apply::error::ApplyError;
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
@@ -222,17 +224,17 @@ pub async fn replay(cfg: &Config) -> Result<(usize, usize), ApplyError> {
     Ok((ok, failing))
 }
 
-/// Applies one event in its own transaction; the error if it still fails.
+/// Applies one event in its own transaction, the way the stream writes it: readied
+/// as a batch of one, mapped into the target's schema (a mapped table's keys,
+/// references, columns and values; see `mapping/`), then written under
+/// last-writer-wins. Returns the error if it still fails.
 async fn replay_one(
     writer: &mut TargetWriter<'_>,
     ev: &ChangeEvent,
 ) -> Result<Option<String>, ApplyError> {
     writer.execute("BEGIN", "beginning a transaction").await?;
-    let outcome = writer
-        .apply(&[std::borrow::Cow::Borrowed(ev)], &Default::default())
-        .await;
-    let error = match outcome {
-        Ok(applied) => applied.bad.into_iter().next().map(|b| b.reason),
+    let error = match write_one(writer, ev).await {
+        Ok(error) => error,
         Err(WriteError::Sql { source, .. })
             if crate::pg::node::sql_class(&source) == crate::ErrorClass::Definite =>
         {
@@ -247,4 +249,18 @@ async fn replay_one(
     };
     writer.execute(end, "ending a transaction").await?;
     Ok(error)
+}
+
+/// The event's reason to be refused before writing, if any.
+async fn write_one(
+    writer: &mut TargetWriter<'_>,
+    ev: &ChangeEvent,
+) -> Result<Option<String>, WriteError> {
+    let (events, deleted) = prepare_batch(std::iter::once(ev));
+    let mapped = writer.map(events, deleted).await?;
+    if let Some((_, reason)) = mapped.bad.into_iter().next() {
+        return Ok(Some(reason));
+    }
+    let applied = writer.apply(&mapped.events, &mapped.deleted).await?;
+    Ok(applied.bad.into_iter().next().map(|b| b.reason))
 }

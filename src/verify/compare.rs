@@ -9,13 +9,16 @@
 //! equality is looser than identity (numeric: 1.0 = 1.00) or whose type has no hash
 //! function are hashed as text. Ranges of up to [`HASHES_ROWS`] rows that differ are
 //! compared by fetching each row's key and hash; the rows whose hashes differ are then
-//! fetched as text, column by column (NULL is not '').
+//! fetched as text, column by column (NULL is not ''). Rows are fetched by key
+//! equality on each node, so a key that prints differently on the two nodes (citext
+//! case, numeric scale) is one row whose key columns differ ([`rows_of`]).
 
 use super::progress::Meter;
 use crate::pg::node::{sql_err, NodeError};
 use crate::pg::sql::quote_ident;
 use crate::snapshot::table::{Chunk, CopyTable};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
 /// Rows a differing range may hold, on the larger side, to be compared by fetching
@@ -221,10 +224,6 @@ fn ranges(
         .collect()
 }
 
-fn columns(t: &CopyTable) -> Vec<String> {
-    t.columns.iter().map(|c| quote_ident(c)).collect()
-}
-
 fn key_texts(t: &CopyTable) -> String {
     let ks: Vec<String> = t
         .key
@@ -275,17 +274,6 @@ fn read_hashes(rows: &[tokio_postgres::Row]) -> BTreeMap<Vec<String>, i64> {
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
-fn rows_sql(t: &CopyTable, range: &Chunk) -> String {
-    let texts: Vec<String> = columns(t).iter().map(|c| format!("{c}::text")).collect();
-    format!(
-        "SELECT {}, ARRAY[{}] FROM {}{}",
-        key_texts(t),
-        texts.join(", "),
-        t.sql_name,
-        t.chunk_filter(range)
-    )
-}
-
 fn cut_sql(t: &CopyTable, range: &Chunk) -> String {
     let keys = t.key_list("");
     format!(
@@ -295,10 +283,6 @@ fn cut_sql(t: &CopyTable, range: &Chunk) -> String {
         t.sql_name,
         t.chunk_filter(range)
     )
-}
-
-fn read_rows(rows: &[tokio_postgres::Row]) -> Rows {
-    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
 /// The rows of `first` and `second` that are not the same, by key.
@@ -329,26 +313,101 @@ pub(crate) fn diff(t: &CopyTable, first: &Rows, second: &Rows) -> Vec<(Vec<Strin
 /// Keys read at once by [`rows_of`].
 const KEYS_PER_READ: usize = 500;
 
-/// The current rows of `keys` on both nodes.
+/// The current rows of `keys` on both nodes, each under the requested key that found
+/// it. A key is found by its type's equality on each node, not by its text: a citext
+/// key 'Bob@x' finds 'bob@x', a numeric key 1.0 finds 1.00. So a row whose key prints
+/// differently on the two nodes is one row here, found on both under the same
+/// requested key (the first one requested that found it), and its key columns
+/// differ; never two rows each missing on one node.
 pub(crate) async fn rows_of(
     pair: &Pair<'_>,
     t: &CopyTable,
     keys: &[Vec<String>],
 ) -> Result<(Rows, Rows), NodeError> {
     let mut out = (Rows::new(), Rows::new());
-    let all = Chunk {
-        table: t.name.clone(),
-        chunk: -1,
-        lower: None,
-        upper: None,
-    };
+    // Rows already found, by their own key on each node.
+    let mut seen: (HashSet<Vec<String>>, HashSet<Vec<String>>) = Default::default();
+    let sql = rows_by_key_sql(t);
+    let what = format!("reading {}", t.name);
     for batch in keys.chunks(KEYS_PER_READ) {
-        let sql = format!("{} WHERE {}", rows_sql(t, &all), t.key_in(batch));
-        let (a, b) = pair
-            .both(&sql, &format!("reading {}", t.name), read_rows)
-            .await?;
-        out.0.extend(a);
-        out.1.extend(b);
+        let columns: Vec<Vec<&str>> = (0..t.key.len())
+            .map(|i| {
+                batch
+                    .iter()
+                    .map(|k| k.get(i).map_or("", String::as_str))
+                    .collect()
+            })
+            .collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let (a, b) = tokio::join!(
+            pair.clients.0.query(&sql, &params),
+            pair.clients.1.query(&sql, &params)
+        );
+        let a = found_by_request(&a.map_err(sql_err(pair.names.0, what.clone()))?);
+        let b = found_by_request(&b.map_err(sql_err(pair.names.1, what.clone()))?);
+        for (n, requested) in batch.iter().enumerate() {
+            let (on_a, on_b) = (a.get(&(n as i64 + 1)), b.get(&(n as i64 + 1)));
+            let again = on_a.is_some_and(|(k, _)| seen.0.contains(k))
+                || on_b.is_some_and(|(k, _)| seen.1.contains(k));
+            if again {
+                continue;
+            }
+            if let Some((k, row)) = on_a {
+                seen.0.insert(k.clone());
+                out.0.insert(requested.clone(), row.clone());
+            }
+            if let Some((k, row)) = on_b {
+                seen.1.insert(k.clone());
+                out.1.insert(requested.clone(), row.clone());
+            }
+        }
     }
     Ok(out)
+}
+
+/// The rows whose keys equal the requested ones (`$1`, `$2`, ...: each key column's
+/// requested texts, cast to its type): the request's number, the row's own key
+/// texts and its columns' texts.
+fn rows_by_key_sql(t: &CopyTable) -> String {
+    let n = t.key.len();
+    let params: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("duplex_k{i}")).collect();
+    let requested: Vec<String> = t
+        .key
+        .iter()
+        .zip(&names)
+        .map(|((_, ty), q)| format!("q.{q}::{ty}"))
+        .collect();
+    let own: Vec<String> = t
+        .key
+        .iter()
+        .map(|(k, _)| format!("concat(t.{})", quote_ident(k)))
+        .collect();
+    let texts: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(c)))
+        .collect();
+    format!(
+        "SELECT q.duplex_n, ARRAY[{own}], ARRAY[{texts}]
+         FROM unnest({params}) WITH ORDINALITY AS q({names}, duplex_n)
+         JOIN {table} t ON ({keys}) = ({requested})",
+        own = own.join(", "),
+        texts = texts.join(", "),
+        params = params.join(", "),
+        names = names.join(", "),
+        table = t.sql_name,
+        keys = t.key_list("t."),
+        requested = requested.join(", "),
+    )
+}
+
+/// Request number → (the row's own key texts, its columns' texts).
+fn found_by_request(
+    rows: &[tokio_postgres::Row],
+) -> HashMap<i64, (Vec<String>, Vec<Option<String>>)> {
+    rows.iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
 }

@@ -150,7 +150,7 @@ async fn compare_rows(
     let known = lookups(p, m, &images).await?;
     let mut out = BTreeMap::new();
     let mut payload = Vec::new();
-    let mut columns: Vec<String> = Vec::new();
+    let columns = compared_columns(m);
     for image in &images {
         let Some(Value::Text(key)) = image.get(&m.pair.source_key) else {
             continue;
@@ -173,9 +173,6 @@ async fn compare_rows(
                 Err(_) => unmappable.push(col.clone()),
             }
         }
-        if columns.is_empty() {
-            columns = values.keys().cloned().collect();
-        }
         if !unmappable.is_empty() {
             out.insert(vec![key.clone()], Difference::Mismatched(unmappable));
             continue;
@@ -186,6 +183,26 @@ async fn compare_rows(
         out.extend(compare_on_second(p, m, &columns, payload).await?);
     }
     Ok((images.len() as i64, out))
+}
+
+/// The second node's columns that the first node's map to (the key aside), from the
+/// pair's rules as [`PairMap::map_value`] applies them: every mapped row is compared
+/// on all of them, whatever the range's other rows hold (a row that cannot be
+/// mapped is reported for its own columns and hides none of the others').
+fn compared_columns(m: &MappedTable) -> Vec<String> {
+    m.t.columns
+        .iter()
+        .filter(|c| **c != m.pair.source_key)
+        .filter_map(|c| match m.pair.rules.get(c) {
+            Some(rule) => Some(rule.target.clone()),
+            None => m
+                .pair
+                .target_columns
+                .iter()
+                .any(|t| t == c)
+                .then(|| c.clone()),
+        })
+        .collect()
 }
 
 /// Pairings of the rows' keys and references, on the second node.
@@ -369,10 +386,13 @@ async fn present_on_first(
 }
 
 /// `--repair` of a mapped table: each differing row is copied through the mapping
-/// from the node that has it (both ways for a mismatch), under last-writer-wins. A
-/// row then still missing on one node lost to a tombstone there: the delete wins,
-/// and the row is deleted where it remains, as the application would delete it.
-/// Returns how many keys were repaired.
+/// from the node that has it (both ways for a mismatch), under last-writer-wins, in
+/// the configured directions only. Syncing both ways, a row then still missing on one
+/// node lost to a tombstone there: the delete wins, and the row is deleted where it
+/// remains, as the application would delete it. One way, nothing is deleted: the
+/// source is never written, and the source's tombstones are keyed in its own schema,
+/// so a row only on the target is left and reported. Returns how many keys were
+/// repaired.
 pub(crate) async fn repair(
     cfg: &Config,
     p: &Pair<'_>,
@@ -408,11 +428,20 @@ pub(crate) async fn repair(
         from: m.dir.to.clone(),
         to: m.dir.from.clone(),
     };
-    let t_back = CopyTable::describe(p.clients.1, p.clients.0, &back, tc).await?;
-    let mut forth = crate::snapshot::copy::CopyWorker::connect(cfg, &m.dir, 0).await?;
-    forth.copy_mapped_keys(&m.t, &first_keys).await?;
-    let mut backward = crate::snapshot::copy::CopyWorker::connect(cfg, &back, 0).await?;
-    backward.copy_mapped_keys(&t_back, &second_keys).await?;
+    let directions = cfg.directions().unwrap_or_default();
+    let flows = |d: &Direction| directions.contains(d);
+    if flows(&m.dir) {
+        let mut forth = crate::snapshot::copy::CopyWorker::connect(cfg, &m.dir, 0).await?;
+        forth.copy_mapped_keys(&m.t, &first_keys).await?;
+    }
+    if flows(&back) {
+        let t_back = CopyTable::describe(p.clients.1, p.clients.0, &back, tc).await?;
+        let mut backward = crate::snapshot::copy::CopyWorker::connect(cfg, &back, 0).await?;
+        backward.copy_mapped_keys(&t_back, &second_keys).await?;
+    }
+    if !(flows(&m.dir) && flows(&back)) {
+        return Ok(found.len());
+    }
     // What the copies could not settle: deletes that won. Each copy's target made
     // the pairing of a row it took, so it is asked.
     let on_second: Vec<String> = first_keys

@@ -6,9 +6,11 @@
 //! finally fetched ([`compare`]); equal tables cost one hashing scan per node and a
 //! few bytes per range on the wire. A difference may be a change still in flight:
 //! each one is read again until it has stayed the same for the settle window (the
-//! directions' current lag plus `--settle-ms`), and only those are reported, with how
-//! long they lasted. Orphaned foreign keys are counted on each node ([`orphans`]).
-//! Each run's result is recorded on the nodes for the daemon's metrics ([`record`]).
+//! applying directions' current lag plus `--settle-ms`), and only those are reported,
+//! with how long they lasted; a key still changing when verify gives up on it is
+//! reported as unsettled ([`settle`]). Orphaned foreign keys are counted on each node
+//! ([`orphans`]). Each run's result is recorded on the nodes for the daemon's metrics
+//! ([`record`]).
 
 mod compare;
 mod mapped;
@@ -16,6 +18,7 @@ mod orphans;
 mod progress;
 mod record;
 mod repair;
+mod settle;
 
 pub use record::export as export_metrics;
 pub(crate) use record::store as store_results;
@@ -28,15 +31,12 @@ use compare::{Difference, Pair};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Rows per range of the first pass: small enough that a range holding one
 /// difference costs little to cut down, large enough that a range costs more in
 /// hashing than in round trips.
 const RANGE_ROWS: i64 = 10_000;
-
-/// How often a difference is read again while it settles.
-const RECHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Errors that leave a table uncompared.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,17 @@ pub struct TableReport {
     /// Ranges small enough that were compared row by row.
     pub ranges_compared_by_row: usize,
     pub differences: Vec<KeyDifference>,
+    /// Keys that differed at every look but kept changing until verify gave up on
+    /// them (`for_seconds`: how long they were watched): not known to be equal.
+    pub unsettled: Vec<KeyDifference>,
     pub orphans: Vec<orphans::Orphans>,
+}
+
+impl TableReport {
+    /// Differing keys, settled or not, and orphaned rows' foreign keys.
+    pub fn findings(&self) -> usize {
+        self.differences.len() + self.unsettled.len() + self.orphans.len()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -81,7 +91,10 @@ pub struct Report {
     pub tables: Vec<TableReport>,
     /// How long a difference had to stay unchanged to be reported.
     pub settle_seconds: f64,
-    /// No difference and no orphan.
+    /// What the settle window left out (a halted direction's lag, a lag past the
+    /// cap).
+    pub notes: Vec<String>,
+    /// No difference, settled or not, and no orphan.
     pub equal: bool,
 }
 
@@ -113,12 +126,12 @@ pub async fn run(
         let Some(tc) = cfg.tables.iter().find(|tc| tc.name == t.table) else {
             continue;
         };
-        let keys: Vec<Vec<String>> = t.differences.iter().map(|d| d.key.clone()).collect();
+        // Unsettled keys too: the merge takes the newer version, as the stream would.
+        let all = || t.differences.iter().chain(&t.unsettled);
+        let keys: Vec<Vec<String>> = all().map(|d| d.key.clone()).collect();
         if tc.is_mapped() {
             let missing_on_first = format!("missing_on_{first}");
-            let found: BTreeMap<Vec<String>, Difference> = t
-                .differences
-                .iter()
+            let found: BTreeMap<Vec<String>, Difference> = all()
                 .map(|d| {
                     let kind = match d.kind.as_str() {
                         k if k == missing_on_first => Difference::MissingOnFirst,
@@ -155,13 +168,7 @@ async fn compare_all(
         clients: (&a, &b),
     };
     // The lag a change may still be in flight for.
-    let lag = crate::status::collect(cfg)
-        .await
-        .directions
-        .iter()
-        .filter_map(|d| d.lag_seconds)
-        .fold(0.0, f64::max);
-    let window = settle + Duration::from_secs_f64(lag);
+    let (window, notes) = settle::window(settle, &crate::status::collect(cfg).await.directions);
     let dir = Direction {
         from: first.to_string(),
         to: second.to_string(),
@@ -172,11 +179,11 @@ async fn compare_all(
         .iter()
         .filter(|tc| only.is_none_or(|t| t == tc.name))
     {
-        let (found, differences) = if tc.is_mapped() {
+        let (found, settled) = if tc.is_mapped() {
             let m = mapped::MappedTable::describe(&pair, tc).await?;
             let found = mapped::table(&pair, &m).await?;
-            let differences = settle_mapped(&pair, &m, &found.differences, window).await?;
-            (found, differences)
+            let settled = settle::mapped_differences(&pair, &m, &found.differences, window).await?;
+            (found, settled)
         } else {
             let t = CopyTable::describe(&a, &b, &dir, tc).await?;
             let split = crate::snapshot::split::split_at_most(&a, &dir, &t, RANGE_ROWS).await?;
@@ -190,8 +197,8 @@ async fn compare_all(
             meter.finish();
             let mut found = found?;
             let found_differences = std::mem::take(&mut found.differences);
-            let differences = settle_differences(&pair, &t, found_differences, window).await?;
-            (found, differences)
+            let settled = settle::differences(&pair, &t, found_differences, window).await?;
+            (found, settled)
         };
         let mut orphans = orphans::find(&a, first, tc.name_on(first)).await?;
         orphans.extend(orphans::find(&b, second, tc.name_on(second)).await?);
@@ -203,139 +210,37 @@ async fn compare_all(
             ]),
             chunks: found.chunks,
             ranges_compared_by_row: found.ranges_fetched,
-            differences: differences
-                .into_iter()
-                .map(|(key, (d, secs))| KeyDifference {
-                    key,
-                    kind: match &d {
-                        Difference::MissingOnFirst => format!("missing_on_{first}"),
-                        Difference::MissingOnSecond => format!("missing_on_{second}"),
-                        Difference::Mismatched(_) => "mismatched".into(),
-                    },
-                    columns: match d {
-                        Difference::Mismatched(c) => c,
-                        _ => Vec::new(),
-                    },
-                    for_seconds: secs,
-                })
-                .collect(),
+            differences: listed(settled.persisting, (first, second)),
+            unsettled: listed(settled.unsettled, (first, second)),
             orphans,
         });
     }
-    let equal = tables
-        .iter()
-        .all(|t| t.differences.is_empty() && t.orphans.is_empty());
+    let equal = tables.iter().all(|t| t.findings() == 0);
     Ok(Report {
         tables,
         settle_seconds: window.as_secs_f64(),
+        notes,
         equal,
     })
 }
 
-/// Reads the differing keys again until each has stayed the same for `window` (it
-/// persists) or has gone (it was in flight). A key that keeps changing is being
-/// written and replicated, and is dropped once it stops differing. Returns the
-/// persisting ones with how long each lasted.
-async fn settle_differences(
-    pair: &Pair<'_>,
-    t: &CopyTable,
-    found: BTreeMap<Vec<String>, Difference>,
-    window: Duration,
-) -> Result<BTreeMap<Vec<String>, (Difference, f64)>, NodeError> {
-    type State = (Option<Vec<Option<String>>>, Option<Vec<Option<String>>>);
-    let started = Instant::now();
-    let mut open: BTreeMap<Vec<String>, (Difference, Instant, Option<State>)> = found
-        .into_iter()
-        .map(|(k, d)| (k, (d, started, None)))
-        .collect();
-    let mut settled = BTreeMap::new();
-    // A key written without pause never settles; give up on it after this long.
-    let give_up = window * 10 + Duration::from_secs(10);
-    while !open.is_empty() && started.elapsed() < give_up {
-        let keys: Vec<Vec<String>> = open.keys().cloned().collect();
-        let (ra, rb) = compare::rows_of(pair, t, &keys).await?;
-        for key in keys {
-            let state: State = (ra.get(&key).cloned(), rb.get(&key).cloned());
-            let now_diff = compare::diff(
-                t,
-                &ra.get_key_value(&key)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .into_iter()
-                    .collect(),
-                &rb.get_key_value(&key)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .into_iter()
-                    .collect(),
-            );
-            let Some((_, d)) = now_diff.into_iter().next() else {
-                open.remove(&key);
-                continue;
-            };
-            let entry = open.get_mut(&key).expect("key is open");
-            if entry.2.as_ref() != Some(&state) {
-                *entry = (
-                    d,
-                    if entry.2.is_none() {
-                        entry.1
-                    } else {
-                        Instant::now()
-                    },
-                    Some(state),
-                );
-            }
-            if entry.1.elapsed() >= window {
-                let (d, since, _) = open.remove(&key).expect("key is open");
-                settled.insert(key, (d, since.elapsed().as_secs_f64()));
-            }
-        }
-        if !open.is_empty() {
-            tokio::time::sleep(RECHECK_EVERY).await;
-        }
-    }
-    Ok(settled)
-}
-
-/// [`settle_differences`] for a mapped table: a difference is reported once it has
-/// kept its kind (and differing columns) for `window`.
-async fn settle_mapped(
-    pair: &Pair<'_>,
-    m: &mapped::MappedTable,
-    found: &BTreeMap<Vec<String>, Difference>,
-    window: Duration,
-) -> Result<BTreeMap<Vec<String>, (Difference, f64)>, VerifyError> {
-    let started = Instant::now();
-    let mut open: BTreeMap<Vec<String>, (Difference, Instant)> = found
-        .iter()
-        .map(|(k, d)| (k.clone(), (d.clone(), started)))
-        .collect();
-    let mut settled = BTreeMap::new();
-    let give_up = window * 10 + Duration::from_secs(10);
-    while !open.is_empty() && started.elapsed() < give_up {
-        let keys: Vec<Vec<String>> = open.keys().cloned().collect();
-        let kinds: BTreeMap<Vec<String>, Difference> = open
-            .iter()
-            .map(|(k, (d, _))| (k.clone(), d.clone()))
-            .collect();
-        let now = mapped::recheck(pair, m, &keys, &kinds).await?;
-        for key in keys {
-            let Some(d) = now.get(&key) else {
-                open.remove(&key);
-                continue;
-            };
-            let entry = open.get_mut(&key).expect("key is open");
-            if entry.0 != *d {
-                *entry = (d.clone(), Instant::now());
-            }
-            if entry.1.elapsed() >= window {
-                let (d, since) = open.remove(&key).expect("key is open");
-                settled.insert(key, (d, since.elapsed().as_secs_f64()));
-            }
-        }
-        if !open.is_empty() {
-            tokio::time::sleep(RECHECK_EVERY).await;
-        }
-    }
-    Ok(settled)
+/// The report's lines for watched keys.
+fn listed(keys: settle::Watched, (first, second): (&str, &str)) -> Vec<KeyDifference> {
+    keys.into_iter()
+        .map(|(key, (d, secs))| KeyDifference {
+            key,
+            kind: match &d {
+                Difference::MissingOnFirst => format!("missing_on_{first}"),
+                Difference::MissingOnSecond => format!("missing_on_{second}"),
+                Difference::Mismatched(_) => "mismatched".into(),
+            },
+            columns: match d {
+                Difference::Mismatched(c) => c,
+                _ => Vec::new(),
+            },
+            for_seconds: secs,
+        })
+        .collect()
 }
 
 /// `duplex verify`: prints the report (JSON with `json`); exit 0 equal, 1 different,
@@ -381,6 +286,13 @@ pub fn render(r: &Report) -> String {
     let mut total = 0;
     for t in &r.tables {
         let rows: Vec<String> = t.rows.iter().map(|(n, c)| format!("{c} on {n}")).collect();
+        let mut found = Vec::new();
+        if !t.differences.is_empty() {
+            found.push(format!("{} differences", t.differences.len()));
+        }
+        if !t.unsettled.is_empty() {
+            found.push(format!("{} unsettled", t.unsettled.len()));
+        }
         out.push_str(&format!(
             "table {}: {} rows ({}), {} chunks, {} ranges compared row by row: {}\n",
             t.table,
@@ -388,21 +300,32 @@ pub fn render(r: &Report) -> String {
             rows.join(", "),
             t.chunks,
             t.ranges_compared_by_row,
-            if t.differences.is_empty() {
+            if found.is_empty() {
                 "equal".to_string()
             } else {
-                format!("{} differences", t.differences.len())
+                found.join(", ")
             }
         ));
-        for d in &t.differences {
+        for (d, unsettled) in t
+            .differences
+            .iter()
+            .map(|d| (d, false))
+            .chain(t.unsettled.iter().map(|d| (d, true)))
+        {
             out.push_str(&format!(
-                "  {} {}{} (for {:.1} s)\n",
+                "  {}{} {}{} ({} {:.1} s)\n",
+                if unsettled { "unsettled " } else { "" },
                 d.kind,
                 serde_json::to_string(&d.key).unwrap_or_default(),
                 if d.columns.is_empty() {
                     String::new()
                 } else {
                     format!(": {}", d.columns.join(", "))
+                },
+                if unsettled {
+                    "still changing, different at every look for"
+                } else {
+                    "for"
                 },
                 d.for_seconds
             ));
@@ -413,12 +336,15 @@ pub fn render(r: &Report) -> String {
                 o.node, o.rows, o.table, o.parent, o.constraint
             ));
         }
-        total += t.differences.len() + t.orphans.len();
+        total += t.findings();
+    }
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
     }
     out.push_str(&if r.equal {
         "verify: equal\n".to_string()
     } else {
-        format!("verify: {total} differences or orphaned foreign keys\n")
+        format!("verify: {total} differences (unsettled included) or orphaned foreign keys\n")
     });
     out
 }

@@ -47,6 +47,8 @@ async fn store_on(cfg: &Config, name: &str, report: &Report) -> Result<(), Strin
     for t in &report.tables {
         let rows = t.rows.values().max().copied().unwrap_or(0);
         let orphans: i64 = t.orphans.iter().map(|o| o.rows).sum();
+        // A key that never settled is not known to be equal: it counts.
+        let differences = (t.differences.len() + t.unsettled.len()) as i64;
         client
             .execute(
                 "INSERT INTO duplex.verify_results AS r
@@ -55,7 +57,7 @@ async fn store_on(cfg: &Config, name: &str, report: &Report) -> Result<(), Strin
                  ON CONFLICT (table_name) DO UPDATE SET finished_at = now(),
                    rows_checked = $2, rows_checked_total = r.rows_checked_total + $2,
                    differences = $3, orphans = $4",
-                &[&t.table, &rows, &(t.differences.len() as i64), &orphans],
+                &[&t.table, &rows, &differences, &orphans],
             )
             .await
             .map_err(|e| e.to_string())?;
