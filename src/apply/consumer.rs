@@ -25,28 +25,17 @@ use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::apply::writer::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
-use crate::kafka::{self, client_config, SinkError};
+use crate::kafka::{self, SinkError};
 use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::pg::state::positions;
 use crate::runtime::{supervise, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
-
-/// librdkafka consumer settings duplex changes from librdkafka's defaults.
-const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
-    ("fetch.wait.max.ms", "10"),
-    // Once the prefetch queue is full, librdkafka waits this long before fetching
-    // again (1 s by default): a consumer that drains the queue in 0.1 s then idles for
-    // 0.9 s, which capped a catch-up at 13,000 messages/s.
-    ("fetch.queue.backoff.ms", "10"),
-    ("queued.min.messages", "10000"),
-    ("queued.max.messages.kbytes", "8192"),
-];
 
 /// The readiness component of `dir`'s apply.
 pub fn component(dir: &Direction) -> String {
@@ -115,15 +104,43 @@ async fn apply_once(
     component: &str,
     metrics: ApplyMetrics,
     awaiting: Option<Gap>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
+    match open(cfg, dir, health, component, metrics, awaiting, &shutdown).await? {
+        Some(session) => run(session, dir, shutdown).await,
+        None => Ok(()),
+    }
+}
+
+/// An open apply session: the worker, its intake stage and its helper tasks.
+struct Session<'a> {
+    worker: Worker<'a>,
+    watchdog: Watchdog,
+    intake: Intake,
+    per_turn: usize,
+    /// Aborted when the session ends.
+    _tasks: [AbortOnDrop; 2],
+}
+
+/// Opens a session: sets the target up, copies what predates the slots (`None` when
+/// shutdown came during the copy), reads the stored position (or where a first start
+/// begins), and starts reading the topic from there.
+async fn open<'a>(
+    cfg: &'a Config,
+    dir: &'a Direction,
+    health: &Health,
+    component: &str,
+    metrics: ApplyMetrics,
+    awaiting: Option<Gap>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<Session<'a>>, ApplyError> {
     setup::setup(cfg, &dir.to, setup::LostSlot::Refuse).await?;
     crate::pg::history::check(cfg, dir).await?;
     // Rows that predate the slots reach the target before the topic's changes do.
     if crate::snapshot::before_apply(cfg, dir, shutdown.clone()).await?
         == crate::snapshot::Copied::Stopped
     {
-        return Ok(());
+        return Ok(None);
     }
     let writer = connect_bounded(cfg, dir, metrics.clone()).await?;
     let watchdog = Watchdog::new(cfg, dir, writer.backend_pid);
@@ -140,36 +157,13 @@ async fn apply_once(
     }
     let committed_next = stored.next_offset;
     let offset = committed_next.map_or(Offset::Beginning, Offset::Offset);
-    let kafka_err = |source| ApplyError::Kafka {
-        direction: dir.to_string(),
-        source,
-    };
     kafka::ensure_topic(&cfg.kafka, &topic)
         .await
         .map_err(|source| ApplyError::Sink {
             direction: dir.to_string(),
             source,
         })?;
-    let mut cc = client_config(&cfg.kafka);
-    cc.set("group.id", format!("duplex-{dir}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    // Latency and memory: don't let a fetch idle for librdkafka's default 500 ms, and
-    // bound the prefetch queue (100k messages or 64 MB by default). The user's
-    // properties still win.
-    for (key, value) in CONSUMER_DEFAULTS {
-        if !cfg.kafka.properties.contains_key(*key) {
-            cc.set(*key, *value);
-        }
-    }
-    // A stored offset the broker no longer has (retention passed it, the topic was
-    // recreated) must stop this direction, never jump silently to either end.
-    cc.set("auto.offset.reset", "error");
-    let consumer: Arc<StreamConsumer> = Arc::new(cc.create().map_err(kafka_err)?);
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, offset)
-        .map_err(kafka_err)?;
-    consumer.assign(&tpl).map_err(kafka_err)?;
+    let consumer = intake::open_consumer(cfg, dir, &topic, offset)?;
     watchdog
         .run(async {
             progress::set_state(&writer.client, dir, DirectionState::Running, None)
@@ -196,7 +190,7 @@ async fn apply_once(
         )
         .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
     );
-    let _reporter = AbortOnDrop(reporter);
+    let reporter = AbortOnDrop(reporter);
     // The first message must be the stored one: anything later means a gap, once a
     // broker's answer from the next record batch is told apart (see `resume`).
     let resume = match committed_next {
@@ -209,12 +203,35 @@ async fn apply_once(
     let source = intake::Source {
         consumer,
         dir: dir.clone(),
-        topic: topic.clone(),
+        topic,
         stored: committed_next,
         resume,
     };
-    let (mut intake, task) = intake::start(source, cfg.sync.batch_rows, shutdown.clone());
-    let _intake = AbortOnDrop(task);
+    let bounds = cfg.sync.bounds();
+    let (intake, task) = intake::start(source, bounds.intake_capacity, shutdown.clone());
+    Ok(Some(Session {
+        worker,
+        watchdog,
+        intake,
+        per_turn: bounds.per_turn,
+        _tasks: [reporter, AbortOnDrop(task)],
+    }))
+}
+
+/// Runs an open session until shutdown or an error: takes what the intake stage
+/// reads, writes at the linger's end, gives up a stalled transaction, sweeps.
+async fn run(
+    session: Session<'_>,
+    dir: &Direction,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ApplyError> {
+    let Session {
+        mut worker,
+        watchdog,
+        mut intake,
+        per_turn,
+        _tasks,
+    } = session;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -237,7 +254,7 @@ async fn apply_once(
                         source: SinkError::Task("the intake stage ended".into()),
                     });
                 };
-                watchdog.run(take_ready(&mut worker, taken?, &mut intake, cfg.sync.batch_rows)).await?;
+                watchdog.run(take_ready(&mut worker, taken?, &mut intake, per_turn)).await?;
             }
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,

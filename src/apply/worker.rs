@@ -40,10 +40,6 @@ use tokio::sync::watch;
 /// rolled back and written again in place before the session restarts instead.
 const IN_PLACE_ATTEMPTS: u32 = 5;
 
-/// Events a batch may grow to while an unfinished source transaction is held back,
-/// at least.
-const HELD_MIN: usize = 1000;
-
 /// An event waiting in the batch, with its Kafka coordinates.
 struct Pending {
     event: ChangeEvent,
@@ -217,7 +213,8 @@ impl<'a> Worker<'a> {
         // A full batch is written at its source transaction's end, or once it holds
         // as much as may be held back (see `flush`).
         let n = self.pending.len();
-        if n >= self.cfg.sync.batch_rows && (self.sequence.at_boundary() || n >= self.held_max()) {
+        let bounds = self.cfg.sync.bounds();
+        if n >= bounds.flush_at && (self.sequence.at_boundary() || n >= bounds.hold_max) {
             self.flush().await?;
             self.commit_written().await?;
         }
@@ -244,12 +241,6 @@ impl<'a> Worker<'a> {
         self.first_pending_at.get_or_insert_with(Instant::now);
     }
 
-    /// Events the batch may grow to while an unfinished source transaction is held
-    /// back.
-    fn held_max(&self) -> usize {
-        HELD_MIN.max(2 * self.cfg.sync.batch_rows)
-    }
-
     /// The linger ended: writes what is complete and commits it, holding back an
     /// unfinished source transaction without its row locks.
     pub(super) async fn linger_expired(&mut self) -> Result<(), ApplyError> {
@@ -269,14 +260,14 @@ impl<'a> Worker<'a> {
 
     /// Writes the batch into the open transaction (without committing), but for an
     /// unfinished source transaction at its end (see [`writable_len`]). Memory stays
-    /// bounded: from [`Self::held_max`] events on, everything is written, and a
+    /// bounded: from `hold_max` events on (see `BatchBounds`), everything is written, and a
     /// transaction that large may hold target row locks until its end arrives (or
     /// [`incomplete::STALLED_AFTER`] passes without a message).
     async fn flush(&mut self) -> Result<(), ApplyError> {
         self.first_pending_at = None;
         let events: Vec<&ChangeEvent> = self.pending.iter().map(|p| &p.event).collect();
         let ready = match writable_len(&events) {
-            _ if self.pending.len() >= self.held_max() => self.pending.len(),
+            _ if self.pending.len() >= self.cfg.sync.bounds().hold_max => self.pending.len(),
             n => n,
         };
         let held = self.pending.split_off(ready);
@@ -299,7 +290,7 @@ impl<'a> Worker<'a> {
             let e = match self.write(&pending).await {
                 Ok(()) => {
                     self.offsets.written_to(next);
-                    let free = self.txn.wrote(pending, self.cfg.sync.batch_rows);
+                    let free = self.txn.wrote(pending, self.cfg.sync.bounds().retry_buffer);
                     self.reclaim.give(free);
                     return Ok(());
                 }

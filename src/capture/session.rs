@@ -513,15 +513,20 @@ impl Session<'_> {
     /// The session's end on a sink error; a broker found to have lost acknowledged
     /// messages is recorded on the node first, so that no later session (of this
     /// process or another) reads or writes the topic before the operator resynchronised.
+    /// Where the stream began on that topic is forgotten with it: the topic's offsets
+    /// start over, and the next session records where the stream begins on it again.
     async fn sink_failed(&mut self, source: SinkError) -> PipelineError {
         if source.is_topic_lost() {
             crate::daemon::abort();
             let recorded = self
                 .client
-                .execute(
-                    "UPDATE duplex.slots SET topic_lost = $1 WHERE slot_name = $2",
-                    &[&source.to_string(), &self.cfg.slot_name(self.node)],
-                )
+                .batch_execute(&format!(
+                    "UPDATE duplex.slots SET topic_lost = {} WHERE slot_name = {};
+                     DELETE FROM duplex.stream_starts WHERE topic = {};",
+                    crate::pg::sql::quote_literal(&source.to_string()),
+                    crate::pg::sql::quote_literal(&self.cfg.slot_name(self.node)),
+                    crate::pg::sql::quote_literal(&self.cfg.topic(self.node)),
+                ))
                 .await;
             if let Err(e) = recorded {
                 tracing::error!(node = self.node, error = %e, "could not record the lost topic on the node");

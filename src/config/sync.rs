@@ -18,6 +18,27 @@ pub const DEFAULT_APPLY_RECEIVE_TIMEOUT_MS: u64 = 30_000;
 /// Below this, a busy node would be asked about every statement.
 pub const MIN_APPLY_RECEIVE_TIMEOUT_MS: u64 = 1_000;
 
+/// Events a batch may grow to while an unfinished source transaction is held back,
+/// at least (see [`BatchBounds::hold_max`]).
+pub const HELD_MIN: usize = 1_000;
+
+/// Everything `sync.batch_rows` bounds in a direction, named once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchBounds {
+    /// Decoded messages the intake stage holds ahead of the worker.
+    pub intake_capacity: usize,
+    /// Messages the worker takes in one turn of its loop before it looks at its timers.
+    pub per_turn: usize,
+    /// Events that make a batch full: it is written at its source transaction's end.
+    pub flush_at: usize,
+    /// Events held back at most while a source transaction is unfinished; from there
+    /// on it is written as it arrives (and may hold row locks until its end).
+    pub hold_max: usize,
+    /// Events of the open target transaction kept to write it again in place after
+    /// a deadlock; a larger transaction restarts its session instead.
+    pub retry_buffer: usize,
+}
+
 /// What a direction does with an event it cannot apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -36,7 +57,8 @@ pub struct SyncConfig {
     pub direction: Option<String>,
     pub on_error: OnError,
     /// Rows per target transaction, at most (a larger source transaction is applied
-    /// whole, in several statements of this many rows).
+    /// whole, in several statements of this many rows); it bounds the intake stage and
+    /// what is held back too (see [`SyncConfig::bounds`]).
     pub batch_rows: usize,
     /// How long a batch waits for more rows before it commits.
     pub linger_ms: u64,
@@ -55,6 +77,19 @@ pub struct SyncConfig {
     /// that finished it (the answer is lost: a dead route, a hung middlebox) or cannot
     /// be reached means a stalled connection, which is dropped and replaced.
     pub receive_timeout_ms: u64,
+}
+
+impl SyncConfig {
+    /// What `batch_rows` bounds (see [`BatchBounds`]).
+    pub fn bounds(&self) -> BatchBounds {
+        BatchBounds {
+            intake_capacity: self.batch_rows,
+            per_turn: self.batch_rows,
+            flush_at: self.batch_rows,
+            hold_max: HELD_MIN.max(2 * self.batch_rows),
+            retry_buffer: self.batch_rows,
+        }
+    }
 }
 
 impl Default for SyncConfig {

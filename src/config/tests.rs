@@ -242,3 +242,18 @@ fn kafka_properties_come_from_the_environment_and_win() {
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("kafka.properties.acks"), "{e}");
 }
+
+#[test]
+fn batch_rows_bounds_every_stage_of_a_direction() {
+    let mut c = Config::parse(GOOD).unwrap();
+    c.sync.batch_rows = 2_000;
+    let b = c.sync.bounds();
+    assert_eq!(
+        (b.intake_capacity, b.per_turn, b.flush_at, b.retry_buffer),
+        (2_000, 2_000, 2_000, 2_000)
+    );
+    assert_eq!(b.hold_max, 4_000);
+    // A small batch still holds back a transaction of a thousand events.
+    c.sync.batch_rows = 2;
+    assert_eq!(c.sync.bounds().hold_max, sync::HELD_MIN);
+}

@@ -58,10 +58,10 @@ impl CopyWorker<'_> {
             params.push(&times);
             params.push(&t.name);
             params.push(&dir.from);
-            target
-                .execute(&delete, &params)
-                .await
-                .map_err(sql_err(&dir.to, format!("deleting what node {} deleted from {}", dir.from, t.name)))?;
+            target.execute(&delete, &params).await.map_err(sql_err(
+                &dir.to,
+                format!("deleting what node {} deleted from {}", dir.from, t.name),
+            ))?;
             carried += times.len() as u64;
         }
         let truncated: Option<String> = source
@@ -71,13 +71,19 @@ impl CopyWorker<'_> {
                 &[&t.name],
             )
             .await
-            .map_err(sql_err(&dir.from, format!("reading the truncation of {}", t.name)))?
+            .map_err(sql_err(
+                &dir.from,
+                format!("reading the truncation of {}", t.name),
+            ))?
             .map(|r| r.get(0));
         if let Some(at) = truncated {
             target
                 .execute(&t.target.truncate_sql(), &[&at, &t.name, &dir.from])
                 .await
-                .map_err(sql_err(&dir.to, format!("truncating {} as node {} did", t.name, dir.from)))?;
+                .map_err(sql_err(
+                    &dir.to,
+                    format!("truncating {} as node {} did", t.name, dir.from),
+                ))?;
         }
         Ok(carried)
     }

@@ -88,7 +88,11 @@ async fn a_lost_position_is_recovered_as_documented_deletes_and_truncates_includ
     insert_in_tens(&b, "items", 100..=110).await;
     converge(&a, &b, &["items", "notes"], Duration::from_secs(60)).await;
     stop(d).await;
-    let stored: i64 = count(&b, "SELECT next_offset FROM duplex.apply_positions WHERE source_node = 'a'").await;
+    let stored: i64 = count(
+        &b,
+        "SELECT next_offset FROM duplex.apply_positions WHERE source_node = 'a'",
+    )
+    .await;
 
     // Node b is out of reach; node a's application goes on, its changes reach the topic.
     let (real, dead) = cut_off_b(&rig);
@@ -108,7 +112,9 @@ async fn a_lost_position_is_recovered_as_documented_deletes_and_truncates_includ
 
     // Retention removes the head of what b never read, cutting a transaction.
     let topic = rig.topic_of("a");
-    Broker::shared().delete_records_before(&topic, stored + 5).await;
+    Broker::shared()
+        .delete_records_before(&topic, stored + 5)
+        .await;
     rig.edit_config(&[(&dead, &real)]);
     let d = rig.start();
     let logs = d
@@ -148,12 +154,7 @@ async fn a_lost_position_is_recovered_as_documented_deletes_and_truncates_includ
 
 #[tokio::test]
 async fn a_first_start_ignores_an_earlier_deployments_events() {
-    let rig = Rig::new(
-        DDL,
-        &["public.items"],
-        "[snapshot]\nmode = \"never\"\n",
-    )
-    .await;
+    let rig = Rig::new(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     assert!(rig.command(&["setup"]).status.success());
@@ -166,7 +167,9 @@ async fn a_first_start_ignores_an_earlier_deployments_events() {
     assert!(out.status.success(), "{}", said(&out));
     // Without duplex, the applications delete row 2 on both nodes.
     for c in [&a, &b] {
-        c.batch_execute("DELETE FROM items WHERE id = 2").await.unwrap();
+        c.batch_execute("DELETE FROM items WHERE id = 2")
+            .await
+            .unwrap();
     }
     // A new deployment on the same topics.
     assert!(rig.command(&["setup"]).status.success());
@@ -176,18 +179,17 @@ async fn a_first_start_ignores_an_earlier_deployments_events() {
         .await
         .unwrap();
     converge(&a, &b, &["items"], Duration::from_secs(60)).await;
-    assert_eq!(item_ids(&b).await, [1, 3, 4], "an old event was applied again");
+    assert_eq!(
+        item_ids(&b).await,
+        [1, 3, 4],
+        "an old event was applied again"
+    );
     stop(d).await;
 }
 
 #[tokio::test]
 async fn a_stream_whose_head_retention_removed_halts_its_first_start() {
-    let rig = Rig::new(
-        DDL,
-        &["public.items"],
-        "[snapshot]\nmode = \"never\"\n",
-    )
-    .await;
+    let rig = Rig::new(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
     assert!(rig.command(&["setup"]).status.success());
@@ -210,7 +212,10 @@ async fn a_stream_whose_head_retention_removed_halts_its_first_start() {
         logs.contains("retention removed the rest before the direction first started"),
         "{logs}"
     );
-    assert!(item_ids(&b).await.is_empty(), "part of the stream was applied");
+    assert!(
+        item_ids(&b).await.is_empty(),
+        "part of the stream was applied"
+    );
     stop(d).await;
     // The recovery the message gives: `duplex snapshot` copies and sets the start.
     let snapshot = rig.command(&["snapshot"]);

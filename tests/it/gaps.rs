@@ -197,5 +197,8 @@ async fn a_transaction_missing_whole_is_applied_from_the_next_copy() {
     ]
     .concat();
     let logs = apply(&rig, &events, &[1, 2, 3, 4, 5, 6]).await;
-    assert!(logs.contains("source transaction 0/300 is missing"), "{logs}");
+    assert!(
+        logs.contains("source transaction 0/300 is missing"),
+        "{logs}"
+    );
 }
