@@ -115,7 +115,7 @@ async fn apply_once(
 /// An open apply session: the worker, its intake stage and its helper tasks.
 struct Session<'a> {
     worker: Worker<'a>,
-    watchdog: Watchdog,
+    watchdog: Watchdog<'a>,
     intake: Intake,
     per_turn: usize,
     /// Aborted when the session ends.
