@@ -177,3 +177,65 @@ async fn a_position_inside_a_record_batch_resumes_there() {
     assert!(after.starts_with(&before), "{before} became {after}");
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// A topic deleted and created again while duplex was stopped: the positions stored
+/// on both sides lie past its end now. duplex stops naming what happened, applies
+/// nothing of the new log over the old positions, and the documented recovery brings
+/// both nodes level with nothing lost.
+#[tokio::test]
+async fn a_topic_deleted_while_stopped_is_found_and_recovered() {
+    let rig = Rig::both(DDL, &["public.items"], "").await;
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    a.batch_execute("INSERT INTO items (id, val) SELECT g, 'before' FROM generate_series(1, 30) g")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    assert_eq!(d.stop().await, Some(0));
+    Broker::shared().delete_topic(&rig.topic_of("a")).await;
+    // While duplex is stopped, node a deletes and writes.
+    a.batch_execute(
+        "DELETE FROM items WHERE id <= 10;
+         INSERT INTO items (id, val) SELECT 100 + g, 'while stopped' FROM generate_series(1, 5) g;",
+    )
+    .await
+    .unwrap();
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(90)).await, Some(1));
+    let logs = d.logs();
+    assert!(
+        logs.contains("went back")
+            || logs.contains("does not exist any more")
+            || logs.contains("is not in the topic any more"),
+        "no explanation:\n{logs}"
+    );
+    assert_eq!(
+        crate::harness::count(&b, "SELECT count(*) FROM items WHERE val = 'while stopped'").await,
+        0,
+        "the new log was applied over the old positions"
+    );
+    // The documented recovery.
+    b.batch_execute("DELETE FROM duplex.apply_positions WHERE source_node = 'a'")
+        .await
+        .unwrap();
+    a.batch_execute("UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL")
+        .await
+        .unwrap();
+    let d = rig.start();
+    d.wait_applying(2).await;
+    let snapshot = rig.command(&["snapshot"]);
+    assert!(
+        snapshot.status.success(),
+        "{}",
+        crate::harness::output_text(&snapshot)
+    );
+    a.batch_execute("INSERT INTO items (id, val) VALUES (500, 'after')")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    assert_eq!(crate::apply::item_ids(&b).await.len(), 20 + 5 + 1);
+    assert_eq!(d.stop().await, Some(0));
+}

@@ -410,6 +410,33 @@ impl Broker {
         }
     }
 
+    /// Deletes `topic` (as an operator's `kafka-topics --delete` would) and waits until
+    /// the cluster no longer lists it.
+    pub async fn delete_topic(&self, topic: &str) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = self.client().create().unwrap();
+        for r in admin
+            .delete_topics(&[topic], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+        let consumer: BaseConsumer = self.client().create().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .unwrap();
+            if md.topics().iter().all(|t| t.error().is_some()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} still listed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Reads `topic` partition 0 from the start until `done` holds for what was read,
     /// or `timeout` passes; returns the decoded events. `done` is asked whenever the
     /// reader has caught up and every 1000 events, so it may be costly.
