@@ -124,7 +124,7 @@ async fn apply_once(
         return Ok(());
     }
     let writer = connect_bounded(cfg, dir, metrics.clone()).await?;
-    let watchdog = Watchdog::new(cfg, dir, writer.backend_pid);
+    let watchdog = Watchdog::new(cfg, dir, writer.backend_pid, writer.away.clone());
     let stored = watchdog
         .run(async {
             progress::stored(&writer.client, cfg, dir)
@@ -212,6 +212,10 @@ async fn apply_once(
     let _intake = AbortOnDrop(task);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Another instance's reader may find the topic lost while this one applies it:
+    // stop then, rolling back what the session holds, as an abort here would.
+    let topic_lost = crate::pg::history::topic_lost(cfg, dir);
+    tokio::pin!(topic_lost);
     loop {
         let deadline = worker.linger_deadline();
         let stall = worker.stall_deadline();
@@ -237,6 +241,7 @@ async fn apply_once(
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
             _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
+            lost = &mut topic_lost => return Err(lost.into()),
         }
     }
 }

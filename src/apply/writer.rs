@@ -129,6 +129,8 @@ pub struct TargetWriter<'a> {
     pub metrics: ApplyMetrics,
     /// The direction's mapped tables (see `mapping/`).
     mapper: crate::mapping::Mapper,
+    /// Marks the session's waits elsewhere, for its watchdog.
+    pub(crate) away: crate::apply::watchdog::Away,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -169,6 +171,7 @@ impl<'a> TargetWriter<'a> {
                 .unwrap_or_default()
                 .iter()
                 .any(|d| d.from == dir.to && d.to == dir.from),
+            away: Default::default(),
         };
         w.client
             .batch_execute("SET session_replication_role = replica")
