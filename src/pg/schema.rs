@@ -160,6 +160,18 @@ CREATE TABLE IF NOT EXISTS duplex.snapshot_chunks (
     copied_at timestamptz,
     PRIMARY KEY (source_node, table_name, chunk)
 );
+-- generation counts a table's plans, and says which plan a chunk belongs to: a copy
+-- worker of an earlier plan (whose ranges differ) marks none of a later one's chunks.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.snapshots'::regclass
+                   AND attname = 'generation' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.snapshots ADD COLUMN generation integer NOT NULL DEFAULT 0;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'duplex.snapshot_chunks'::regclass
+                   AND attname = 'generation' AND NOT attisdropped) THEN
+        ALTER TABLE duplex.snapshot_chunks ADD COLUMN generation integer NOT NULL DEFAULT 0;
+    END IF;
+END $$;
 -- Mapped tables (see mapping/): the key a row has on each node, `key_a` on the node
 -- whose name sorts first. Made by the applier that first writes the row to a node,
 -- in the same transaction, and published so that the other node learns it. Kept

@@ -7,7 +7,8 @@
 //! A referenced table is copied before the tables that reference it (see
 //! [`levels`]), so that every reference finds its row's pairing.
 
-use super::table::{Chunk, CopyTable};
+use super::copy::Marked;
+use super::table::CopyTable;
 use super::SnapshotError;
 use crate::apply::writer::{DeleteTimes, TargetWriter};
 use crate::config::{Config, Direction};
@@ -40,15 +41,15 @@ impl<'a> MappedCopier<'a> {
     }
 
     /// Copies the rows of `t` matching `filter` (` WHERE ...`) from `source` through
-    /// the mapping in one transaction, marking `chunk` copied in it if given;
-    /// returns the rows.
+    /// the mapping in one transaction, marking `chunk` copied in it if given (the
+    /// copy is rolled back if its plan was replaced meanwhile); returns the rows.
     pub(crate) async fn copy(
         &mut self,
         source: &Client,
         dir: &Direction,
         t: &CopyTable,
         filter: &str,
-        chunk: Option<&Chunk>,
+        chunk: Option<Marked>,
     ) -> Result<u64, SnapshotError> {
         let rows = source
             .query(&t.rows_where(filter), &[])
@@ -64,15 +65,12 @@ impl<'a> MappedCopier<'a> {
             return Err(e);
         }
         if let Some(chunk) = chunk {
-            self.writer
-                .client
-                .execute(
-                    "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
-                     WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
-                    &[&dir.from, &t.name, &chunk.chunk, &(n as i64)],
-                )
-                .await
-                .map_err(sql_err(&dir.to, context.clone()))?;
+            if !chunk.mark(&self.writer.client, dir, &t.name, n).await? {
+                self.writer
+                    .execute("ROLLBACK", "rolling back a copy")
+                    .await?;
+                return Err(chunk.replanned(dir, &t.name));
+            }
         }
         self.writer.execute("COMMIT", &context).await?;
         Ok(n)
