@@ -228,6 +228,8 @@ async fn apply_once(
                 }
                 return watchdog.run(worker.finish()).await;
             }
+            // Ahead of the intake, which a catch-up keeps ready: never starved.
+            lost = &mut topic_lost => return Err(lost.into()),
             taken = intake.recv() => {
                 // The stage ends after sending its error, or on shutdown (the arm above).
                 let Some(taken) = taken else {
@@ -241,7 +243,6 @@ async fn apply_once(
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
             _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
-            lost = &mut topic_lost => return Err(lost.into()),
         }
     }
 }
