@@ -121,13 +121,17 @@ impl Lease {
                 continue;
             }
             if !waiting {
-                tracing::info!(
-                    component,
-                    node,
-                    "another instance does this work: standing by"
-                );
-                if let Some(health) = health {
-                    health.set_state(component, ComponentState::Standby);
+                match health {
+                    Some(health) => {
+                        tracing::info!(
+                            component,
+                            node,
+                            "another instance does this work: standing by"
+                        );
+                        health.set_state(component, ComponentState::Standby);
+                    }
+                    // Not a component: the holder may be another task of this instance.
+                    None => tracing::info!(component, node, "waiting for the lock's holder"),
                 }
                 waiting = true;
             }
