@@ -67,13 +67,13 @@ pub struct Lease {
 
 impl Lease {
     /// Takes the lock of `component` on `node`, waiting while another instance holds
-    /// it (the component is reported as standing by meanwhile). `None` when `shutdown`
-    /// came first.
+    /// it (the component is reported as standing by meanwhile, in `health` if it is
+    /// one of the instance's). `None` when `shutdown` came first.
     pub async fn acquire(
         cfg: &Config,
         node: &str,
         component: &str,
-        health: &Health,
+        health: Option<&Health>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Lease>, LeaseError> {
         let client = node::connect(cfg, node, &format!("lock {component}")).await?;
@@ -121,12 +121,18 @@ impl Lease {
                 continue;
             }
             if !waiting {
-                tracing::info!(
-                    component,
-                    node,
-                    "another instance does this work: standing by"
-                );
-                health.set_state(component, ComponentState::Standby);
+                match health {
+                    Some(health) => {
+                        tracing::info!(
+                            component,
+                            node,
+                            "another instance does this work: standing by"
+                        );
+                        health.set_state(component, ComponentState::Standby);
+                    }
+                    // Not a component: the holder may be another task of this instance.
+                    None => tracing::info!(component, node, "waiting for the lock's holder"),
+                }
                 waiting = true;
             }
             tokio::select! {
@@ -225,7 +231,8 @@ where
     E: From<LeaseError>,
     Fut: std::future::Future<Output = Result<(), E>>,
 {
-    let Some(mut lease) = Lease::acquire(cfg, node, component, health, shutdown).await? else {
+    let Some(mut lease) = Lease::acquire(cfg, node, component, Some(health), shutdown).await?
+    else {
         return Ok(());
     };
     health.set(component, false);

@@ -107,7 +107,7 @@ async fn apply_once(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     match open(cfg, dir, health, component, metrics, awaiting, &shutdown).await? {
-        Some(session) => run(session, dir, shutdown).await,
+        Some(session) => run(session, cfg, dir, shutdown).await,
         None => Ok(()),
     }
 }
@@ -143,7 +143,7 @@ async fn open<'a>(
         return Ok(None);
     }
     let writer = connect_bounded(cfg, dir, metrics.clone()).await?;
-    let watchdog = Watchdog::new(cfg, dir, writer.backend_pid);
+    let watchdog = Watchdog::new(cfg, dir, writer.backend_pid, writer.away.clone());
     let topic = cfg.topic(&dir.from);
     let mut stored = watchdog
         .run(async {
@@ -222,6 +222,7 @@ async fn open<'a>(
 /// reads, writes at the linger's end, gives up a stalled transaction, sweeps.
 async fn run(
     session: Session<'_>,
+    cfg: &Config,
     dir: &Direction,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
@@ -234,6 +235,10 @@ async fn run(
     } = session;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Another instance's reader may find the topic lost while this one applies it:
+    // stop then, rolling back what the session holds, as an abort here would.
+    let topic_lost = crate::pg::history::topic_lost(cfg, dir);
+    tokio::pin!(topic_lost);
     loop {
         let deadline = worker.linger_deadline();
         let stall = worker.stall_deadline();
@@ -246,6 +251,8 @@ async fn run(
                 }
                 return watchdog.run(worker.finish()).await;
             }
+            // Ahead of the intake, which a catch-up keeps ready: never starved.
+            lost = &mut topic_lost => return Err(lost.into()),
             taken = intake.recv() => {
                 // The stage ends after sending its error, or on shutdown (the arm above).
                 let Some(taken) = taken else {

@@ -118,6 +118,8 @@ async fn record(
         direction: dir.to_string(),
         source,
     };
+    // The session idles in its transaction meanwhile: no stall of the target.
+    let _away = writer.away.enter();
     if producer.is_none() {
         let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
         kafka::ensure_topic(&cfg.kafka, &topic)

@@ -12,12 +12,45 @@
 //! error: the direction reconnects and writes its open transaction again from its
 //! durable position). The idle server process is ended right away, so it releases
 //! its row locks and the replication origin the next session needs.
+//!
+//! While the loop waits on something else with the session's transaction open (the
+//! dead-letter queue's broker acknowledging a letter, up to 30 s), the session is
+//! idle on purpose: the work marks that wait with [`Away`], and the watchdog does not
+//! take it for a stall.
 
 use crate::apply::error::ApplyError;
 use crate::config::{Config, Direction};
 use crate::pg::node;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Marks the waits of an apply session's work on something other than the target,
+/// shared by the session's writer and its [`Watchdog`].
+#[derive(Debug, Clone, Default)]
+pub struct Away(Arc<AtomicUsize>);
+
+impl Away {
+    /// The work waits elsewhere until the returned guard is dropped.
+    pub fn enter(&self) -> AwayGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        AwayGuard(self.0.clone())
+    }
+
+    fn now(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// See [`Away::enter`].
+pub struct AwayGuard(Arc<AtomicUsize>);
+
+impl Drop for AwayGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// How the node sees the apply session's server process.
 enum Verdict {
@@ -25,17 +58,24 @@ enum Verdict {
     Stalled(String),
 }
 
-/// Watches one apply session (its server process is `pid` on `dir.to`).
-#[derive(Clone, Copy)]
+/// Watches one apply session (its server process is `pid` on `dir.to`; its work marks
+/// waits elsewhere in `away`).
+#[derive(Clone)]
 pub(crate) struct Watchdog<'a> {
     cfg: &'a Config,
     dir: &'a Direction,
     pid: i32,
+    away: Away,
 }
 
 impl<'a> Watchdog<'a> {
-    pub(crate) fn new(cfg: &'a Config, dir: &'a Direction, pid: i32) -> Watchdog<'a> {
-        Watchdog { cfg, dir, pid }
+    pub(crate) fn new(cfg: &'a Config, dir: &'a Direction, pid: i32, away: Away) -> Watchdog<'a> {
+        Watchdog {
+            cfg,
+            dir,
+            pid,
+            away,
+        }
     }
 
     fn every(&self) -> Duration {
@@ -57,6 +97,11 @@ impl<'a> Watchdog<'a> {
                 _ = tokio::time::sleep(self.every()) => {}
             }
             let waited_s = started.elapsed().as_secs_f64();
+            if self.away.now() {
+                tracing::info!(direction = %self.dir, waited_s,
+                    "the apply session waits on the broker (dead-letter queue), not on the target");
+                continue;
+            }
             match self.ask_node().await {
                 Verdict::Working(what) => {
                     tracing::info!(direction = %self.dir, waited_s, state = %what,

@@ -129,6 +129,8 @@ pub struct TargetWriter<'a> {
     pub metrics: ApplyMetrics,
     /// The direction's mapped tables (see `mapping/`).
     mapper: crate::mapping::Mapper,
+    /// Marks the session's waits elsewhere, for its watchdog.
+    pub(crate) away: crate::apply::watchdog::Away,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -169,6 +171,7 @@ impl<'a> TargetWriter<'a> {
                 .unwrap_or_default()
                 .iter()
                 .any(|d| d.from == dir.to && d.to == dir.from),
+            away: Default::default(),
         };
         w.client
             .batch_execute("SET session_replication_role = replica")
@@ -181,19 +184,15 @@ impl<'a> TargetWriter<'a> {
         w.use_origin(&origin, purpose).await?;
         // The node too should notice when duplex is gone (a dead route, a host that
         // died): its session holds the origin the next session needs.
-        let keepalive_s = (cfg.sync.receive_timeout_ms / 3000).max(1);
+        w.client
+            .batch_execute(&node::keepalive_sql(cfg))
+            .await
+            .map_err(w.sql("setting TCP keepalives"))?;
         w.backend_pid = w
             .client
-            .query_one(
-                &format!(
-                    "SELECT pg_backend_pid(), set_config('tcp_keepalives_idle', '{keepalive_s}', false),
-                            set_config('tcp_keepalives_interval', '{keepalive_s}', false),
-                            set_config('tcp_keepalives_count', '3', false)"
-                ),
-                &[],
-            )
+            .query_one("SELECT pg_backend_pid()", &[])
             .await
-            .map_err(w.sql("setting TCP keepalives"))?
+            .map_err(w.sql("reading the session's server process"))?
             .get(0);
         // In a deadlock with the application, the session that waited deadlock_timeout
         // first gives up: let that be duplex, which writes its transaction again,

@@ -467,7 +467,9 @@ impl Session<'_> {
     }
 
     /// Records the highest acknowledged offset on the node, so that a later session
-    /// notices a broker that came back without it.
+    /// notices a broker that came back without it. It only rises on one topic: an
+    /// old instance's late write, after a standby took over and recorded more, must
+    /// not lower it.
     async fn record_offset(&mut self) -> Result<(), PipelineError> {
         let last = self.acked.borrow().last;
         if last.is_none() || last == self.recorded_offset {
@@ -475,7 +477,9 @@ impl Session<'_> {
         }
         self.client
             .execute(
-                "UPDATE duplex.slots SET last_offset = $1, last_offset_topic = $3
+                "UPDATE duplex.slots SET last_offset_topic = $3,
+                        last_offset = CASE WHEN last_offset_topic = $3 THEN greatest(last_offset, $1)
+                                           ELSE $1 END
                  WHERE slot_name = $2",
                 &[
                     &last,

@@ -8,9 +8,19 @@
 //! with the end of the node's WAL, which a healthy node is always at or past. Readers
 //! and apply workers run it when their session starts, each against the other node
 //! if it can reach it.
+//!
+//! A topic found lost (the broker lost acknowledged messages) is recorded on its
+//! node, and [`check`] refuses it at every session start. A running applier of
+//! another instance (components may be split between two) learns of it from
+//! [`topic_lost`], which it polls while it applies.
 
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, sql_err, NodeError};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// How often a running applier looks whether its topic was recorded lost.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Fails with [`NodeError::HistoryRewound`] when `dir.to` applied changes of
 /// `dir.from`, through the slot's current stream, beyond the end of `dir.from`'s WAL.
@@ -72,6 +82,39 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
         Ok(None) => Ok(()),
         Err(e) if not_set_up(&e) => Ok(()),
         Err(e) => Err(sql_err(&dir.to, "reading duplex.apply_positions")(e)),
+    }
+}
+
+/// Resolves, with the error to stop on, once `dir.from`'s topic is recorded lost on
+/// `dir.from` (by its reader, in this process or another instance). Asks every
+/// [`TOPIC_CHECK_EVERY`] over a session of its own, each question bounded by that
+/// too; a node it cannot reach is asked again at the next turn.
+pub async fn topic_lost(cfg: &Config, dir: &Direction) -> NodeError {
+    let slot = cfg.slot_name(&dir.from);
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::time::sleep(TOPIC_CHECK_EVERY).await;
+        if client.as_ref().is_none_or(Client::is_closed) {
+            let connecting = node::connect(cfg, &dir.from, "topic check");
+            client = tokio::time::timeout(TOPIC_CHECK_EVERY, connecting)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        let Some(c) = &client else { continue };
+        let sql =
+            "SELECT topic_lost FROM duplex.slots WHERE slot_name = $1 AND topic_lost IS NOT NULL";
+        match tokio::time::timeout(TOPIC_CHECK_EVERY, c.query_opt(sql, &[&slot])).await {
+            Ok(Ok(Some(row))) => {
+                return NodeError::TopicLost {
+                    node: dir.from.clone(),
+                    detail: row.get(0),
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) if not_set_up(&e) => {}
+            Ok(Err(_)) | Err(_) => client = None,
+        }
     }
 }
 

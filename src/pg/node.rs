@@ -150,6 +150,18 @@ pub(crate) fn sql_err(
     }
 }
 
+/// TCP keepalive settings for a session that holds what the next session needs (a
+/// replication origin, row locks): the node ends it once duplex has been gone for
+/// about `sync.receive_timeout_ms` (idle a third of it, then three probes a third
+/// apart) instead of the OS's two hours, on a dead route or a host that vanished.
+pub fn keepalive_sql(cfg: &Config) -> String {
+    let s = (cfg.sync.receive_timeout_ms / 3000).max(1);
+    format!(
+        "SET tcp_keepalives_idle = {s}; SET tcp_keepalives_interval = {s}; \
+         SET tcp_keepalives_count = 3"
+    )
+}
+
 /// Opens an ordinary SQL session to `node`, with duplex's fixed output settings. The
 /// connection task ends when the returned client is dropped.
 pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, NodeError> {

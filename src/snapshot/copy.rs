@@ -17,13 +17,10 @@ use super::table::{Chunk, CopyTable};
 use super::SnapshotError;
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::sql::quote_ident;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashSet;
-use std::time::Duration;
 use tokio_postgres::Client;
-
-/// How long a worker waits for its origin to be released by a session that died.
-const ORIGIN_BUSY_RETRIES: u32 = 20;
 
 /// Rows older than a tombstone recorded this long ago are removed after a direct copy:
 /// any tombstone, in practice.
@@ -43,14 +40,24 @@ pub(crate) struct CopyWorker<'a> {
 }
 
 impl<'a> CopyWorker<'a> {
-    /// Opens worker `n`'s sessions on both nodes.
+    /// Opens worker `n`'s sessions on both nodes. Both ask their node to end them
+    /// once duplex has been gone for about `sync.receive_timeout_ms` (keepalives), and
+    /// the target's takes the worker's origin back from a session left behind (see
+    /// `origin`).
     pub(crate) async fn connect(
         cfg: &'a Config,
         dir: &'a Direction,
         n: usize,
     ) -> Result<CopyWorker<'a>, SnapshotError> {
-        let source = node::connect(cfg, &dir.from, &format!("snapshot {dir} #{n}")).await?;
-        let target = node::connect(cfg, &dir.to, &format!("snapshot {dir} #{n}")).await?;
+        let purpose = format!("snapshot {dir} #{n}");
+        let source = node::connect(cfg, &dir.from, &purpose).await?;
+        let target = node::connect(cfg, &dir.to, &purpose).await?;
+        for (client, node) in [(&source, &dir.from), (&target, &dir.to)] {
+            client
+                .batch_execute(&node::keepalive_sql(cfg))
+                .await
+                .map_err(sql_err(node, "setting TCP keepalives"))?;
+        }
         let origin = format!("{}_copy{n}", cfg.origin_name(dir));
         target
             .batch_execute("SET session_replication_role = replica")
@@ -60,20 +67,7 @@ impl<'a> CopyWorker<'a> {
                 "setting session_replication_role = replica",
             ))?;
         crate::pg::setup::ensure_origin(&target, &dir.to, &origin).await?;
-        let mut attempt = 0;
-        // A killed run's session may hold the origin for a moment after it died.
-        while let Err(e) = target
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-        {
-            attempt += 1;
-            if e.code().map(|c| c.code()) != Some("55006") || attempt > ORIGIN_BUSY_RETRIES {
-                return Err(
-                    sql_err(&dir.to, format!("using replication origin {origin}"))(e).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        super::origin::take(cfg, dir, &target, &origin, &purpose).await?;
         Ok(CopyWorker {
             cfg,
             dir,
@@ -91,28 +85,34 @@ impl<'a> CopyWorker<'a> {
         (self.dir, &self.source, &self.target)
     }
 
-    /// Copies `chunk` of `t`; returns the rows copied. A direct copy that meets a row
-    /// written since planning (the table is no longer empty) is done again as a merge.
+    /// Copies `chunk` of `t`'s plan `generation`; returns the rows copied. A direct
+    /// copy that meets a row written since planning (the table is no longer empty) is
+    /// done again as a merge.
     pub(crate) async fn copy(
         &mut self,
         t: &CopyTable,
         chunk: &Chunk,
         method: Method,
+        generation: i32,
     ) -> Result<u64, SnapshotError> {
         self.target
             .execute(
                 "UPDATE duplex.snapshot_chunks SET attempts = attempts + 1
-                 WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
-                &[&self.dir.from, &t.name, &chunk.chunk],
+                 WHERE source_node = $1 AND table_name = $2 AND chunk = $3 AND generation = $4",
+                &[&self.dir.from, &t.name, &chunk.chunk, &generation],
             )
             .await
             .map_err(sql_err(&self.dir.to, "counting a chunk's attempt"))?;
+        let marked = Marked {
+            generation,
+            chunk: chunk.chunk,
+        };
         if t.mapped {
-            return self.copy_mapped(t, chunk).await;
+            return self.copy_mapped(t, chunk, marked).await;
         }
         let mut method = method;
         if method == Method::Direct {
-            match self.copy_chunk(t, chunk, Method::Direct).await {
+            match self.copy_chunk(t, chunk, Method::Direct, marked).await {
                 Err(e) if sqlstate(&e) == Some("23505") => {
                     self.rollback().await?;
                     tracing::info!(direction = %self.dir, table = %t.name, chunk = chunk.chunk,
@@ -122,17 +122,22 @@ impl<'a> CopyWorker<'a> {
                 other => return self.explain(t, chunk, method, other).await,
             }
         }
-        let r = self.copy_chunk(t, chunk, method).await;
+        let r = self.copy_chunk(t, chunk, method, marked).await;
         self.explain(t, chunk, method, r).await
     }
 
     /// Copies a chunk of a mapped table through the mapping (see `snapshot/mapped.rs`).
-    async fn copy_mapped(&mut self, t: &CopyTable, chunk: &Chunk) -> Result<u64, SnapshotError> {
+    async fn copy_mapped(
+        &mut self,
+        t: &CopyTable,
+        chunk: &Chunk,
+        marked: Marked,
+    ) -> Result<u64, SnapshotError> {
         let filter = t.chunk_filter(chunk);
         self.ensure_mapped_copier().await?;
         let copier = self.mapped.as_mut().expect("connected above");
         copier
-            .copy(&self.source, self.dir, t, &filter, Some(chunk))
+            .copy(&self.source, self.dir, t, &filter, Some(marked))
             .await
     }
 
@@ -255,16 +260,22 @@ impl<'a> CopyWorker<'a> {
     }
 
     /// Where the chunk's COPY goes: the table itself, or its staging table (created
-    /// outside any transaction, so that a rolled-back chunk leaves it in place).
+    /// outside any transaction, so that a rolled-back chunk leaves it in place). The
+    /// staging table has the copied columns only, with the table's types and none of
+    /// its constraints: a column only the target has takes its default when the merge
+    /// inserts the row, as the real table would give it.
     async fn into(&mut self, t: &CopyTable, method: Method) -> Result<String, SnapshotError> {
         if method == Method::Direct {
             return Ok(t.sql_name.clone());
         }
         let staging = staging_name(&t.name);
         if !self.staged.contains(&t.name) {
+            let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
             self.target
                 .batch_execute(&format!(
-                    "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {}) ON COMMIT DELETE ROWS",
+                    "CREATE TEMP TABLE IF NOT EXISTS {staging} ON COMMIT DELETE ROWS
+                     AS SELECT {} FROM {} WITH NO DATA",
+                    cols.join(", "),
                     t.sql_name
                 ))
                 .await
@@ -300,6 +311,7 @@ impl<'a> CopyWorker<'a> {
         t: &CopyTable,
         chunk: &Chunk,
         method: Method,
+        marked: Marked,
     ) -> Result<u64, SnapshotError> {
         let to = &self.dir.to;
         let into = self.into(t, method).await?;
@@ -322,14 +334,10 @@ impl<'a> CopyWorker<'a> {
             }
             Method::Merge => self.merge(t, &into).await?,
         }
-        self.target
-            .execute(
-                "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
-                 WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
-                &[&self.dir.from, &t.name, &chunk.chunk, &(rows as i64)],
-            )
-            .await
-            .map_err(sql_err(to, context.clone()))?;
+        if !marked.mark(&self.target, self.dir, &t.name, rows).await? {
+            self.rollback().await?;
+            return Err(marked.replanned(self.dir, &t.name));
+        }
         self.target
             .batch_execute("COMMIT")
             .await
@@ -366,6 +374,52 @@ impl<'a> CopyWorker<'a> {
     }
 }
 
+/// The chunk a copy marks copied: its number in the plan of that generation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Marked {
+    pub generation: i32,
+    pub chunk: i32,
+}
+
+impl Marked {
+    /// Marks the chunk copied with `rows` rows, in the caller's transaction; false
+    /// when its plan was replaced meanwhile (the chunk's range is not this one).
+    pub(crate) async fn mark(
+        self,
+        target: &Client,
+        dir: &Direction,
+        table: &str,
+        rows: u64,
+    ) -> Result<bool, SnapshotError> {
+        let n = target
+            .execute(
+                "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
+                 WHERE source_node = $1 AND table_name = $2 AND chunk = $3 AND generation = $5",
+                &[
+                    &dir.from,
+                    &table,
+                    &self.chunk,
+                    &(rows as i64),
+                    &self.generation,
+                ],
+            )
+            .await
+            .map_err(sql_err(
+                &dir.to,
+                format!("marking chunk {} of {table} copied", self.chunk),
+            ))?;
+        Ok(n > 0)
+    }
+
+    pub(crate) fn replanned(self, dir: &Direction, table: &str) -> SnapshotError {
+        SnapshotError::Replanned {
+            direction: dir.to_string(),
+            table: table.to_string(),
+            chunk: self.chunk,
+        }
+    }
+}
+
 fn sqlstate(e: &SnapshotError) -> Option<&str> {
     match e {
         SnapshotError::Node(NodeError::Sql { source, .. }) => source.code().map(|c| c.code()),
@@ -387,17 +441,23 @@ fn error_text(e: &SnapshotError) -> String {
     }
 }
 
-/// The staging table's name for `table`: one per table and session.
+/// The staging table's name for `table`: one per table and session, and one table's
+/// only (a name made readable, as `public.a_b` and `public_a.b` both would be
+/// `public_a_b`, could be shared by two tables).
 fn staging_name(table: &str) -> String {
-    let safe: String = table
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("duplex_copy_{safe}")
+    crate::pg::triggers::per_table_name("duplex_copy", table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_are_one_tables_own() {
+        assert_ne!(staging_name("public.a_b"), staging_name("public_a.b"));
+        assert_ne!(staging_name("public.A"), staging_name("public.a"));
+        assert_eq!(staging_name("public.a_b"), staging_name("public.a_b"));
+        // Within PostgreSQL's 63 bytes, however long the table's name.
+        assert!(staging_name(&"x".repeat(200)).len() <= 63);
+    }
 }

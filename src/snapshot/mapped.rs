@@ -19,7 +19,8 @@
 //! its key nor a delete of it, and otherwise left as the target has it, since a
 //! version without a time cannot be shown newer than either.
 
-use super::table::{Chunk, CopyTable};
+use super::copy::Marked;
+use super::table::CopyTable;
 use super::SnapshotError;
 use crate::apply::writer::{DeleteTimes, TargetWriter};
 use crate::config::{Config, Direction};
@@ -69,15 +70,15 @@ impl<'a> MappedCopier<'a> {
     }
 
     /// Copies the rows of `t` matching `filter` (` WHERE ...`) from `source` through
-    /// the mapping in one transaction, marking `chunk` copied in it if given;
-    /// returns the rows.
+    /// the mapping in one transaction, marking `chunk` copied in it if given (the
+    /// copy is rolled back if its plan was replaced meanwhile); returns the rows.
     pub(crate) async fn copy(
         &mut self,
         source: &Client,
         dir: &Direction,
         t: &CopyTable,
         filter: &str,
-        chunk: Option<&Chunk>,
+        chunk: Option<Marked>,
     ) -> Result<u64, SnapshotError> {
         // One snapshot for the chunk and the rows it references: a referenced row
         // the snapshot lacks is one the source does not hold.
@@ -85,7 +86,7 @@ impl<'a> MappedCopier<'a> {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(sql_err(&dir.from, format!("reading {}", t.name)))?;
-        let copied = self.copy_in(source, dir, t, filter, chunk).await;
+        let copied = self.copy_in(source, dir, t, filter, chunk.as_ref()).await;
         let end = if copied.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = source
             .batch_execute(end)
@@ -102,7 +103,7 @@ impl<'a> MappedCopier<'a> {
         dir: &Direction,
         t: &CopyTable,
         filter: &str,
-        chunk: Option<&Chunk>,
+        chunk: Option<&Marked>,
     ) -> Result<u64, SnapshotError> {
         let rows = source
             .query(&t.rows_where(filter), &[])
@@ -121,15 +122,12 @@ impl<'a> MappedCopier<'a> {
             return Err(e);
         }
         if let Some(chunk) = chunk {
-            self.writer
-                .client
-                .execute(
-                    "UPDATE duplex.snapshot_chunks SET copied_at = now(), rows = $4
-                     WHERE source_node = $1 AND table_name = $2 AND chunk = $3",
-                    &[&dir.from, &t.name, &chunk.chunk, &(n as i64)],
-                )
-                .await
-                .map_err(sql_err(&dir.to, context.clone()))?;
+            if !chunk.mark(&self.writer.client, dir, &t.name, n).await? {
+                self.writer
+                    .execute("ROLLBACK", "rolling back a copy")
+                    .await?;
+                return Err(chunk.replanned(dir, &t.name));
+            }
         }
         self.writer.execute("COMMIT", &context).await?;
         Ok(n)

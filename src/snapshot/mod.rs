@@ -24,6 +24,7 @@
 pub(crate) mod copy;
 mod deletes;
 mod mapped;
+mod origin;
 mod plan;
 pub(crate) mod progress;
 pub(crate) mod split;
@@ -33,6 +34,7 @@ use crate::config::{Config, Direction, SnapshotMode};
 use crate::pg::node::{self, sql_err, NodeError};
 use crate::pg::setup::{self, LostSlot};
 use crate::pg::state::positions;
+use crate::standby::Lease;
 use crate::{Classify, ErrorClass};
 use copy::CopyWorker;
 use plan::Method;
@@ -56,6 +58,8 @@ pub enum SnapshotError {
         direction: String,
         source: crate::kafka::SinkError,
     },
+    #[error(transparent)]
+    Lease(#[from] crate::standby::LeaseError),
     #[error("snapshot {direction}: table {table} {detail}")]
     Table {
         direction: String,
@@ -68,6 +72,12 @@ pub enum SnapshotError {
         table: String,
         key: String,
         error: String,
+    },
+    #[error("snapshot {direction}: table {table} was planned again (by `duplex snapshot`?) while chunk {chunk} of its earlier plan was copied; the copy goes on from the new plan")]
+    Replanned {
+        direction: String,
+        table: String,
+        chunk: i32,
     },
     #[error("snapshot {direction}: table {table} holds rows on both node {from} and node {to} that predate duplex, and snapshot.mode = \"initial\" copies only into tables empty of those. Set snapshot.mode = \"merge\" to merge them under last-writer-wins (each row goes where it is missing or older), or \"never\" if they already hold the same rows")]
     BothPopulated {
@@ -84,6 +94,8 @@ impl Classify for SnapshotError {
             SnapshotError::Node(e) => e.class(),
             SnapshotError::Write(e) => e.class(),
             SnapshotError::Kafka { source, .. } => source.class(),
+            SnapshotError::Lease(e) => e.class(),
+            SnapshotError::Replanned { .. } => ErrorClass::Transient,
             SnapshotError::Table { .. }
             | SnapshotError::BadRow { .. }
             | SnapshotError::BothPopulated { .. } => ErrorClass::Definite,
@@ -108,8 +120,11 @@ pub(crate) async fn before_apply(
 ) -> Result<Copied, SnapshotError> {
     // A direction that applied before has had its first start; planning is for the
     // others (each plans every direction that needs it, see `plan_first_start`).
-    if cfg.snapshot.mode != SnapshotMode::Never && !applied_before(cfg, dir).await? {
-        plan_first_start(cfg).await?;
+    if cfg.snapshot.mode != SnapshotMode::Never
+        && !applied_before(cfg, dir).await?
+        && plan_first_start(cfg, shutdown.clone()).await? == Copied::Stopped
+    {
+        return Ok(Copied::Stopped);
     }
     let copied = copy_pending(cfg, dir, None, shutdown).await?;
     publish(cfg, dir).await?;
@@ -245,19 +260,36 @@ pub(crate) async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
 
 /// Plans the copy of every direction starting for the first time (never applied,
 /// nothing planned), deciding all of them before storing any.
-async fn plan_first_start(cfg: &Config) -> Result<(), SnapshotError> {
+///
+/// Both directions' tasks come here, of this instance or another (components may be
+/// split between two): one plans under a lease on the first node (see `standby`),
+/// the others wait, then find it done. The lease bounds the wait when its holder
+/// loses the node: the holder stops planning, and a lock session silent for
+/// `standby.takeover_ms` is ended, as a component's is.
+async fn plan_first_start(
+    cfg: &Config,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Copied, SnapshotError> {
     let dirs = directions(cfg)?;
     set_up_both(cfg).await?;
-    // Both directions' tasks come here; one plans, the other then finds it done.
     let first = cfg.nodes.keys().next().cloned().unwrap_or_default();
-    let lock = node::connect(cfg, &first, "snapshot plan").await?;
-    lock.batch_execute("SELECT pg_advisory_lock(hashtext('duplex snapshot plan'))")
-        .await
-        .map_err(sql_err(&first, "taking the snapshot plan lock"))?;
+    let lease = Lease::acquire(cfg, &first, "snapshot plan", None, &mut shutdown).await?;
+    let Some(mut lease) = lease else {
+        return Ok(Copied::Stopped);
+    };
+    tokio::select! {
+        r = plan_directions(cfg, &dirs) => r.map(|()| Copied::Complete),
+        lost = lease.lost() => Err(lost.into()),
+    }
+}
+
+/// Plans the directions of `dirs` starting for the first time (see
+/// [`plan_first_start`]).
+async fn plan_directions(cfg: &Config, dirs: &[Direction]) -> Result<(), SnapshotError> {
     let (mut decided, mut empty) = (Vec::new(), Vec::new());
     let starting: Vec<&Direction> = {
         let mut v = Vec::new();
-        for dir in &dirs {
+        for dir in dirs {
             if !applied_before(cfg, dir).await? {
                 v.push(dir);
             }
@@ -381,12 +413,12 @@ async fn copy_tables(
         let (bytes, _) = split::size(&source, dir, &t).await?;
         let weight = bytes / i64::from(p.chunks.max(1));
         queue.extend(
-            plan::pending(&target, dir, &p.table)
+            plan::pending(&target, dir, &p.table, p.generation)
                 .await?
                 .into_iter()
                 .map(|c| (weight, c)),
         );
-        tables.insert(p.table.clone(), (t, p.method));
+        tables.insert(p.table.clone(), (t, p.method, p.generation));
     }
     drop(source);
     let mut queue: Vec<(i64, Chunk)> = queue.into();
@@ -404,7 +436,7 @@ async fn copy_tables(
     // leave the reloaded rows (see `deletes`).
     {
         let mut worker = CopyWorker::connect(cfg, dir, 0).await?;
-        for (t, _) in tables.values() {
+        for (t, _, _) in tables.values() {
             let carried = worker.carry_deletes(t).await?;
             if carried > 0 {
                 tracing::info!(direction = %dir, table = %t.name, tombstones = carried, "carried the source's deletes");
@@ -450,18 +482,18 @@ async fn work(
     dir: &Direction,
     n: usize,
     queue: &Mutex<VecDeque<Chunk>>,
-    tables: &HashMap<String, (CopyTable, Method)>,
+    tables: &HashMap<String, (CopyTable, Method, i32)>,
     progress: &Progress,
 ) -> Result<(), SnapshotError> {
     let mut worker = CopyWorker::connect(cfg, dir, n).await?;
     loop {
         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
         let Some(chunk) = next else { return Ok(()) };
-        let Some((t, method)) = tables.get(&chunk.table) else {
+        let Some((t, method, generation)) = tables.get(&chunk.table) else {
             continue;
         };
         progress.started(&t.name);
-        let rows = worker.copy(t, &chunk, *method).await?;
+        let rows = worker.copy(t, &chunk, *method, *generation).await?;
         progress.chunk_copied(&t.name, rows);
     }
 }

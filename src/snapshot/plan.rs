@@ -5,7 +5,9 @@
 //! A plan is written to the target (`duplex.snapshots`, `duplex.snapshot_chunks`) in
 //! one transaction before any of its rows, and read back on every start: chunks are
 //! ranges of key values, so rows inserted after planning fall into one of them and a
-//! resumed copy needs no new plan.
+//! resumed copy needs no new plan. A plan made again (`duplex snapshot` while a copy
+//! runs) gets the next generation, and a chunk is marked copied only by a worker of
+//! its own generation: the old plan's ranges differ.
 
 use super::table::{Chunk, CopyTable};
 use crate::config::{Config, Direction, TableConfig};
@@ -49,6 +51,8 @@ pub(crate) struct TablePlan {
     pub chunks: i32,
     pub chunks_copied: i32,
     pub rows_copied: i64,
+    /// Which plan of the table this is (see the module's header).
+    pub generation: i32,
 }
 
 /// The copies stored on `dir.to` for `dir.from`, in table order.
@@ -56,11 +60,11 @@ pub(crate) async fn load(target: &Client, dir: &Direction) -> Result<Vec<TablePl
     let rows = target
         .query(
             "SELECT s.table_name, s.state = 'done', s.method, s.rows_estimated, s.chunks,
-                    count(c.copied_at)::int4, coalesce(sum(c.rows), 0)::int8
+                    count(c.copied_at)::int4, coalesce(sum(c.rows), 0)::int8, s.generation
              FROM duplex.snapshots s
-             LEFT JOIN duplex.snapshot_chunks c USING (source_node, table_name)
+             LEFT JOIN duplex.snapshot_chunks c USING (source_node, table_name, generation)
              WHERE s.source_node = $1
-             GROUP BY s.table_name, s.state, s.method, s.rows_estimated, s.chunks
+             GROUP BY s.table_name, s.state, s.method, s.rows_estimated, s.chunks, s.generation
              ORDER BY s.table_name",
             &[&dir.from],
         )
@@ -76,21 +80,24 @@ pub(crate) async fn load(target: &Client, dir: &Direction) -> Result<Vec<TablePl
             chunks: r.get(4),
             chunks_copied: r.get(5),
             rows_copied: r.get(6),
+            generation: r.get(7),
         })
         .collect())
 }
 
-/// The chunks of `table` not copied yet, in key order.
+/// The chunks of `table`'s plan `generation` not copied yet, in key order.
 pub(crate) async fn pending(
     target: &Client,
     dir: &Direction,
     table: &str,
+    generation: i32,
 ) -> Result<Vec<Chunk>, NodeError> {
     let rows = target
         .query(
             "SELECT chunk, lower_key::text, upper_key::text FROM duplex.snapshot_chunks
-             WHERE source_node = $1 AND table_name = $2 AND copied_at IS NULL ORDER BY chunk",
-            &[&dir.from, &table],
+             WHERE source_node = $1 AND table_name = $2 AND generation = $3 AND copied_at IS NULL
+             ORDER BY chunk",
+            &[&dir.from, &table, &generation],
         )
         .await
         .map_err(sql_err(&dir.to, "reading duplex.snapshot_chunks"))?;
@@ -144,25 +151,45 @@ pub(crate) async fn has_rows(
 }
 
 /// Whether `table` holds a row version written before duplex was first set up on
-/// the node: older than `duplex.node.first_setup_xid` (a frozen row is older than
-/// any). Rows written since are the application's own, at most as old as duplex,
-/// and reach the peer on the stream.
+/// the node: by a transaction older than `duplex.node.first_setup_xid`. Rows written
+/// since are the application's own, at most as old as duplex, and reach the peer on
+/// the stream.
+///
+/// A row's `xmin` is 32 bits, and a frozen row keeps it however old it grows, so
+/// `age(xmin)` wraps: an old frozen table can read as newer than duplex (a negative
+/// age). A row not frozen is less than 2^31 ids old, so the row's age is taken
+/// modulo 2^32 (never negative), and the row is as new as duplex only when that age
+/// is within the ids assigned since duplex was set up, counted exactly (with the
+/// epoch). Only a frozen row exactly 2^32 ids (plus fewer than those since setup)
+/// old still reads as new; a row written since setup and frozen already reads as
+/// old, which makes `initial` refuse rather than merge.
 pub(crate) async fn has_rows_older_than_duplex(
     client: &Client,
     node: &str,
     t: &CopyTable,
     on_source: bool,
 ) -> Result<bool, NodeError> {
-    let older = " WHERE age(xmin) > (SELECT age(xid(first_setup_xid)) FROM duplex.node)";
+    let older = format!(
+        ", ({ASSIGNED_SINCE_SETUP}) n
+         WHERE xmin::text::int8 < 3
+            OR ((n.next % 4294967296) - xmin::text::int8 + 4294967296) % 4294967296 > n.since"
+    );
     let sql_name = if on_source {
         &t.source_sql_name
     } else {
         &t.sql_name
     };
-    exists(client, node, &t.name, sql_name, older).await
+    exists(client, node, &t.name, sql_name, &older).await
 }
 
-/// Whether table `sql_name` (configured as `name`) holds a row matching `filter`.
+/// The next transaction id, and the ids assigned since duplex was first set up
+/// (below 2^31: a row not frozen is younger than that).
+const ASSIGNED_SINCE_SETUP: &str = "SELECT x.next, least(x.next - d.first, 2147483647) AS since
+     FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next) x,
+          (SELECT first_setup_xid::text::int8 AS first FROM duplex.node) d";
+
+/// Whether table `sql_name` (configured as `name`) holds a row matching `filter`
+/// (what follows the table in `FROM`: a `WHERE` clause, or other tables and one).
 async fn exists(
     client: &Client,
     node: &str,
@@ -208,15 +235,19 @@ pub(crate) async fn store(
     let numbers: Vec<i32> = (0..chunks).collect();
     let sql = || sql_err(&dir.to, format!("storing the plan of {}", t.name));
     let tx = target.transaction().await.map_err(sql())?;
-    tx.execute(
-        "INSERT INTO duplex.snapshots (source_node, table_name, state, method, rows_estimated, chunks)
-         VALUES ($1, $2, 'copying', $3, $4, $5)
-         ON CONFLICT (source_node, table_name) DO UPDATE SET state = 'copying', method = EXCLUDED.method,
-           rows_estimated = EXCLUDED.rows_estimated, chunks = EXCLUDED.chunks, started_at = now(), finished_at = NULL",
-        &[&dir.from, &t.name, &method.as_str(), &total, &chunks],
-    )
-    .await
-    .map_err(sql())?;
+    let generation: i32 = tx
+        .query_one(
+            "INSERT INTO duplex.snapshots (source_node, table_name, state, method, rows_estimated, chunks, generation)
+             VALUES ($1, $2, 'copying', $3, $4, $5, 1)
+             ON CONFLICT (source_node, table_name) DO UPDATE SET state = 'copying', method = EXCLUDED.method,
+               rows_estimated = EXCLUDED.rows_estimated, chunks = EXCLUDED.chunks, started_at = now(), finished_at = NULL,
+               generation = duplex.snapshots.generation + 1
+             RETURNING generation",
+            &[&dir.from, &t.name, &method.as_str(), &total, &chunks],
+        )
+        .await
+        .map_err(sql())?
+        .get(0);
     tx.execute(
         "DELETE FROM duplex.snapshot_chunks WHERE source_node = $1 AND table_name = $2",
         &[&dir.from, &t.name],
@@ -224,9 +255,9 @@ pub(crate) async fn store(
     .await
     .map_err(sql())?;
     tx.execute(
-        "INSERT INTO duplex.snapshot_chunks (source_node, table_name, chunk, lower_key, upper_key)
-         SELECT $1, $2, n, l::jsonb, u::jsonb FROM unnest($3::int4[], $4::text[], $5::text[]) AS c(n, l, u)",
-        &[&dir.from, &t.name, &numbers, &lowers, &uppers],
+        "INSERT INTO duplex.snapshot_chunks (source_node, table_name, chunk, lower_key, upper_key, generation)
+         SELECT $1, $2, n, l::jsonb, u::jsonb, $6 FROM unnest($3::int4[], $4::text[], $5::text[]) AS c(n, l, u)",
+        &[&dir.from, &t.name, &numbers, &lowers, &uppers, &generation],
     )
     .await
     .map_err(sql())?;
@@ -239,6 +270,7 @@ pub(crate) async fn store(
         chunks,
         chunks_copied: 0,
         rows_copied: 0,
+        generation,
     })
 }
 

@@ -7,6 +7,12 @@
 //! maximum: two index probes. Any other key is cut at every n-th key in key order,
 //! found in one ordered scan of the primary-key index. Either way the ranges cover
 //! the whole key space, so rows written later fall into one of them.
+//!
+//! The row count comes from the statistics, scaled to the table's size now (see
+//! [`estimated_rows`]), and the scan stops at twice the chunks it should find: a
+//! count far too low (statistics older than a bulk load) would otherwise cut at every
+//! key, millions of chunks held in memory and stored in one statement. The rows are
+//! counted then, and the table cut again.
 
 use super::table::CopyTable;
 use crate::config::{Config, Direction};
@@ -22,27 +28,79 @@ const EVEN_FACTOR: (f64, f64) = (0.05, 1000.0);
 
 /// How a table is cut.
 pub(crate) struct Split {
-    /// Rows the table holds, as the statistics estimate them (counted when it was
-    /// never analyzed).
+    /// Rows the table holds, as the statistics estimate them (counted when they
+    /// cannot, or when the scan finds far more).
     pub rows: i64,
     /// The inclusive upper key of every chunk but the last, as jsonb text arrays.
     pub bounds: Vec<String>,
 }
 
-/// Heap and TOAST bytes of the table (of its partitions, if partitioned), and the
-/// statistics' row estimate.
-pub(crate) async fn size(
-    source: &Client,
-    dir: &Direction,
-    t: &CopyTable,
-) -> Result<(i64, f64), NodeError> {
-    let row = source
-        .query_one(
-            "SELECT coalesce(sum(pg_table_size(p.relid)), 0)::int8,
-                    coalesce(sum(greatest(c.reltuples, 0)), 0)::float8,
-                    bool_or(c.reltuples < 0)
-             FROM pg_partition_tree($1::text::regclass) p JOIN pg_class c ON c.oid = p.relid
-             WHERE p.isleaf",
+/// One leaf table (a partition, or the table itself) as the catalog describes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Leaf {
+    /// Heap and TOAST bytes now.
+    pub bytes: i64,
+    /// Heap pages now.
+    pub pages: i64,
+    /// `pg_class.reltuples` and `relpages`, as of the last VACUUM or ANALYZE
+    /// (reltuples -1: never).
+    pub reltuples: f64,
+    pub relpages: i64,
+}
+
+/// The rows `leaves` hold now, from their statistics, as the planner reckons them:
+/// the density of the last VACUUM or ANALYZE (reltuples per relpages) times the pages
+/// there are now. Statistics taken before a bulk load (say 1,000 rows on 10 pages,
+/// and 1.3 million pages since) so scale with the table instead of holding on to the
+/// old count. `None` when a leaf holding pages has no density to go by (never
+/// analyzed, or analyzed empty): its rows must be counted.
+pub(crate) fn estimated_rows(leaves: &[Leaf]) -> Option<f64> {
+    let mut rows = 0.0;
+    for l in leaves {
+        if l.pages == 0 {
+            continue;
+        }
+        if l.reltuples < 0.0 || l.relpages <= 0 {
+            return None;
+        }
+        rows += l.reltuples / l.relpages as f64 * l.pages as f64;
+    }
+    Some(rows)
+}
+
+/// The rows a chunk of a table of `rows` rows and `bytes` bytes holds: at most
+/// `max_rows`, and no more than [`CHUNK_BYTES`] of them.
+pub(crate) fn rows_per_chunk(rows: i64, bytes: i64, max_rows: i64) -> i64 {
+    let by_bytes = if bytes > 0 {
+        (rows as f64 * CHUNK_BYTES as f64 / bytes as f64).ceil() as i64
+    } else {
+        i64::MAX
+    };
+    max_rows.min(by_bytes).max(1)
+}
+
+/// How many bounds the scan for `rows` rows cut every `per_chunk` rows may return
+/// before the row count is known to be wrong (the table holds more than twice as
+/// many): the scan stops there and the rows are counted, so that a wrong count
+/// cannot make millions of chunks.
+pub(crate) fn bound_limit(rows: i64, per_chunk: i64) -> i64 {
+    let chunks = (rows.max(0) / per_chunk.max(1)).saturating_add(1);
+    chunks.saturating_mul(2).saturating_add(16)
+}
+
+/// The leaves of `t` on the source: its partitions if partitioned, else the table
+/// itself (which `pg_partition_tree` leaves out unless it is a partition).
+async fn leaves(source: &Client, dir: &Direction, t: &CopyTable) -> Result<Vec<Leaf>, NodeError> {
+    let rows = source
+        .query(
+            "WITH t AS (SELECT $1::text::regclass AS rel),
+                  leaf AS (SELECT p.relid FROM t, pg_partition_tree(t.rel) p WHERE p.isleaf
+                           UNION
+                           SELECT t.rel FROM t JOIN pg_class c ON c.oid = t.rel WHERE c.relkind <> 'p')
+             SELECT pg_table_size(l.relid)::int8,
+                    (pg_relation_size(l.relid) / current_setting('block_size')::int8)::int8,
+                    c.reltuples::float8, c.relpages::int8
+             FROM leaf l JOIN pg_class c ON c.oid = l.relid",
             &[&t.source_sql_name],
         )
         .await
@@ -50,16 +108,27 @@ pub(crate) async fn size(
             &dir.from,
             format!("reading the size of {}", t.name),
         ))?;
-    let never_analyzed: Option<bool> = row.get(2);
-    let estimate: f64 = row.get(1);
-    Ok((
-        row.get(0),
-        if never_analyzed == Some(true) {
-            -1.0
-        } else {
-            estimate
-        },
-    ))
+    Ok(rows
+        .iter()
+        .map(|r| Leaf {
+            bytes: r.get(0),
+            pages: r.get(1),
+            reltuples: r.get(2),
+            relpages: r.get(3),
+        })
+        .collect())
+}
+
+/// Heap and TOAST bytes of the table (of its partitions, if partitioned), and its
+/// rows as the statistics estimate them ([`estimated_rows`]; -1 when they cannot).
+pub(crate) async fn size(
+    source: &Client,
+    dir: &Direction,
+    t: &CopyTable,
+) -> Result<(i64, f64), NodeError> {
+    let leaves = leaves(source, dir, t).await?;
+    let bytes = leaves.iter().map(|l| l.bytes).sum();
+    Ok((bytes, estimated_rows(&leaves).unwrap_or(-1.0)))
 }
 
 /// Cuts `t` on the source.
@@ -81,57 +150,79 @@ pub(crate) async fn split_at_most(
     max_rows: i64,
 ) -> Result<Split, NodeError> {
     let sql = |what: &str| sql_err(&dir.from, format!("{what} {}", t.name));
-    let (bytes, estimate) = size(source, dir, t).await?;
-    let rows = if estimate > 0.0 {
-        estimate as i64
-    } else {
+    let count = || async {
         source
             .query_one(&format!("SELECT count(*) FROM {}", t.source_sql_name), &[])
             .await
-            .map_err(sql("counting the rows of"))?
-            .get(0)
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(sql("counting the rows of"))
     };
-    let by_bytes = if bytes > 0 {
-        (rows as f64 * CHUNK_BYTES as f64 / bytes as f64).ceil() as i64
+    let (bytes, estimate) = size(source, dir, t).await?;
+    let mut rows = if estimate > 0.0 {
+        estimate as i64
     } else {
-        i64::MAX
+        count().await?
     };
-    let per_chunk = max_rows.min(by_bytes).max(1);
-    if rows <= per_chunk {
-        return Ok(Split {
-            rows,
-            bounds: Vec::new(),
-        });
-    }
-    if let Some(bounds) = by_width(source, t, rows, per_chunk)
-        .await
-        .map_err(sql("cutting"))?
-    {
+    let mut counted = estimate <= 0.0;
+    loop {
+        let per_chunk = rows_per_chunk(rows, bytes, max_rows);
+        if rows <= per_chunk {
+            return Ok(Split {
+                rows,
+                bounds: Vec::new(),
+            });
+        }
+        if let Some(bounds) = by_width(source, t, rows, per_chunk)
+            .await
+            .map_err(sql("cutting"))?
+        {
+            return Ok(Split { rows, bounds });
+        }
+        let limit = bound_limit(rows, per_chunk);
+        let bounds = by_scan(source, t, per_chunk, limit)
+            .await
+            .map_err(sql("cutting"))?;
+        if bounds.len() as i64 >= limit && !counted {
+            // Far more rows than estimated: cut again by the real count.
+            tracing::info!(direction = %dir, table = %t.name, estimated = rows,
+                "the table holds far more rows than its statistics say; counting them");
+            rows = count().await?;
+            counted = true;
+            continue;
+        }
         return Ok(Split { rows, bounds });
     }
+}
+
+/// Every `per_chunk`-th key in key order, at most `limit` of them: one ordered scan
+/// of the primary-key index.
+async fn by_scan(
+    source: &Client,
+    t: &CopyTable,
+    per_chunk: i64,
+    limit: i64,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     let keys = t.key_list("");
     let texts: Vec<String> = t
         .key
         .iter()
         .map(|(k, _)| format!("concat({})", quote_ident(k)))
         .collect();
-    let bounds = source
+    Ok(source
         .query(
             &format!(
                 "SELECT jsonb_build_array({texts})::text FROM (
                    SELECT {keys}, row_number() OVER (ORDER BY {keys}) AS rn FROM {table}) s
-                 WHERE rn % $1 = 0 ORDER BY rn",
+                 WHERE rn % $1 = 0 ORDER BY rn LIMIT $2",
                 texts = texts.join(", "),
                 table = t.source_sql_name,
             ),
-            &[&per_chunk],
+            &[&per_chunk, &limit],
         )
-        .await
-        .map_err(sql("cutting"))?
+        .await?
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    Ok(Split { rows, bounds })
+        .collect())
 }
 
 /// Equal-width ranges of a single integer key spread evenly enough; `None` otherwise.
@@ -204,5 +295,54 @@ mod tests {
         let b = width_bounds(i64::MIN, i64::MAX, 4, 1);
         assert_eq!(b.len(), 3);
         assert_eq!(b[1], "[\"-1\"]");
+    }
+
+    fn leaf(bytes: i64, pages: i64, reltuples: f64, relpages: i64) -> Leaf {
+        Leaf {
+            bytes,
+            pages,
+            reltuples,
+            relpages,
+        }
+    }
+
+    #[test]
+    fn statistics_older_than_a_bulk_load_scale_with_the_pages() {
+        // Analyzed at 1,000 rows on 10 pages; 1.3 million pages (10 GB) since.
+        let stale = leaf(10 << 30, 1_300_000, 1000.0, 10);
+        let rows = estimated_rows(&[stale]).unwrap() as i64;
+        assert_eq!(rows, 130_000_000);
+        // So chunks of 50,000 rows, not one per row.
+        let per_chunk = rows_per_chunk(rows, stale.bytes, 50_000);
+        assert_eq!(per_chunk, 50_000);
+        // The old rule took the stale count: 2 rows per chunk, 65 million chunks.
+        assert_eq!(rows_per_chunk(1000, stale.bytes, 50_000), 2);
+        // Partitions add up; an empty never-analyzed one counts nothing.
+        let parts = [
+            leaf(8192, 1, 100.0, 1),
+            leaf(16384, 2, 100.0, 1),
+            leaf(0, 0, -1.0, 0),
+        ];
+        assert_eq!(estimated_rows(&parts), Some(300.0));
+    }
+
+    #[test]
+    fn leaves_without_a_density_are_counted() {
+        // Never analyzed, or analyzed empty before rows came.
+        assert_eq!(estimated_rows(&[leaf(1 << 20, 128, -1.0, 0)]), None);
+        assert_eq!(estimated_rows(&[leaf(1 << 20, 128, 0.0, 0)]), None);
+        assert_eq!(estimated_rows(&[leaf(0, 0, 0.0, 0)]), Some(0.0));
+    }
+
+    #[test]
+    fn the_scan_stops_well_before_one_bound_per_row() {
+        // Wide rows: 16 MB per chunk decides.
+        assert_eq!(rows_per_chunk(1000, 160 << 20, 50_000), 100);
+        // 20 chunks expected: the scan may return 58 bounds before the rows are
+        // counted; a table of 100 million rows cut every 100 rows would return
+        // a million.
+        assert_eq!(bound_limit(2000, 100), 58);
+        assert_eq!(bound_limit(0, 1), 18);
+        assert_eq!(bound_limit(i64::MAX, 1), i64::MAX);
     }
 }

@@ -159,3 +159,77 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
     let list = text(&rig.command(&["dlq", "list"]));
     assert_eq!(list.matches("replayed").count(), 3, "{list}");
 }
+
+/// With `dead_letter`, the apply session's transaction waits for the broker to take a
+/// letter; a slow broker (its new connections stalled for 6 s, three times
+/// `sync.receive_timeout_ms`) leaves the session idle meanwhile, which is no stall of
+/// the target: the watchdog lets it be, and the letter and the rows around it land
+/// once the broker answers.
+#[tokio::test]
+async fn a_slow_dead_letter_broker_is_no_stall_of_the_target() {
+    use crate::harness::proxy::Proxy;
+    let broker_port = crate::harness::free_port();
+    let proxy = Proxy::start(broker_port);
+    let broker: &'static Broker =
+        Box::leak(Box::new(Broker::start_behind(proxy.port, broker_port)));
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    rig.edit_config(&[
+        (
+            Broker::shared().brokers().as_str(),
+            broker.brokers().as_str(),
+        ),
+        (
+            "linger_ms = 10",
+            "linger_ms = 10\non_error = \"dead_letter\"\nreceive_timeout_ms = 2000",
+        ),
+    ]);
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    b.batch_execute(STRICTER_B).await.unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(1).await;
+    a.batch_execute("INSERT INTO items (id, val, qty) VALUES (1, 'good', '1')")
+        .await
+        .unwrap();
+    wait_for("the first row on b", Duration::from_secs(30), || {
+        let b = &b;
+        async move { (item_ids(b).await == vec![1]).then_some(()) }
+    })
+    .await;
+    // The dead-letter queue's producer connects anew: its connections stall.
+    proxy.stall_new_connections(true);
+    a.batch_execute(
+        "BEGIN;
+         INSERT INTO items (id, val, qty) VALUES (2, 'type mismatch', 'abc');
+         INSERT INTO items (id, val, qty) VALUES (3, 'good', '3');
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    d.wait_log(
+        "event sent to the dead-letter queue",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.stall_new_connections(false);
+    a.batch_execute("INSERT INTO items (id, val, qty) VALUES (4, 'good', '4')")
+        .await
+        .unwrap();
+    wait_for("the good rows on b", Duration::from_secs(60), || {
+        let b = &b;
+        async move { (item_ids(b).await == vec![1, 3, 4]).then_some(()) }
+    })
+    .await;
+    let letters = crate::harness::count(&b, "SELECT count(*) FROM duplex.dead_letters").await;
+    assert_eq!(letters, 1);
+    let logs = d.logs();
+    assert!(!logs.contains("taken for stalled"), "{logs}");
+    assert!(
+        logs.contains("waits on the broker (dead-letter queue)"),
+        "{logs}"
+    );
+    assert_eq!(d.stop().await, Some(0));
+}

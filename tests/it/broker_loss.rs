@@ -239,3 +239,101 @@ async fn a_topic_deleted_while_stopped_is_found_and_recovered() {
     assert_eq!(crate::apply::item_ids(&b).await.len(), 20 + 5 + 1);
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// Components split between two instances: the reader that finds the topic lost is
+/// another instance's, which records it on the node (simulated here by that record).
+/// The applier running here reads the same topic: it stops too, halting its
+/// direction with the recorded cause, instead of applying on until its next start.
+#[tokio::test]
+async fn a_running_applier_stops_when_another_instance_finds_its_topic_lost() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(1).await;
+    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'before')")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    a.batch_execute(
+        "UPDATE duplex.slots SET topic_lost = 'topic went back (found by the other instance)'",
+    )
+    .await
+    .unwrap();
+    d.wait_log(
+        "topic went back (found by the other instance) (recorded in duplex.slots.topic_lost",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    crate::harness::wait_for("the direction halted", Duration::from_secs(30), || async {
+        let state: Option<String> = b
+            .query_opt(
+                "SELECT state FROM duplex.apply_state WHERE source_node = 'a'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        (state.as_deref() == Some("halted")).then_some(())
+    })
+    .await;
+    d.stop().await;
+}
+
+/// The highest offset the broker acknowledged, recorded on the node, only rises: an
+/// instance that took over recorded a higher one (set here), and the older session's
+/// next record must not lower it, or the next session's check for a broker that lost
+/// messages would expect too little.
+#[tokio::test]
+async fn the_recorded_last_offset_never_goes_down() {
+    let rig = Rig::new(DDL, &["public.items"], "").await;
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(1).await;
+    a.batch_execute("INSERT INTO items (id, val) SELECT g, 'v' FROM generate_series(1, 5) g")
+        .await
+        .unwrap();
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    let recorded = "SELECT coalesce(last_offset, -1) FROM duplex.slots";
+    crate::harness::wait_for("an offset recorded", Duration::from_secs(30), || async {
+        (crate::harness::count(&a, recorded).await >= 0).then_some(())
+    })
+    .await;
+    let higher = crate::harness::count(&a, recorded).await + 1000;
+    let version: String = a
+        .query_one(
+            &format!("UPDATE duplex.slots SET last_offset = {higher} RETURNING xmin::text"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // More changes: the session records its newest offset again (a new row version).
+    for id in 10..15 {
+        a.batch_execute(&format!(
+            "INSERT INTO items (id, val) VALUES ({id}, 'more')"
+        ))
+        .await
+        .unwrap();
+    }
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    crate::harness::wait_for(
+        "the session's next record",
+        Duration::from_secs(30),
+        || async {
+            let now: String = a
+                .query_one("SELECT xmin::text FROM duplex.slots", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (now != version).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(crate::harness::count(&a, recorded).await, higher);
+    assert_eq!(d.stop().await, Some(0));
+}

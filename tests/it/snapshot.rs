@@ -48,7 +48,7 @@ async fn digest(c: &Client, table: &str) -> (i64, String) {
 
 /// Waits until every table digests the same on both nodes; names the first rows
 /// that differ if they never do.
-async fn identical(a: &Client, b: &Client, tables: &[&str], timeout: Duration) {
+pub async fn identical(a: &Client, b: &Client, tables: &[&str], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     for t in tables {
         while digest(a, t).await != digest(b, t).await {

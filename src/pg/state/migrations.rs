@@ -35,6 +35,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "stream_starts",
         sql: include_str!("migrations/0003_stream_starts.sql"),
     },
+    Migration {
+        version: 4,
+        name: "plan_generation",
+        sql: include_str!("migrations/0004_plan_generation.sql"),
+    },
 ];
 
 /// The newest version this duplex knows.

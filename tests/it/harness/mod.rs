@@ -64,10 +64,11 @@ extern "C" fn cleanup_at_exit() {
     }
 }
 
-/// Forgets a child that has been reaped: its pid may belong to another process soon.
+/// Forgets a child that has been reaped, or a postmaster that stopped: its pid may
+/// belong to another process soon.
 fn forget(pid: u32) {
     if let Ok(mut v) = CLEANUP.lock() {
-        v.retain(|item| !matches!(item, Cleanup::Kill(p) if *p == pid));
+        v.retain(|item| !matches!(item, Cleanup::Kill(p) | Cleanup::Postgres(p) if *p == pid));
     }
 }
 

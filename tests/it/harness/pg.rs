@@ -143,6 +143,66 @@ impl Cluster {
         cluster
     }
 
+    /// Moves the cluster's transaction ids `by` ahead, as years of traffic would: stops
+    /// it, sets the next id with pg_resetwal (after making the commit log's segment
+    /// for it) and starts it again. Every row must be frozen first (`VACUUM FREEZE` in
+    /// every database), or it would read as written in the future.
+    pub fn advance_xids(&self, by: u64) {
+        let data = self.dir.join("data");
+        let old_pid = self.postmaster_pid();
+        let mut stop = pg_command("pg_ctl");
+        stop.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
+        run(stop, "pg_ctl stop");
+        super::forget(old_pid);
+        let mut control = pg_command("pg_controldata");
+        control.arg("-D").arg(&data);
+        let out = control.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let next = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Latest checkpoint's NextXID:"))
+            .unwrap_or_else(|| panic!("no NextXID in {text}"))
+            .trim()
+            .to_string();
+        let (epoch, xid) = next.split_once(':').unwrap();
+        let full = (epoch.parse::<u64>().unwrap() << 32) + xid.parse::<u64>().unwrap() + by;
+        let (epoch, xid) = (full >> 32, (full & 0xffff_ffff).max(3));
+        // One segment of the commit log holds 32 pages of 32,768 transactions.
+        let segment = data
+            .join("pg_xact")
+            .join(format!("{:04X}", xid / (32 * 32768)));
+        if !segment.exists() {
+            std::fs::write(&segment, vec![0u8; 32 * 8192]).unwrap();
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                let mut chown = Command::new("chown");
+                chown.arg("postgres:postgres").arg(&segment);
+                run(chown, "chown");
+            }
+        }
+        let mut reset = pg_command("pg_resetwal");
+        reset
+            .arg("-D")
+            .arg(&data)
+            .args(["-x", &xid.to_string(), "-e", &epoch.to_string()]);
+        run(reset, "pg_resetwal");
+        let mut start = pg_command("pg_ctl");
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"]);
+        run(start, "pg_ctl start");
+        register(Cleanup::Postgres(self.postmaster_pid()));
+    }
+
+    fn postmaster_pid(&self) -> u32 {
+        let pid_file =
+            std::fs::read_to_string(self.dir.join("data").join("postmaster.pid")).unwrap();
+        pid_file.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     /// Puts `lines` ahead of the test defaults in pg_hba.conf (the first match wins)
     /// and reloads.
     pub fn prepend_hba(&self, lines: &str) {

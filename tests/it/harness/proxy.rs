@@ -1,8 +1,8 @@
 //! A TCP proxy between duplex and a node or the broker that the test can stall (stop
 //! forwarding without closing: no FIN, no data, as a dead route or a hung middlebox
-//! does) for every connection or only those open now, delay (each chunk forwarded
-//! late) and cut (close every connection). It runs on a thread of its own, so that it
-//! keeps forwarding while the test blocks.
+//! does) for every connection, only those open now or only new ones, delay (each
+//! chunk forwarded late) and cut (close every connection). It runs on a thread of its
+//! own, so that it keeps forwarding while the test blocks.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,15 +20,21 @@ struct State {
     stalled: AtomicBool,
     /// Bumped by `cut`: connections of an older generation close.
     generation: AtomicU64,
-    /// Connections accepted, in order; those numbered below `frozen_below` stall.
+    /// Connections accepted, in order; those numbered below `frozen_below` stall, and
+    /// those from `new_frozen_from` on while `new_frozen` holds.
     accepted: AtomicU64,
     frozen_below: AtomicU64,
+    new_frozen: AtomicBool,
+    new_frozen_from: AtomicU64,
     delay_ms: AtomicU64,
 }
 
 impl State {
     fn holds(&self, number: u64) -> bool {
-        self.stalled.load(Ordering::SeqCst) || number < self.frozen_below.load(Ordering::SeqCst)
+        self.stalled.load(Ordering::SeqCst)
+            || number < self.frozen_below.load(Ordering::SeqCst)
+            || (self.new_frozen.load(Ordering::SeqCst)
+                && number >= self.new_frozen_from.load(Ordering::SeqCst))
     }
 }
 
@@ -83,6 +89,16 @@ impl Proxy {
     pub fn stall_open_connections(&self) {
         let accepted = self.state.accepted.load(Ordering::SeqCst);
         self.state.frozen_below.store(accepted, Ordering::SeqCst);
+    }
+
+    /// Stops (`true`) forwarding on the connections accepted from now on, keeping the
+    /// open ones going, or resumes (`false`) those.
+    pub fn stall_new_connections(&self, on: bool) {
+        if on {
+            let accepted = self.state.accepted.load(Ordering::SeqCst);
+            self.state.new_frozen_from.store(accepted, Ordering::SeqCst);
+        }
+        self.state.new_frozen.store(on, Ordering::SeqCst);
     }
 
     /// Forwards each chunk `ms` late, in both directions.
