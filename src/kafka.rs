@@ -1,6 +1,8 @@
 //! What both pipelines need from Kafka: client settings from the config, topic
-//! creation, the one error type of Kafka clients with its classification, and a plain
-//! topic reader for tools.
+//! creation (with the settings of [`topic`]), the one error type of Kafka clients with
+//! its classification, and a plain topic reader for tools.
+
+pub mod topic;
 
 use crate::config::KafkaConfig;
 use crate::event::Lsn;
@@ -38,6 +40,11 @@ pub enum SinkError {
     },
     #[error("reading the topic's offsets: {0}")]
     Task(String),
+    #[error("reading the settings of topic {topic}: {code}")]
+    DescribeTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("topic {topic} went back: the broker acknowledged offset {now} after offset {before}, so it lost messages it had acknowledged (a broker without durable storage restarted, or the topic was deleted and created again). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
     OffsetsWentBack {
         topic: String,
@@ -111,15 +118,44 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     cc
 }
 
-/// Creates `topic` unless it exists.
+/// Creates `topic` unless it exists, with the settings [`topic::creation_configs`]
+/// gives. A cluster whose policy refuses them (a managed service may fix some configs)
+/// gets the topic with its own defaults and a warning: `duplex check` reports what
+/// they lack.
 pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkError> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
-    let new = NewTopic::new(
+    let configs = topic::creation_configs(cfg.replication_factor);
+    match create_topic(&admin, cfg, topic, &configs).await {
+        Err(SinkError::CreateTopic {
+            code: RDKafkaErrorCode::PolicyViolation,
+            ..
+        }) => {
+            tracing::warn!(
+                topic,
+                ?configs,
+                "the cluster's policy refused the change topic's settings; creating it with the cluster's defaults (see `duplex check`)"
+            );
+            create_topic(&admin, cfg, topic, &[]).await
+        }
+        created => created,
+    }
+}
+
+async fn create_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    cfg: &KafkaConfig,
+    topic: &str,
+    configs: &[(&str, String)],
+) -> Result<(), SinkError> {
+    let mut new = NewTopic::new(
         topic,
         // One partition: the node's commit order holds across all its tables.
         1,
         TopicReplication::Fixed(cfg.replication_factor),
     );
+    for (key, value) in configs {
+        new = new.set(key, value);
+    }
     let opts = AdminOptions::new().request_timeout(Some(TOPIC_REQUEST_TIMEOUT));
     for result in admin.create_topics([&new], &opts).await? {
         match result {

@@ -1,9 +1,10 @@
 //! Preflight checks: everything duplex needs from the nodes and the broker, found
 //! before streaming starts rather than halfway through.
 //!
-//! `duplex check` prints every problem [`check_all`] finds, one line each; the reader
-//! runs [`node_problems`] on its own node at start and stops with them if there are
-//! any, since none of them goes away by retrying.
+//! `duplex check` prints every problem [`check_all`] finds, one line each, and fails
+//! unless each is a warning ([`WARNING`]: a risk, not a fault); the reader runs
+//! [`node_problems`] on its own node at start and stops with them if there are any,
+//! since none of them goes away by retrying.
 
 use crate::capture::walsender::WalsenderConnection;
 use crate::config::Config;
@@ -38,13 +39,47 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
     if problems.is_empty() {
         problems.extend(crate::mapping::check::problems(cfg, &clients).await);
     }
-    if let Err(e) = check_broker(cfg).await {
-        problems.push(format!(
+    match check_broker(cfg).await {
+        Err(e) => problems.push(format!(
             "kafka: brokers {} unreachable: {e}",
             cfg.kafka.brokers
-        ));
+        )),
+        Ok(()) => problems.extend(topic_problems(cfg).await),
     }
     problems
+}
+
+/// How a line of [`check_all`] that does not fail `duplex check` begins.
+pub const WARNING: &str = "warning: ";
+
+/// Whether a line of [`check_all`] is a warning.
+pub fn is_warning(line: &str) -> bool {
+    line.starts_with(WARNING)
+}
+
+/// The existing change topics' settings that would lose changes or stall writes (see
+/// [`crate::kafka::topic::findings`]); a topic not created yet has none, as duplex
+/// creates it with the settings it needs. Settings the client may not read (no
+/// DESCRIBE_CONFIGS right) are a warning: duplex runs without that right.
+async fn topic_problems(cfg: &Config) -> Vec<String> {
+    use crate::kafka::topic::{self, Severity};
+    let mut lines = Vec::new();
+    for node in cfg.source_nodes() {
+        let name = cfg.topic(&node);
+        match topic::describe(&cfg.kafka, &name).await {
+            Ok(None) => {}
+            Ok(Some(settings)) => lines.extend(topic::findings(&name, &settings).into_iter().map(
+                |f| match f.severity {
+                    Severity::Error => f.text,
+                    Severity::Warning => format!("{WARNING}{}", f.text),
+                },
+            )),
+            Err(e) => lines.push(format!(
+                "{WARNING}kafka: topic {name}: its settings could not be checked: {e}"
+            )),
+        }
+    }
+    lines
 }
 
 /// Opens a replication connection the way `duplex run` does (its own TLS handshake

@@ -17,6 +17,7 @@ mod harness;
 mod hostile;
 mod identity;
 mod interleavings;
+mod kafka_cluster;
 mod long_transactions;
 mod mapping;
 mod mapping_edges;

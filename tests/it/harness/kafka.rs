@@ -8,6 +8,8 @@
 //! `kafka.Kafka` in combined broker and controller mode with its config, log and data in
 //! a directory of its own, formatted by `kafka.tools.StorageTool` first.
 
+mod admin;
+
 use super::{free_port, register, temp_dir, Cleanup};
 use duplex::event::ChangeEvent;
 use rdkafka::consumer::{BaseConsumer, Consumer};
