@@ -15,7 +15,7 @@ use crate::apply::error::ApplyError;
 use crate::config::{Config, Direction};
 use crate::kafka;
 use crate::pg::node::{self, sql_err};
-use crate::pg::state::{positions, streams, streams::StreamStart};
+use crate::pg::state::{positions, slots, streams, streams::StreamStart};
 use tokio_postgres::Client;
 
 /// The offset to read from (`None`: the log's start) for a direction with no stored
@@ -28,14 +28,10 @@ pub(super) async fn first_offset(
     let topic = cfg.topic(&dir.from);
     let source = node::connect(cfg, &dir.from, "apply start").await?;
     let slot = cfg.slot_name(&dir.from);
-    let stream: Option<String> = source
-        .query_opt(
-            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
-            &[&slot],
-        )
+    let stream = slots::load(&source, &slot)
         .await
         .map_err(sql_err(&dir.from, "reading duplex.slots"))?
-        .map(|r| r.get(0));
+        .map(|s| s.stream);
     let start = match &stream {
         Some(s) => streams::start_of(&source, &dir.from, s, &topic).await?,
         None => StreamStart::NotYet,

@@ -23,6 +23,7 @@ use crate::kafka::{self, SinkError};
 use crate::metrics::{self as m, CaptureMetrics, Health};
 use crate::pg::node::{self, NodeError};
 use crate::pg::setup;
+use crate::pg::state::slots;
 use crate::runtime::{supervise, Supervised};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -128,7 +129,10 @@ async fn stream_once(
         });
     }
     setup::setup(cfg, node, setup::LostSlot::Refuse).await?;
-    let slot_stream = setup::stream_of(&client, node, &cfg.slot_name(node)).await?;
+    let slot_stream = slots::load(&client, &cfg.slot_name(node))
+        .await
+        .map_err(sql("reading duplex.slots"))?
+        .map(|s| s.stream);
     // Before anything of the stream is published here: where it begins on the topic
     // (kept if an earlier session recorded it), for directions starting without a copy.
     if let Some(stream) = &slot_stream {
@@ -174,15 +178,9 @@ async fn stream_once(
 
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
-    let last_offset: Option<i64> = client
-        .query_one(
-            "SELECT max(last_offset) FROM duplex.slots
-             WHERE slot_name = $1 AND last_offset_topic = $2",
-            &[&slot_name, &topic],
-        )
+    let last_offset = slots::last_offset(&client, &slot_name, &topic)
         .await
-        .map_err(sql("reading duplex.slots"))?
-        .get(0);
+        .map_err(sql("reading duplex.slots"))?;
     let (acked_tx, acked_rx) = watch::channel(producer::Acked {
         topic: topic.clone(),
         last: last_offset,
@@ -472,21 +470,11 @@ impl Session<'_> {
     /// not lower it.
     async fn record_offset(&mut self) -> Result<(), PipelineError> {
         let last = self.acked.borrow().last;
-        if last.is_none() || last == self.recorded_offset {
+        let Some(offset) = last.filter(|_| last != self.recorded_offset) else {
             return Ok(());
-        }
-        self.client
-            .execute(
-                "UPDATE duplex.slots SET last_offset_topic = $3,
-                        last_offset = CASE WHEN last_offset_topic = $3 THEN greatest(last_offset, $1)
-                                           ELSE $1 END
-                 WHERE slot_name = $2",
-                &[
-                    &last,
-                    &self.cfg.slot_name(self.node),
-                    &self.cfg.topic(self.node),
-                ],
-            )
+        };
+        let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
+        slots::record_offset(&self.client, &slot, &topic, offset)
             .await
             .map_err(|source| PipelineError::Sql {
                 node: self.node.to_string(),
@@ -522,16 +510,9 @@ impl Session<'_> {
     async fn sink_failed(&mut self, source: SinkError) -> PipelineError {
         if source.is_topic_lost() {
             crate::daemon::abort();
-            let recorded = self
-                .client
-                .batch_execute(&format!(
-                    "UPDATE duplex.slots SET topic_lost = {} WHERE slot_name = {};
-                     DELETE FROM duplex.stream_starts WHERE topic = {};",
-                    crate::pg::sql::quote_literal(&source.to_string()),
-                    crate::pg::sql::quote_literal(&self.cfg.slot_name(self.node)),
-                    crate::pg::sql::quote_literal(&self.cfg.topic(self.node)),
-                ))
-                .await;
+            let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
+            let recorded =
+                slots::mark_topic_lost(&self.client, &slot, &topic, &source.to_string()).await;
             if let Err(e) = recorded {
                 tracing::error!(node = self.node, error = %e, "could not record the lost topic on the node");
             }

@@ -16,6 +16,7 @@
 
 use crate::config::{Config, Direction};
 use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::state::slots;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -38,21 +39,15 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
         }
     };
     let slot_name = cfg.slot_name(&dir.from);
-    let stream = source
-        .query_opt(
-            "SELECT stream, topic_lost FROM duplex.slots WHERE slot_name = $1",
-            &[&slot_name],
-        )
-        .await;
-    let stream: String = match stream {
-        Ok(Some(row)) => {
-            if let Some(detail) = row.get::<_, Option<String>>(1) {
+    let stream: String = match slots::load(&source, &slot_name).await {
+        Ok(Some(record)) => {
+            if let Some(detail) = record.topic_lost {
                 return Err(NodeError::TopicLost {
                     node: dir.from.clone(),
                     detail,
                 });
             }
-            row.get(0)
+            record.stream
         }
         Ok(None) => return Ok(()),
         Err(e) if not_set_up(&e) => return Ok(()),
@@ -102,13 +97,11 @@ pub async fn topic_lost(cfg: &Config, dir: &Direction) -> NodeError {
                 .and_then(Result::ok);
         }
         let Some(c) = &client else { continue };
-        let sql =
-            "SELECT topic_lost FROM duplex.slots WHERE slot_name = $1 AND topic_lost IS NOT NULL";
-        match tokio::time::timeout(TOPIC_CHECK_EVERY, c.query_opt(sql, &[&slot])).await {
-            Ok(Ok(Some(row))) => {
+        match tokio::time::timeout(TOPIC_CHECK_EVERY, slots::topic_lost(c, &slot)).await {
+            Ok(Ok(Some(detail))) => {
                 return NodeError::TopicLost {
                     node: dir.from.clone(),
-                    detail: row.get(0),
+                    detail,
                 }
             }
             Ok(Ok(None)) => {}

@@ -291,22 +291,6 @@ async fn ensure_slot(
     }))
 }
 
-/// The stream id of `slot` on this node (see `duplex.slots`), if duplex records it.
-pub async fn stream_of(
-    client: &Client,
-    node: &str,
-    slot: &str,
-) -> Result<Option<String>, NodeError> {
-    Ok(client
-        .query_opt(
-            "SELECT stream FROM duplex.slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(sql_err(node, "reading duplex.slots"))?
-        .map(|r| r.get(0)))
-}
-
 /// Removes duplex's slot, publication, origins and schema from `node`.
 pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError> {
     let client = connect(cfg, node, "teardown").await?;
