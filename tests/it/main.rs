@@ -42,5 +42,6 @@ mod tls;
 mod toast;
 mod tombstones;
 mod truncations;
+mod upgrade;
 mod verify;
 mod verify_edges;

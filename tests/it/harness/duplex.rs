@@ -1,10 +1,11 @@
-//! The duplex binary under test: a config for a test's databases, and the daemon as a
-//! child process that can be stopped cleanly or killed with SIGKILL.
+//! The duplex binary under test (and the previous release's, which the upgrade test starts
+//! from): a config for a test's databases, and the daemon as a child process that can be
+//! stopped cleanly or killed with SIGKILL.
 
 use super::kafka::Broker;
 use super::pg::Cluster;
 use super::{register, temp_dir, unique, Cleanup};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -14,6 +15,29 @@ pub fn bin() -> PathBuf {
     std::env::var_os("DUPLEX_TEST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_duplex").into())
+}
+
+/// The previous release's duplex, which the upgrade test sets nodes up and runs with
+/// before it upgrades them: `DUPLEX_PREVIOUS_BIN` (set by `scripts/dev-env install`,
+/// which builds it), else where that builds it.
+pub fn previous_bin() -> PathBuf {
+    let path = std::env::var_os("DUPLEX_PREVIOUS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("DUPLEX_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/duplex")
+                })
+                .join("duplex-90bb4be/duplex")
+        });
+    assert!(
+        path.is_file(),
+        "the previous release's duplex is not at {}: `scripts/dev-env install` builds it",
+        path.display()
+    );
+    path
 }
 
 /// One test's setup: node `a` (the source) and node `b`, each a database of its own.
@@ -155,7 +179,12 @@ retry_max_ms = 1000
 
     /// `command` with variables added to its environment.
     pub fn command_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        Command::new(bin())
+        self.command_of(&bin(), args, env)
+    }
+
+    /// `command_env` run by the duplex binary `bin` (e.g. [`previous_bin`]).
+    pub fn command_of(&self, bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+        Command::new(bin)
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -188,8 +217,13 @@ retry_max_ms = 1000
 
     /// Starts `duplex run --config <config>` with `env` added to its environment.
     pub fn start_env(&self, config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+        self.start_of(&bin(), config, env)
+    }
+
+    /// `start_env` run by the duplex binary `bin` (e.g. [`previous_bin`]).
+    pub fn start_of(&self, bin: &Path, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.join(format!("{}.log", unique("duplex")));
-        let child = Command::new(bin())
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .envs(env.iter().copied())
