@@ -20,7 +20,7 @@ pub enum ApplyError {
     #[error(transparent)]
     Lease(#[from] crate::standby::LeaseError),
     #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(Box<crate::snapshot::SnapshotError>),
     #[error("direction {direction}: Kafka: {source}")]
     Kafka {
         direction: String,
@@ -31,15 +31,8 @@ pub enum ApplyError {
         direction: String,
         source: SinkError,
     },
-    #[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them. To resynchronise: delete this direction's row from duplex.apply_positions on node {to} (DELETE FROM duplex.apply_positions WHERE source_node = '{from}'), run `duplex snapshot` (it sets where the direction starts reading and copies what it missed, deletes included), and start duplex")]
-    PositionLost {
-        direction: String,
-        from: String,
-        to: String,
-        topic: String,
-        offset: i64,
-        detail: String,
-    },
+    #[error(transparent)]
+    PositionLost(Box<LostPosition>),
     #[error("direction {direction}: {gap}; rolled back what was written of it, reading again from the last commit and waiting for the source to publish it again")]
     IncompleteTransaction { direction: String, gap: Gap },
     #[error("node {node}: {detail}")]
@@ -57,15 +50,38 @@ pub enum ApplyError {
         waited_s: f64,
         why: String,
     },
-    #[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
-    BadEvent {
-        direction: String,
-        table: String,
-        key: String,
-        position: String,
-        offset: i64,
-        reason: String,
-    },
+    #[error(transparent)]
+    BadEvent(Box<HaltingEvent>),
+}
+
+/// An event the target refused, which halts its direction.
+#[derive(Debug, thiserror::Error)]
+#[error("direction {direction} halted on a bad event: table {table}, key {key}, source position {position} (Kafka offset {offset}): {reason}. Fix the target (or set sync.on_error = \"dead_letter\") and restart duplex")]
+pub struct HaltingEvent {
+    pub direction: String,
+    pub table: String,
+    pub key: String,
+    pub position: String,
+    pub offset: i64,
+    pub reason: String,
+}
+
+/// A stored position the topic no longer holds, and how to resynchronise.
+#[derive(Debug, thiserror::Error)]
+#[error("direction {direction}: the stored position (Kafka offset {offset} of topic {topic}) is not in the topic any more: {detail}. The events in between cannot be read, so nothing was applied past them. To resynchronise: delete this direction's row from duplex.apply_positions on node {to} (DELETE FROM duplex.apply_positions WHERE source_node = '{from}'), run `duplex snapshot` (it sets where the direction starts reading and copies what it missed, deletes included), and start duplex")]
+pub struct LostPosition {
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub topic: String,
+    pub offset: i64,
+    pub detail: String,
+}
+
+impl From<crate::snapshot::SnapshotError> for ApplyError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        ApplyError::Snapshot(Box::new(e))
+    }
 }
 
 impl Classify for ApplyError {
@@ -81,7 +97,7 @@ impl Classify for ApplyError {
             | ApplyError::Stalled { .. }
             | ApplyError::TargetStalled { .. } => ErrorClass::Transient,
             ApplyError::Sink { source, .. } => source.class(),
-            ApplyError::BadEvent { .. } | ApplyError::PositionLost { .. } => ErrorClass::Definite,
+            ApplyError::BadEvent(_) | ApplyError::PositionLost(_) => ErrorClass::Definite,
         }
     }
 }

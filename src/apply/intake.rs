@@ -186,14 +186,14 @@ fn read_from(consumer: &StreamConsumer, topic: &str, from: i64) -> KafkaResult<(
 }
 
 pub(super) fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) -> ApplyError {
-    ApplyError::PositionLost {
+    ApplyError::PositionLost(Box::new(crate::apply::error::LostPosition {
         direction: dir.to_string(),
         from: dir.from.clone(),
         to: dir.to.clone(),
         topic: topic.to_string(),
         offset,
         detail,
-    }
+    }))
 }
 
 /// A consumer error: the stored offset out of the log's range is definite (it will

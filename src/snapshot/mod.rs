@@ -56,7 +56,7 @@ pub enum SnapshotError {
     #[error("snapshot {direction}: {source}")]
     Kafka {
         direction: String,
-        source: crate::kafka::SinkError,
+        source: Box<crate::kafka::SinkError>,
     },
     #[error(transparent)]
     Lease(#[from] crate::standby::LeaseError),
@@ -164,7 +164,7 @@ async fn record_start(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotErr
     let topic = cfg.topic(&dir.from);
     let kafka = |source| SnapshotError::Kafka {
         direction: dir.to_string(),
-        source,
+        source: Box::new(source),
     };
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
     let sql = |e| SnapshotError::from(sql_err(&dir.to, "writing duplex.apply_positions")(e));

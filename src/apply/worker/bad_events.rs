@@ -6,7 +6,7 @@
 use super::{Pending, Worker};
 use crate::apply::batch::DeleteTimes;
 use crate::apply::dead_letter::DeadLetter;
-use crate::apply::error::ApplyError;
+use crate::apply::error::{ApplyError, HaltingEvent};
 use crate::apply::writer::WriteError;
 use crate::config::OnError;
 use crate::event::ChangeEvent;
@@ -50,14 +50,14 @@ impl Worker<'_> {
     /// A bad event halts the direction or goes to the dead-letter queue.
     pub(super) async fn bad(&mut self, letter: DeadLetter) -> Result<(), ApplyError> {
         if self.cfg.sync.on_error == OnError::Halt {
-            return Err(ApplyError::BadEvent {
+            return Err(ApplyError::BadEvent(Box::new(HaltingEvent {
                 direction: self.dir.to_string(),
                 table: letter.table.unwrap_or_else(|| "?".into()),
                 key: letter.key.unwrap_or_else(|| "?".into()),
                 position: letter.position.unwrap_or_else(|| "?".into()),
                 offset: letter.offset,
                 reason: letter.error,
-            });
+            })));
         }
         tracing::warn!(direction = %self.dir, table = ?letter.table, key = ?letter.key, position = ?letter.position, error = %letter.error, "event sent to the dead-letter queue");
         self.dlq
