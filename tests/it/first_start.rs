@@ -4,7 +4,8 @@
 //! offset), never inside an older deployment's events or a transaction cut by
 //! retention; a stream whose head retention removed halts the direction; and after a
 //! lost position, deleting the direction's row and `duplex snapshot` leave both nodes
-//! equal to what the applications wrote, deletes and truncations included.
+//! equal to what the applications wrote, deletes and truncations included, however
+//! long the peer missed them (a node keeps its own deletes until the peer has them).
 
 use crate::apply::{converge, item_ids, rows};
 use crate::harness::duplex::{Daemon, Rig};
@@ -227,4 +228,72 @@ async fn a_stream_whose_head_retention_removed_halts_its_first_start() {
         .unwrap();
     converge(&a, &b, &["items"], Duration::from_secs(60)).await;
     stop(d).await;
+}
+
+#[tokio::test]
+async fn a_nodes_own_deletes_outlive_retention_until_the_peer_has_them() {
+    // Short retention: b's changes applied on a soon make a's tombstones old enough.
+    let rig = Rig::both(DDL, &["public.items"], "").await;
+    rig.edit_config(&[(
+        "linger_ms = 10",
+        "linger_ms = 10\ntombstone_retention_ms = 1000",
+    )]);
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    insert_in_tens(&a, "items", 1..=20).await;
+    converge(&a, &b, &["items"], Duration::from_secs(60)).await;
+    // b refuses one of a's rows: a_to_b halts, b_to_a goes on.
+    b.batch_execute("ALTER TABLE items ADD CONSTRAINT small CHECK (id < 1000)")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO items VALUES (1000, 'refused', clock_timestamp())")
+        .await
+        .unwrap();
+    d.wait_log("halted on a bad event", 1, Duration::from_secs(60))
+        .await;
+    a.batch_execute("DELETE FROM items WHERE id <= 5")
+        .await
+        .unwrap();
+    // b's application writes on for longer than the retention, and a applies it.
+    for id in 100..=110 {
+        b.batch_execute(&format!(
+            "INSERT INTO items VALUES ({id}, 'b', clock_timestamp())"
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_for("b's rows on a", Duration::from_secs(60), || {
+        let a = &a;
+        async move { item_ids(a).await.contains(&110).then_some(()) }
+    })
+    .await;
+    stop(d).await;
+    // A new session prunes first thing.
+    let d = rig.start();
+    d.wait_log("applying", 1, Duration::from_secs(60)).await;
+    stop(d).await;
+    let kept = count(
+        &a,
+        "SELECT count(*) FROM duplex.tombstones WHERE origin = 'local'",
+    )
+    .await;
+    assert_eq!(kept, 5, "a pruned deletes b never applied");
+    // The operator fixes b and brings it level.
+    b.batch_execute("ALTER TABLE items DROP CONSTRAINT small")
+        .await
+        .unwrap();
+    let snapshot = rig.command(&["snapshot"]);
+    assert!(snapshot.status.success(), "{}", said(&snapshot));
+    for c in [&a, &b] {
+        let ids = item_ids(c).await;
+        assert!(
+            !ids.iter().any(|i| *i <= 5),
+            "deleted rows are back: {ids:?}"
+        );
+    }
+    assert_eq!(rows(&a, "items").await, rows(&b, "items").await);
 }
