@@ -151,7 +151,7 @@ async fn apply_once(
             source,
         })?;
     let mut cc = client_config(&cfg.kafka);
-    cc.set("group.id", format!("duplex-{dir}"))
+    cc.set("group.id", kafka::apply_group(dir))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     // Latency and memory: don't let a fetch idle for librdkafka's default 500 ms, and

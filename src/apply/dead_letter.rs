@@ -117,7 +117,7 @@ async fn record(
         source,
     };
     if producer.is_none() {
-        let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
+        let topic = kafka::dead_letter_topic(cfg, dir);
         kafka::ensure_topic(&cfg.kafka, &topic)
             .await
             .map_err(sink)?;
