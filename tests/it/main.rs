@@ -15,6 +15,7 @@ mod harness;
 mod hostile;
 mod identity;
 mod interleavings;
+mod kafka_security;
 mod long_transactions;
 mod mapping;
 mod mapping_edges;
