@@ -1,17 +1,23 @@
-//! What both pipelines need from Kafka: client settings from the config, topic
-//! creation (with the settings of [`topic`]), the one error type of Kafka clients with
-//! its classification, and a plain topic reader for tools.
+//! What both pipelines need from Kafka: client settings from the config, reaching
+//! the brokers (a refused password or an untrusted broker certificate is definite),
+//! topic creation (with the settings of [`topic`]), the one error type of Kafka clients
+//! with its classification, and a plain topic reader for tools. [`access`] asks what
+//! the brokers let duplex do.
 
 pub mod topic;
 
-use crate::config::KafkaConfig;
+pub mod access;
+
+use crate::config::{Config, Direction, KafkaConfig};
 use crate::event::Lsn;
 use crate::{Classify, ErrorClass};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// How long creating a topic may take before it counts as a (transient) failure.
 const TOPIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +57,10 @@ pub enum SinkError {
         before: i64,
         now: i64,
     },
+    #[error("Kafka authentication failed: the brokers refused duplex's credentials ({0}); check sasl.username, the password (DUPLEX_KAFKA_PROPERTIES_SASL_PASSWORD) and sasl.mechanisms in [kafka.properties]")]
+    Credentials(String),
+    #[error("Kafka certificate verify failed: duplex does not trust the broker's certificate ({0}); set ssl.ca.location to the CA that signed the brokers' certificates, and check that each certificate names the host duplex connects to")]
+    Certificate(String),
     #[error("topic {topic} does not exist any more, although the broker had acknowledged messages up to offset {last} on it: the broker lost them (a broker without durable storage restarted, or the topic was deleted). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
     TopicGone { topic: String, last: i64 },
 }
@@ -63,6 +73,8 @@ impl Classify for SinkError {
             // The same event would be too large on every retry.
             SinkError::TooLarge { .. } => ErrorClass::Definite,
             SinkError::OffsetsWentBack { .. } | SinkError::TopicGone { .. } => ErrorClass::Definite,
+            // Nothing changes them but the operator.
+            SinkError::Credentials(_) | SinkError::Certificate(_) => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }
@@ -107,6 +119,100 @@ fn is_definite(c: &RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The refusal an error librdkafka reports while connecting stands for, if it is one:
+/// the brokers rejected duplex's credentials, or duplex rejected a broker's
+/// certificate (untrusted, expired, or naming another host). librdkafka reports these
+/// as connection errors and retries them forever, like a broker that is down; other
+/// TLS and authentication errors (a connection cut during the handshake) stay
+/// transient.
+fn refusal_of(code: RDKafkaErrorCode, reason: &str) -> Option<SinkError> {
+    let lower = reason.to_ascii_lowercase();
+    match code {
+        RDKafkaErrorCode::Authentication
+            if lower.contains("authentication failed")
+                || lower.contains("invalid credentials")
+                || lower.contains("unsupported sasl mechanism") =>
+        {
+            Some(SinkError::Credentials(reason.to_string()))
+        }
+        RDKafkaErrorCode::SSL
+            if lower.contains("certificate verify failed")
+                || lower.contains("failed to verify broker certificate") =>
+        {
+            Some(SinkError::Certificate(reason.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// A client context that keeps the first refusal librdkafka reports (see
+/// [`refusal_of`]) and logs every error.
+#[derive(Default)]
+struct RefusalWatch {
+    first: Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl ClientContext for RefusalWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "librdkafka");
+        if let Some(code) = error.rdkafka_error_code() {
+            if refusal_of(code, reason).is_some() {
+                if let Ok(mut first) = self.first.lock() {
+                    first.get_or_insert((code, reason.to_string()));
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RefusalWatch {}
+
+impl RefusalWatch {
+    fn refusal(&self) -> Option<SinkError> {
+        let first = self.first.lock().ok()?;
+        first
+            .as_ref()
+            .and_then(|(code, reason)| refusal_of(*code, reason))
+    }
+}
+
+/// How long reaching the brokers may take before it counts as a (transient) failure.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the brokers and asks for the cluster's metadata: `Ok` once they answer,
+/// a definite error as soon as they refuse duplex's credentials or duplex refuses
+/// their certificate, a transient one if they do not answer in time.
+pub async fn reach(cfg: &KafkaConfig) -> Result<(), SinkError> {
+    let cc = client_config(cfg);
+    tokio::task::spawn_blocking(move || {
+        // A consumer without a group: its metadata requests create no topic, and it
+        // needs no ACL of a group.
+        let consumer: BaseConsumer<RefusalWatch> =
+            cc.create_with_context(RefusalWatch::default())?;
+        let deadline = Instant::now() + REACH_TIMEOUT;
+        loop {
+            let e = match consumer
+                .client()
+                .fetch_metadata(None, Duration::from_millis(500))
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            // librdkafka hands its errors to the context only from poll, queued
+            // behind its log lines; a poll returns at the first error.
+            let _ = consumer.poll(Duration::from_millis(100));
+            if let Some(refusal) = consumer.context().refusal() {
+                return Err(refusal);
+            }
+            if Instant::now() >= deadline {
+                return Err(SinkError::Kafka(e));
+            }
+        }
+    })
+    .await
+    .map_err(|e| SinkError::Task(e.to_string()))?
+}
+
 /// librdkafka settings shared by every duplex client: the user's properties on top of
 /// the brokers.
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
@@ -118,11 +224,28 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     cc
 }
 
+/// The consumer group of `dir`'s apply consumer. It commits no offsets (positions
+/// live in the target's duplex.apply_positions), but librdkafka assigns partitions only
+/// to a consumer with a group, and looks up the group's coordinator: the principal
+/// needs DESCRIBE on it.
+pub fn apply_group(dir: &Direction) -> String {
+    format!("duplex-{dir}")
+}
+
+/// The topic `dir` sets aside the events it cannot apply on, with
+/// `sync.on_error = "dead_letter"`.
+pub fn dead_letter_topic(cfg: &Config, dir: &Direction) -> String {
+    format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from)
+}
+
 /// Creates `topic` unless it exists, with the settings [`topic::creation_configs`]
 /// gives. A cluster whose policy refuses them (a managed service may fix some configs)
 /// gets the topic with its own defaults and a warning: `duplex check` reports what
-/// they lack.
+/// they lack. The principal needs the CREATE operation on it only while it does not
+/// exist: a topic created beforehand is used as it is. Reaches the brokers first, so
+/// that a refused password or certificate stops the caller.
 pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkError> {
+    reach(cfg).await?;
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let configs = topic::creation_configs(cfg.replication_factor);
     match create_topic(&admin, cfg, topic, &configs).await {
@@ -160,10 +283,32 @@ async fn create_topic(
     for result in admin.create_topics([&new], &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // The broker refuses a creation it does not allow even when the topic
+            // exists.
+            Err((topic, RDKafkaErrorCode::TopicAuthorizationFailed))
+                if exists(cfg, &topic).await? => {}
             Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
         }
     }
     Ok(())
+}
+
+/// Whether the brokers know `topic`. Asked by a consumer, whose metadata requests
+/// never create topics.
+async fn exists(cfg: &KafkaConfig, topic: &str) -> Result<bool, SinkError> {
+    let (cc, topic) = (client_config(cfg), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = cc.create()?;
+        let metadata = consumer
+            .client()
+            .fetch_metadata(Some(&topic), TOPIC_REQUEST_TIMEOUT)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    })
+    .await
+    .map_err(|e| SinkError::Task(e.to_string()))?
 }
 
 /// How long asking the broker for a partition's offsets may take.
@@ -172,10 +317,9 @@ const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
 /// `topic` partition 0's first retained offset and the offset its next message will
 /// get (the log start and end).
 pub async fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<(i64, i64), SinkError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let mut cc = client_config(cfg);
-    cc.set("group.id", "duplex-watermarks");
-    let consumer: BaseConsumer = cc.create()?;
+    // No group.id: asking for offsets needs no consumer group, and one would need an
+    // ACL of its own (librdkafka looks up a group's coordinator).
+    let consumer: BaseConsumer = client_config(cfg).create()?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, WATERMARKS_TIMEOUT))
         .await
@@ -193,7 +337,6 @@ pub fn read_topic(
     idle: Duration,
     mut out: impl FnMut(&[u8]),
 ) -> Result<usize, SinkError> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut cc = client_config(cfg);
     cc.set("group.id", "duplex-tail")
@@ -259,5 +402,32 @@ mod tests {
         }
         let e = SinkError::Kafka(produce(RDKafkaErrorCode::SaslAuthenticationFailed));
         assert_eq!(e.class(), ErrorClass::Definite);
+    }
+
+    /// What librdkafka 2.12 reports, as seen against Kafka 4.4.
+    const BAD_PASSWORD: &str = "sasl_ssl://127.0.0.1:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 12ms in state AUTH_REQ)";
+    const UNTRUSTED: &str = "ssl://127.0.0.1:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 3ms in state SSL_HANDSHAKE)";
+
+    #[test]
+    fn refused_credentials_and_untrusted_certificates_are_definite_outages_are_not() {
+        let refused = refusal_of(RDKafkaErrorCode::Authentication, BAD_PASSWORD).unwrap();
+        assert!(matches!(refused, SinkError::Credentials(_)));
+        assert_eq!(refused.class(), ErrorClass::Definite);
+        assert!(refused.to_string().contains("Kafka authentication failed"));
+        let untrusted = refusal_of(RDKafkaErrorCode::SSL, UNTRUSTED).unwrap();
+        assert!(matches!(untrusted, SinkError::Certificate(_)));
+        assert_eq!(untrusted.class(), ErrorClass::Definite);
+        assert!(untrusted.to_string().contains("certificate verify failed"));
+        for (code, reason) in [
+            // A broker down, restarting, or cut off mid-handshake.
+            (RDKafkaErrorCode::BrokerTransportFailure, "Connect to ipv4#127.0.0.1:9093 failed: Connection refused (after 0ms in state CONNECT)"),
+            (RDKafkaErrorCode::SSL, "ssl://127.0.0.1:9093/1: SSL handshake failed: Disconnected: connecting to a PLAINTEXT broker listener? (after 2ms in state SSL_HANDSHAKE)"),
+            (RDKafkaErrorCode::Authentication, "sasl_ssl://127.0.0.1:9093/1: SASL SCRAM-SHA-512 mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms: "),
+            (RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down"),
+            // Certificate words under another code.
+            (RDKafkaErrorCode::BrokerTransportFailure, UNTRUSTED),
+        ] {
+            assert!(refusal_of(code, reason).is_none(), "{code:?}: {reason}");
+        }
     }
 }

@@ -4,12 +4,13 @@
 //! `duplex check` prints every problem [`check_all`] finds, one line each, and fails
 //! unless each is a warning ([`WARNING`]: a risk, not a fault); the reader runs
 //! [`node_problems`] on its own node at start and stops with them if there are any,
-//! since none of them goes away by retrying.
+//! since none of them goes away by retrying. [`acls`] checks what the Kafka
+//! principal may do.
+
+mod acls;
 
 use crate::capture::walsender::WalsenderConnection;
 use crate::config::Config;
-use crate::kafka::client_config;
-use rdkafka::producer::{BaseProducer, Producer};
 use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::Instrument;
@@ -39,14 +40,29 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
     if problems.is_empty() {
         problems.extend(crate::mapping::check::problems(cfg, &clients).await);
     }
-    match check_broker(cfg).await {
-        Err(e) => problems.push(format!(
+    problems.extend(broker_problems(cfg).await);
+    problems
+}
+
+/// Whether the brokers answer and accept duplex (its credentials, their certificate),
+/// then what its principal may not do that duplex needs, and the change topics'
+/// settings.
+async fn broker_problems(cfg: &Config) -> Vec<String> {
+    use crate::kafka::SinkError;
+    match crate::kafka::reach(&cfg.kafka).await {
+        Ok(()) => {
+            let mut lines = acls::problems(cfg).await;
+            lines.extend(topic_problems(cfg).await);
+            lines
+        }
+        Err(e @ (SinkError::Credentials(_) | SinkError::Certificate(_))) => {
+            vec![format!("kafka: {e}")]
+        }
+        Err(e) => vec![format!(
             "kafka: brokers {} unreachable: {e}",
             cfg.kafka.brokers
-        )),
-        Ok(()) => problems.extend(topic_problems(cfg).await),
+        )],
     }
-    problems
 }
 
 /// How a line of [`check_all`] that does not fail `duplex check` begins.
@@ -312,19 +328,4 @@ async fn table_problems(
         ));
     }
     Ok((problems, row.get(3)))
-}
-
-/// Asks the brokers for cluster metadata.
-pub async fn check_broker(cfg: &Config) -> Result<(), String> {
-    let cc = client_config(&cfg.kafka);
-    tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = cc.create().map_err(|e| e.to_string())?;
-        producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
 }

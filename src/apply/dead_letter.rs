@@ -121,7 +121,7 @@ async fn record(
     // The session idles in its transaction meanwhile: no stall of the target.
     let _away = writer.away.enter();
     if producer.is_none() {
-        let topic = format!("{}.{}.dlq", cfg.kafka.topic_prefix, dir.from);
+        let topic = kafka::dead_letter_topic(cfg, dir);
         kafka::ensure_topic(&cfg.kafka, &topic)
             .await
             .map_err(sink)?;

@@ -43,7 +43,7 @@ pub(super) fn open_consumer(
         source,
     };
     let mut cc = crate::kafka::client_config(&cfg.kafka);
-    cc.set("group.id", format!("duplex-{dir}"))
+    cc.set("group.id", crate::kafka::apply_group(dir))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     // Latency and memory: don't let a fetch idle for librdkafka's default 500 ms, and

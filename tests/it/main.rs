@@ -18,6 +18,7 @@ mod hostile;
 mod identity;
 mod interleavings;
 mod kafka_cluster;
+mod kafka_security;
 mod long_transactions;
 mod mapping;
 mod mapping_edges;

@@ -45,7 +45,8 @@ async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
             let n: i64 = b
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = $1 AND wait_event_type = 'Lock' AND application_name LIKE 'duplex%'",
+                     WHERE datname = $1 AND wait_event_type = 'Lock' AND application_name LIKE 'duplex%'
+                       AND query LIKE 'INSERT INTO%'",
                     &[db_b],
                 )
                 .await

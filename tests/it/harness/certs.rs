@@ -1,6 +1,7 @@
 //! A certificate authority made up for a test: its root, a server certificate for
 //! `localhost` and a client certificate for a role, as PEM files in a directory the
-//! PostgreSQL server can read (its key owned by the server's OS user, mode 0600).
+//! PostgreSQL server can read (its key owned by the server's OS user, mode 0600); or
+//! the same for a Kafka broker on 127.0.0.1 and its clients ([`Pki::for_kafka`]).
 
 use super::temp_dir;
 use openssl::asn1::Asn1Time;
@@ -32,6 +33,11 @@ fn name(cn: &str) -> X509Name {
 /// A certificate for `cn`, signed by `issuer` (self-signed, a CA, without one), with
 /// `dns` as its subject alternative names.
 fn issue(cn: &str, issuer: Option<&Issued>, dns: &[&str]) -> Issued {
+    issue_for(cn, issuer, dns, &[])
+}
+
+/// Like `issue`, with IP addresses among the subject alternative names too.
+fn issue_for(cn: &str, issuer: Option<&Issued>, dns: &[&str], ips: &[&str]) -> Issued {
     let key = key();
     let mut b = X509::builder().unwrap();
     b.set_version(2).unwrap();
@@ -60,10 +66,13 @@ fn issue(cn: &str, issuer: Option<&Issued>, dns: &[&str]) -> Issued {
             .build();
         b.append_extension(usage.unwrap()).unwrap();
     }
-    if !dns.is_empty() {
+    if !dns.is_empty() || !ips.is_empty() {
         let mut san = SubjectAlternativeName::new();
         for d in dns {
             san.dns(d);
+        }
+        for ip in ips {
+            san.ip(ip);
         }
         let san = san
             .build(&b.x509v3_context(issuer.map(|i| i.cert.as_ref()), None))
@@ -106,6 +115,40 @@ impl Pki {
             &client.key.private_key_to_pem_pkcs8().unwrap(),
         );
         pki.hand_to_server();
+        pki
+    }
+
+    /// For a Kafka broker on loopback: a CA (`ca.pem`); the broker's certificate for
+    /// IP address 127.0.0.1 with its key, in one file as Kafka's PEM key store takes
+    /// it (`broker.pem`); a client certificate for `client` (`client.crt`) with its key
+    /// encrypted under `key_password` (`client.key`), and both unencrypted in one file
+    /// for Java clients (`client.pem`); and an unrelated CA (`other-ca.pem`).
+    pub fn for_kafka(client: &str, key_password: &str) -> Pki {
+        let pki = Pki {
+            dir: temp_dir("duplex-kafka-pki-"),
+        };
+        let ca = issue("duplex test Kafka CA", None, &[]);
+        let broker = issue_for("kafka broker", Some(&ca), &[], &["127.0.0.1"]);
+        let client = issue(client, Some(&ca), &[]);
+        let other = issue("another CA", None, &[]);
+        let pem = |i: &Issued| {
+            let mut v = i.key.private_key_to_pem_pkcs8().unwrap();
+            v.extend(i.cert.to_pem().unwrap());
+            v
+        };
+        pki.write("ca.pem", &ca.cert.to_pem().unwrap());
+        pki.write("other-ca.pem", &other.cert.to_pem().unwrap());
+        pki.write("broker.pem", &pem(&broker));
+        pki.write("client.pem", &pem(&client));
+        pki.write("client.crt", &client.cert.to_pem().unwrap());
+        let encrypted = client
+            .key
+            .private_key_to_pem_pkcs8_passphrase(
+                openssl::symm::Cipher::aes_256_cbc(),
+                key_password.as_bytes(),
+            )
+            .unwrap();
+        pki.write("client.key", &encrypted);
         pki
     }
 

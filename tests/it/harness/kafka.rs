@@ -328,7 +328,10 @@ impl Broker {
 
     fn format(&self, node: &Node) {
         let out = java("kafka.tools.StorageTool", None)
-            .args(["format", "--ignore-formatted", "-t", &self.cluster_id, "-c"])
+            // `=`: a random id may begin with `-`, which would read as an option.
+            .args(["format", "--ignore-formatted"])
+            .arg(format!("--cluster-id={}", self.cluster_id))
+            .arg("-c")
             .arg(node.dir.join("server.properties"))
             .args(&self.settings.format_args)
             .output()

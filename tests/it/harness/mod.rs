@@ -9,6 +9,7 @@
 pub mod certs;
 pub mod duplex;
 pub mod kafka;
+pub mod kafka_secured;
 pub mod pg;
 pub mod proxy;
 
