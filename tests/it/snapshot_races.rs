@@ -42,17 +42,19 @@ async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
     wait_for("the copy waiting for row 2", Duration::from_secs(60), || {
         let (b, db_b) = (&b, &db_b);
         async move {
-            let n: i64 = b
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = $1 AND wait_event_type = 'Lock' AND application_name LIKE 'duplex%'
-                       AND query LIKE 'INSERT INTO%'",
+            let waiting: Vec<String> = b
+                .query(
+                    "SELECT query FROM pg_stat_activity
+                     WHERE datname = $1 AND wait_event_type = 'Lock' AND application_name LIKE 'duplex%'",
                     &[db_b],
                 )
                 .await
                 .unwrap()
-                .get(0);
-            (n > 0).then_some(())
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            eprintln!("waiting: {waiting:?}");
+            waiting.iter().any(|q| q.starts_with("INSERT INTO")).then_some(())
         }
     })
     .await;
