@@ -24,10 +24,11 @@ async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
     b.batch_execute("INSERT INTO items SELECT g, 'new on b', now() FROM generate_series(1, 3) g")
         .await
         .unwrap();
-    // b's application deletes row 2 in a transaction still open when the copy meets it.
+    // b's application holds row 2 in a transaction that deletes it once the copy's
+    // merge waits for the row.
     let deleter = cl.client(&rig.db_b).await;
     deleter
-        .batch_execute("BEGIN; DELETE FROM items WHERE id = 2")
+        .batch_execute("BEGIN; SELECT * FROM items WHERE id = 2 FOR UPDATE")
         .await
         .unwrap();
     let config = rig.config.clone();
@@ -53,12 +54,14 @@ async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            eprintln!("waiting: {waiting:?}");
             waiting.iter().any(|q| q.starts_with("INSERT INTO")).then_some(())
         }
     })
     .await;
-    deleter.batch_execute("COMMIT").await.unwrap();
+    deleter
+        .batch_execute("DELETE FROM items WHERE id = 2; COMMIT")
+        .await
+        .unwrap();
     let out = snapshot.await.unwrap();
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(item_ids(&b).await, [1, 3], "the deleted row came back on b");
