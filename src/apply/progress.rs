@@ -1,7 +1,6 @@
 //! What an apply worker tells the outside about itself (its position is in
-//! `pg::state::positions`): its state row in
-//! `duplex.apply_state` (read by `duplex status`, so it outlives the process) and its
-//! lag gauges.
+//! `pg::state::positions`, its state row in `pg::state::directions`): a halt recorded
+//! over a connection of its own, and its lag gauges.
 
 use crate::config::{Config, Direction};
 use crate::metrics::ApplyMetrics;
@@ -9,68 +8,11 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_postgres::Client;
 
 /// How long asking the broker for the log end offset may take.
 const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Where a direction stands, as stored in `duplex.apply_state.state` (and shown by
-/// `duplex status`, where a direction without a row has never started).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DirectionState {
-    Running,
-    Halted,
-    Stopped,
-    NeverStarted,
-}
-
-impl DirectionState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DirectionState::Running => "running",
-            DirectionState::Halted => "halted",
-            DirectionState::Stopped => "stopped",
-            DirectionState::NeverStarted => "never_started",
-        }
-    }
-
-    /// The state a stored text names; `None` for anything else.
-    pub fn parse(s: &str) -> Option<DirectionState> {
-        [
-            DirectionState::Running,
-            DirectionState::Halted,
-            DirectionState::Stopped,
-            DirectionState::NeverStarted,
-        ]
-        .into_iter()
-        .find(|d| d.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for DirectionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Records the direction's state (and why, for a halt) on its target.
-pub async fn set_state(
-    client: &Client,
-    dir: &Direction,
-    state: DirectionState,
-    reason: Option<&str>,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "INSERT INTO duplex.apply_state (source_node, state, reason, since) VALUES ($1, $2, $3, now())
-             ON CONFLICT (source_node) DO UPDATE SET state = EXCLUDED.state, reason = EXCLUDED.reason,
-               since = CASE WHEN duplex.apply_state.state = EXCLUDED.state THEN duplex.apply_state.since ELSE now() END",
-            &[&dir.from, &state.as_str(), &reason],
-        )
-        .await
-        .map(|_| ())
-}
+pub use crate::pg::state::directions::{set_state, DirectionState};
 
 /// Records a halt over a fresh connection (the worker's session is gone by then).
 pub async fn record_halt(cfg: &Config, dir: &Direction, reason: &str) {

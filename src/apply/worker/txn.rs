@@ -82,8 +82,10 @@ impl<E: Marked> OpenTxn<E> {
     }
 
     /// `batch` was written into the transaction, in order. It is kept for a retry in
-    /// place while the transaction holds at most `keep` events; returns what is not
-    /// kept, to be freed.
+    /// place while the transaction holds at most `keep` events and no part of a source
+    /// transaction (one that outgrew what may be held back: its rest may be long to
+    /// come, and the session restarts from the last commit instead); returns what is
+    /// not kept, to be freed.
     pub fn wrote(&mut self, batch: Vec<E>, keep: usize) -> Vec<E> {
         for e in &batch {
             let m = e.mark();
@@ -96,7 +98,7 @@ impl<E: Marked> OpenTxn<E> {
                 self.commits_us.push(m.commit_us);
             }
         }
-        if self.complete && self.written.len() + batch.len() <= keep {
+        if self.complete && !self.partial && self.written.len() + batch.len() <= keep {
             self.written.extend(batch);
             return Vec::new();
         }
@@ -266,19 +268,32 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_write_is_never_retried_in_place() {
+        let mut t = OpenTxn::default();
+        t.began();
+        let freed = t.wrote(vec![ev(10, 0, false, 0), ev(10, 1, false, 1)], 100);
+        assert_eq!(freed.len(), 2);
+        assert!(!t.may_retry_in_place());
+        // Even once its end is written: what was given up is gone.
+        t.wrote(vec![ev(10, 2, true, 2)], 100);
+        assert!(!t.may_retry_in_place());
+    }
+
+    #[test]
     fn part_of_a_source_transaction_is_never_committed() {
         let mut t = OpenTxn::default();
         t.began();
-        t.wrote(vec![ev(10, 0, true, 0), ev(20, 0, false, 1)], 10);
+        let mut freed = t.wrote(vec![ev(10, 0, true, 0), ev(20, 0, false, 1)], 10);
         assert!(t.holds_partial());
         assert_eq!(t.committable(), Err(PartialWritten));
-        t.wrote(vec![ev(20, 1, true, 2)], 10);
+        freed.extend(t.wrote(vec![ev(20, 1, true, 2)], 10));
         let reach = Reach {
             applied: ev(20, 1, true, 2).0.position,
             next_offset: 3,
         };
         assert_eq!(t.committable(), Ok(Some(reach)));
-        let (freed, commits) = t.committed();
+        let (rest, commits) = t.committed();
+        freed.extend(rest);
         assert_eq!((freed.len(), commits), (3, vec![10, 20]));
     }
 
