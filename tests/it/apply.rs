@@ -138,6 +138,11 @@ async fn equal_timestamps_resolve_to_the_same_winner_on_both() {
     let rig = Rig::both(ITEMS, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let (a, b) = clients(&rig).await;
+    // The directions start (they apply what comes after their first start on the
+    // stream), then stop.
+    let d = rig.start();
+    d.wait_applying(2).await;
+    assert_eq!(d.stop().await, Some(0));
     let ts = "'2030-01-01 00:00:00+00'";
     // Both nodes write the same key with the same updated_at while duplex is down.
     a.batch_execute(&format!("INSERT INTO items VALUES (1, 'from a', 1, {ts})"))

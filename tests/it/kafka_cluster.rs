@@ -99,10 +99,13 @@ async fn a_partition_leader_killed_twice_during_a_bidirectional_workload_loses_n
     for (source, topic) in ["a", "b"].into_iter().zip(&topics) {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let leader = broker.partition(topic).await.expect("metadata").leader;
-        let before = broker
-            .high_watermark(topic)
-            .await
-            .expect("the high watermark");
+        // Asked until it answers: a node restarted a moment ago may still be catching up.
+        let before = wait_for(
+            &format!("{topic}'s high watermark"),
+            Duration::from_secs(60),
+            || broker.high_watermark(topic),
+        )
+        .await;
         let node = broker.node(leader);
         let killed = Instant::now();
         node.kill();
