@@ -5,7 +5,7 @@
 //! `cargo bench --bench codec`; throughput is reported in events per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use duplex::apply::target::{TargetColumn, TargetTable};
+use duplex::pg::table::{TargetColumn, TargetTable};
 use duplex::capture::pgoutput::{self, LogicalMessage};
 use duplex::capture::reader::{Output, TableInfo, TxnReader};
 use duplex::event::{ChangeEvent, Lsn};

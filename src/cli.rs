@@ -359,7 +359,7 @@ async fn setup(cfg: &Config) -> ExitCode {
 
 async fn snapshot(cfg: &Config, table: Option<&str>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (stopper, stop) = crate::runtime::stop::pair();
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -372,7 +372,7 @@ async fn snapshot(cfg: &Config, table: Option<&str>) -> ExitCode {
     let result = tokio::select! {
         r = &mut copying => r,
         _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
-            let _ = stop_tx.send(true);
+            stopper.stop();
             copying.await
         }
     };

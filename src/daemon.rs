@@ -11,33 +11,19 @@ use crate::metrics::{self, Health};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use crate::runtime::{sleep_until, Stop};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
-
-/// Set when a component found that continuing could apply wrong data (the broker
-/// lost messages): the others stop without finishing what they hold.
-static ABORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes the stop that follows an abort: appliers roll back what they hold instead of
-/// committing it. The component that calls it fails, which stops the others.
-pub fn abort() {
-    ABORTING.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// Whether the components are stopping on an [`abort`].
-pub fn aborting() -> bool {
-    ABORTING.load(std::sync::atomic::Ordering::SeqCst)
-}
 
 /// How long the components have to stop once told to.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(60);
 
 pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode {
-    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (stopper, stop) = crate::runtime::stop::pair();
     let health = Health::default();
     let mut tasks = JoinSet::new();
-    match start_metrics(&cfg, health.clone(), shutdown.clone()).await {
+    match start_metrics(&cfg, health.clone(), stop.clone()).await {
         Ok(serve) => {
             // After the recorder is installed (a gauge made before it never reports),
             // before the endpoints answer.
@@ -52,7 +38,7 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
             return ExitCode::FAILURE;
         }
     }
-    let verify = crate::verify::export_metrics(cfg.clone(), shutdown.clone());
+    let verify = crate::verify::export_metrics(cfg.clone(), stop.clone());
     tasks.spawn(
         async move {
             verify.await;
@@ -62,13 +48,19 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
     );
     for node in cfg.source_nodes() {
         let span = tracing::info_span!("source", node = %node);
-        let fut = session::run_source(cfg.clone(), node, health.clone(), shutdown.clone());
+        let fut = session::run_source(
+            cfg.clone(),
+            node,
+            health.clone(),
+            stop.clone(),
+            stopper.clone(),
+        );
         tasks.spawn(fut.instrument(span));
     }
     for dir in cfg.directions().unwrap_or_default() {
         let span = tracing::info_span!("apply", direction = %dir);
         let fut =
-            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), shutdown.clone());
+            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), stop.clone());
         // A halted direction stops alone (it logged why, /readyz and the halted gauge
         // show it); the other direction and the readers keep going.
         tasks.spawn(
@@ -90,7 +82,7 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
                 (Some(()), None) => {
                     tracing::info!("stopping");
                     stop_by = Some(Instant::now() + STOP_DEADLINE);
-                    let _ = shutdown_tx.send(true);
+                    stopper.stop();
                 }
                 (Some(()), Some(_)) => {
                     tracing::warn!("second signal: stopping now, without waiting for the components");
@@ -107,7 +99,7 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
                     // The component logged why; stop the others cleanly.
                     code = ExitCode::FAILURE;
                     stop_by.get_or_insert_with(|| Instant::now() + STOP_DEADLINE);
-                    let _ = shutdown_tx.send(true);
+                    stopper.stop();
                 }
                 Some(Ok(Ok(()))) => {}
             },
@@ -127,16 +119,10 @@ fn register_components(cfg: &Config, health: &Health) {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    if let Some(at) = at {
-        tokio::time::sleep_until(at.into()).await;
-    }
-}
-
 async fn start_metrics(
     cfg: &Config,
     health: Health,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<impl std::future::Future<Output = ()>, String> {
     let addr = cfg.metrics_listen().map_err(|e| e.to_string())?;
     let handle = metrics::install()?;
@@ -144,7 +130,7 @@ async fn start_metrics(
         .await
         .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    Ok(metrics::serve(listener, handle, health, shutdown)
+    Ok(metrics::serve(listener, handle, health, stop)
         .instrument(tracing::info_span!("metrics_http")))
 }
 

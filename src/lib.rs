@@ -3,8 +3,9 @@
 //! Two pipelines joined by Kafka: `capture` (a node's WAL → `event`s → the node's
 //! topic) and `apply` (the peer's topic → last-writer-wins writes into a node), plus
 //! `snapshot`, which copies the rows that predate duplex before a direction first
-//! applies. They share `pg` (what duplex keeps on each node), `kafka`, `config`,
-//! `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
+//! applies. They share `lww` (the last-writer-wins writer into a node), `mapping`
+//! (legacy/modern table pairs), `pg` (PostgreSQL, and what duplex keeps on each
+//! node), `kafka`, `config`, `metrics` and `identity`. `daemon` runs them, `runtime` keeps their tasks alive,
 //! `cli` parses commands; `status`, `preflight` and `verify` read both sides, and
 //! `cutover` combines status and verify into the switch-over gate; `standby` lets
 //! a second instance wait to take over. See
@@ -19,9 +20,10 @@ pub(crate) mod daemon;
 pub mod event;
 pub mod identity;
 pub(crate) mod kafka;
+pub(crate) mod lww;
 pub(crate) mod mapping;
 pub(crate) mod metrics;
-pub(crate) mod pg;
+pub mod pg;
 pub(crate) mod preflight;
 pub(crate) mod runtime;
 pub(crate) mod snapshot;

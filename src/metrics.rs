@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use crate::runtime::Stop;
 use tracing::Instrument;
 
 /// Row changes read from a node. Labels: node, table, op.
@@ -506,20 +506,20 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long one connection may take to send its request and read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the endpoints on `listener` until `shutdown` turns true. Each connection is
+/// Serves the endpoints on `listener` until `stop` turns true. Each connection is
 /// served by a task of its own (at most [`MAX_CONNECTIONS`], each at most
 /// [`REQUEST_TIMEOUT`]), so a slow or idle client never holds up a probe or a scrape.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     health: Health,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) {
     // Dropped on return: the connections still open are aborted with it.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop.requested() => return,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };

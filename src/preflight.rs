@@ -9,7 +9,7 @@
 
 mod acls;
 
-use crate::capture::walsender::WalsenderConnection;
+use crate::pg::walsender::WalsenderConnection;
 use crate::config::Config;
 use std::time::Duration;
 use tokio_postgres::Client;

@@ -1,13 +1,18 @@
 //! Keeping components alive: each capture session and apply worker runs under
 //! [`supervise`], which retries transient errors with exponential backoff, stops on a
-//! definite one, and keeps the component's readiness and error counters.
+//! definite one, and keeps the component's readiness and error counters. Components
+//! are told to stop through [`Stop`] ([`stop`]); the timers and task guards their
+//! loops share are here too.
+
+pub mod stop;
+
+pub use stop::{Stop, StopHandle};
 
 use crate::config::Config;
 use crate::metrics::Health;
 use crate::{Classify, ErrorClass};
 use backoff::backoff::Backoff;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// A session that ran this long resets the backoff: the failure is a new one.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
@@ -26,12 +31,12 @@ pub async fn supervise<E, F, Fut>(
     cfg: &Config,
     what: &Supervised<'_>,
     health: &Health,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
     mut session: F,
 ) -> Result<(), E>
 where
     E: std::fmt::Display + Classify,
-    F: FnMut(watch::Receiver<bool>) -> Fut,
+    F: FnMut(Stop) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
 {
     health.register(what.component);
@@ -50,7 +55,7 @@ where
     };
     loop {
         let started = Instant::now();
-        let result = session(shutdown.clone()).await;
+        let result = session(stop.clone()).await;
         health.set(what.component, false);
         let e = match result {
             Ok(()) => return Ok(()),
@@ -71,7 +76,26 @@ where
         tracing::warn!(component = what.component, error = %e, retry_in_ms = delay.as_millis() as u64, "failed; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return Ok(()),
+            _ = stop.requested() => return Ok(()),
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline: the shape a `select!`
+/// arm with an optional timer needs.
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A helper task that lives exactly as long as what owns it: aborted on drop, so a
+/// session that ends (or fails) never leaves its helpers running.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -22,7 +22,7 @@ use crate::metrics::{ComponentState, Health};
 use crate::pg::node::{self, NodeError};
 use crate::{Classify, ErrorClass};
 use std::time::Duration;
-use tokio::sync::watch;
+use crate::runtime::Stop;
 use tokio_postgres::Client;
 
 /// Errors holding a component's lease.
@@ -68,13 +68,13 @@ pub struct Lease {
 impl Lease {
     /// Takes the lock of `component` on `node`, waiting while another instance holds
     /// it (the component is reported as standing by meanwhile, in `health` if it is
-    /// one of the instance's). `None` when `shutdown` came first.
+    /// one of the instance's). `None` when `stop` came first.
     pub async fn acquire(
         cfg: &Config,
         node: &str,
         component: &str,
         health: Option<&Health>,
-        shutdown: &mut watch::Receiver<bool>,
+        stop: &Stop,
     ) -> Result<Option<Lease>, LeaseError> {
         let client = node::connect(cfg, node, &format!("lock {component}")).await?;
         let sql = |context: &str| {
@@ -137,7 +137,7 @@ impl Lease {
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll_interval(cfg)) => {}
-                _ = shutdown.changed() => return Ok(None),
+                _ = stop.requested() => return Ok(None),
             }
         }
     }
@@ -218,20 +218,20 @@ fn lock_key(cfg: &Config, node: &str, component: &str) -> String {
 
 /// Runs `work` while holding the lease of `component` on `node`: waits as a standby
 /// while another instance holds it, and stops `work` (as a transient error, so the
-/// component waits for the lock again) if the lease is lost. `Ok(())` on shutdown.
+/// component waits for the lock again) if the lease is lost. `Ok(())` on stop.
 pub async fn run_leased<E, Fut>(
     cfg: &Config,
     node: &str,
     component: &str,
     health: &Health,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &Stop,
     work: impl FnOnce() -> Fut,
 ) -> Result<(), E>
 where
     E: From<LeaseError>,
     Fut: std::future::Future<Output = Result<(), E>>,
 {
-    let Some(mut lease) = Lease::acquire(cfg, node, component, Some(health), shutdown).await?
+    let Some(mut lease) = Lease::acquire(cfg, node, component, Some(health), stop).await?
     else {
         return Ok(());
     };

@@ -1,6 +1,6 @@
 //! Readies a batch of consumed events for the writer: key changes split into a delete
 //! and an upsert, the source's published tombstones turned into exact delete times
-//! instead of rows to apply, and the source's repairs turned back into the row change
+//! ([`DeleteTimes`]) instead of rows to apply, and the source's repairs turned back into the row change
 //! (or delete) of the table they name.
 
 use crate::event::{ChangeEvent, Op, Row, Value, REPAIRS, TOMBSTONES, TRUNCATIONS};
@@ -8,66 +8,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// When each deleted key was deleted, and each truncated table truncated, on the
-/// source, from the tombstones and truncation rows published in the same transaction.
-#[derive(Debug, Default)]
-pub struct DeleteTimes {
-    /// (table, key values) → `deleted_at` text.
-    keys: HashMap<DeletedKey, String>,
-    /// table → `truncated_at` text.
-    tables: HashMap<String, String>,
-}
-
-impl DeleteTimes {
-    /// When the source deleted `key`, if it published it.
-    pub fn get(&self, key: &DeletedKey) -> Option<&String> {
-        self.keys.get(key)
-    }
-
-    /// When the source truncated `table`, if it published it.
-    pub fn truncated(&self, table: &str) -> Option<&String> {
-        self.tables.get(table)
-    }
-
-    /// The deleted keys it holds.
-    pub fn keys(&self) -> impl Iterator<Item = &DeletedKey> {
-        self.keys.keys()
-    }
-
-    /// The same times for a batch mapped into the target's schema: keys `mapped`
-    /// translates are renamed, other keys of mapped tables (never paired on the
-    /// target) dropped; `target_of` names a mapped table's target table.
-    pub fn remap(
-        self,
-        mapped: &HashMap<DeletedKey, DeletedKey>,
-        target_of: impl Fn(&str) -> Option<String>,
-    ) -> DeleteTimes {
-        let mut out = DeleteTimes::default();
-        for (k, at) in self.keys {
-            match (mapped.get(&k), target_of(&k.0)) {
-                (Some(m), _) => {
-                    out.keys.insert(m.clone(), at);
-                }
-                (None, Some(_)) => {}
-                (None, None) => {
-                    out.keys.insert(k, at);
-                }
-            }
-        }
-        for (t, at) in self.tables {
-            out.tables.insert(target_of(&t).unwrap_or(t), at);
-        }
-        out
-    }
-
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.tables.is_empty()
-    }
-}
-
-/// A deleted key: table name and key values.
-pub type DeletedKey = (String, Vec<String>);
+pub use crate::lww::{DeleteTimes, DeletedKey};
 
 /// Readies a batch for the writer. An update that changes the key becomes a delete
 /// of the old key and an upsert. Tombstones the source published (rows of
@@ -94,7 +35,7 @@ pub fn prepare_batch<'e>(
         let table = (ev.source.schema.as_str(), ev.source.table.as_str());
         if table == TOMBSTONES {
             if let Some((k, at)) = ev.after.as_ref().and_then(tombstone_of) {
-                deleted.keys.insert(k, at);
+                deleted.deleted(k, at);
             }
             continue;
         }
@@ -104,13 +45,15 @@ pub fn prepare_batch<'e>(
                 row.and_then(|r| text(r, "table_name")),
                 row.and_then(|r| text(r, "truncated_at")),
             ) {
-                deleted.tables.insert(t, at);
+                deleted.truncated_at(t, at);
             }
             continue;
         }
         if table == REPAIRS {
             if let Some((repair, tombstone)) = repair_of(ev) {
-                deleted.keys.extend(tombstone);
+                if let Some((k, at)) = tombstone {
+                    deleted.deleted(k, at);
+                }
                 out.push(Cow::Owned(repair));
             }
             continue;

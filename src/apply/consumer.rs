@@ -23,17 +23,17 @@ use crate::apply::sequence::Gap;
 use crate::apply::start;
 use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
-use crate::apply::writer::{TargetWriter, WriteError};
+use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::kafka::{self, SinkError};
 use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::pg::state::positions;
-use crate::runtime::{supervise, Supervised};
+use crate::runtime::{sleep_until, supervise, AbortOnDrop, Stop, Supervised};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::Offset;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -42,12 +42,12 @@ pub fn component(dir: &Direction) -> String {
     format!("apply {dir}")
 }
 
-/// Applies `dir` until `shutdown`; a definite error halts this direction only.
+/// Applies `dir` until `stop`; a definite error halts this direction only.
 pub async fn run_apply(
     cfg: Arc<Config>,
     dir: Direction,
     health: Health,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<(), ApplyError> {
     let component = component(&dir);
     let what = Supervised {
@@ -64,20 +64,19 @@ pub async fn run_apply(
     // A transaction found incomplete is waited for across sessions: the next one
     // reads its broken copy again.
     let awaiting = std::sync::Mutex::new(None);
-    let result = supervise(&cfg, &what, &health, shutdown, |shutdown| {
+    let result = supervise(&cfg, &what, &health, stop, |stop| {
         let (cfg, dir, health, component) = (&cfg, &dir, &health, &component);
         let (awaiting, metrics) = (&awaiting, metrics.clone());
         async move {
             let carried = awaiting.lock().ok().and_then(|mut a| a.take());
             let connected = metrics.connected.clone();
-            let mut lock_shutdown = shutdown.clone();
             let r = crate::standby::run_leased(
                 cfg,
                 &dir.to,
                 component,
                 health,
-                &mut lock_shutdown,
-                || apply_once(cfg, dir, health, component, metrics, carried, shutdown),
+                &stop,
+                || apply_once(cfg, dir, health, component, metrics, carried, stop.clone()),
             )
             .await;
             if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
@@ -104,10 +103,10 @@ async fn apply_once(
     component: &str,
     metrics: ApplyMetrics,
     awaiting: Option<Gap>,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<(), ApplyError> {
-    match open(cfg, dir, health, component, metrics, awaiting, &shutdown).await? {
-        Some(session) => run(session, cfg, dir, shutdown).await,
+    match open(cfg, dir, health, component, metrics, awaiting, &stop).await? {
+        Some(session) => run(session, cfg, dir, stop).await,
         None => Ok(()),
     }
 }
@@ -123,7 +122,7 @@ struct Session<'a> {
 }
 
 /// Opens a session: sets the target up, copies what predates the slots (`None` when
-/// shutdown came during the copy), reads the stored position (or where a first start
+/// stop came during the copy), reads the stored position (or where a first start
 /// begins), and starts reading the topic from there.
 async fn open<'a>(
     cfg: &'a Config,
@@ -132,12 +131,12 @@ async fn open<'a>(
     component: &str,
     metrics: ApplyMetrics,
     awaiting: Option<Gap>,
-    shutdown: &watch::Receiver<bool>,
+    stop: &Stop,
 ) -> Result<Option<Session<'a>>, ApplyError> {
     setup::setup(cfg, &dir.to, setup::LostSlot::Refuse).await?;
     crate::pg::history::check(cfg, dir).await?;
     // Rows that predate the slots reach the target before the topic's changes do.
-    if crate::snapshot::before_apply(cfg, dir, shutdown.clone()).await?
+    if crate::snapshot::before_apply(cfg, dir, stop.clone()).await?
         == crate::snapshot::Copied::Stopped
     {
         return Ok(None);
@@ -186,7 +185,7 @@ async fn open<'a>(
             consumer.clone(),
             topic.clone(),
             standing_rx,
-            shutdown.clone(),
+            stop.clone(),
         )
         .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
     );
@@ -208,7 +207,7 @@ async fn open<'a>(
         resume,
     };
     let bounds = cfg.sync.bounds();
-    let (intake, task) = intake::start(source, bounds.intake_capacity, shutdown.clone());
+    let (intake, task) = intake::start(source, bounds.intake_capacity, stop.clone());
     Ok(Some(Session {
         worker,
         watchdog,
@@ -218,13 +217,13 @@ async fn open<'a>(
     }))
 }
 
-/// Runs an open session until shutdown or an error: takes what the intake stage
+/// Runs an open session until stop or an error: takes what the intake stage
 /// reads, writes at the linger's end, gives up a stalled transaction, sweeps.
 async fn run(
     session: Session<'_>,
     cfg: &Config,
     dir: &Direction,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<(), ApplyError> {
     let Session {
         mut worker,
@@ -245,8 +244,8 @@ async fn run(
         tokio::select! {
             biased;
             // After an abort, what the worker holds is rolled back with its session.
-            _ = shutdown.changed() => {
-                if crate::daemon::aborting() {
+            _ = stop.requested() => {
+                if stop.aborted() {
                     return Ok(());
                 }
                 return watchdog.run(worker.finish()).await;
@@ -254,7 +253,7 @@ async fn run(
             // Ahead of the intake, which a catch-up keeps ready: never starved.
             lost = &mut topic_lost => return Err(lost.into()),
             taken = intake.recv() => {
-                // The stage ends after sending its error, or on shutdown (the arm above).
+                // The stage ends after sending its error, or on stop (the arm above).
                 let Some(taken) = taken else {
                     return Err(ApplyError::Sink {
                         direction: dir.to_string(),
@@ -360,17 +359,3 @@ async fn check_in_log(
     Ok(low)
 }
 
-/// Aborts a helper task when the session that owns it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(d) = deadline {
-        tokio::time::sleep_until(d.into()).await;
-    }
-}

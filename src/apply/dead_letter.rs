@@ -11,7 +11,7 @@
 
 use crate::apply::batch::prepare_batch;
 use crate::apply::error::ApplyError;
-use crate::apply::writer::{TargetWriter, WriteError};
+use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
 use crate::kafka::{self, client_config, SinkError};

@@ -4,7 +4,7 @@
 //! saying what to fix (a bad event, a position the topic no longer holds).
 
 use crate::apply::sequence::Gap;
-use crate::apply::writer::WriteError;
+use crate::lww::WriteError;
 use crate::kafka::{self, SinkError};
 use crate::pg::node::NodeError;
 use crate::{Classify, ErrorClass};

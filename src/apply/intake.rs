@@ -16,7 +16,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use crate::runtime::Stop;
+use tokio::sync::mpsc;
 
 /// librdkafka consumer settings duplex changes from librdkafka's defaults.
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
@@ -90,29 +91,29 @@ pub(super) struct Source {
 }
 
 /// Starts the intake task; it holds at most `capacity` decoded messages ahead of the
-/// worker and ends when the worker drops its [`Intake`] or on `shutdown`.
+/// worker and ends when the worker drops its [`Intake`] or on `stop`.
 pub(super) fn start(
     source: Source,
     capacity: usize,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> (Intake, tokio::task::JoinHandle<()>) {
     use tracing::Instrument;
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let span = tracing::info_span!("intake", direction = %source.dir);
-    (rx, tokio::spawn(run(source, tx, shutdown).instrument(span)))
+    (rx, tokio::spawn(run(source, tx, stop).instrument(span)))
 }
 
 async fn run(
     mut s: Source,
     tx: mpsc::Sender<Result<Taken, ApplyError>>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) {
     // Its own handle: a message borrows the consumer while `s` changes.
     let consumer = s.consumer.clone();
     let mut types = TypesCache::default();
     loop {
         let msg = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop.requested() => return,
             _ = tx.closed() => return,
             msg = consumer.recv() => msg,
         };

@@ -6,9 +6,9 @@
 //! message against the stored offset); `worker` gathers events into batches
 //! (`sequence` says which to take, `batch` readies them, `worker/txn` keeps the open
 //! transaction's and the offsets' books) and commits whole source transactions with
-//! their position; `writer` writes them under last-writer-wins (`target` builds its
-//! SQL); `progress` reports where the direction stands; `dead_letter` keeps the events the target refused;
-//! `watchdog` gives up a session whose connection stalled; `error` says which
+//! their position through the last-writer-wins writer in [`crate::lww`]; `progress`
+//! reports where the direction stands; `dead_letter` keeps the events the target
+//! refused and replays them; `watchdog` gives up a session whose connection stalled; `error` says which
 //! failures retry and which halt the direction.
 
 pub(crate) mod batch;
@@ -20,7 +20,5 @@ pub(crate) mod progress;
 mod resume;
 mod sequence;
 mod start;
-pub mod target;
 mod watchdog;
 mod worker;
-pub(crate) mod writer;

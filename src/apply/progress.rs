@@ -7,6 +7,7 @@ use crate::metrics::ApplyMetrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
 use std::time::Duration;
+use crate::runtime::Stop;
 use tokio::sync::watch;
 
 /// How long asking the broker for the log end offset may take.
@@ -43,19 +44,19 @@ pub struct Standing {
 }
 
 /// Sets the lag gauges every second from what the worker last published, until
-/// `shutdown` or until the worker drops its sender. Runs beside the worker so the
+/// `stop` or until the worker drops its sender. Runs beside the worker so the
 /// gauges keep moving while a batch is blocked on the target.
 pub async fn report_lag(
     metrics: ApplyMetrics,
     consumer: Arc<StreamConsumer>,
     topic: String,
     mut standing: watch::Receiver<Standing>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = stop.requested() => return,
             changed = standing.changed() => if changed.is_err() { return },
             _ = tick.tick() => {
                 let s = standing.borrow().clone();

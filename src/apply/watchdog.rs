@@ -20,37 +20,10 @@
 
 use crate::apply::error::ApplyError;
 use crate::config::{Config, Direction};
+use crate::lww::Away;
 use crate::pg::node;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Marks the waits of an apply session's work on something other than the target,
-/// shared by the session's writer and its [`Watchdog`].
-#[derive(Debug, Clone, Default)]
-pub struct Away(Arc<AtomicUsize>);
-
-impl Away {
-    /// The work waits elsewhere until the returned guard is dropped.
-    pub fn enter(&self) -> AwayGuard {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        AwayGuard(self.0.clone())
-    }
-
-    fn now(&self) -> bool {
-        self.0.load(Ordering::SeqCst) > 0
-    }
-}
-
-/// See [`Away::enter`].
-pub struct AwayGuard(Arc<AtomicUsize>);
-
-impl Drop for AwayGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 /// How the node sees the apply session's server process.
 enum Verdict {

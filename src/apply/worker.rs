@@ -16,7 +16,7 @@ use crate::apply::error::ApplyError;
 use crate::apply::intake::Taken;
 use crate::apply::progress::Standing;
 use crate::apply::sequence::{Gap, Next, Sequence};
-use crate::apply::writer::{TargetWriter, WriteError};
+use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Position};
 use crate::metrics::ApplyMetrics;

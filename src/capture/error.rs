@@ -6,7 +6,7 @@
 
 use crate::capture::pgoutput::DecodeError;
 use crate::capture::reader::ReaderError;
-use crate::capture::walsender::WalsenderError;
+use crate::pg::walsender::WalsenderError;
 use crate::event::Lsn;
 use crate::kafka::SinkError;
 use crate::pg::node::{self, sql_class, NodeError};

@@ -1,7 +1,7 @@
 //! Capture: a node's committed changes onto its Kafka topic.
 //!
-//! `walsender` speaks the streaming replication protocol and `pgoutput` decodes the
-//! plugin's messages; `reader` assembles them into change events, numbered per
+//! A session reads the node's slot through [`crate::pg::walsender`] (the streaming
+//! replication protocol); `pgoutput` decodes the plugin's messages; `reader` assembles them into change events, numbered per
 //! transaction; `producer` sends them to the node's topic and reports, in order, which
 //! commits the broker has made durable; `session` drives one node's stream and
 //! confirms to the slot only what `confirm` finds durable on Kafka; `catalog` reads
@@ -14,4 +14,3 @@ pub mod pgoutput;
 pub(crate) mod producer;
 pub mod reader;
 pub(crate) mod session;
-pub mod walsender;

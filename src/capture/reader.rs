@@ -12,7 +12,7 @@
 //! pairings of mapped tables go through.
 
 use crate::capture::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
-use crate::capture::walsender::PG_EPOCH_OFFSET_US;
+use crate::pg::walsender::PG_EPOCH_OFFSET_US;
 use crate::config::ORIGIN_PREFIX;
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, KEY_PAIRS, REPAIRS};
 use std::collections::HashMap;

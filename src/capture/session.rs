@@ -14,7 +14,7 @@ pub use crate::capture::error::PipelineError;
 use crate::capture::pgoutput::{self, LogicalMessage};
 use crate::capture::producer::{self, ChangeProducer, Pending};
 use crate::capture::reader::{Output, TxnReader};
-use crate::capture::walsender::{
+use crate::pg::walsender::{
     ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
 };
 use crate::config::Config;
@@ -27,6 +27,7 @@ use crate::pg::state::slots;
 use crate::runtime::{supervise, Supervised};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use crate::runtime::{Stop, StopHandle};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -35,7 +36,7 @@ use tracing::Instrument;
 const SLOT_STATS_EVERY: Duration = Duration::from_secs(5);
 /// How often the reader looks whether its connection went silent.
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// How long a clean shutdown waits for in-flight messages to be acknowledged.
+/// How long a clean stop waits for in-flight messages to be acknowledged.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
 /// How long a session waits for its Kafka producer's id before it reports ready and
 /// reads changes anyway (a broker that does not answer shows in the deliveries).
@@ -46,13 +47,15 @@ pub fn component(node: &str) -> String {
     format!("source {node}")
 }
 
-/// Streams `node`'s changes to Kafka until `shutdown` turns true; retries transient
-/// failures with backoff, returns definite ones.
+/// Streams `node`'s changes to Kafka until `stop` is requested; retries transient
+/// failures with backoff, returns definite ones. A broker found to have lost
+/// acknowledged messages aborts every component through `abort`.
 pub async fn run_source(
     cfg: Arc<Config>,
     node: String,
     health: Health,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
+    abort: StopHandle,
 ) -> Result<(), PipelineError> {
     let component = component(&node);
     let what = Supervised {
@@ -61,20 +64,14 @@ pub async fn run_source(
         label: ("node", node.clone()),
     };
     let metrics = CaptureMetrics::new(&node, cfg.tables.iter().map(|t| t.name_on(&node)));
-    supervise(&cfg, &what, &health, shutdown, |mut shutdown| {
+    supervise(&cfg, &what, &health, stop, |stop| {
         let (cfg, node, health, component) = (&cfg, &node, &health, &component);
-        let metrics = metrics.clone();
+        let (metrics, abort) = (metrics.clone(), &abort);
         async move {
             let connected = metrics.connected.clone();
-            let mut lock_shutdown = shutdown.clone();
-            let r = crate::standby::run_leased(
-                cfg,
-                node,
-                component,
-                health,
-                &mut lock_shutdown,
-                || stream_once(cfg, node, health, component, metrics, &mut shutdown),
-            )
+            let r = crate::standby::run_leased(cfg, node, component, health, &stop, || {
+                stream_once(cfg, node, health, component, metrics, &stop, abort)
+            })
             .await;
             connected.set(0.0);
             r
@@ -83,14 +80,15 @@ pub async fn run_source(
     .await
 }
 
-/// One replication session, from connecting to a failure or shutdown.
+/// One replication session, from connecting to a failure or stop.
 async fn stream_once(
     cfg: &Config,
     node: &str,
     health: &Health,
     component: &str,
     metrics: CaptureMetrics,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &Stop,
+    abort: &StopHandle,
 ) -> Result<(), PipelineError> {
     let sql = |context: &'static str| {
         move |source| PipelineError::Sql {
@@ -204,8 +202,9 @@ async fn stream_once(
         progress: SlotProgress::default(),
         out: Vec::new(),
         metrics,
+        abort,
     };
-    session.run(shutdown).await
+    session.run(stop).await
 }
 
 /// State of one streaming session.
@@ -226,10 +225,12 @@ struct Session<'a> {
     progress: SlotProgress,
     out: Vec<Output>,
     metrics: CaptureMetrics,
+    /// Stops every component without finishing what it holds (a lost topic).
+    abort: &'a StopHandle,
 }
 
 impl Session<'_> {
-    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), PipelineError> {
+    async fn run(&mut self, stop: &Stop) -> Result<(), PipelineError> {
         let mut status =
             tokio::time::interval(Duration::from_millis(self.cfg.source.status_interval_ms));
         let mut heartbeat =
@@ -245,7 +246,7 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => return self.drain().await,
+                _ = stop.requested() => return self.drain().await,
                 e = &mut topic_gone => return Err(self.sink_failed(e).await),
                 joined = &mut self.tracker => return Err(self.tracker_ended(joined).await),
                 _ = stall_check.tick() => {
@@ -509,7 +510,7 @@ impl Session<'_> {
     /// start over, and the next session records where the stream begins on it again.
     async fn sink_failed(&mut self, source: SinkError) -> PipelineError {
         if source.is_topic_lost() {
-            crate::daemon::abort();
+            self.abort.abort();
             let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
             let recorded =
                 slots::mark_topic_lost(&self.client, &slot, &topic, &source.to_string()).await;

@@ -1,4 +1,4 @@
-//! What duplex keeps on each PostgreSQL node, used by both pipelines.
+//! PostgreSQL, and what duplex keeps on each node: used by both pipelines.
 //!
 //! `sql` holds the session output settings, quoting and the SQLSTATE policy; `node`
 //! opens sessions with duplex's fixed settings and describes and classifies SQL
@@ -8,7 +8,8 @@
 //! there; `triggers` installs the tombstone and identity triggers on the
 //! configured tables; `history` checks that a node did not go back in time; `table`
 //! reads a configured table's columns and key; `tls` encrypts and authenticates the
-//! connections to a node.
+//! connections to a node; `walsender` speaks the streaming replication protocol
+//! (capture reads a slot through it, `duplex check` tries a replication login).
 
 pub mod history;
 pub mod node;
@@ -18,3 +19,4 @@ pub(crate) mod state;
 pub mod table;
 pub mod tls;
 pub mod triggers;
+pub mod walsender;

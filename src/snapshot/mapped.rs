@@ -22,7 +22,7 @@
 use super::copy::Marked;
 use super::table::CopyTable;
 use super::SnapshotError;
-use crate::apply::writer::{DeleteTimes, TargetWriter};
+use crate::lww::{DeleteTimes, TargetWriter};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value};
 use crate::mapping::Mapper;
@@ -60,7 +60,7 @@ impl<'a> MappedCopier<'a> {
         let writer = TargetWriter::connect_as(cfg, dir, metrics, origin, &purpose).await?;
         let mapper = Mapper::load(cfg, dir, &writer.client)
             .await
-            .map_err(crate::apply::writer::WriteError::from)?;
+            .map_err(crate::lww::WriteError::from)?;
         Ok(MappedCopier {
             cfg,
             writer,
@@ -152,7 +152,7 @@ impl<'a> MappedCopier<'a> {
                 .mapper
                 .unpaired_references(&self.writer.client, &all)
                 .await
-                .map_err(crate::apply::writer::WriteError::from)?;
+                .map_err(crate::lww::WriteError::from)?;
             let mut fresh = false;
             for (label, keys) in &missing {
                 let keys: Vec<Vec<String>> = keys

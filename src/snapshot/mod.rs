@@ -43,7 +43,7 @@ use progress::Progress;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use table::{Chunk, CopyTable};
-use tokio::sync::watch;
+use crate::runtime::Stop;
 use tracing::Instrument;
 
 /// Errors of an initial sync.
@@ -52,7 +52,7 @@ pub enum SnapshotError {
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error(transparent)]
-    Write(#[from] crate::apply::writer::WriteError),
+    Write(#[from] crate::lww::WriteError),
     #[error("snapshot {direction}: {source}")]
     Kafka {
         direction: String,
@@ -116,17 +116,17 @@ pub(crate) enum Copied {
 pub(crate) async fn before_apply(
     cfg: &Config,
     dir: &Direction,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<Copied, SnapshotError> {
     // A direction that applied before has had its first start; planning is for the
     // others (each plans every direction that needs it, see `plan_first_start`).
     if cfg.snapshot.mode != SnapshotMode::Never
         && !applied_before(cfg, dir).await?
-        && plan_first_start(cfg, shutdown.clone()).await? == Copied::Stopped
+        && plan_first_start(cfg, stop.clone()).await? == Copied::Stopped
     {
         return Ok(Copied::Stopped);
     }
-    let copied = copy_pending(cfg, dir, None, shutdown).await?;
+    let copied = copy_pending(cfg, dir, None, stop).await?;
     publish(cfg, dir).await?;
     Ok(copied)
 }
@@ -195,7 +195,7 @@ async fn record_start(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotErr
 pub async fn recopy(
     cfg: &Config,
     only: Option<&str>,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<(u64, Copied), SnapshotError> {
     let dirs = directions(cfg)?;
     if let Some(t) = only {
@@ -231,7 +231,7 @@ pub async fn recopy(
     }
     let mut rows = 0;
     for dir in &dirs {
-        let (copied, outcome) = copy_tables(cfg, dir, only, shutdown.clone()).await?;
+        let (copied, outcome) = copy_tables(cfg, dir, only, stop.clone()).await?;
         rows += copied;
         if outcome == Copied::Stopped {
             return Ok((rows, Copied::Stopped));
@@ -268,12 +268,12 @@ pub(crate) async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
 /// `standby.takeover_ms` is ended, as a component's is.
 async fn plan_first_start(
     cfg: &Config,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<Copied, SnapshotError> {
     let dirs = directions(cfg)?;
     set_up_both(cfg).await?;
     let first = cfg.nodes.keys().next().cloned().unwrap_or_default();
-    let lease = Lease::acquire(cfg, &first, "snapshot plan", None, &mut shutdown).await?;
+    let lease = Lease::acquire(cfg, &first, "snapshot plan", None, &stop).await?;
     let Some(mut lease) = lease else {
         return Ok(Copied::Stopped);
     };
@@ -372,9 +372,9 @@ async fn copy_pending(
     cfg: &Config,
     dir: &Direction,
     only: Option<&str>,
-    shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<Copied, SnapshotError> {
-    copy_tables(cfg, dir, only, shutdown).await.map(|(_, c)| c)
+    copy_tables(cfg, dir, only, stop).await.map(|(_, c)| c)
 }
 
 /// Copies the chunks left of `dir`'s unfinished tables; returns the rows copied.
@@ -382,7 +382,7 @@ async fn copy_tables(
     cfg: &Config,
     dir: &Direction,
     only: Option<&str>,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
 ) -> Result<(u64, Copied), SnapshotError> {
     let target = node::connect(cfg, &dir.to, "snapshot").await?;
     let plans: Vec<TablePlan> = plan::load(&target, dir)
@@ -443,7 +443,7 @@ async fn copy_tables(
             }
         }
     }
-    let (done_tx, done_rx) = watch::channel(false);
+    let (done, copied) = crate::runtime::stop::pair();
     let copying = async {
         let mut r = Ok(());
         for level in levels.into_values() {
@@ -458,13 +458,13 @@ async fn copy_tables(
                 break;
             }
         }
-        let _ = done_tx.send(true);
+        done.stop();
         r
     };
-    let reporting = progress.report(done_rx);
+    let reporting = progress.report(copied);
     let outcome = tokio::select! {
         (r, ()) = async { tokio::join!(copying, reporting) } => { r?; Copied::Complete }
-        _ = shutdown.changed() => Copied::Stopped,
+        _ = stop.requested() => Copied::Stopped,
     };
     let (rows, _) = progress.totals();
     if outcome == Copied::Complete {

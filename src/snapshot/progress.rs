@@ -10,7 +10,7 @@ use crate::metrics::SnapshotMetrics;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use crate::runtime::Stop;
 
 /// How often progress is logged when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -148,14 +148,14 @@ impl Progress {
     }
 
     /// Reports until `done` turns true, then prints the final lines once.
-    pub(crate) async fn report(&self, mut done: watch::Receiver<bool>) {
+    pub(crate) async fn report(&self, done: Stop) {
         let terminal = std::io::stderr().is_terminal();
         let mut tick = tokio::time::interval(if terminal { DRAW_EVERY } else { LOG_EVERY });
         tick.tick().await;
         let mut drawn = 0;
         loop {
             tokio::select! {
-                _ = done.changed() => break,
+                _ = done.requested() => break,
                 _ = tick.tick() => {
                     if terminal {
                         drawn = self.draw(drawn);

@@ -13,7 +13,7 @@ use crate::pg::node;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use crate::runtime::Stop;
 
 /// How often the daemon reads the recorded results.
 const EXPORT_EVERY: Duration = Duration::from_secs(10);
@@ -74,8 +74,8 @@ struct Recorded {
 }
 
 /// The daemon's task: sets the verify metrics of every configured table from the
-/// recorded results (0 until a first run) until `shutdown`.
-pub async fn export(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) {
+/// recorded results (0 until a first run) until `stop`.
+pub async fn export(cfg: Arc<Config>, stop: Stop) {
     let metrics: BTreeMap<String, VerifyMetrics> = cfg
         .tables
         .iter()
@@ -92,7 +92,7 @@ pub async fn export(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(EXPORT_EVERY) => {}
-            _ = shutdown.changed() => return,
+            _ = stop.requested() => return,
         }
     }
 }

@@ -14,7 +14,7 @@
 use super::compare::{self, Difference, Pair};
 use super::mapped::{self, MappedTable};
 use super::VerifyError;
-use crate::apply::progress::DirectionState;
+use crate::pg::state::directions::DirectionState;
 use crate::pg::node::NodeError;
 use crate::snapshot::table::CopyTable;
 use crate::status::DirectionStatus;

@@ -5,7 +5,7 @@
 
 use crate::harness::certs::Pki;
 use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
-use duplex::capture::walsender::{Tls, WalsenderConnection, WalsenderError};
+use duplex::pg::walsender::{Tls, WalsenderConnection, WalsenderError};
 use duplex::config::tls::TlsParams;
 use duplex::{Classify, ErrorClass};
 use std::pin::Pin;

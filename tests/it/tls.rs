@@ -8,7 +8,7 @@ use crate::convergence::{converges_under_workloads, rig_before_setup_on};
 use crate::harness::certs::Pki;
 use crate::harness::output_text;
 use crate::harness::pg::{Cluster, SCRAM_USER};
-use duplex::capture::walsender::{Tls, WalsenderConnection};
+use duplex::pg::walsender::{Tls, WalsenderConnection};
 use duplex::{Classify, ErrorClass};
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -116,7 +116,7 @@ async fn replication(
     db: &str,
     host: &str,
     params: &str,
-) -> Result<(), duplex::capture::walsender::WalsenderError> {
+) -> Result<(), duplex::pg::walsender::WalsenderError> {
     let url = scram_url(host, db, params);
     let (rest, tls) = duplex::config::tls::split(&url).unwrap();
     let mut pg = tokio_postgres::Config::from_str(&rest).unwrap();

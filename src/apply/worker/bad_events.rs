@@ -4,10 +4,10 @@
 //! queue (`sync.on_error`). The rest of the batch commits as usual.
 
 use super::{Pending, Worker};
-use crate::apply::batch::DeleteTimes;
+use crate::lww::DeleteTimes;
 use crate::apply::dead_letter::DeadLetter;
 use crate::apply::error::{ApplyError, HaltingEvent};
-use crate::apply::writer::WriteError;
+use crate::lww::WriteError;
 use crate::config::OnError;
 use crate::event::ChangeEvent;
 use crate::{Classify, ErrorClass};

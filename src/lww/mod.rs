@@ -1,5 +1,11 @@
-//! Writes change events into a target node: the apply session, last-writer-wins
-//! decisions, set-based upserts and deletes, tombstones, conflicts and dead letters.
+//! The last-writer-wins writer into a node, shared by what writes rows there: the
+//! apply worker (a peer's changes), the initial copy's merge and the dead-letter
+//! replay. It sits below all three, so none of them imports another to write.
+//!
+//! Modules: `decide` holds the rules (which version of a key wins, ties, tombstones),
+//! `runs` cuts a batch into runs of one table, `statements` and `sql` build the
+//! set-based SQL, `toast` fills in values PostgreSQL did not send, `mapped` writes
+//! through the legacy/modern mapping, `deletes` carries the source's delete times.
 //!
 //! A [`TargetWriter`] owns one SQL session on the target, set up like a native
 //! subscriber's: `session_replication_role = replica` (the application's triggers do
@@ -11,14 +17,14 @@
 //! one decision statement, then the winning deletes are written. Transactions are the
 //! caller's: nothing here commits.
 
-use crate::apply::target::TargetTable;
+use crate::pg::table::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
 use crate::event::{format_unix_us, ChangeEvent, Row, Value};
 use crate::identity;
 use crate::metrics::ApplyMetrics;
 use crate::pg::node::{self, describe, sql_class, NodeError};
 use crate::{Classify, ErrorClass};
-use lww::{Candidate, Lost, Resolution, Verdict};
+use decide::{Candidate, Lost, Resolution, Verdict};
 use runs::{kind_of, runs, Kind, Run};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -43,11 +49,17 @@ const DEFAULT_PLANS: &str = "RESET enable_hashjoin; RESET enable_mergejoin";
 /// node's walsender sends only flushed WAL: a lost commit was never published on.)
 const SESSION_COMMIT: &str = "SET synchronous_commit = off";
 
-mod lww;
+mod away;
+mod decide;
+mod deletes;
 mod mapped;
 mod runs;
+pub mod sql;
 mod statements;
 mod toast;
+
+pub use away::Away;
+pub use deletes::{DeleteTimes, DeletedKey};
 
 /// Errors writing to a target node.
 #[derive(Debug, thiserror::Error)]
@@ -109,14 +121,12 @@ pub struct Applied {
     pub bad: Vec<BadEvent>,
 }
 
-pub use crate::apply::batch::DeleteTimes;
-
 /// One SQL session on a direction's target node.
 pub struct TargetWriter<'a> {
     cfg: &'a Config,
     dir: &'a Direction,
     pub client: Client,
-    /// The session's server process, for the [`crate::apply::watchdog`].
+    /// The session's server process, for whoever watches it (`apply::watchdog`).
     pub backend_pid: i32,
     tables: HashMap<String, Option<TargetTable>>,
     /// The batch statements prepared on this session, by their text: parsed once per
@@ -130,7 +140,7 @@ pub struct TargetWriter<'a> {
     /// The direction's mapped tables (see `mapping/`).
     mapper: crate::mapping::Mapper,
     /// Marks the session's waits elsewhere, for its watchdog.
-    pub(crate) away: crate::apply::watchdog::Away,
+    pub(crate) away: Away,
 }
 
 impl<'a> TargetWriter<'a> {

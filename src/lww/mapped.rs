@@ -3,7 +3,7 @@
 //! last-writer-wins decides. Unmapped tables pass through untouched.
 
 use super::{TargetWriter, WriteError};
-use crate::apply::batch::{DeleteTimes, DeletedKey};
+use super::{DeleteTimes, DeletedKey};
 use crate::event::ChangeEvent;
 use crate::mapping::Outcome;
 use std::borrow::Cow;

@@ -1,4 +1,4 @@
-//! The set-based SQL the apply side runs against a table on the target node (the
+//! The set-based SQL the writer runs against a table on the target node (the
 //! table itself, [`TargetTable`], is read from the catalog by `pg::table`).
 //!
 //! Every statement takes its rows as parallel text arrays (`unnest($1::text[], ...)`)
@@ -7,7 +7,7 @@
 //! from the target's catalog and are always quoted.
 
 use crate::pg::sql::{quote_ident, quote_literal};
-pub use crate::pg::table::{TargetColumn, TargetTable};
+use crate::pg::table::TargetTable;
 
 impl TargetTable {
     /// `t.k1 = i.k1::type AND ...` joining the table (alias `t`) to incoming rows
@@ -417,5 +417,5 @@ fn last_truncation(p: usize, q: usize) -> String {
 }
 
 #[cfg(test)]
-#[path = "target_tests.rs"]
+#[path = "sql_tests.rs"]
 mod tests;

@@ -3,7 +3,7 @@
 //! on the target (still there: deletes run after upserts).
 
 use super::{TargetWriter, WriteError};
-use crate::apply::target::TargetTable;
+use crate::pg::table::TargetTable;
 use crate::event::{ChangeEvent, Row, Value};
 use tokio_postgres::types::ToSql;
 

@@ -2,10 +2,10 @@
 //! same columns present, one delete per run, and a truncate as of its time. Each is a
 //! single statement over arrays of text values cast on the target.
 
-use super::lww::{key_arrays, params, Candidate};
+use super::decide::{key_arrays, params, Candidate};
 use super::{TargetWriter, WriteError};
-use crate::apply::batch::DeleteTimes;
-use crate::apply::target::TargetTable;
+use super::DeleteTimes;
+use crate::pg::table::TargetTable;
 use crate::config::TableConfig;
 use crate::event::{format_unix_us, ChangeEvent, Value};
 use std::borrow::Cow;

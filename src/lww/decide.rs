@@ -14,7 +14,7 @@
 //! interleaving of local writes and applied ones.
 
 use super::{Kind, TargetWriter, WriteError};
-use crate::apply::target::TargetTable;
+use crate::pg::table::TargetTable;
 use crate::config::TableConfig;
 use crate::event::ChangeEvent;
 use std::borrow::Cow;

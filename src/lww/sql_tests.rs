@@ -1,6 +1,7 @@
-//! Unit tests of `target`.
+//! Unit tests of `sql`.
 
 use super::*;
+use crate::pg::table::TargetColumn;
 
 fn items() -> TargetTable {
     TargetTable {
