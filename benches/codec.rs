@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use duplex::pg::table::{TargetColumn, TargetTable};
 use duplex::capture::pgoutput::{self, LogicalMessage};
-use duplex::capture::reader::{Output, TableInfo, TxnReader};
+use duplex::capture::assembler::{Output, TableInfo, TxnAssembler};
 use duplex::event::{ChangeEvent, Lsn};
 use std::hint::black_box;
 
@@ -46,8 +46,8 @@ fn insert_message() -> Vec<u8> {
     m
 }
 
-fn reader() -> TxnReader {
-    let mut r = TxnReader::new("a", "app", Some("0123456789abcdef".into()));
+fn reader() -> TxnAssembler {
+    let mut r = TxnAssembler::new("a", "app", Some("0123456789abcdef".into()));
     r.add_table(
         16384,
         TableInfo {

@@ -48,7 +48,7 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
     );
     for node in cfg.source_nodes() {
         let span = tracing::info_span!("source", node = %node);
-        let fut = session::run_source(
+        let fut = session::run_capture(
             cfg.clone(),
             node,
             health.clone(),
@@ -60,7 +60,7 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
     for dir in cfg.directions().unwrap_or_default() {
         let span = tracing::info_span!("apply", direction = %dir);
         let fut =
-            crate::apply::consumer::run_apply(cfg.clone(), dir, health.clone(), stop.clone());
+            crate::apply::session::run_apply(cfg.clone(), dir, health.clone(), stop.clone());
         // A halted direction stops alone (it logged why, /readyz and the halted gauge
         // show it); the other direction and the readers keep going.
         tasks.spawn(
@@ -115,7 +115,7 @@ fn register_components(cfg: &Config, health: &Health) {
         health.register(&session::component(&node));
     }
     for dir in cfg.directions().unwrap_or_default() {
-        health.register(&crate::apply::consumer::component(&dir));
+        health.register(&crate::apply::session::component(&dir));
     }
 }
 

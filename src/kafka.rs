@@ -22,9 +22,12 @@ use std::time::{Duration, Instant};
 /// How long creating a topic may take before it counts as a (transient) failure.
 const TOPIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Errors producing to Kafka.
+/// What an operator does after a broker lost messages it had acknowledged.
+const RESYNC: &str = "Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried";
+
+/// Errors of duplex's Kafka clients (producing, consuming, administering topics).
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub enum BrokerError {
     #[error("Kafka client: {0}")]
     Kafka(#[from] KafkaError),
     #[error("creating topic {topic}: {code}")]
@@ -44,14 +47,18 @@ pub enum SinkError {
         bytes: usize,
         error: String,
     },
-    #[error("reading the topic's offsets: {0}")]
-    Task(String),
+    #[error("a broker call on a blocking thread did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("the stage reading the topic ended")]
+    IntakeEnded,
+    #[error("the brokers answered no settings for topic {topic}")]
+    NoTopicDescription { topic: String },
     #[error("reading the settings of topic {topic}: {code}")]
     DescribeTopic {
         topic: String,
         code: RDKafkaErrorCode,
     },
-    #[error("topic {topic} went back: the broker acknowledged offset {now} after offset {before}, so it lost messages it had acknowledged (a broker without durable storage restarted, or the topic was deleted and created again). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
+    #[error("topic {topic} went back: the broker acknowledged offset {now} after offset {before}, so it lost messages it had acknowledged (a broker without durable storage restarted, or the topic was deleted and created again). {RESYNC}")]
     OffsetsWentBack {
         topic: String,
         before: i64,
@@ -61,31 +68,31 @@ pub enum SinkError {
     Credentials(String),
     #[error("Kafka certificate verify failed: duplex does not trust the broker's certificate ({0}); set ssl.ca.location to the CA that signed the brokers' certificates, and check that each certificate names the host duplex connects to")]
     Certificate(String),
-    #[error("topic {topic} does not exist any more, although the broker had acknowledged messages up to offset {last} on it: the broker lost them (a broker without durable storage restarted, or the topic was deleted). Consumers' stored positions no longer match the topic, so the direction reading it is stopped too. To resynchronise: stop duplex; on the peer, delete the direction's row from duplex.apply_positions; on this node, UPDATE duplex.slots SET last_offset = NULL, topic_lost = NULL; start duplex and run `duplex snapshot` to copy what the lost messages carried")]
+    #[error("topic {topic} does not exist any more, although the broker had acknowledged messages up to offset {last} on it: the broker lost them (a broker without durable storage restarted, or the topic was deleted). {RESYNC}")]
     TopicGone { topic: String, last: i64 },
 }
 
-impl Classify for SinkError {
+impl Classify for BrokerError {
     fn class(&self) -> ErrorClass {
         match self {
-            SinkError::Kafka(e) | SinkError::Delivery { error: e, .. } => class_of(e),
-            SinkError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,
+            BrokerError::Kafka(e) | BrokerError::Delivery { error: e, .. } => class_of(e),
+            BrokerError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,
             // The same event would be too large on every retry.
-            SinkError::TooLarge { .. } => ErrorClass::Definite,
-            SinkError::OffsetsWentBack { .. } | SinkError::TopicGone { .. } => ErrorClass::Definite,
+            BrokerError::TooLarge { .. } => ErrorClass::Definite,
+            BrokerError::OffsetsWentBack { .. } | BrokerError::TopicGone { .. } => ErrorClass::Definite,
             // Nothing changes them but the operator.
-            SinkError::Credentials(_) | SinkError::Certificate(_) => ErrorClass::Definite,
+            BrokerError::Credentials(_) | BrokerError::Certificate(_) => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }
 }
 
-impl SinkError {
+impl BrokerError {
     /// Whether the broker lost messages it had acknowledged.
     pub fn is_topic_lost(&self) -> bool {
         matches!(
             self,
-            SinkError::OffsetsWentBack { .. } | SinkError::TopicGone { .. }
+            BrokerError::OffsetsWentBack { .. } | BrokerError::TopicGone { .. }
         )
     }
 }
@@ -125,7 +132,7 @@ fn is_definite(c: &RDKafkaErrorCode) -> bool {
 /// as connection errors and retries them forever, like a broker that is down; other
 /// TLS and authentication errors (a connection cut during the handshake) stay
 /// transient.
-fn refusal_of(code: RDKafkaErrorCode, reason: &str) -> Option<SinkError> {
+fn refusal_of(code: RDKafkaErrorCode, reason: &str) -> Option<BrokerError> {
     let lower = reason.to_ascii_lowercase();
     match code {
         RDKafkaErrorCode::Authentication
@@ -133,13 +140,13 @@ fn refusal_of(code: RDKafkaErrorCode, reason: &str) -> Option<SinkError> {
                 || lower.contains("invalid credentials")
                 || lower.contains("unsupported sasl mechanism") =>
         {
-            Some(SinkError::Credentials(reason.to_string()))
+            Some(BrokerError::Credentials(reason.to_string()))
         }
         RDKafkaErrorCode::SSL
             if lower.contains("certificate verify failed")
                 || lower.contains("failed to verify broker certificate") =>
         {
-            Some(SinkError::Certificate(reason.to_string()))
+            Some(BrokerError::Certificate(reason.to_string()))
         }
         _ => None,
     }
@@ -168,7 +175,7 @@ impl ClientContext for RefusalWatch {
 impl ConsumerContext for RefusalWatch {}
 
 impl RefusalWatch {
-    fn refusal(&self) -> Option<SinkError> {
+    fn refusal(&self) -> Option<BrokerError> {
         let first = self.first.lock().ok()?;
         first
             .as_ref()
@@ -182,7 +189,7 @@ const REACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects to the brokers and asks for the cluster's metadata: `Ok` once they answer,
 /// a definite error as soon as they refuse duplex's credentials or duplex refuses
 /// their certificate, a transient one if they do not answer in time.
-pub async fn reach(cfg: &KafkaConfig) -> Result<(), SinkError> {
+pub async fn reach(cfg: &KafkaConfig) -> Result<(), BrokerError> {
     let cc = client_config(cfg);
     tokio::task::spawn_blocking(move || {
         // A consumer without a group: its metadata requests create no topic, and it
@@ -205,12 +212,12 @@ pub async fn reach(cfg: &KafkaConfig) -> Result<(), SinkError> {
                 return Err(refusal);
             }
             if Instant::now() >= deadline {
-                return Err(SinkError::Kafka(e));
+                return Err(BrokerError::Kafka(e));
             }
         }
     })
     .await
-    .map_err(|e| SinkError::Task(e.to_string()))?
+    .map_err(BrokerError::Join)?
 }
 
 /// librdkafka settings shared by every duplex client: the user's properties on top of
@@ -244,12 +251,12 @@ pub fn dead_letter_topic(cfg: &Config, dir: &Direction) -> String {
 /// they lack. The principal needs the CREATE operation on it only while it does not
 /// exist: a topic created beforehand is used as it is. Reaches the brokers first, so
 /// that a refused password or certificate stops the caller.
-pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), SinkError> {
+pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<(), BrokerError> {
     reach(cfg).await?;
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let configs = topic::creation_configs(cfg.replication_factor);
     match create_topic(&admin, cfg, topic, &configs).await {
-        Err(SinkError::CreateTopic {
+        Err(BrokerError::CreateTopic {
             code: RDKafkaErrorCode::PolicyViolation,
             ..
         }) => {
@@ -269,7 +276,7 @@ async fn create_topic(
     cfg: &KafkaConfig,
     topic: &str,
     configs: &[(&str, String)],
-) -> Result<(), SinkError> {
+) -> Result<(), BrokerError> {
     let mut new = NewTopic::new(
         topic,
         // One partition: the node's commit order holds across all its tables.
@@ -287,7 +294,7 @@ async fn create_topic(
             // exists.
             Err((topic, RDKafkaErrorCode::TopicAuthorizationFailed))
                 if exists(cfg, &topic).await? => {}
-            Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
+            Err((topic, code)) => return Err(BrokerError::CreateTopic { topic, code }),
         }
     }
     Ok(())
@@ -295,7 +302,7 @@ async fn create_topic(
 
 /// Whether the brokers know `topic`. Asked by a consumer, whose metadata requests
 /// never create topics.
-async fn exists(cfg: &KafkaConfig, topic: &str) -> Result<bool, SinkError> {
+async fn exists(cfg: &KafkaConfig, topic: &str) -> Result<bool, BrokerError> {
     let (cc, topic) = (client_config(cfg), topic.to_string());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = cc.create()?;
@@ -308,7 +315,7 @@ async fn exists(cfg: &KafkaConfig, topic: &str) -> Result<bool, SinkError> {
             .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
     })
     .await
-    .map_err(|e| SinkError::Task(e.to_string()))?
+    .map_err(BrokerError::Join)?
 }
 
 /// How long asking the broker for a partition's offsets may take.
@@ -316,15 +323,15 @@ const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `topic` partition 0's first retained offset and the offset its next message will
 /// get (the log start and end).
-pub async fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<(i64, i64), SinkError> {
+pub async fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<(i64, i64), BrokerError> {
     // No group.id: asking for offsets needs no consumer group, and one would need an
     // ACL of its own (librdkafka looks up a group's coordinator).
     let consumer: BaseConsumer = client_config(cfg).create()?;
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, WATERMARKS_TIMEOUT))
         .await
-        .map_err(|e| SinkError::Task(e.to_string()))?
-        .map_err(SinkError::Kafka)
+        .map_err(BrokerError::Join)?
+        .map_err(BrokerError::Kafka)
 }
 
 /// Reads `topic` from the beginning of every partition and hands each message's value
@@ -336,7 +343,7 @@ pub fn read_topic(
     max: Option<usize>,
     idle: Duration,
     mut out: impl FnMut(&[u8]),
-) -> Result<usize, SinkError> {
+) -> Result<usize, BrokerError> {
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut cc = client_config(cfg);
     cc.set("group.id", "duplex-tail")
@@ -369,7 +376,7 @@ pub fn read_topic(
                 read += 1;
                 last = std::time::Instant::now();
             }
-            Some(Err(e)) => return Err(SinkError::Kafka(e)),
+            Some(Err(e)) => return Err(BrokerError::Kafka(e)),
             None => {}
         }
     }
@@ -400,7 +407,7 @@ mod tests {
         ] {
             assert_eq!(class_of(&consume(code)), ErrorClass::Transient, "{code:?}");
         }
-        let e = SinkError::Kafka(produce(RDKafkaErrorCode::SaslAuthenticationFailed));
+        let e = BrokerError::Kafka(produce(RDKafkaErrorCode::SaslAuthenticationFailed));
         assert_eq!(e.class(), ErrorClass::Definite);
     }
 
@@ -411,11 +418,11 @@ mod tests {
     #[test]
     fn refused_credentials_and_untrusted_certificates_are_definite_outages_are_not() {
         let refused = refusal_of(RDKafkaErrorCode::Authentication, BAD_PASSWORD).unwrap();
-        assert!(matches!(refused, SinkError::Credentials(_)));
+        assert!(matches!(refused, BrokerError::Credentials(_)));
         assert_eq!(refused.class(), ErrorClass::Definite);
         assert!(refused.to_string().contains("Kafka authentication failed"));
         let untrusted = refusal_of(RDKafkaErrorCode::SSL, UNTRUSTED).unwrap();
-        assert!(matches!(untrusted, SinkError::Certificate(_)));
+        assert!(matches!(untrusted, BrokerError::Certificate(_)));
         assert_eq!(untrusted.class(), ErrorClass::Definite);
         assert!(untrusted.to_string().contains("certificate verify failed"));
         for (code, reason) in [

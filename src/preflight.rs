@@ -48,14 +48,14 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
 /// then what its principal may not do that duplex needs, and the change topics'
 /// settings.
 async fn broker_problems(cfg: &Config) -> Vec<String> {
-    use crate::kafka::SinkError;
+    use crate::kafka::BrokerError;
     match crate::kafka::reach(&cfg.kafka).await {
         Ok(()) => {
             let mut lines = acls::problems(cfg).await;
             lines.extend(topic_problems(cfg).await);
             lines
         }
-        Err(e @ (SinkError::Credentials(_) | SinkError::Certificate(_))) => {
+        Err(e @ (BrokerError::Credentials(_) | BrokerError::Certificate(_))) => {
             vec![format!("kafka: {e}")]
         }
         Err(e) => vec![format!(

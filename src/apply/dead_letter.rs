@@ -14,7 +14,7 @@ use crate::apply::error::ApplyError;
 use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
-use crate::kafka::{self, client_config, SinkError};
+use crate::kafka::{self, client_config, BrokerError};
 use crate::metrics::ApplyMetrics;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -114,7 +114,7 @@ async fn record(
         )
         .await
         .map_err(sql_err(dir, "recording a dead letter"))?;
-    let sink = |source| ApplyError::Sink {
+    let sink = |source| ApplyError::Broker {
         direction: dir.to_string(),
         source,
     };
@@ -127,7 +127,7 @@ async fn record(
             .map_err(sink)?;
         let p: FutureProducer = client_config(&cfg.kafka)
             .create()
-            .map_err(|e| sink(SinkError::Kafka(e)))?;
+            .map_err(|e| sink(BrokerError::Kafka(e)))?;
         *producer = Some((topic, p));
     }
     let Some((topic, producer)) = producer.as_ref() else {
@@ -144,7 +144,7 @@ async fn record(
     producer
         .send(record, Duration::from_secs(30))
         .await
-        .map_err(|(e, _)| sink(SinkError::Kafka(e)))?;
+        .map_err(|(e, _)| sink(BrokerError::Kafka(e)))?;
     Ok(())
 }
 

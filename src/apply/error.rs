@@ -5,7 +5,7 @@
 
 use crate::apply::sequence::Gap;
 use crate::lww::WriteError;
-use crate::kafka::{self, SinkError};
+use crate::kafka::{self, BrokerError};
 use crate::pg::node::NodeError;
 use crate::{Classify, ErrorClass};
 use rdkafka::error::KafkaError;
@@ -27,9 +27,9 @@ pub enum ApplyError {
         source: KafkaError,
     },
     #[error("direction {direction}: {source}")]
-    Sink {
+    Broker {
         direction: String,
-        source: SinkError,
+        source: BrokerError,
     },
     #[error(transparent)]
     PositionLost(Box<LostPosition>),
@@ -96,7 +96,7 @@ impl Classify for ApplyError {
             | ApplyError::Waiting { .. }
             | ApplyError::Stalled { .. }
             | ApplyError::TargetStalled { .. } => ErrorClass::Transient,
-            ApplyError::Sink { source, .. } => source.class(),
+            ApplyError::Broker { source, .. } => source.class(),
             ApplyError::BadEvent(_) | ApplyError::PositionLost(_) => ErrorClass::Definite,
         }
     }

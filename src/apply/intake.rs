@@ -80,7 +80,7 @@ pub(super) struct Taken {
 pub(super) type Intake = mpsc::Receiver<Result<Taken, ApplyError>>;
 
 /// What the intake task needs to read `topic` for `dir`.
-pub(super) struct Source {
+pub(super) struct IntakeSource {
     pub consumer: Arc<StreamConsumer>,
     pub dir: Direction,
     pub topic: String,
@@ -93,7 +93,7 @@ pub(super) struct Source {
 /// Starts the intake task; it holds at most `capacity` decoded messages ahead of the
 /// worker and ends when the worker drops its [`Intake`] or on `stop`.
 pub(super) fn start(
-    source: Source,
+    source: IntakeSource,
     capacity: usize,
     stop: Stop,
 ) -> (Intake, tokio::task::JoinHandle<()>) {
@@ -104,7 +104,7 @@ pub(super) fn start(
 }
 
 async fn run(
-    mut s: Source,
+    mut s: IntakeSource,
     tx: mpsc::Sender<Result<Taken, ApplyError>>,
     stop: Stop,
 ) {
@@ -145,7 +145,7 @@ fn decode(m: &rdkafka::message::BorrowedMessage<'_>, types: &mut TypesCache) -> 
 /// Whether the message at `offset` goes to the worker, while resuming at a stored
 /// offset: messages before it are dropped, and the partition is assigned again from
 /// further back when the broker answered from past it.
-fn admit(s: &mut Source, offset: i64) -> Result<bool, Box<ApplyError>> {
+fn admit(s: &mut IntakeSource, offset: i64) -> Result<bool, Box<ApplyError>> {
     let Some(r) = s.resume.as_mut() else {
         return Ok(true);
     };
@@ -199,7 +199,7 @@ pub(super) fn lost(dir: &Direction, topic: &str, offset: i64, detail: String) ->
 
 /// A consumer error: the stored offset out of the log's range is definite (it will
 /// not come back), anything else transient.
-fn position_lost(s: &Source, e: KafkaError) -> ApplyError {
+fn position_lost(s: &IntakeSource, e: KafkaError) -> ApplyError {
     use rdkafka::types::RDKafkaErrorCode as Code;
     match e.rdkafka_error_code() {
         Some(Code::AutoOffsetReset | Code::OffsetOutOfRange) => lost(

@@ -1,6 +1,6 @@
 //! Apply: a peer's topic into a node, exactly once.
 //!
-//! `consumer` runs a session: it reads the source node's topic from the position
+//! `session` runs an apply session: it reads the source node's topic from the position
 //! stored in the target (`start` says where a direction with none begins), through
 //! `intake` (reading and decoding on a task of its own, `resume` checking the first
 //! message against the stored offset); `worker` gathers events into batches
@@ -12,7 +12,7 @@
 //! failures retry and which halt the direction.
 
 pub(crate) mod batch;
-pub(crate) mod consumer;
+pub(crate) mod session;
 pub(crate) mod dead_letter;
 pub(crate) mod error;
 mod intake;

@@ -51,7 +51,7 @@ pub(super) async fn first_offset(
     };
     let (low, _) = kafka::watermarks(&cfg.kafka, &topic)
         .await
-        .map_err(|source| ApplyError::Sink {
+        .map_err(|source| ApplyError::Broker {
             direction: dir.to_string(),
             source,
         })?;

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// How the node sees the apply session's server process.
-enum Verdict {
+enum Probe {
     Working(String),
     Stalled(String),
 }
@@ -76,11 +76,11 @@ impl<'a> Watchdog<'a> {
                 continue;
             }
             match self.ask_node().await {
-                Verdict::Working(what) => {
+                Probe::Working(what) => {
                     tracing::info!(direction = %self.dir, waited_s, state = %what,
                         "the target is still working on the apply session's statement");
                 }
-                Verdict::Stalled(why) => {
+                Probe::Stalled(why) => {
                     return Err(ApplyError::TargetStalled {
                         direction: self.dir.to_string(),
                         to: self.dir.to.clone(),
@@ -92,7 +92,7 @@ impl<'a> Watchdog<'a> {
         }
     }
 
-    async fn ask_node(&self) -> Verdict {
+    async fn ask_node(&self) -> Probe {
         let node = &self.dir.to;
         let asked = tokio::time::timeout(self.every(), async {
             let client = node::connect(self.cfg, node, "stall check").await?;
@@ -106,7 +106,7 @@ impl<'a> Watchdog<'a> {
                 .await
                 .map_err(node::sql_err(node, "reading pg_stat_activity"))?;
             let Some(row) = row else {
-                return Ok(Verdict::Stalled(format!(
+                return Ok(Probe::Stalled(format!(
                     "its server process {} has ended, but the connection never said so",
                     self.pid
                 )));
@@ -116,7 +116,7 @@ impl<'a> Watchdog<'a> {
             let state = state.unwrap_or_default();
             let idle_s = idle_s.unwrap_or(0.0);
             if !state.starts_with("idle") || idle_s < 1.0 {
-                return Ok(Verdict::Working(format!("{state} {wait}")));
+                return Ok(Probe::Working(format!("{state} {wait}")));
             }
             // Its transaction is rolled back and its locks and origin released now,
             // not when TCP gives up on the connection.
@@ -124,7 +124,7 @@ impl<'a> Watchdog<'a> {
                 .execute("SELECT pg_terminate_backend($1, 5000)", &[&self.pid])
                 .await
                 .map_err(node::sql_err(node, "ending the stalled session"))?;
-            Ok::<_, node::NodeError>(Verdict::Stalled(format!(
+            Ok::<_, node::NodeError>(Probe::Stalled(format!(
                 "the node finished its statement {idle_s:.1} s ago ({state}), but the answer never arrived; ended server process {}",
                 self.pid
             )))
@@ -132,10 +132,10 @@ impl<'a> Watchdog<'a> {
         .await;
         match asked {
             Ok(Ok(verdict)) => verdict,
-            Ok(Err(e)) => Verdict::Stalled(format!(
+            Ok(Err(e)) => Probe::Stalled(format!(
                 "asking the node over a new connection failed too: {e}"
             )),
-            Err(_) => Verdict::Stalled("a new connection to the node did not answer either".into()),
+            Err(_) => Probe::Stalled("a new connection to the node did not answer either".into()),
         }
     }
 }

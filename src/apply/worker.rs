@@ -41,14 +41,14 @@ use tokio::sync::watch;
 const IN_PLACE_ATTEMPTS: u32 = 5;
 
 /// An event waiting in the batch, with its Kafka coordinates.
-struct Pending {
+struct Held {
     event: ChangeEvent,
     offset: i64,
     key: Vec<u8>,
     raw: Vec<u8>,
 }
 
-impl Marked for Pending {
+impl Marked for Held {
     fn mark(&self) -> Mark {
         Mark {
             position: self.event.position(),
@@ -70,11 +70,11 @@ pub(super) struct Worker<'a> {
     /// The last source position committed.
     committed: Option<Position>,
     /// The open target transaction.
-    txn: OpenTxn<Pending>,
+    txn: OpenTxn<Held>,
     /// Read, settled and committed Kafka offsets.
     offsets: Offsets,
     /// Events taken and not written yet, in topic order.
-    pending: Vec<Pending>,
+    pending: Vec<Held>,
     /// The offset of a message that is no event, read after events still held, whose
     /// dead letter the open transaction holds: it may commit only once they are written.
     letter_after_held: Option<i64>,
@@ -92,7 +92,7 @@ pub(super) struct Worker<'a> {
     /// Where bad events go when `sync.on_error = "dead_letter"`.
     dlq: DeadLetterQueue,
     /// Frees applied batches off the apply path.
-    reclaim: Reclaim<Pending>,
+    reclaim: Reclaim<Held>,
 }
 
 impl<'a> Worker<'a> {
@@ -196,7 +196,7 @@ impl<'a> Worker<'a> {
             Next::Skip => return Ok(()),
             Next::Gap { gap, taken } => return self.discard(gap, taken).await,
         }
-        self.pending.push(Pending {
+        self.pending.push(Held {
             event,
             offset,
             key,
@@ -329,7 +329,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Writes `pending` into the open transaction.
-    async fn write(&mut self, pending: &[Pending]) -> Result<(), ApplyError> {
+    async fn write(&mut self, pending: &[Held]) -> Result<(), ApplyError> {
         self.begin().await?;
         let (events, deleted) = prepare_batch(pending.iter().map(|p| &p.event));
         let batch_started = Instant::now();

@@ -2,7 +2,7 @@
 //! types as `format_type` prints them, and the primary key.
 
 use crate::capture::pgoutput::Relation;
-use crate::capture::reader::TableInfo;
+use crate::capture::assembler::TableInfo;
 
 /// Column types (as `format_type` prints them) and primary key of a relation.
 pub(crate) async fn table_info(

@@ -1,20 +1,20 @@
 //! The capture pipeline's one error type and its classification.
 //!
 //! Everything a capture session can fail on (the node, the walsender stream, the
-//! decoder, the reader, Kafka) is a [`PipelineError`] naming the node; the supervisor
+//! decoder, the reader, Kafka) is a [`CaptureError`] naming the node; the supervisor
 //! retries the transient ones and stops on the definite ones.
 
 use crate::capture::pgoutput::DecodeError;
-use crate::capture::reader::ReaderError;
+use crate::capture::assembler::ReaderError;
 use crate::pg::walsender::WalsenderError;
 use crate::event::Lsn;
-use crate::kafka::SinkError;
+use crate::kafka::BrokerError;
 use crate::pg::node::{self, sql_class, NodeError};
 use crate::{Classify, ErrorClass};
 
 /// Errors of a node's source pipeline.
 #[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
+pub enum CaptureError {
     #[error(transparent)]
     Node(#[from] NodeError),
     #[error(transparent)]
@@ -41,23 +41,23 @@ pub enum PipelineError {
         source: tokio_postgres::Error,
     },
     #[error("node {node}: Kafka: {source}")]
-    Sink { node: String, source: SinkError },
+    Broker { node: String, source: BrokerError },
     #[error("node {node} is not ready for duplex:\n  {}", problems.join("\n  "))]
     Preflight { node: String, problems: Vec<String> },
 }
 
-impl Classify for PipelineError {
+impl Classify for CaptureError {
     fn class(&self) -> ErrorClass {
         match self {
-            PipelineError::Node(e) => e.class(),
-            PipelineError::Lease(e) => e.class(),
-            PipelineError::Walsender { source, .. } => source.class(),
-            PipelineError::Sql { source, .. } => sql_class(source),
-            PipelineError::Sink { source, .. } => source.class(),
+            CaptureError::Node(e) => e.class(),
+            CaptureError::Lease(e) => e.class(),
+            CaptureError::Walsender { source, .. } => source.class(),
+            CaptureError::Sql { source, .. } => sql_class(source),
+            CaptureError::Broker { source, .. } => source.class(),
             // The same bytes decode the same way on every retry.
-            PipelineError::Decode { .. } | PipelineError::Reader { .. } => ErrorClass::Definite,
-            PipelineError::Preflight { .. } => ErrorClass::Definite,
-            PipelineError::Stalled { .. } => ErrorClass::Transient,
+            CaptureError::Decode { .. } | CaptureError::Reader { .. } => ErrorClass::Definite,
+            CaptureError::Preflight { .. } => ErrorClass::Definite,
+            CaptureError::Stalled { .. } => ErrorClass::Transient,
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use crate::config::KafkaConfig;
 use crate::event::{ChangeEvent, Lsn};
-use crate::kafka::{client_config, SinkError};
+use crate::kafka::{client_config, BrokerError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientContext;
@@ -72,7 +72,7 @@ fn id_assigned(statistics: &[u8]) -> bool {
 }
 
 impl ChangeProducer {
-    pub fn new(cfg: &KafkaConfig, topic: &str) -> Result<ChangeProducer, SinkError> {
+    pub fn new(cfg: &KafkaConfig, topic: &str) -> Result<ChangeProducer, BrokerError> {
         let mut cc = client_config(cfg);
         cc.set("enable.idempotence", "true").set("acks", "all").set(
             "queue.buffering.max.messages",
@@ -113,7 +113,7 @@ impl ChangeProducer {
 
     /// Whether the broker knows the topic: `Ok(false)` when its metadata says the topic
     /// does not exist. Errors reaching the broker are returned as they are.
-    pub async fn topic_exists(&self) -> Result<bool, SinkError> {
+    pub async fn topic_exists(&self) -> Result<bool, BrokerError> {
         use rdkafka::producer::Producer;
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
         tokio::task::spawn_blocking(move || {
@@ -126,11 +126,11 @@ impl ChangeProducer {
                 .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
         })
         .await
-        .map_err(|e| SinkError::Task(e.to_string()))?
+        .map_err(BrokerError::Join)?
     }
 
     /// Enqueues one event. Waits only while librdkafka's own queue is full.
-    pub async fn send(&self, ev: &ChangeEvent) -> Result<DeliveryFuture, SinkError> {
+    pub async fn send(&self, ev: &ChangeEvent) -> Result<DeliveryFuture, BrokerError> {
         let key = ev.kafka_key();
         let payload = ev.to_json();
         loop {
@@ -149,7 +149,7 @@ impl ChangeProducer {
                 Err((e, _))
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
                 {
-                    return Err(SinkError::TooLarge {
+                    return Err(BrokerError::TooLarge {
                         table: format!("{}.{}", ev.source.schema, ev.source.table),
                         key: String::from_utf8_lossy(&key).into_owned(),
                         lsn: ev.source.lsn,
@@ -157,7 +157,7 @@ impl ChangeProducer {
                         error: e.to_string(),
                     })
                 }
-                Err((e, _)) => return Err(SinkError::Kafka(e)),
+                Err((e, _)) => return Err(BrokerError::Kafka(e)),
             }
         }
     }
@@ -169,7 +169,7 @@ const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Resolves when the broker no longer knows the topic although it acknowledged
 /// messages on it (twice in a row, so that one odd metadata answer is not enough).
 /// A broker that cannot be reached proves nothing: the deliveries' own errors say so.
-pub async fn watch_topic(producer: ChangeProducer, acked: watch::Receiver<Acked>) -> SinkError {
+pub async fn watch_topic(producer: ChangeProducer, acked: watch::Receiver<Acked>) -> BrokerError {
     let mut missing = 0;
     loop {
         tokio::time::sleep(TOPIC_CHECK_EVERY).await;
@@ -181,7 +181,7 @@ pub async fn watch_topic(producer: ChangeProducer, acked: watch::Receiver<Acked>
             Ok(true) | Err(_) => missing = 0,
         }
         if missing >= 2 {
-            return SinkError::TopicGone {
+            return BrokerError::TopicGone {
                 topic: producer.topic.clone(),
                 last,
             };
@@ -219,13 +219,13 @@ pub struct Acked {
 /// The topic is append-only: every acknowledged offset must be above the last one.
 /// One that is not means the broker lost messages it had acknowledged (a broker
 /// without durable storage restarted, the topic was deleted and created again):
-/// [`SinkError::OffsetsWentBack`], before the commit is confirmed. A retried batch the
+/// [`BrokerError::OffsetsWentBack`], before the commit is confirmed. A retried batch the
 /// broker acknowledged as a duplicate carries no offsets (see [`DuplicateBatch`]).
 pub async fn track_deliveries(
     mut queue: mpsc::Receiver<Pending>,
     durable: watch::Sender<Lsn>,
     acked: watch::Sender<Acked>,
-) -> Result<(), SinkError> {
+) -> Result<(), BrokerError> {
     let mut last = acked.borrow().clone();
     let mut duplicate = DuplicateBatch::default();
     while let Some(p) = queue.recv().await {
@@ -238,7 +238,7 @@ pub async fn track_deliveries(
                 Ok(Ok(d)) if duplicate.holds(d.offset) => produced.increment(1),
                 Ok(Ok(d)) => {
                     if let Some(before) = last.last.filter(|l| d.offset <= *l) {
-                        return Err(SinkError::OffsetsWentBack {
+                        return Err(BrokerError::OffsetsWentBack {
                             topic: last.topic,
                             before,
                             now: d.offset,
@@ -247,8 +247,8 @@ pub async fn track_deliveries(
                     last.last = Some(d.offset);
                     produced.increment(1);
                 }
-                Ok(Err((error, _))) => return Err(SinkError::Delivery { commit_lsn, error }),
-                Err(_) => return Err(SinkError::TrackerGone),
+                Ok(Err((error, _))) => return Err(BrokerError::Delivery { commit_lsn, error }),
+                Err(_) => return Err(BrokerError::TrackerGone),
             },
             Pending::Commit { end_lsn } => {
                 acked.send_replace(last.clone());

@@ -1,7 +1,7 @@
 //! One node's capture session: slot → decoder → reader → Kafka, and durable
 //! positions back to the slot.
 //!
-//! [`run_source`] keeps one streaming session alive, retrying transient failures with
+//! [`run_capture`] keeps one streaming session alive, retrying transient failures with
 //! exponential backoff and stopping on definite ones. A session ([`stream_once`])
 //! checks the node, creates what is missing, starts replication from the slot's
 //! confirmed position and then loops: decode each XLogData, turn it into events,
@@ -10,16 +10,16 @@
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
 use crate::capture::confirm::SlotProgress;
-pub use crate::capture::error::PipelineError;
+pub use crate::capture::error::CaptureError;
 use crate::capture::pgoutput::{self, LogicalMessage};
 use crate::capture::producer::{self, ChangeProducer, Pending};
-use crate::capture::reader::{Output, TxnReader};
+use crate::capture::assembler::{Output, TxnAssembler};
 use crate::pg::walsender::{
     ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
 };
 use crate::config::Config;
 use crate::event::{ChangeEvent, Lsn};
-use crate::kafka::{self, SinkError};
+use crate::kafka::{self, BrokerError};
 use crate::metrics::{self as m, CaptureMetrics, Health};
 use crate::pg::node::{self, NodeError};
 use crate::pg::setup;
@@ -50,13 +50,13 @@ pub fn component(node: &str) -> String {
 /// Streams `node`'s changes to Kafka until `stop` is requested; retries transient
 /// failures with backoff, returns definite ones. A broker found to have lost
 /// acknowledged messages aborts every component through `abort`.
-pub async fn run_source(
+pub async fn run_capture(
     cfg: Arc<Config>,
     node: String,
     health: Health,
     stop: Stop,
     abort: StopHandle,
-) -> Result<(), PipelineError> {
+) -> Result<(), CaptureError> {
     let component = component(&node);
     let what = Supervised {
         component: &component,
@@ -89,19 +89,19 @@ async fn stream_once(
     metrics: CaptureMetrics,
     stop: &Stop,
     abort: &StopHandle,
-) -> Result<(), PipelineError> {
+) -> Result<(), CaptureError> {
     let sql = |context: &'static str| {
-        move |source| PipelineError::Sql {
+        move |source| CaptureError::Sql {
             node: node.to_string(),
             context,
             source,
         }
     };
-    let sink = |source| PipelineError::Sink {
+    let sink = |source| CaptureError::Broker {
         node: node.to_string(),
         source,
     };
-    let wal_err = |source| PipelineError::Walsender {
+    let wal_err = |source| CaptureError::Walsender {
         node: node.to_string(),
         source,
     };
@@ -121,7 +121,7 @@ async fn stream_once(
         .await
         .map_err(sql("checking the node"))?;
     if !problems.is_empty() {
-        return Err(PipelineError::Preflight {
+        return Err(CaptureError::Preflight {
             node: node.to_string(),
             problems,
         });
@@ -144,7 +144,7 @@ async fn stream_once(
     }
 
     let pg = cfg.nodes[node].pg_config().map_err(|e| {
-        PipelineError::Node(NodeError::Config {
+        CaptureError::Node(NodeError::Config {
             node: node.to_string(),
             detail: e.to_string(),
         })
@@ -193,7 +193,7 @@ async fn stream_once(
         client,
         producer,
         stream,
-        reader: TxnReader::new(node, &ident.dbname, slot_stream),
+        reader: TxnAssembler::new(node, &ident.dbname, slot_stream),
         queue: queue_tx,
         durable: durable_rx,
         acked: acked_rx,
@@ -214,13 +214,13 @@ struct Session<'a> {
     client: tokio_postgres::Client,
     producer: ChangeProducer,
     stream: ReplicationStream,
-    reader: TxnReader,
+    reader: TxnAssembler,
     queue: mpsc::Sender<Pending>,
     durable: watch::Receiver<Lsn>,
     /// The highest offset acknowledged, and the one last recorded on the node.
     acked: watch::Receiver<producer::Acked>,
     recorded_offset: Option<i64>,
-    tracker: JoinHandle<Result<(), SinkError>>,
+    tracker: JoinHandle<Result<(), BrokerError>>,
     /// What may be confirmed to the slot.
     progress: SlotProgress,
     out: Vec<Output>,
@@ -230,7 +230,7 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, stop: &Stop) -> Result<(), PipelineError> {
+    async fn run(&mut self, stop: &Stop) -> Result<(), CaptureError> {
         let mut status =
             tokio::time::interval(Duration::from_millis(self.cfg.source.status_interval_ms));
         let mut heartbeat =
@@ -276,34 +276,34 @@ impl Session<'_> {
         &'s mut self,
         patience: Duration,
         f: F,
-    ) -> Result<(), PipelineError>
+    ) -> Result<(), CaptureError>
     where
         F: FnOnce(&'s mut Self) -> Fut,
-        Fut: std::future::Future<Output = Result<(), PipelineError>> + 's,
+        Fut: std::future::Future<Output = Result<(), CaptureError>> + 's,
     {
         let node = self.node.to_string();
         let ms = self.cfg.source.receive_timeout_ms;
         tokio::time::timeout(patience, f(self))
             .await
-            .map_err(|_| PipelineError::Stalled { node, ms })?
+            .map_err(|_| CaptureError::Stalled { node, ms })?
     }
 
-    fn stalled(&self) -> PipelineError {
-        PipelineError::Stalled {
+    fn stalled(&self) -> CaptureError {
+        CaptureError::Stalled {
             node: self.node.to_string(),
             ms: self.cfg.source.receive_timeout_ms,
         }
     }
 
     /// A WAL record in this database, so the slot moves even when idle.
-    async fn heartbeat(&mut self) -> Result<(), PipelineError> {
+    async fn heartbeat(&mut self) -> Result<(), CaptureError> {
         self.client
             .execute(
                 "SELECT pg_logical_emit_message(false, 'duplex.heartbeat', '')",
                 &[],
             )
             .await
-            .map_err(|source| PipelineError::Sql {
+            .map_err(|source| CaptureError::Sql {
                 node: self.node.to_string(),
                 context: "emitting heartbeat",
                 source,
@@ -312,7 +312,7 @@ impl Session<'_> {
     }
 
     /// Exports how much WAL the slot holds and how close it is to being lost.
-    async fn slot_stats(&mut self) -> Result<(), PipelineError> {
+    async fn slot_stats(&mut self) -> Result<(), CaptureError> {
         let row = self
             .client
             .query_opt(
@@ -322,7 +322,7 @@ impl Session<'_> {
                 &[&self.cfg.slot_name(self.node)],
             )
             .await
-            .map_err(|source| PipelineError::Sql {
+            .map_err(|source| CaptureError::Sql {
                 node: self.node.to_string(),
                 context: "reading slot statistics",
                 source,
@@ -346,7 +346,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn on_message(&mut self, msg: ReplicationMessage) -> Result<(), PipelineError> {
+    async fn on_message(&mut self, msg: ReplicationMessage) -> Result<(), CaptureError> {
         match msg {
             ReplicationMessage::Keepalive {
                 wal_end,
@@ -358,7 +358,7 @@ impl Session<'_> {
                 }
             }
             ReplicationMessage::XLogData { wal_start, data } => {
-                let decoded = pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
+                let decoded = pgoutput::decode(&data).map_err(|source| CaptureError::Decode {
                     node: self.node.to_string(),
                     lsn: wal_start,
                     source,
@@ -366,7 +366,7 @@ impl Session<'_> {
                 if let LogicalMessage::Relation(rel) = &decoded {
                     let info = crate::capture::catalog::table_info(&self.client, rel)
                         .await
-                        .map_err(|source| PipelineError::Sql {
+                        .map_err(|source| CaptureError::Sql {
                             node: self.node.to_string(),
                             context: "looking up a table's types and key",
                             source,
@@ -385,7 +385,7 @@ impl Session<'_> {
                 let mut out = std::mem::take(&mut self.out);
                 self.reader
                     .handle(decoded, wal_start, now_ms(), &mut out)
-                    .map_err(|source| PipelineError::Reader {
+                    .map_err(|source| CaptureError::Reader {
                         node: self.node.to_string(),
                         source,
                     })?;
@@ -400,7 +400,7 @@ impl Session<'_> {
 
     /// Hands one output to the producer and the delivery queue. Waits when the queue
     /// is full: that is the backpressure on reading WAL.
-    async fn forward(&mut self, o: Output) -> Result<(), PipelineError> {
+    async fn forward(&mut self, o: Output) -> Result<(), CaptureError> {
         let pending = match o {
             Output::Event(ev) => {
                 let (read, produced) = self.counters_for(&ev);
@@ -437,11 +437,11 @@ impl Session<'_> {
     /// The session's end once the delivery tracker ended, on the error it ended with.
     async fn tracker_ended(
         &mut self,
-        joined: Result<Result<(), SinkError>, tokio::task::JoinError>,
-    ) -> PipelineError {
+        joined: Result<Result<(), BrokerError>, tokio::task::JoinError>,
+    ) -> CaptureError {
         let e = match joined {
             Ok(Err(e)) => e,
-            _ => SinkError::TrackerGone,
+            _ => BrokerError::TrackerGone,
         };
         self.sink_failed(e).await
     }
@@ -452,7 +452,7 @@ impl Session<'_> {
     }
 
     /// Confirms the newest durable position to the slot.
-    async fn send_status(&mut self, force: bool) -> Result<(), PipelineError> {
+    async fn send_status(&mut self, force: bool) -> Result<(), CaptureError> {
         let durable = *self.durable.borrow();
         let in_transaction = self.reader.in_transaction();
         if let Some(flush) = self.progress.confirmable(durable, in_transaction, force) {
@@ -469,7 +469,7 @@ impl Session<'_> {
     /// notices a broker that came back without it. It only rises on one topic: an
     /// old instance's late write, after a standby took over and recorded more, must
     /// not lower it.
-    async fn record_offset(&mut self) -> Result<(), PipelineError> {
+    async fn record_offset(&mut self) -> Result<(), CaptureError> {
         let last = self.acked.borrow().last;
         let Some(offset) = last.filter(|_| last != self.recorded_offset) else {
             return Ok(());
@@ -477,7 +477,7 @@ impl Session<'_> {
         let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
         slots::record_offset(&self.client, &slot, &topic, offset)
             .await
-            .map_err(|source| PipelineError::Sql {
+            .map_err(|source| CaptureError::Sql {
                 node: self.node.to_string(),
                 context: "recording the topic's last offset",
                 source,
@@ -487,7 +487,7 @@ impl Session<'_> {
     }
 
     /// Clean stop: let in-flight messages be acknowledged, confirm them, return.
-    async fn drain(&mut self) -> Result<(), PipelineError> {
+    async fn drain(&mut self) -> Result<(), CaptureError> {
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.queue, closed));
         match tokio::time::timeout(SHUTDOWN_DRAIN, &mut self.tracker).await {
@@ -508,7 +508,7 @@ impl Session<'_> {
     /// process or another) reads or writes the topic before the operator resynchronised.
     /// Where the stream began on that topic is forgotten with it: the topic's offsets
     /// start over, and the next session records where the stream begins on it again.
-    async fn sink_failed(&mut self, source: SinkError) -> PipelineError {
+    async fn sink_failed(&mut self, source: BrokerError) -> CaptureError {
         if source.is_topic_lost() {
             self.abort.abort();
             let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
@@ -521,15 +521,15 @@ impl Session<'_> {
         self.sink_err(source)
     }
 
-    fn sink_err(&self, source: SinkError) -> PipelineError {
-        PipelineError::Sink {
+    fn sink_err(&self, source: BrokerError) -> CaptureError {
+        CaptureError::Broker {
             node: self.node.to_string(),
             source,
         }
     }
 
-    fn wal_err(&self, source: WalsenderError) -> PipelineError {
-        PipelineError::Walsender {
+    fn wal_err(&self, source: WalsenderError) -> CaptureError {
+        CaptureError::Walsender {
             node: self.node.to_string(),
             source,
         }

@@ -2,7 +2,7 @@
 //! has not applied: those duplex gives a topic it creates, and the rule `duplex check`
 //! applies to an existing one ([`findings`], a pure function of the topic's settings).
 
-use super::{client_config, SinkError};
+use super::{client_config, BrokerError};
 use crate::config::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
@@ -179,7 +179,7 @@ pub fn findings(topic: &str, s: &TopicSettings) -> Vec<Finding> {
 }
 
 /// `topic`'s settings, or `None` if the cluster has no such topic.
-pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSettings>, SinkError> {
+pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSettings>, BrokerError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     // A consumer's metadata request never creates the topic.
     let consumer: BaseConsumer = client_config(cfg).create()?;
@@ -187,7 +187,7 @@ pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSett
     let metadata =
         tokio::task::spawn_blocking(move || consumer.fetch_metadata(Some(&name), DESCRIBE_TIMEOUT))
             .await
-            .map_err(|e| SinkError::Task(e.to_string()))??;
+            .map_err(BrokerError::Join)??;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Ok(None);
     };
@@ -195,7 +195,7 @@ pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSett
         None => {}
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
         Some(code) => {
-            return Err(SinkError::DescribeTopic {
+            return Err(BrokerError::DescribeTopic {
                 topic: topic.to_string(),
                 code,
             })
@@ -216,12 +216,16 @@ pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSett
     let resource = match described.into_iter().next() {
         Some(Ok(resource)) => resource,
         Some(Err(code)) => {
-            return Err(SinkError::DescribeTopic {
+            return Err(BrokerError::DescribeTopic {
                 topic: topic.to_string(),
                 code,
             })
         }
-        None => return Err(SinkError::Task("no answer describing the topic".into())),
+        None => {
+            return Err(BrokerError::NoTopicDescription {
+                topic: topic.to_string(),
+            })
+        }
     };
     Ok(Some(TopicSettings::from_configs(
         replication_factor,

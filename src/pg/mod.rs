@@ -11,12 +11,12 @@
 //! connections to a node; `walsender` speaks the streaming replication protocol
 //! (capture reads a slot through it, `duplex check` tries a replication login).
 
-pub mod history;
-pub mod node;
-pub mod setup;
-pub mod sql;
+pub(crate) mod history;
+pub(crate) mod node;
+pub(crate) mod setup;
+pub(crate) mod sql;
 pub(crate) mod state;
 pub mod table;
-pub mod tls;
-pub mod triggers;
+pub(crate) mod tls;
+pub(crate) mod triggers;
 pub mod walsender;

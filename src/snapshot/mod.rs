@@ -56,7 +56,7 @@ pub enum SnapshotError {
     #[error("snapshot {direction}: {source}")]
     Kafka {
         direction: String,
-        source: Box<crate::kafka::SinkError>,
+        source: Box<crate::kafka::BrokerError>,
     },
     #[error(transparent)]
     Lease(#[from] crate::standby::LeaseError),

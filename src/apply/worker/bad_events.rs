@@ -3,7 +3,7 @@
 //! savepoint, and each one that fails halts the direction or goes to the dead-letter
 //! queue (`sync.on_error`). The rest of the batch commits as usual.
 
-use super::{Pending, Worker};
+use super::{Held, Worker};
 use crate::lww::DeleteTimes;
 use crate::apply::dead_letter::DeadLetter;
 use crate::apply::error::{ApplyError, HaltingEvent};
@@ -17,7 +17,7 @@ impl Worker<'_> {
     /// Applies events singly, each under its own savepoint, to find the bad ones.
     pub(super) async fn one_by_one(
         &mut self,
-        pending: &[Pending],
+        pending: &[Held],
         events: &[Cow<'_, ChangeEvent>],
         deleted: &DeleteTimes,
     ) -> Result<(), ApplyError> {
@@ -68,7 +68,7 @@ impl Worker<'_> {
     }
 }
 
-pub(super) fn pending_of<'p>(pending: &'p [Pending], ev: &ChangeEvent) -> &'p Pending {
+pub(super) fn pending_of<'p>(pending: &'p [Held], ev: &ChangeEvent) -> &'p Held {
     pending
         .iter()
         .find(|p| p.event.position() == ev.position())

@@ -2,8 +2,8 @@
 //! and bad input.
 use super::*;
 
-fn reader() -> TxnReader {
-    let mut r = TxnReader::new("a", "app", None);
+fn reader() -> TxnAssembler {
+    let mut r = TxnAssembler::new("a", "app", None);
     r.add_table(
         7,
         TableInfo {
@@ -21,7 +21,7 @@ fn text(s: &str) -> ColumnData {
     ColumnData::Text(s.as_bytes().to_vec())
 }
 
-fn feed(r: &mut TxnReader, msgs: Vec<LogicalMessage>) -> Vec<Output> {
+fn feed(r: &mut TxnAssembler, msgs: Vec<LogicalMessage>) -> Vec<Output> {
     let mut out = Vec::new();
     for m in msgs {
         r.handle(m, Lsn(1), 0, &mut out).unwrap();

@@ -1,8 +1,8 @@
 //! Turns a node's decoded pgoutput messages into change events, transaction by
 //! transaction.
 //!
-//! The pipeline feeds every decoded message to [`TxnReader::handle`] in stream order and
-//! gets back what to send downstream: change events (each numbered within its
+//! The capture session feeds every decoded message to [`TxnAssembler::handle`] in
+//! stream order and gets back what to send downstream: change events (each numbered within its
 //! transaction, the last one flagged) and a commit marker carrying the LSN to confirm
 //! once the events before it are durable. One event is held back until the next one or
 //! the commit arrives, so the `last` flag is right without buffering whole
@@ -81,7 +81,7 @@ struct Txn {
 }
 
 /// Per-connection state: relation cache and the open transaction.
-pub struct TxnReader {
+pub struct TxnAssembler {
     node: String,
     db: String,
     /// The slot's stream id, stamped on every event.
@@ -95,9 +95,9 @@ pub struct TxnReader {
     txn: Option<Txn>,
 }
 
-impl TxnReader {
-    pub fn new(node: &str, db: &str, stream: Option<String>) -> TxnReader {
-        TxnReader {
+impl TxnAssembler {
+    pub fn new(node: &str, db: &str, stream: Option<String>) -> TxnAssembler {
+        TxnAssembler {
             node: node.to_string(),
             db: db.to_string(),
             stream,
@@ -382,5 +382,5 @@ impl TxnReader {
 }
 
 #[cfg(test)]
-#[path = "reader_tests.rs"]
+#[path = "assembler_tests.rs"]
 mod tests;

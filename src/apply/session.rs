@@ -25,7 +25,7 @@ use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
-use crate::kafka::{self, SinkError};
+use crate::kafka::{self, BrokerError};
 use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::pg::state::positions;
@@ -158,7 +158,7 @@ async fn open<'a>(
     let offset = committed_next.map_or(Offset::Beginning, Offset::Offset);
     kafka::ensure_topic(&cfg.kafka, &topic)
         .await
-        .map_err(|source| ApplyError::Sink {
+        .map_err(|source| ApplyError::Broker {
             direction: dir.to_string(),
             source,
         })?;
@@ -199,7 +199,7 @@ async fn open<'a>(
         )),
         None => None,
     };
-    let source = intake::Source {
+    let source = intake::IntakeSource {
         consumer,
         dir: dir.clone(),
         topic,
@@ -255,9 +255,9 @@ async fn run(
             taken = intake.recv() => {
                 // The stage ends after sending its error, or on stop (the arm above).
                 let Some(taken) = taken else {
-                    return Err(ApplyError::Sink {
+                    return Err(ApplyError::Broker {
                         direction: dir.to_string(),
-                        source: SinkError::Task("the intake stage ended".into()),
+                        source: BrokerError::IntakeEnded,
                     });
                 };
                 watchdog.run(take_ready(&mut worker, taken?, &mut intake, per_turn)).await?;
@@ -338,9 +338,9 @@ async fn check_in_log(
         consumer.fetch_watermarks(&t, 0, Duration::from_secs(10))
     })
     .await
-    .map_err(|e| ApplyError::Sink {
+    .map_err(|e| ApplyError::Broker {
         direction: dir.to_string(),
-        source: SinkError::Task(e.to_string()),
+        source: BrokerError::Join(e),
     })?;
     let (low, _) = marks.map_err(|source| ApplyError::Kafka {
         direction: dir.to_string(),
