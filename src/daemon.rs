@@ -59,8 +59,12 @@ pub async fn run(cfg: Arc<Config>, mut signals: mpsc::Receiver<()>) -> ExitCode 
     }
     for dir in cfg.directions().unwrap_or_default() {
         let span = tracing::info_span!("apply", direction = %dir);
-        let fut =
-            crate::apply::session::run_apply(cfg.clone(), dir, health.clone(), stop.clone());
+        let fut = Box::pin(crate::apply::session::run_apply(
+            cfg.clone(),
+            dir,
+            health.clone(),
+            stop.clone(),
+        ));
         // A halted direction stops alone (it logged why, /readyz and the halted gauge
         // show it); the other direction and the readers keep going.
         tasks.spawn(

@@ -198,12 +198,11 @@ pub async fn reach(cfg: &KafkaConfig) -> Result<(), BrokerError> {
             cc.create_with_context(RefusalWatch::default())?;
         let deadline = Instant::now() + REACH_TIMEOUT;
         loop {
-            let e = match consumer
+            let Err(e) = consumer
                 .client()
                 .fetch_metadata(None, Duration::from_millis(500))
-            {
-                Ok(_) => return Ok(()),
-                Err(e) => e,
+            else {
+                return Ok(());
             };
             // librdkafka hands its errors to the context only from poll, queued
             // behind its log lines; a poll returns at the first error.

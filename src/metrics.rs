@@ -101,7 +101,7 @@ pub const VERIFY_LAST_RUN_TIMESTAMP_SECONDS: &str = "duplex_verify_last_run_time
 /// `standby`); 0 while it waits as a standby (or only part of it works). No labels.
 pub const INSTANCE_ACTIVE: &str = "duplex_instance_active";
 /// 1 while the component works in this instance, 0 while it waits for another
-/// instance or is down. Labels: component ("source <node>", "apply <direction>").
+/// instance or is down. Labels: component (`source <node>`, `apply <direction>`).
 pub const INSTANCE_COMPONENT_ACTIVE: &str = "duplex_instance_component_active";
 
 /// Always 1. Labels: version.

@@ -350,7 +350,7 @@ mod tests {
         let n = |evs: &[&ChangeEvent]| writable_len(evs);
         assert_eq!(n(&[&t1, &t2, &d1, &d2]), 2);
         assert_eq!(n(&[&d1, &d2]), 0);
-        let mut d2_last = d2.clone();
+        let mut d2_last = d2;
         d2_last.source.last = true;
         assert_eq!(n(&[&t1, &d1, &d2_last]), 3);
         assert_eq!(n(&[]), 0);

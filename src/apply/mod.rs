@@ -6,7 +6,7 @@
 //! message against the stored offset); `worker` gathers events into batches
 //! (`sequence` says which to take, `batch` readies them, `worker/txn` keeps the open
 //! transaction's and the offsets' books) and commits whole source transactions with
-//! their position through the last-writer-wins writer in [`crate::lww`]; `progress`
+//! their position through the last-writer-wins writer in `crate::lww`; `progress`
 //! reports where the direction stands; `dead_letter` keeps the events the target
 //! refused and replays them; `watchdog` gives up a session whose connection stalled; `error` says which
 //! failures retry and which halt the direction.

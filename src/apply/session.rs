@@ -76,7 +76,8 @@ pub async fn run_apply(
                 component,
                 health,
                 &stop,
-                || apply_once(cfg, dir, health, component, metrics, carried, stop.clone()),
+                // Boxed: a session's state is large, and `select!` polls it by value.
+                || Box::pin(apply_once(cfg, dir, health, component, metrics, carried, stop.clone())),
             )
             .await;
             if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
@@ -105,8 +106,8 @@ async fn apply_once(
     awaiting: Option<Gap>,
     stop: Stop,
 ) -> Result<(), ApplyError> {
-    match open(cfg, dir, health, component, metrics, awaiting, &stop).await? {
-        Some(session) => run(session, cfg, dir, stop).await,
+    match Box::pin(open(cfg, dir, health, component, metrics, awaiting, &stop)).await? {
+        Some(session) => Box::pin(run(session, cfg, dir, stop)).await,
         None => Ok(()),
     }
 }
@@ -325,7 +326,7 @@ fn target_sql<'a>(
 /// The stored offset must not lie before the partition's first retained message;
 /// returns that message's offset.
 /// (Past the end is left to the broker's OffsetOutOfRange, which `auto.offset.reset =
-/// error` turns into [`position_lost`]: some brokers report as the log end the base
+/// error` turns into `intake::position_lost`: some brokers report as the log end the base
 /// offset of the last record batch, which would make a healthy direction halt.)
 async fn check_in_log(
     consumer: Arc<StreamConsumer>,

@@ -3,7 +3,7 @@
 //! at a source transaction boundary.
 //!
 //! In: events in the source's commit order, each with its Kafka offset, from
-//! [`super::consumer`]. Out: target transactions holding whole source transactions plus
+//! [`super::session`]. Out: target transactions holding whole source transactions plus
 //! the `duplex.apply_positions` row saying how far they reach; nothing is durable
 //! before that commit returns. Events at or below the applied position are skipped.
 //! A source transaction is written once its end has arrived, unless it outgrows what

@@ -80,7 +80,7 @@ pub struct SyncConfig {
 }
 
 impl SyncConfig {
-    /// What `batch_rows` bounds (see [`BatchBounds`]).
+    /// What `batch_rows` bounds (see `BatchBounds`).
     pub fn bounds(&self) -> BatchBounds {
         BatchBounds {
             intake_capacity: self.batch_rows,

@@ -398,7 +398,7 @@ mod tests {
         let required = TlsParams {
             mode: SslMode::Require,
             root_cert: None,
-            ..params.clone()
+            ..params
         };
         assert_ne!(
             context_of(&Tls::shared(&required).unwrap()),

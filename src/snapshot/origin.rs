@@ -89,9 +89,8 @@ pub(crate) async fn take(
     let mut watch = Watch::default();
     let setup = "SELECT pg_replication_origin_session_setup($1)";
     loop {
-        let e = match target.execute(setup, &[&origin]).await {
-            Ok(_) => return Ok(()),
-            Err(e) => e,
+        let Err(e) = target.execute(setup, &[&origin]).await else {
+            return Ok(());
         };
         if e.code().map(|c| c.code()) != Some("55006") || Instant::now() > give_up {
             return Err(sql_err(&dir.to, format!("using replication origin {origin}"))(e).into());

@@ -35,7 +35,7 @@ const MAX_RETENTION_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
 impl Worker<'_> {
     /// Between transactions: removes rows that a recent tombstone of their own node
-    /// outdates (see [`TargetWriter::sweep`]).
+    /// outdates (see [`crate::lww::TargetWriter::sweep`]).
     pub(in crate::apply) async fn sweep(&mut self) -> Result<(), ApplyError> {
         if self.txn.is_open() || !self.pending.is_empty() || Instant::now() < self.next_sweep {
             return Ok(());
