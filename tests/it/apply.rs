@@ -5,57 +5,10 @@
 use crate::harness::count;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{converge, rows, ITEMS};
 use crate::harness::wait_for;
 use std::time::Duration;
 use tokio_postgres::Client;
-
-pub const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, qty int,
-    updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
-
-/// A table's rows as JSON text, in key order.
-pub async fn rows(c: &Client, table: &str) -> Vec<String> {
-    c.query(
-        &format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY 1"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
-/// The `id`s of `items`, in order.
-pub async fn item_ids(c: &Client) -> Vec<i32> {
-    c.query("SELECT id FROM items ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-/// Waits until every table has the same rows on both nodes; on timeout, fails with
-/// the first difference.
-pub async fn converge(a: &Client, b: &Client, tables: &[&str], timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let mut diff = None;
-        for t in tables {
-            let (ra, rb) = (rows(a, t).await, rows(b, t).await);
-            if ra != rb {
-                diff = Some(format!("{t}:\n a={ra:?}\n b={rb:?}"));
-                break;
-            }
-        }
-        let Some(diff) = diff else { return };
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not converged after {timeout:?}: {diff}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn clients(rig: &Rig) -> (Client, Client) {
     let cl = Cluster::shared();

@@ -2,11 +2,11 @@
 //! dead-letter queue; nothing is lost either way, and replay applies them once the
 //! target is fixed.
 
-use crate::apply::{converge, item_ids, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
 use crate::harness::output_text as text;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{converge, item_ids, rows};
 use crate::harness::wait_for;
 use std::time::Duration;
 

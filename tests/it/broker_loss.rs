@@ -4,10 +4,10 @@
 //! applies anything twice. One that comes back with its log: duplex carries on, and
 //! nothing is lost or applied twice.
 
-use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::converge;
 use std::time::Duration;
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
@@ -95,7 +95,7 @@ async fn a_broker_that_lost_its_log_stops_duplex_with_the_cause() {
 /// applied twice.
 #[tokio::test]
 async fn a_durable_broker_restarted_during_a_bidirectional_workload_loses_nothing() {
-    use crate::convergence::{assert_identical_and_applied_once, rig_before_setup, workload};
+    use crate::harness::workload::{assert_identical_and_applied_once, rig_before_setup, workload};
     use std::time::Instant;
     let broker: &'static Broker = Box::leak(Box::new(Broker::start_own()));
     let rig = rig_before_setup().await;
@@ -236,7 +236,7 @@ async fn a_topic_deleted_while_stopped_is_found_and_recovered() {
         .await
         .unwrap();
     converge(&a, &b, &["items"], Duration::from_secs(60)).await;
-    assert_eq!(crate::apply::item_ids(&b).await.len(), 20 + 5 + 1);
+    assert_eq!(crate::harness::tables::item_ids(&b).await.len(), 20 + 5 + 1);
     assert_eq!(d.stop().await, Some(0));
 }
 

@@ -2,12 +2,12 @@
 //! on the node (a COPY waiting for data that never comes, the planner's lock) must not
 //! keep another instance from taking the copy over and finishing it.
 
-use crate::convergence::Rng;
 use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::pg::Cluster;
 use crate::harness::proxy::Proxy;
+use crate::harness::tables::identical;
+use crate::harness::workload::Rng;
 use crate::harness::{count, wait_for};
-use crate::snapshot::identical;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 

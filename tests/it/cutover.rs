@@ -104,7 +104,7 @@ async fn the_gate_waits_for_unread_wal_replayed_tails_and_dead_letters() {
 /// exist at 0 before the first run.
 #[tokio::test]
 async fn cutover_check_needs_caught_up_and_equal_nodes_and_verify_feeds_the_metrics() {
-    use crate::observability::{metrics_port, wait_value};
+    use crate::harness::metrics::{metrics_port, wait_value};
     let rig = Rig::both(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
     let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);

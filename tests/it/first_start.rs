@@ -7,10 +7,10 @@
 //! equal to what the applications wrote, deletes and truncations included, however
 //! long the peer missed them (a node keeps its own deletes until the peer has them).
 
-use crate::apply::{converge, item_ids, rows};
 use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{converge, item_ids, rows};
 use crate::harness::{count, free_port, wait_for};
 use std::time::Duration;
 use tokio_postgres::Client;

@@ -2,61 +2,13 @@
 //! of its messages and the source then published it again whole) is never applied in
 //! part: the broken copy is discarded and the next copy applied.
 
-use crate::apply::rows;
 use crate::harness::duplex::Rig;
+use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
-use duplex::event::{format_unix_us, ChangeEvent, Lsn, Op, Row, Source, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-pub const DDL: &str =
-    "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL)";
-
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
-
-/// Transaction `lsn` of node a, inserting `ids` (one event each, the last flagged).
-pub fn txn(db: &str, lsn: u64, ids: &[i32]) -> Vec<ChangeEvent> {
-    let at = now_us() - 1_000_000;
-    ids.iter()
-        .enumerate()
-        .map(|(seq, id)| ChangeEvent {
-            op: Op::Insert,
-            before: None,
-            after: Some(Row(vec![
-                ("id".into(), Value::Text(id.to_string())),
-                ("val".into(), Value::Text(format!("row {id}"))),
-                ("updated_at".into(), Value::Text(format_unix_us(at))),
-            ])),
-            key: vec!["id".into()],
-            types: [
-                ("id", "integer"),
-                ("val", "text"),
-                ("updated_at", "timestamp with time zone"),
-            ]
-            .map(|(c, t)| (c.to_string(), t.to_string()))
-            .into(),
-            source: Source {
-                node: "a".into(),
-                db: db.into(),
-                schema: "public".into(),
-                table: "items".into(),
-                lsn: Lsn(lsn),
-                seq: seq as u32,
-                last: seq + 1 == ids.len(),
-                xid: 1000 + lsn as u32,
-                commit_ts_us: at,
-                stream: None,
-                prev_lsn: None,
-            },
-            ts_ms: at / 1000,
-        })
-        .collect()
-}
+use crate::harness::tables::rows;
+use duplex::event::{ChangeEvent, Lsn};
+use std::time::Duration;
 
 /// `events` without the one at `seq`.
 fn without(mut events: Vec<ChangeEvent>, seq: usize) -> Vec<ChangeEvent> {

@@ -4,11 +4,11 @@
 //! message, never in a panic or a wrong write; the valid events around them are
 //! applied.
 
-use crate::apply::item_ids;
-use crate::gaps::{txn, DDL};
 use crate::harness::duplex::Rig;
+use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::item_ids;
 use crate::harness::wait_for;
 use duplex::event::Value;
 use std::time::Duration;

@@ -2,9 +2,9 @@
 //! `uuid_generate_v5` agree byte for byte; rows created on both nodes for the same
 //! natural key merge; a row whose id disagrees is rejected.
 
-use crate::apply::{converge, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{converge, rows};
 use std::process::Command;
 use std::time::Duration;
 

@@ -2,12 +2,12 @@
 //! survive their partition leader being killed during writes on both nodes, and
 //! `duplex check` reports the topic settings that would lose changes.
 
-use crate::convergence::{assert_identical_and_applied_once, rig_before_setup, workload};
 use crate::harness::duplex::Rig;
 use crate::harness::kafka::{Broker, Settings};
 use crate::harness::output_text;
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
+use crate::harness::workload::{assert_identical_and_applied_once, rig_before_setup, workload};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,10 +4,12 @@
 //! ACLs; a wrong password and an untrusted broker certificate are definite errors
 //! naming their cause; `duplex check` names each ACL the principal lacks.
 
-use crate::convergence::{assert_identical_and_applied_once, rig_before_setup, run_workloads};
 use crate::harness::duplex::{Daemon, Rig};
 use crate::harness::kafka::Broker;
 use crate::harness::kafka_secured::{SecuredKafka, CLIENT_KEY_PASSWORD};
+use crate::harness::workload::{
+    assert_identical_and_applied_once, rig_before_setup, run_workloads,
+};
 use crate::harness::{output_text, wait_for};
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -2,8 +2,8 @@
 //! `duplex check` validates a mapping and explains it, `duplex verify` compares and
 //! repairs through it, and a deleted row's key pairing goes with its tombstone.
 
+use crate::harness::mapping::{converged, pairs, rig};
 use crate::harness::wait_for;
-use crate::mapping::{converged, pairs, rig};
 use std::time::Duration;
 use tokio_postgres::Client;
 

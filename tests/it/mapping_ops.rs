@@ -2,8 +2,8 @@
 //! column whatever the rows of a range hold, and `duplex dlq replay` applies a dead
 //! letter through the mapping, as the stream does.
 
+use crate::harness::mapping::{converged, pairs, rig};
 use crate::harness::{count, output_text as text, wait_for};
-use crate::mapping::{converged, pairs, rig};
 use std::time::Duration;
 
 /// A range whose first row cannot be mapped (its status is outside the value map)

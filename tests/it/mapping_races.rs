@@ -6,7 +6,7 @@
 
 use crate::harness::count;
 use crate::harness::duplex::{Daemon, Rig};
-use crate::mapping::{converged, pairs, rig};
+use crate::harness::mapping::{converged, pairs, rig};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 

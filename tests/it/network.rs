@@ -3,10 +3,10 @@
 //! replaced; connections cut are reconnected; in both cases what was written
 //! meanwhile arrives, once.
 
-use crate::apply::{converge, item_ids};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
 use crate::harness::proxy::Proxy;
+use crate::harness::tables::{converge, item_ids};
 use std::time::{Duration, Instant};
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
@@ -83,8 +83,8 @@ async fn cut_connections_to_the_source_are_reconnected() {
 /// both nodes arrives on the other, once.
 #[tokio::test]
 async fn stalled_and_cut_connections_to_the_broker_are_survived() {
-    use crate::convergence::{assert_identical_and_applied_once, rig_before_setup, workload};
     use crate::harness::kafka::Broker;
+    use crate::harness::workload::{assert_identical_and_applied_once, rig_before_setup, workload};
     let broker_port = crate::harness::free_port();
     let proxy = Proxy::start(broker_port);
     let broker: &'static Broker =
@@ -225,8 +225,8 @@ async fn an_apply_session_left_behind_by_a_stall_is_ended_for_its_origin() {
 /// direction, under writes on both nodes.
 #[tokio::test]
 async fn delayed_connections_everywhere_converge() {
-    use crate::convergence::{converges_under_workloads, rig_before_setup};
     use crate::harness::kafka::Broker;
+    use crate::harness::workload::{converges_under_workloads, rig_before_setup};
     let broker_port = crate::harness::free_port();
     let broker_proxy = Proxy::start(broker_port);
     let broker: &'static Broker = Box::leak(Box::new(Broker::start_behind(

@@ -1,8 +1,8 @@
 //! A source transaction whose end has not arrived (the source or the broker is down
 //! in the middle of it) must not keep the application's writes on the target waiting.
 
-use crate::gaps::{txn, DDL};
 use crate::harness::duplex::Rig;
+use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
 use crate::harness::pg::Cluster;
 use crate::harness::{wait_count, wait_for};

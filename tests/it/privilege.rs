@@ -2,10 +2,10 @@
 //! grants README "What duplex needs on each node" lists, and converges under
 //! concurrent writes; `duplex check` names each grant such a role lacks.
 
-use crate::convergence::{converges_under_workloads, rig_before_setup};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
 use crate::harness::unique;
+use crate::harness::workload::{converges_under_workloads, rig_before_setup};
 
 /// The grants of README "What duplex needs on each node", on database `db`, for a
 /// role that owns the configured tables.

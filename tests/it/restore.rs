@@ -3,10 +3,10 @@
 //! the lost future here: it is set past the node's WAL, which is what the peer holds
 //! after the node is restored to an earlier point.
 
-use crate::apply::rows;
 use crate::harness::duplex::Rig;
 use crate::harness::output_text as text;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::rows;
 use crate::harness::{wait_count, wait_for};
 use std::time::Duration;
 

@@ -2,9 +2,9 @@
 //! `[kafka.properties]` entry, and its value never appears in a log (at debug level,
 //! with librdkafka's own debug output on) or in a command's output.
 
-use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::converge;
 use std::time::Duration;
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";

@@ -4,9 +4,9 @@
 //! and the documented recovery (`duplex setup`, `duplex snapshot`) brings the nodes
 //! level and streaming again.
 
-use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::converge;
 use crate::harness::wait_for;
 use std::time::Duration;
 

@@ -4,6 +4,7 @@
 
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::identical;
 use crate::harness::{count, wait_for};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -34,69 +35,6 @@ const TABLES: &[&str] = &[
     "public.docs",
 ];
 
-/// A digest of a whole table in key order, so that big tables compare cheaply.
-async fn digest(c: &Client, table: &str) -> (i64, String) {
-    let row = c
-        .query_one(
-            &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY id)), '') FROM {table} t"),
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
-/// Waits until every table digests the same on both nodes; names the first rows
-/// that differ if they never do.
-pub async fn identical(a: &Client, b: &Client, tables: &[&str], timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    for t in tables {
-        while digest(a, t).await != digest(b, t).await {
-            if Instant::now() > deadline {
-                panic!(
-                    "{t} differs after {timeout:?}: {}",
-                    differences(a, b, t).await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-async fn keyed_rows(c: &Client, table: &str) -> std::collections::BTreeMap<i32, String> {
-    let sql = format!("SELECT id, t::text FROM {table} t ORDER BY id");
-    c.query(&sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1)))
-        .collect()
-}
-
-/// The first rows of `table` that are not the same on both nodes.
-async fn differences(a: &Client, b: &Client, table: &str) -> String {
-    let (ra, rb) = (keyed_rows(a, table).await, keyed_rows(b, table).await);
-    let mut out = Vec::new();
-    for (k, v) in &ra {
-        if rb.get(k) != Some(v) {
-            out.push(format!(
-                "{k}: a={v:.80} b={:.80}",
-                rb.get(k).map_or("-", |s| s)
-            ));
-        }
-    }
-    for (k, v) in &rb {
-        if !ra.contains_key(k) {
-            out.push(format!("{k}: a=- b={v:.80}"));
-        }
-    }
-    format!(
-        "{} rows differ, first: {:?}",
-        out.len(),
-        &out[..out.len().min(8)]
-    )
-}
-
 /// `rows` rows over the four tables of [`DDL`]: one in 50 a `docs` row with a body
 /// of ~2.6 kB that does not compress (stored out of line, TOASTed).
 async fn populate(c: &Client, rows: i32) {
@@ -123,7 +61,7 @@ async fn writers(db: &str, key_range: i32, stop: tokio::sync::watch::Receiver<bo
         let c = Cluster::shared().client(db).await;
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = crate::convergence::Rng(0x5eed ^ (w + 1));
+            let mut rng = crate::harness::workload::Rng(0x5eed ^ (w + 1));
             let mut changes = 0u64;
             while !*stop.borrow() {
                 let k = 1 + rng.below(key_range as u64) as i32;

@@ -4,8 +4,8 @@
 
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{identical, ITEMS};
 use crate::harness::{count, wait_for};
-use crate::snapshot::identical;
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -128,7 +128,7 @@ async fn look_alike_table_names_get_staging_tables_of_their_own() {
 #[tokio::test]
 async fn a_target_only_not_null_column_takes_its_default_in_a_merge() {
     let rig = Rig::new(
-        crate::apply::ITEMS,
+        ITEMS,
         &["public.items"],
         "[snapshot]\nmode = \"merge\"\nchunk_rows = 500\n",
     )
@@ -192,7 +192,7 @@ async fn wait_copy_blocked_by(b: &Client, holder: i32) {
 #[tokio::test]
 async fn a_worker_of_a_replaced_plan_marks_none_of_the_new_plans_chunks() {
     let rig = Rig::new(
-        crate::apply::ITEMS,
+        ITEMS,
         &["public.items"],
         "[snapshot]\nworkers = 1\nchunk_rows = 1000\n",
     )
@@ -265,7 +265,7 @@ async fn a_worker_of_a_replaced_plan_marks_none_of_the_new_plans_chunks() {
 #[tokio::test]
 async fn rows_frozen_billions_of_transactions_ago_predate_duplex() {
     let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start(&[("autovacuum", "off")])));
-    let rig = Rig::new_on(cluster, crate::apply::ITEMS, &["public.items"], "").await;
+    let rig = Rig::new_on(cluster, ITEMS, &["public.items"], "").await;
     {
         let (a, b) = clients(&rig).await;
         a.batch_execute("INSERT INTO items (id, val) SELECT i, 'a' FROM generate_series(1, 100) i")

@@ -2,9 +2,9 @@
 //! the application commits while a merge waits for its row stays deleted on both
 //! nodes, and two rows without `updated_at` go to `sync.tie_winner`'s version on both.
 
-use crate::apply::{item_ids, rows};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{item_ids, rows};
 use crate::harness::{output_text, wait_for};
 use std::time::Duration;
 

@@ -3,11 +3,11 @@
 //! work to the other within `standby.takeover_ms`, with nothing lost, nothing applied
 //! twice and both nodes equal.
 
-use crate::convergence::{assert_identical_and_applied_once, rig, workload};
 use crate::harness::duplex::Daemon;
+use crate::harness::metrics::{get, metrics_port, value};
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
-use crate::observability::{get, metrics_port, value};
+use crate::harness::workload::{assert_identical_and_applied_once, rig, workload};
 use std::time::{Duration, Instant};
 
 /// `standby.takeover_ms`' default: the bound the issue of a takeover is held to.

@@ -3,9 +3,9 @@
 //! never a bad event that halts the direction or lands in the dead-letter queue.
 
 use crate::harness::duplex::Rig;
+use crate::harness::metrics::{metrics_port, wait_value};
 use crate::harness::pg::Cluster;
 use crate::harness::wait_for;
-use crate::observability::{metrics_port, wait_value};
 use std::time::Duration;
 use tokio_postgres::Client;
 

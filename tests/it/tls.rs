@@ -4,10 +4,10 @@
 //! the TLS session, the other by client certificate), and a certificate it must not
 //! accept (wrong CA, wrong host name) is a definite error naming the cause.
 
-use crate::convergence::{converges_under_workloads, rig_before_setup_on};
 use crate::harness::certs::Pki;
 use crate::harness::output_text;
 use crate::harness::pg::{Cluster, SCRAM_USER};
+use crate::harness::workload::{converges_under_workloads, rig_before_setup_on};
 use duplex::pg::walsender::{Tls, WalsenderConnection};
 use duplex::{Classify, ErrorClass};
 use std::str::FromStr;

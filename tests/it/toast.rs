@@ -2,10 +2,10 @@
 //! not send them, and the target must still end with every value the source has,
 //! whichever versions of a key arrive together.
 
-use crate::apply::converge;
 use crate::harness::count;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::converge;
 use crate::harness::wait_for;
 use std::time::Duration;
 

@@ -2,9 +2,9 @@
 //! with the key printed exactly as the stream prints it whatever its type, and without
 //! any grant on schema `duplex` for the application's own roles.
 
-use crate::apply::converge;
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::converge;
 use crate::harness::{count, wait_count};
 use crate::harness::{unique, wait_for};
 use std::time::Duration;

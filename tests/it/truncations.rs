@@ -4,9 +4,9 @@
 //! the other node's rows are ordered against it by time, so an older one loses on
 //! both nodes.
 
-use crate::apply::{converge, item_ids, ITEMS};
 use crate::harness::duplex::Rig;
 use crate::harness::pg::Cluster;
+use crate::harness::tables::{converge, item_ids, ITEMS};
 use std::time::Duration;
 
 #[tokio::test]

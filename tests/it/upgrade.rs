@@ -6,9 +6,9 @@
 //! slots, their streams and the directions' positions, and today's `duplex run`
 //! carries the streams on: both nodes converge, nothing lost, nothing applied twice.
 
-use crate::convergence::{assert_identical_and_applied_once, rig_before_setup, workload};
 use crate::harness::duplex::{previous_bin, Daemon, Rig};
 use crate::harness::kafka::Broker;
+use crate::harness::workload::{assert_identical_and_applied_once, rig_before_setup, workload};
 use crate::harness::{free_port, output_text, wait_for};
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -177,7 +177,7 @@ async fn changes_in_flight_during_a_live_workload_are_not_differences() {
     let mut writers = Vec::new();
     for (n, c) in [a, b].into_iter().enumerate() {
         writers.push(tokio::spawn(async move {
-            let mut rng = crate::convergence::Rng(77 + n as u64);
+            let mut rng = crate::harness::workload::Rng(77 + n as u64);
             while Instant::now() < until {
                 let k = 1 + rng.below(5000) as i32;
                 c.execute(

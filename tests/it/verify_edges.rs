@@ -281,7 +281,7 @@ INSERT INTO items (id, val, updated_at)
 ";
 
 async fn items(c: &Client) -> Vec<String> {
-    crate::apply::rows(c, "items").await
+    crate::harness::tables::rows(c, "items").await
 }
 
 /// With `sync.direction = "a_to_b"`, `--repair` writes only into b: a's rows (and

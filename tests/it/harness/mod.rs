@@ -5,13 +5,25 @@
 //! One cluster and one broker are shared by the tests of a run; every test gets its own
 //! database, slot, publication and topic prefix, so tests stay independent. Clusters
 //! with special settings (e.g. wal_level=replica) are started per test.
+//!
+//! What several test modules share lives here too, so that no test module imports
+//! another: table contents and convergence checks ([`tables`]), the random workload
+//! ([`workload`]) and its apply log ([`apply_log`]), hand-made change events
+//! ([`events`]), the mapping's reference case ([`mapping`]) and /metrics scraping
+//! ([`metrics`]).
 
+pub mod apply_log;
 pub mod certs;
 pub mod duplex;
+pub mod events;
 pub mod kafka;
 pub mod kafka_secured;
+pub mod mapping;
+pub mod metrics;
 pub mod pg;
 pub mod proxy;
+pub mod tables;
+pub mod workload;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
