@@ -5,10 +5,10 @@
 //! `cargo bench --bench codec`; throughput is reported in events per second.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use duplex::pg::table::{TargetColumn, TargetTable};
-use duplex::capture::pgoutput::{self, LogicalMessage};
 use duplex::capture::assembler::{Output, TableInfo, TxnAssembler};
+use duplex::capture::pgoutput::{self, LogicalMessage};
 use duplex::event::{ChangeEvent, Lsn};
+use duplex::pg::table::{TargetColumn, TargetTable};
 use std::hint::black_box;
 
 const COLUMNS: &[(&str, &str, &str)] = &[

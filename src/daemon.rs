@@ -8,10 +8,10 @@
 use crate::capture::session;
 use crate::config::Config;
 use crate::metrics::{self, Health};
+use crate::runtime::{sleep_until, Stop};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use crate::runtime::{sleep_until, Stop};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;

@@ -79,7 +79,9 @@ impl Classify for BrokerError {
             BrokerError::CreateTopic { code, .. } if is_definite(code) => ErrorClass::Definite,
             // The same event would be too large on every retry.
             BrokerError::TooLarge { .. } => ErrorClass::Definite,
-            BrokerError::OffsetsWentBack { .. } | BrokerError::TopicGone { .. } => ErrorClass::Definite,
+            BrokerError::OffsetsWentBack { .. } | BrokerError::TopicGone { .. } => {
+                ErrorClass::Definite
+            }
             // Nothing changes them but the operator.
             BrokerError::Credentials(_) | BrokerError::Certificate(_) => ErrorClass::Definite,
             _ => ErrorClass::Transient,

@@ -7,6 +7,7 @@
 //! ([`ApplyMetrics`], [`CaptureMetrics`]) and records through those handles; [`serve`] renders the recorder's state on each scrape and reports readiness
 //! from [`Health`].
 
+use crate::runtime::Stop;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::BTreeMap;
@@ -15,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use crate::runtime::Stop;
 use tracing::Instrument;
 
 /// Row changes read from a node. Labels: node, table, op.
@@ -509,12 +509,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves the endpoints on `listener` until `stop` turns true. Each connection is
 /// served by a task of its own (at most [`MAX_CONNECTIONS`], each at most
 /// [`REQUEST_TIMEOUT`]), so a slow or idle client never holds up a probe or a scrape.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    health: Health,
-    stop: Stop,
-) {
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Health, stop: Stop) {
     // Dropped on return: the connections still open are aborted with it.
     let mut connections = tokio::task::JoinSet::new();
     loop {

@@ -9,8 +9,8 @@
 
 mod acls;
 
-use crate::pg::walsender::WalsenderConnection;
 use crate::config::Config;
+use crate::pg::walsender::WalsenderConnection;
 use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::Instrument;

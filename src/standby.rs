@@ -20,9 +20,9 @@
 use crate::config::Config;
 use crate::metrics::{ComponentState, Health};
 use crate::pg::node::{self, NodeError};
+use crate::runtime::Stop;
 use crate::{Classify, ErrorClass};
 use std::time::Duration;
-use crate::runtime::Stop;
 use tokio_postgres::Client;
 
 /// Errors holding a component's lease.
@@ -231,8 +231,7 @@ where
     E: From<LeaseError>,
     Fut: std::future::Future<Output = Result<(), E>>,
 {
-    let Some(mut lease) = Lease::acquire(cfg, node, component, Some(health), stop).await?
-    else {
+    let Some(mut lease) = Lease::acquire(cfg, node, component, Some(health), stop).await? else {
         return Ok(());
     };
     health.set(component, false);

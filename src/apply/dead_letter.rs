@@ -11,10 +11,10 @@
 
 use crate::apply::batch::prepare_batch;
 use crate::apply::error::ApplyError;
-use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::event::ChangeEvent;
 use crate::kafka::{self, client_config, BrokerError};
+use crate::lww::{TargetWriter, WriteError};
 use crate::metrics::ApplyMetrics;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -4,8 +4,8 @@
 //! saying what to fix (a bad event, a position the topic no longer holds).
 
 use crate::apply::sequence::Gap;
-use crate::lww::WriteError;
 use crate::kafka::{self, BrokerError};
+use crate::lww::WriteError;
 use crate::pg::node::NodeError;
 use crate::{Classify, ErrorClass};
 use rdkafka::error::KafkaError;

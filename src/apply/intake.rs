@@ -12,11 +12,11 @@ use crate::apply::error::ApplyError;
 use crate::apply::resume::{Resume, Step};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, TypesCache};
+use crate::runtime::Stop;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
-use crate::runtime::Stop;
 use tokio::sync::mpsc;
 
 /// librdkafka consumer settings duplex changes from librdkafka's defaults.
@@ -103,11 +103,7 @@ pub(super) fn start(
     (rx, tokio::spawn(run(source, tx, stop).instrument(span)))
 }
 
-async fn run(
-    mut s: IntakeSource,
-    tx: mpsc::Sender<Result<Taken, ApplyError>>,
-    stop: Stop,
-) {
+async fn run(mut s: IntakeSource, tx: mpsc::Sender<Result<Taken, ApplyError>>, stop: Stop) {
     // Its own handle: a message borrows the consumer while `s` changes.
     let consumer = s.consumer.clone();
     let mut types = TypesCache::default();

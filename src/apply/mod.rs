@@ -12,13 +12,13 @@
 //! failures retry and which halt the direction.
 
 pub(crate) mod batch;
-pub(crate) mod session;
 pub(crate) mod dead_letter;
 pub(crate) mod error;
 mod intake;
 pub(crate) mod progress;
 mod resume;
 mod sequence;
+pub(crate) mod session;
 mod start;
 mod watchdog;
 mod worker;

@@ -4,10 +4,10 @@
 
 use crate::config::{Config, Direction};
 use crate::metrics::ApplyMetrics;
+use crate::runtime::Stop;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::sync::Arc;
 use std::time::Duration;
-use crate::runtime::Stop;
 use tokio::sync::watch;
 
 /// How long asking the broker for the log end offset may take.

@@ -23,9 +23,9 @@ use crate::apply::sequence::Gap;
 use crate::apply::start;
 use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
-use crate::lww::{TargetWriter, WriteError};
 use crate::config::{Config, Direction};
 use crate::kafka::{self, BrokerError};
+use crate::lww::{TargetWriter, WriteError};
 use crate::metrics::{self as m, ApplyMetrics, Health};
 use crate::pg::setup;
 use crate::pg::state::positions;
@@ -77,7 +77,17 @@ pub async fn run_apply(
                 health,
                 &stop,
                 // Boxed: a session's state is large, and `select!` polls it by value.
-                || Box::pin(apply_once(cfg, dir, health, component, metrics, carried, stop.clone())),
+                || {
+                    Box::pin(apply_once(
+                        cfg,
+                        dir,
+                        health,
+                        component,
+                        metrics,
+                        carried,
+                        stop.clone(),
+                    ))
+                },
             )
             .await;
             if let Err(ApplyError::IncompleteTransaction { gap, .. }) = &r {
@@ -359,4 +369,3 @@ async fn check_in_log(
     }
     Ok(low)
 }
-

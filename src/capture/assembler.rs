@@ -12,9 +12,9 @@
 //! pairings of mapped tables go through.
 
 use crate::capture::pgoutput::{ColumnData, LogicalMessage, OldTuple, Relation, TupleData};
-use crate::pg::walsender::PG_EPOCH_OFFSET_US;
 use crate::config::ORIGIN_PREFIX;
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value, KEY_PAIRS, REPAIRS};
+use crate::pg::walsender::PG_EPOCH_OFFSET_US;
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -1,8 +1,8 @@
 //! The catalog query capture needs for each relation the stream announces: column
 //! types as `format_type` prints them, and the primary key.
 
-use crate::capture::pgoutput::Relation;
 use crate::capture::assembler::TableInfo;
+use crate::capture::pgoutput::Relation;
 
 /// Column types (as `format_type` prints them) and primary key of a relation.
 pub(crate) async fn table_info(

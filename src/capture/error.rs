@@ -4,12 +4,12 @@
 //! decoder, the reader, Kafka) is a [`CaptureError`] naming the node; the supervisor
 //! retries the transient ones and stops on the definite ones.
 
-use crate::capture::pgoutput::DecodeError;
 use crate::capture::assembler::ReaderError;
-use crate::pg::walsender::WalsenderError;
+use crate::capture::pgoutput::DecodeError;
 use crate::event::Lsn;
 use crate::kafka::BrokerError;
 use crate::pg::node::{self, sql_class, NodeError};
+use crate::pg::walsender::WalsenderError;
 use crate::{Classify, ErrorClass};
 
 /// Errors of a node's source pipeline.

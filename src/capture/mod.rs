@@ -8,10 +8,10 @@
 //! slot only what `confirm` finds durable on Kafka; `catalog` reads each announced
 //! relation's types and key; `error` is capture's one error type.
 
+pub mod assembler;
 pub(crate) mod catalog;
 pub(crate) mod confirm;
 pub(crate) mod error;
 pub mod pgoutput;
 pub(crate) mod producer;
-pub mod assembler;
 pub(crate) mod session;

@@ -9,14 +9,11 @@
 //! queue read by the delivery tracker. Only the tracker's durable LSN, the end of a
 //! commit whose every message the broker acknowledged, is ever confirmed to the slot.
 
+use crate::capture::assembler::{Output, TxnAssembler};
 use crate::capture::confirm::SlotProgress;
 pub use crate::capture::error::CaptureError;
 use crate::capture::pgoutput::{self, LogicalMessage};
 use crate::capture::producer::{self, ChangeProducer, Pending};
-use crate::capture::assembler::{Output, TxnAssembler};
-use crate::pg::walsender::{
-    ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
-};
 use crate::config::Config;
 use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{self, BrokerError};
@@ -24,10 +21,13 @@ use crate::metrics::{self as m, CaptureMetrics, Health};
 use crate::pg::node::{self, NodeError};
 use crate::pg::setup;
 use crate::pg::state::slots;
+use crate::pg::walsender::{
+    ReplicationMessage, ReplicationStream, WalsenderConnection, WalsenderError,
+};
 use crate::runtime::{supervise, Supervised};
+use crate::runtime::{Stop, StopHandle};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use crate::runtime::{Stop, StopHandle};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;

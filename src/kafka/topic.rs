@@ -179,7 +179,10 @@ pub fn findings(topic: &str, s: &TopicSettings) -> Vec<Finding> {
 }
 
 /// `topic`'s settings, or `None` if the cluster has no such topic.
-pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<Option<TopicSettings>, BrokerError> {
+pub async fn describe(
+    cfg: &KafkaConfig,
+    topic: &str,
+) -> Result<Option<TopicSettings>, BrokerError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     // A consumer's metadata request never creates the topic.
     let consumer: BaseConsumer = client_config(cfg).create()?;

@@ -14,9 +14,9 @@
 //! interleaving of local writes and applied ones.
 
 use super::{Kind, TargetWriter, WriteError};
-use crate::pg::table::TargetTable;
 use crate::config::TableConfig;
 use crate::event::ChangeEvent;
+use crate::pg::table::TargetTable;
 use std::borrow::Cow;
 use tokio_postgres::types::ToSql;
 

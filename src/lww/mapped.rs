@@ -2,8 +2,8 @@
 //! in the target's (see `mapping/`), inside the open transaction, before
 //! last-writer-wins decides. Unmapped tables pass through untouched.
 
-use super::{TargetWriter, WriteError};
 use super::{DeleteTimes, DeletedKey};
+use super::{TargetWriter, WriteError};
 use crate::event::ChangeEvent;
 use crate::mapping::Outcome;
 use std::borrow::Cow;

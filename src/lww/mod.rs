@@ -17,12 +17,12 @@
 //! one decision statement, then the winning deletes are written. Transactions are the
 //! caller's: nothing here commits.
 
-use crate::pg::table::TargetTable;
 use crate::config::{Config, Direction, TableConfig};
 use crate::event::{format_unix_us, ChangeEvent, Row, Value};
 use crate::identity;
 use crate::metrics::ApplyMetrics;
 use crate::pg::node::{self, describe, sql_class, NodeError};
+use crate::pg::table::TargetTable;
 use crate::{Classify, ErrorClass};
 use decide::{Candidate, Lost, Resolution, Verdict};
 use runs::{kind_of, runs, Kind, Run};

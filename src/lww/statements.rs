@@ -3,11 +3,11 @@
 //! single statement over arrays of text values cast on the target.
 
 use super::decide::{key_arrays, params, Candidate};
-use super::{TargetWriter, WriteError};
 use super::DeleteTimes;
-use crate::pg::table::TargetTable;
+use super::{TargetWriter, WriteError};
 use crate::config::TableConfig;
 use crate::event::{format_unix_us, ChangeEvent, Value};
+use crate::pg::table::TargetTable;
 use std::borrow::Cow;
 use std::collections::HashSet;
 use tokio_postgres::types::ToSql;

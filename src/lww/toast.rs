@@ -3,8 +3,8 @@
 //! on the target (still there: deletes run after upserts).
 
 use super::{TargetWriter, WriteError};
-use crate::pg::table::TargetTable;
 use crate::event::{ChangeEvent, Row, Value};
+use crate::pg::table::TargetTable;
 use tokio_postgres::types::ToSql;
 
 impl TargetWriter<'_> {

@@ -22,9 +22,9 @@
 use super::copy::Marked;
 use super::table::CopyTable;
 use super::SnapshotError;
-use crate::lww::{DeleteTimes, TargetWriter};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value};
+use crate::lww::{DeleteTimes, TargetWriter};
 use crate::mapping::Mapper;
 use crate::metrics::ApplyMetrics;
 use crate::pg::node::sql_err;

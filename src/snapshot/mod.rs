@@ -34,6 +34,7 @@ use crate::config::{Config, Direction, SnapshotMode};
 use crate::pg::node::{self, sql_err, NodeError};
 use crate::pg::setup::{self, LostSlot};
 use crate::pg::state::positions;
+use crate::runtime::Stop;
 use crate::standby::Lease;
 use crate::{Classify, ErrorClass};
 use copy::CopyWorker;
@@ -43,7 +44,6 @@ use progress::Progress;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use table::{Chunk, CopyTable};
-use crate::runtime::Stop;
 use tracing::Instrument;
 
 /// Errors of an initial sync.
@@ -266,10 +266,7 @@ pub(crate) async fn set_up_both(cfg: &Config) -> Result<(), SnapshotError> {
 /// the others wait, then find it done. The lease bounds the wait when its holder
 /// loses the node: the holder stops planning, and a lock session silent for
 /// `standby.takeover_ms` is ended, as a component's is.
-async fn plan_first_start(
-    cfg: &Config,
-    stop: Stop,
-) -> Result<Copied, SnapshotError> {
+async fn plan_first_start(cfg: &Config, stop: Stop) -> Result<Copied, SnapshotError> {
     let dirs = directions(cfg)?;
     set_up_both(cfg).await?;
     let first = cfg.nodes.keys().next().cloned().unwrap_or_default();

@@ -7,10 +7,10 @@
 //! report.
 
 use crate::metrics::SnapshotMetrics;
+use crate::runtime::Stop;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use crate::runtime::Stop;
 
 /// How often progress is logged when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(10);

@@ -10,10 +10,10 @@ use super::Report;
 use crate::config::Config;
 use crate::metrics::VerifyMetrics;
 use crate::pg::node;
+use crate::runtime::Stop;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use crate::runtime::Stop;
 
 /// How often the daemon reads the recorded results.
 const EXPORT_EVERY: Duration = Duration::from_secs(10);

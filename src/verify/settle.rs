@@ -14,8 +14,8 @@
 use super::compare::{self, Difference, Pair};
 use super::mapped::{self, MappedTable};
 use super::VerifyError;
-use crate::pg::state::directions::DirectionState;
 use crate::pg::node::NodeError;
+use crate::pg::state::directions::DirectionState;
 use crate::snapshot::table::CopyTable;
 use crate::status::DirectionStatus;
 use std::collections::BTreeMap;

@@ -5,8 +5,8 @@
 
 use crate::harness::certs::Pki;
 use crate::harness::pg::{Cluster, CLEARTEXT_USER, MD5_USER, SCRAM_USER};
-use duplex::pg::walsender::{Tls, WalsenderConnection, WalsenderError};
 use duplex::config::tls::TlsParams;
+use duplex::pg::walsender::{Tls, WalsenderConnection, WalsenderError};
 use duplex::{Classify, ErrorClass};
 use std::pin::Pin;
 use std::str::FromStr;

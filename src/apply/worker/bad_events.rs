@@ -4,12 +4,12 @@
 //! queue (`sync.on_error`). The rest of the batch commits as usual.
 
 use super::{Held, Worker};
-use crate::lww::DeleteTimes;
 use crate::apply::dead_letter::DeadLetter;
 use crate::apply::error::{ApplyError, HaltingEvent};
-use crate::lww::WriteError;
 use crate::config::OnError;
 use crate::event::ChangeEvent;
+use crate::lww::DeleteTimes;
+use crate::lww::WriteError;
 use crate::{Classify, ErrorClass};
 use std::borrow::Cow;
 
