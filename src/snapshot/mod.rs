@@ -118,10 +118,10 @@ pub(crate) async fn before_apply(
     dir: &Direction,
     stop: Stop,
 ) -> Result<Copied, SnapshotError> {
-    // A direction that applied before has had its first start; planning is for the
-    // others (each plans every direction that needs it, see `plan_first_start`).
+    // Planning is for directions that have not had their first start (each plans
+    // every direction that needs it, see `plan_first_start`).
     if cfg.snapshot.mode != SnapshotMode::Never
-        && !applied_before(cfg, dir).await?
+        && !started_before(cfg, dir).await?
         && plan_first_start(cfg, stop.clone()).await? == Copied::Stopped
     {
         return Ok(Copied::Stopped);
@@ -147,12 +147,25 @@ async fn publish(cfg: &Config, dir: &Direction) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Whether `dir` ever applied a change on its target.
-async fn applied_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotError> {
+/// Whether `dir` had its first start: it applied a change on its target, or its first
+/// start planned every configured table (the copy may still be under way:
+/// `copy_pending` finishes it). Not whether it holds a position on today's topic: a
+/// direction that had its first start and has none there (a new `topic_prefix`)
+/// starts where the source's stream begins on that topic (`apply::start`), since what
+/// the stream published after the copy is on it, and the topic's end would skip it.
+async fn started_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotError> {
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
-    positions::applied_before(&target, &dir.from)
+    let applied = positions::applied_before(&target, &dir.from)
         .await
-        .map_err(|e| sql_err(&dir.to, "reading duplex.apply_positions")(e).into())
+        .map_err(|e| SnapshotError::from(sql_err(&dir.to, "reading duplex.apply_positions")(e)))?;
+    if applied {
+        return Ok(true);
+    }
+    let plans = plan::load(&target, dir).await?;
+    Ok(cfg
+        .tables
+        .iter()
+        .all(|tc| plans.iter().any(|p| p.table == tc.name)))
 }
 
 /// Records where `dir` starts reading its topic after a copy that has not read the
@@ -287,7 +300,7 @@ async fn plan_directions(cfg: &Config, dirs: &[Direction]) -> Result<(), Snapsho
     let starting: Vec<&Direction> = {
         let mut v = Vec::new();
         for dir in dirs {
-            if !applied_before(cfg, dir).await? {
+            if !started_before(cfg, dir).await? {
                 v.push(dir);
             }
         }

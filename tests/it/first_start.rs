@@ -297,3 +297,46 @@ async fn a_nodes_own_deletes_outlive_retention_until_the_peer_has_them() {
     }
     assert_eq!(rows(&a, "items").await, rows(&b, "items").await);
 }
+
+/// A direction whose first start brought everything by its copy (it never applied a
+/// change from the stream) and whose topic prefix then changes starts where the
+/// source's stream begins on the new topic, not at its end: what the source published
+/// there before the direction first read it arrives.
+#[tokio::test]
+async fn a_new_topic_after_a_start_that_only_copied_is_read_from_the_streams_start() {
+    let rig = Rig::both(DDL, &["public.items", "public.notes"], "").await;
+    let cl = Cluster::shared();
+    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    // Older than duplex: only the copy carries them.
+    insert_in_tens(&a, "items", 1..=20).await;
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    converge(&a, &b, &["items", "notes"], Duration::from_secs(60)).await;
+    stop(d).await;
+    let applied = count(
+        &b,
+        "SELECT count(*) FROM duplex.apply_positions WHERE source_node = 'a' AND commit_lsn <> '0/0'",
+    )
+    .await;
+    assert_eq!(applied, 0, "the first start applied from the stream");
+
+    // On the new topic, node a publishes while node b is out of reach.
+    let old = format!("topic_prefix = \"{}\"", rig.prefix);
+    rig.edit_config(&[(&old, &format!("topic_prefix = \"{}_v2\"", rig.prefix))]);
+    let (real, dead) = cut_off_b(&rig);
+    let d = rig.start();
+    insert_in_tens(&a, "items", 21..=30).await;
+    a.batch_execute("DELETE FROM items WHERE id <= 3")
+        .await
+        .unwrap();
+    a_published_all(&rig, &a).await;
+    stop(d).await;
+
+    rig.edit_config(&[(&dead, &real)]);
+    let d = rig.start();
+    converge(&a, &b, &["items", "notes"], Duration::from_secs(60)).await;
+    assert_eq!(item_ids(&b).await, (4..=30).collect::<Vec<i32>>());
+    assert!(!d.logs().contains("lost its position"), "{}", d.logs());
+    stop(d).await;
+}
