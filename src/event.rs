@@ -206,6 +206,32 @@ impl<'de> Deserialize<'de> for Row {
     }
 }
 
+/// A table's schema-qualified name, as the events, metrics and logs print it
+/// (`public.items`), and as SQL names it ([`TableName::quoted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableName<'a> {
+    pub schema: &'a str,
+    pub name: &'a str,
+}
+
+impl<'a> TableName<'a> {
+    pub fn new(schema: &'a str, name: &'a str) -> TableName<'a> {
+        TableName { schema, name }
+    }
+
+    /// `"schema"."name"`, each part quoted as an SQL identifier.
+    pub fn quoted(&self) -> String {
+        use crate::pg::sql::quote_ident;
+        format!("{}.{}", quote_ident(self.schema), quote_ident(self.name))
+    }
+}
+
+impl fmt::Display for TableName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
 /// Where an event came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,6 +380,13 @@ impl TypesCache {
 #[error("not a duplex change envelope: {0}")]
 pub struct EnvelopeError(#[from] serde_json::Error);
 
+impl Source {
+    /// The changed table's name.
+    pub fn table_name(&self) -> TableName<'_> {
+        TableName::new(&self.schema, &self.table)
+    }
+}
+
 impl ChangeEvent {
     pub fn position(&self) -> Position {
         Position {
@@ -377,7 +410,7 @@ impl ChangeEvent {
             };
             key.insert(k.clone(), v);
         }
-        let table = format!("{}.{}", self.source.schema, self.source.table);
+        let table = self.source.table_name().to_string();
         serde_json::json!({ "table": table, "key": key })
             .to_string()
             .into_bytes()

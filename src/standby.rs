@@ -19,6 +19,7 @@
 
 use crate::config::Config;
 use crate::metrics::{ComponentState, Health};
+use crate::pg::error::SqlContext;
 use crate::pg::node::{self, NodeError};
 use crate::runtime::Stop;
 use crate::{Classify, ErrorClass};
@@ -36,6 +37,12 @@ pub enum LeaseError {
         component: String,
         reason: String,
     },
+}
+
+impl From<crate::pg::error::SqlError> for LeaseError {
+    fn from(e: crate::pg::error::SqlError) -> Self {
+        LeaseError::Node(NodeError::Sql(e))
+    }
 }
 
 impl Classify for LeaseError {
@@ -77,14 +84,6 @@ impl Lease {
         stop: &Stop,
     ) -> Result<Option<Lease>, LeaseError> {
         let client = node::connect(cfg, node, &format!("lock {component}")).await?;
-        let sql = |context: &str| {
-            let (node, context) = (node.to_string(), context.to_string());
-            move |source| NodeError::Sql {
-                node,
-                context,
-                source,
-            }
-        };
         // The node ends this session (and releases the lock) when duplex goes silent.
         let idle_s = (cfg.standby.takeover_ms / 2_000).max(1);
         let interval_s = (cfg.standby.takeover_ms / 12_000).max(1);
@@ -94,7 +93,7 @@ impl Lease {
                  SET tcp_keepalives_count = 3"
             ))
             .await
-            .map_err(sql("setting keepalives of the lock session"))?;
+            .sql(node, "setting keepalives of the lock session")?;
         let key = lock_key(cfg, node, component);
         let mut waiting = false;
         loop {
@@ -104,7 +103,7 @@ impl Lease {
                     &[&key],
                 )
                 .await
-                .map_err(sql("taking the standby lock"))?;
+                .sql(node, "taking the standby lock")?;
             if row.get::<_, bool>(0) {
                 if waiting {
                     tracing::info!(component, node, "the other instance let go: taking over");
@@ -202,7 +201,7 @@ async fn end_silent_holder(
             &[&key, &silent_s],
         )
         .await
-        .map_err(node::sql_err(node, "looking at the standby lock's holder"))?;
+        .sql(node, "looking at the standby lock's holder")?;
     Ok(ended.is_some_and(|r| r.get::<_, bool>(0)))
 }
 

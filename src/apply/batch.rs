@@ -109,7 +109,7 @@ impl Images {
             .iter()
             .map(|k| row.get(k).cloned().unwrap_or(Value::Null))
             .collect();
-        (format!("{}.{}", ev.source.schema, ev.source.table), values)
+        (ev.source.table_name().to_string(), values)
     }
 
     /// `ev` with its unchanged-TOAST columns filled in where the old row or the

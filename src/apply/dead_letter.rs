@@ -16,6 +16,7 @@ use crate::event::ChangeEvent;
 use crate::kafka::{self, client_config, BrokerError};
 use crate::lww::{TargetWriter, WriteError};
 use crate::metrics::ApplyMetrics;
+use crate::pg::error::SqlContext;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::time::Duration;
@@ -57,22 +58,11 @@ impl DeadLetter {
             offset,
             kafka_key: kafka_key.to_vec(),
             raw: raw.to_vec(),
-            table: Some(format!("{}.{}", ev.source.schema, ev.source.table)),
+            table: Some(ev.source.table_name().to_string()),
             key: Some(String::from_utf8_lossy(&ev.kafka_key()).into_owned()),
             position: Some(ev.position().to_string()),
             error,
         }
-    }
-}
-
-fn sql_err(dir: &Direction, context: &str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
-    let (node, context) = (dir.to.clone(), context.to_string());
-    move |source| {
-        ApplyError::Write(WriteError::Sql {
-            node,
-            context,
-            source,
-        })
     }
 }
 
@@ -113,7 +103,7 @@ async fn record(
             &[&dir.from, &letter.offset, &letter.table, &letter.key, &letter.position, &letter.error, &event],
         )
         .await
-        .map_err(sql_err(dir, "recording a dead letter"))?;
+        .sql(&dir.to, "recording a dead letter")?;
     let sink = |source| ApplyError::Broker {
         direction: dir.to_string(),
         source,
@@ -166,7 +156,7 @@ pub async fn list(cfg: &Config) -> Result<Vec<Listed>, ApplyError> {
                 &[&dir.from],
             )
             .await
-            .map_err(sql_err(&dir, "reading duplex.dead_letters"))?;
+            .sql(&dir.to, "reading duplex.dead_letters")?;
         for r in rows {
             let replayed: bool = r.get(6);
             out.push(Listed {
@@ -200,7 +190,7 @@ pub async fn replay(cfg: &Config) -> Result<(usize, usize), ApplyError> {
                 &[&dir.from],
             )
             .await
-            .map_err(sql_err(&dir, "reading duplex.dead_letters"))?;
+            .sql(&dir.to, "reading duplex.dead_letters")?;
         for r in rows {
             let id: i64 = r.get(0);
             let raw: String = r.get(1);
@@ -220,7 +210,7 @@ pub async fn replay(cfg: &Config) -> Result<(usize, usize), ApplyError> {
                     writer.client.execute(sql, &[&id, e]).await
                 }
             };
-            updated.map_err(sql_err(&dir, "updating duplex.dead_letters"))?;
+            updated.sql(&dir.to, "updating duplex.dead_letters")?;
         }
     }
     Ok((ok, failing))
@@ -237,10 +227,8 @@ async fn replay_one(
     writer.execute("BEGIN", "beginning a transaction").await?;
     let error = match write_one(writer, ev).await {
         Ok(error) => error,
-        Err(WriteError::Sql { source, .. })
-            if crate::pg::node::sql_class(&source) == crate::ErrorClass::Definite =>
-        {
-            Some(crate::pg::node::describe(&source))
+        Err(WriteError::Sql(e)) if crate::Classify::class(&e) == crate::ErrorClass::Definite => {
+            Some(crate::pg::node::describe(&e.source))
         }
         Err(e) => return Err(e.into()),
     };

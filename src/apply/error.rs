@@ -78,6 +78,12 @@ pub struct LostPosition {
     pub detail: String,
 }
 
+impl From<crate::pg::node::SqlError> for ApplyError {
+    fn from(e: crate::pg::node::SqlError) -> Self {
+        ApplyError::Write(WriteError::Sql(e))
+    }
+}
+
 impl From<crate::snapshot::SnapshotError> for ApplyError {
     fn from(e: crate::snapshot::SnapshotError) -> Self {
         ApplyError::Snapshot(Box::new(e))

@@ -25,8 +25,9 @@ use crate::apply::watchdog::Watchdog;
 use crate::apply::worker::{Worker, SWEEP_EVERY};
 use crate::config::{Config, Direction};
 use crate::kafka::{self, BrokerError};
-use crate::lww::{TargetWriter, WriteError};
+use crate::lww::TargetWriter;
 use crate::metrics::{self as m, ApplyMetrics, Health};
+use crate::pg::error::SqlContext;
 use crate::pg::setup;
 use crate::pg::state::positions;
 use crate::runtime::{sleep_until, supervise, AbortOnDrop, Stop, Supervised};
@@ -159,7 +160,8 @@ async fn open<'a>(
         .run(async {
             positions::load(&writer.client, &dir.from, &topic)
                 .await
-                .map_err(target_sql(dir, "reading duplex.apply_positions"))
+                .sql(&dir.to, "reading duplex.apply_positions")
+                .map_err(ApplyError::from)
         })
         .await?;
     if stored.next_offset.is_none() {
@@ -178,7 +180,8 @@ async fn open<'a>(
         .run(async {
             progress::set_state(&writer.client, dir, DirectionState::Running, None)
                 .await
-                .map_err(target_sql(dir, "writing duplex.apply_state"))
+                .sql(&dir.to, "writing duplex.apply_state")
+                .map_err(ApplyError::from)
         })
         .await?;
     health.set(component, true);
@@ -316,20 +319,6 @@ async fn connect_bounded<'a>(
             waited_s: bound.as_secs_f64(),
             why: "opening the apply session did not finish".into(),
         }),
-    }
-}
-
-/// Turns an error of a statement on the target into the direction's error.
-fn target_sql<'a>(
-    dir: &'a Direction,
-    context: &'a str,
-) -> impl FnOnce(tokio_postgres::Error) -> ApplyError + 'a {
-    move |source| {
-        ApplyError::from(WriteError::Sql {
-            node: dir.to.clone(),
-            context: context.into(),
-            source,
-        })
     }
 }
 

@@ -14,7 +14,7 @@
 use crate::apply::error::ApplyError;
 use crate::config::{Config, Direction};
 use crate::kafka;
-use crate::pg::node::{self, sql_err};
+use crate::pg::node::{self, SqlContext};
 use crate::pg::state::{positions, slots, streams, streams::StreamStart};
 use tokio_postgres::Client;
 
@@ -30,7 +30,7 @@ pub(super) async fn first_offset(
     let slot = cfg.slot_name(&dir.from);
     let stream = slots::load(&source, &slot)
         .await
-        .map_err(sql_err(&dir.from, "reading duplex.slots"))?
+        .sql(&dir.from, "reading duplex.slots")?
         .map(|s| s.stream);
     let start = match &stream {
         Some(s) => streams::start_of(&source, &dir.from, s, &topic).await?,
@@ -65,7 +65,7 @@ pub(super) async fn first_offset(
     }
     positions::store_start(target, &dir.from, &topic, offset)
         .await
-        .map_err(|e| ApplyError::Node(sql_err(&dir.to, "writing duplex.apply_positions")(e)))?;
+        .sql(&dir.to, "writing duplex.apply_positions")?;
     tracing::info!(direction = %dir, topic = %topic, offset, "first start: reading the source's stream from its beginning");
     Ok(Some(offset))
 }

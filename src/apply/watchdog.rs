@@ -21,6 +21,7 @@
 use crate::apply::error::ApplyError;
 use crate::config::{Config, Direction};
 use crate::lww::Away;
+use crate::pg::error::SqlContext;
 use crate::pg::node;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -104,7 +105,7 @@ impl<'a> Watchdog<'a> {
                     &[&self.pid],
                 )
                 .await
-                .map_err(node::sql_err(node, "reading pg_stat_activity"))?;
+                .sql(node, "reading pg_stat_activity")?;
             let Some(row) = row else {
                 return Ok(Probe::Stalled(format!(
                     "its server process {} has ended, but the connection never said so",
@@ -123,7 +124,7 @@ impl<'a> Watchdog<'a> {
             client
                 .execute("SELECT pg_terminate_backend($1, 5000)", &[&self.pid])
                 .await
-                .map_err(node::sql_err(node, "ending the stalled session"))?;
+                .sql(node, "ending the stalled session")?;
             Ok::<_, node::NodeError>(Probe::Stalled(format!(
                 "the node finished its statement {idle_s:.1} s ago ({state}), but the answer never arrived; ended server process {}",
                 self.pid

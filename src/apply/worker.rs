@@ -18,8 +18,9 @@ use crate::apply::progress::Standing;
 use crate::apply::sequence::{Gap, Next, Sequence};
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Position};
-use crate::lww::{TargetWriter, WriteError};
+use crate::lww::TargetWriter;
 use crate::metrics::ApplyMetrics;
+use crate::pg::error::SqlContext;
 use crate::pg::state::positions::{self, Stored};
 use crate::{Classify, ErrorClass};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -403,11 +404,7 @@ impl<'a> Worker<'a> {
         let topic = self.cfg.topic(&self.dir.from);
         positions::store(&self.writer.client, &self.dir.from, &topic, &stored)
             .await
-            .map_err(|source| WriteError::Sql {
-                node: self.dir.to.clone(),
-                context: "storing the apply position".into(),
-                source,
-            })?;
+            .sql(&self.dir.to, "storing the apply position")?;
         self.writer.execute("COMMIT", "committing").await?;
         self.offsets.committed(next_offset);
         let (free, commits) = self.txn.committed();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 /// What the reader found wrong with the stream.
 #[derive(Debug, thiserror::Error)]
-pub enum ReaderError {
+pub enum AssemblerError {
     #[error(
         "change for relation oid {relation_id} at LSN {lsn} arrived before its Relation message"
     )]
@@ -126,7 +126,7 @@ impl TxnAssembler {
         wal_start: Lsn,
         now_ms: i64,
         out: &mut Vec<Output>,
-    ) -> Result<(), ReaderError> {
+    ) -> Result<(), AssemblerError> {
         match msg {
             LogicalMessage::Begin {
                 final_lsn,
@@ -160,7 +160,7 @@ impl TxnAssembler {
                 ..
             } => {
                 let Some(mut t) = self.txn.take() else {
-                    return Err(ReaderError::OutsideTransaction {
+                    return Err(AssemblerError::OutsideTransaction {
                         message: "Commit",
                         lsn: wal_start,
                     });
@@ -258,7 +258,7 @@ impl TxnAssembler {
         now_ms: i64,
         out: &mut Vec<Output>,
         wal_start: Lsn,
-    ) -> Result<(), ReaderError> {
+    ) -> Result<(), AssemblerError> {
         let table = self.table(relation_id, wal_start)?;
         let key = table.key.clone();
         let (schema, name) = (table.schema.clone(), table.name.clone());
@@ -277,7 +277,7 @@ impl TxnAssembler {
         };
         let prev_lsn = self.last_published;
         let Some(t) = self.txn.as_mut() else {
-            return Err(ReaderError::OutsideTransaction {
+            return Err(AssemblerError::OutsideTransaction {
                 message: "row change",
                 lsn: wal_start,
             });
@@ -329,13 +329,13 @@ impl TxnAssembler {
         !(insert && published)
     }
 
-    fn table(&self, relation_id: u32, lsn: Lsn) -> Result<&TableInfo, ReaderError> {
+    fn table(&self, relation_id: u32, lsn: Lsn) -> Result<&TableInfo, AssemblerError> {
         self.tables
             .get(&relation_id)
-            .ok_or(ReaderError::UnknownRelation { relation_id, lsn })
+            .ok_or(AssemblerError::UnknownRelation { relation_id, lsn })
     }
 
-    fn old_row(&self, relation_id: u32, old: OldTuple, lsn: Lsn) -> Result<Row, ReaderError> {
+    fn old_row(&self, relation_id: u32, old: OldTuple, lsn: Lsn) -> Result<Row, AssemblerError> {
         match old {
             OldTuple::Key(t) => self.row(relation_id, t, true, lsn),
             OldTuple::Full(t) => self.row(relation_id, t, false, lsn),
@@ -350,7 +350,7 @@ impl TxnAssembler {
         tuple: TupleData,
         key_only: bool,
         lsn: Lsn,
-    ) -> Result<Row, ReaderError> {
+    ) -> Result<Row, AssemblerError> {
         let table = self.table(relation_id, lsn)?;
         let mut cols = Vec::with_capacity(tuple.0.len());
         for (name, data) in table.columns.iter().zip(tuple.0) {
@@ -361,15 +361,18 @@ impl TxnAssembler {
                 ColumnData::Null => Value::Null,
                 ColumnData::UnchangedToast => Value::UnchangedToast,
                 ColumnData::Text(bytes) => {
-                    Value::Text(String::from_utf8(bytes).map_err(|_| ReaderError::NotUtf8 {
-                        table: format!("{}.{}", table.schema, table.name),
-                        column: name.clone(),
-                        lsn,
-                    })?)
+                    Value::Text(
+                        String::from_utf8(bytes).map_err(|_| AssemblerError::NotUtf8 {
+                            table: crate::event::TableName::new(&table.schema, &table.name)
+                                .to_string(),
+                            column: name.clone(),
+                            lsn,
+                        })?,
+                    )
                 }
                 ColumnData::Binary(_) => {
-                    return Err(ReaderError::Binary {
-                        table: format!("{}.{}", table.schema, table.name),
+                    return Err(AssemblerError::Binary {
+                        table: crate::event::TableName::new(&table.schema, &table.name).to_string(),
                         column: name.clone(),
                         lsn,
                     })

@@ -4,11 +4,12 @@
 //! decoder, the reader, Kafka) is a [`CaptureError`] naming the node; the supervisor
 //! retries the transient ones and stops on the definite ones.
 
-use crate::capture::assembler::ReaderError;
+use crate::capture::assembler::AssemblerError;
 use crate::capture::pgoutput::DecodeError;
 use crate::event::Lsn;
 use crate::kafka::BrokerError;
-use crate::pg::node::{self, sql_class, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::NodeError;
 use crate::pg::walsender::WalsenderError;
 use crate::{Classify, ErrorClass};
 
@@ -31,15 +32,14 @@ pub enum CaptureError {
         source: DecodeError,
     },
     #[error("node {node}: {source}")]
-    Reader { node: String, source: ReaderError },
+    Reader {
+        node: String,
+        source: AssemblerError,
+    },
     #[error("node {node}: nothing received for {ms} ms (source.receive_timeout_ms) although duplex's heartbeat writes WAL every source.heartbeat_interval_ms: the connection is stalled; reconnecting")]
     Stalled { node: String, ms: u64 },
-    #[error("node {node}: {context}: {}", node::describe(source))]
-    Sql {
-        node: String,
-        context: &'static str,
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("node {node}: Kafka: {source}")]
     Broker { node: String, source: BrokerError },
     #[error("node {node} is not ready for duplex:\n  {}", problems.join("\n  "))]
@@ -52,7 +52,7 @@ impl Classify for CaptureError {
             CaptureError::Node(e) => e.class(),
             CaptureError::Lease(e) => e.class(),
             CaptureError::Walsender { source, .. } => source.class(),
-            CaptureError::Sql { source, .. } => sql_class(source),
+            CaptureError::Sql(e) => e.class(),
             CaptureError::Broker { source, .. } => source.class(),
             // The same bytes decode the same way on every retry.
             CaptureError::Decode { .. } | CaptureError::Reader { .. } => ErrorClass::Definite,

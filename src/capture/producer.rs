@@ -150,7 +150,7 @@ impl ChangeProducer {
                     if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
                 {
                     return Err(BrokerError::TooLarge {
-                        table: format!("{}.{}", ev.source.schema, ev.source.table),
+                        table: ev.source.table_name().to_string(),
                         key: String::from_utf8_lossy(&key).into_owned(),
                         lsn: ev.source.lsn,
                         bytes: key.len() + payload.len(),

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{self, BrokerError};
 use crate::metrics::{self as m, CaptureMetrics, Health};
+use crate::pg::error::SqlContext;
 use crate::pg::node::{self, NodeError};
 use crate::pg::setup;
 use crate::pg::state::slots;
@@ -90,13 +91,6 @@ async fn stream_once(
     stop: &Stop,
     abort: &StopHandle,
 ) -> Result<(), CaptureError> {
-    let sql = |context: &'static str| {
-        move |source| CaptureError::Sql {
-            node: node.to_string(),
-            context,
-            source,
-        }
-    };
     let sink = |source| CaptureError::Broker {
         node: node.to_string(),
         source,
@@ -119,7 +113,7 @@ async fn stream_once(
     let client = node::connect(cfg, node, "reader").await?;
     let problems = crate::preflight::node_problems(cfg, node, &client, true)
         .await
-        .map_err(sql("checking the node"))?;
+        .sql(node, "checking the node")?;
     if !problems.is_empty() {
         return Err(CaptureError::Preflight {
             node: node.to_string(),
@@ -129,7 +123,7 @@ async fn stream_once(
     setup::setup(cfg, node, setup::LostSlot::Refuse).await?;
     let slot_stream = slots::load(&client, &cfg.slot_name(node))
         .await
-        .map_err(sql("reading duplex.slots"))?
+        .sql(node, "reading duplex.slots")?
         .map(|s| s.stream);
     // Before anything of the stream is published here: where it begins on the topic
     // (kept if an earlier session recorded it), for directions starting without a copy.
@@ -178,7 +172,7 @@ async fn stream_once(
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
     let last_offset = slots::last_offset(&client, &slot_name, &topic)
         .await
-        .map_err(sql("reading duplex.slots"))?;
+        .sql(node, "reading duplex.slots")?;
     let (acked_tx, acked_rx) = watch::channel(producer::Acked {
         topic: topic.clone(),
         last: last_offset,
@@ -303,11 +297,7 @@ impl Session<'_> {
                 &[],
             )
             .await
-            .map_err(|source| CaptureError::Sql {
-                node: self.node.to_string(),
-                context: "emitting heartbeat",
-                source,
-            })?;
+            .sql(self.node, "emitting heartbeat")?;
         Ok(())
     }
 
@@ -322,11 +312,7 @@ impl Session<'_> {
                 &[&self.cfg.slot_name(self.node)],
             )
             .await
-            .map_err(|source| CaptureError::Sql {
-                node: self.node.to_string(),
-                context: "reading slot statistics",
-                source,
-            })?;
+            .sql(self.node, "reading slot statistics")?;
         let Some(row) = row else { return Ok(()) };
         let m = &self.metrics;
         for (gauge, column) in [(&m.slot_lag, 0), (&m.slot_retained_wal, 1)] {
@@ -366,11 +352,7 @@ impl Session<'_> {
                 if let LogicalMessage::Relation(rel) = &decoded {
                     let info = crate::capture::catalog::table_info(&self.client, rel)
                         .await
-                        .map_err(|source| CaptureError::Sql {
-                            node: self.node.to_string(),
-                            context: "looking up a table's types and key",
-                            source,
-                        })?;
+                        .sql(self.node, "looking up a table's types and key")?;
                     self.reader.add_table(rel.id, info);
                 }
                 if matches!(
@@ -447,7 +429,7 @@ impl Session<'_> {
     }
 
     fn counters_for(&mut self, ev: &ChangeEvent) -> (metrics::Counter, metrics::Counter) {
-        let table = format!("{}.{}", ev.source.schema, ev.source.table);
+        let table = ev.source.table_name().to_string();
         self.metrics.table_op(&table, ev.op.label()).clone()
     }
 
@@ -477,11 +459,7 @@ impl Session<'_> {
         let (slot, topic) = (self.cfg.slot_name(self.node), self.cfg.topic(self.node));
         slots::record_offset(&self.client, &slot, &topic, offset)
             .await
-            .map_err(|source| CaptureError::Sql {
-                node: self.node.to_string(),
-                context: "recording the topic's last offset",
-                source,
-            })?;
+            .sql(self.node, "recording the topic's last offset")?;
         self.recorded_offset = last;
         Ok(())
     }

@@ -21,7 +21,8 @@ use crate::config::{Config, Direction, TableConfig};
 use crate::event::{format_unix_us, ChangeEvent, Row, Value};
 use crate::identity;
 use crate::metrics::ApplyMetrics;
-use crate::pg::node::{self, describe, sql_class, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{self, NodeError};
 use crate::pg::table::TargetTable;
 use crate::{Classify, ErrorClass};
 use decide::{Candidate, Lost, Resolution, Verdict};
@@ -66,12 +67,8 @@ pub use deletes::{DeleteTimes, DeletedKey};
 pub enum WriteError {
     #[error(transparent)]
     Node(#[from] NodeError),
-    #[error("node {node}: {context}: {}", describe(source))]
-    Sql {
-        node: String,
-        context: String,
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("node {node}: {detail}")]
     Internal { node: String, detail: String },
     #[error(transparent)]
@@ -82,7 +79,7 @@ impl Classify for WriteError {
     fn class(&self) -> ErrorClass {
         match self {
             WriteError::Node(e) => e.class(),
-            WriteError::Sql { source, .. } => sql_class(source),
+            WriteError::Sql(e) => e.class(),
             WriteError::Internal { .. } => ErrorClass::Definite,
             WriteError::Map(e) => e.class(),
         }
@@ -94,10 +91,10 @@ impl WriteError {
     /// failure, lock timeout), the reason: rolling back and writing it again succeeds
     /// once the other has finished.
     pub fn retry_in_place(&self) -> Option<&'static str> {
-        let WriteError::Sql { source, .. } = self else {
+        let WriteError::Sql(e) = self else {
             return None;
         };
-        match source.code()?.code() {
+        match e.code()? {
             "40P01" => Some("deadlock"),
             "40001" => Some("serialization_failure"),
             "55P03" => Some("lock_timeout"),
@@ -256,12 +253,8 @@ impl<'a> TargetWriter<'a> {
     }
 
     fn sql(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> WriteError {
-        let (node, context) = (self.dir.to.clone(), context.to_string());
-        move |source| WriteError::Sql {
-            node,
-            context,
-            source,
-        }
+        let on = SqlError::on(&self.dir.to, context.to_string());
+        move |source| WriteError::Sql(on(source))
     }
 
     /// `sql` prepared on this session, from the cache when it was before.

@@ -21,7 +21,8 @@ mod pairing;
 
 use crate::config::{Config, Direction};
 use crate::event::{ChangeEvent, Op, Row, Value, KEY_PAIRS};
-use crate::pg::node::{describe, sql_class};
+use crate::pg::error::SqlError;
+use crate::pg::node::sql_class;
 use crate::pg::sql::{quote_ident, quote_literal};
 use crate::{Classify, ErrorClass};
 use keys::{PairingError, Pairings};
@@ -41,12 +42,8 @@ const REFERENCE_RECHECK: Duration = Duration::from_millis(200);
 pub enum MapError {
     #[error(transparent)]
     Pairing(#[from] PairingError),
-    #[error("node {node}: {context}: {}", describe(source))]
-    Sql {
-        node: String,
-        context: String,
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("mapped table {table} on node {node}: {detail}")]
     Config {
         table: String,
@@ -59,7 +56,7 @@ impl Classify for MapError {
     fn class(&self) -> ErrorClass {
         match self {
             MapError::Pairing(e) => sql_class(&e.source),
-            MapError::Sql { source, .. } => sql_class(source),
+            MapError::Sql(e) => e.class(),
             MapError::Config { .. } => ErrorClass::Definite,
         }
     }
@@ -199,7 +196,7 @@ impl Mapper {
 
     /// The pair whose source table is `schema.table`.
     fn pair_of(&self, ev: &ChangeEvent) -> Option<&PairMap> {
-        let name = format!("{}.{}", ev.source.schema, ev.source.table);
+        let name = ev.source.table_name().to_string();
         self.pairs.iter().find(|p| p.source_table == name)
     }
 

@@ -9,6 +9,7 @@ use crate::config::mapping::power_of_ten;
 use crate::config::{Direction, TableConfig};
 use crate::event::{ChangeEvent, Op, Row, Value};
 use crate::identity;
+use crate::pg::error::SqlContext;
 use crate::pg::sql::quote_ident;
 use crate::pg::table::TargetTable;
 use std::collections::{HashMap, HashSet};
@@ -75,11 +76,7 @@ impl PairMap {
         };
         let t = TargetTable::load(target, tc, to)
             .await
-            .map_err(|source| MapError::Sql {
-                node: to.to_string(),
-                context: format!("reading table {}", tc.name_on(to)),
-                source,
-            })?
+            .sql(to, format!("reading table {}", tc.name_on(to)))?
             .ok_or_else(|| cfg_err("the table does not exist".into()))?;
         let (Some(source_key), Some(target_key)) = (tc.key.get(from), tc.key.get(to)) else {
             return Err(cfg_err(format!(
@@ -131,11 +128,10 @@ impl PairMap {
                         &[&t.sql_name, &target_key],
                     )
                     .await
-                    .map_err(|source| MapError::Sql {
-                        node: to.to_string(),
-                        context: format!("reading the sequence of {}.{target_key}", t.name),
-                        source,
-                    })?
+                    .sql(
+                        to,
+                        format!("reading the sequence of {}.{target_key}", t.name),
+                    )?
                     .get(0);
                 let sequence = sequence.ok_or_else(|| {
                     cfg_err(format!(
@@ -385,11 +381,10 @@ impl PairMap {
                 &[&wanted, &self.label],
             )
             .await
-            .map_err(|source| MapError::Sql {
-                node: pairings.node.to_string(),
-                context: format!("finding rows of {} by natural key", self.target_table),
-                source,
-            })?;
+            .sql(
+                pairings.node,
+                format!("finding rows of {} by natural key", self.target_table),
+            )?;
         let by_natural: HashMap<String, String> = found
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -421,11 +416,7 @@ impl PairMap {
                     &[&sequence, &need],
                 )
                 .await
-                .map_err(|source| MapError::Sql {
-                    node: pairings.node.to_string(),
-                    context: format!("taking keys from {sequence}"),
-                    source,
-                })?;
+                .sql(pairings.node, format!("taking keys from {sequence}"))?;
             let mut ids = ids.iter().map(|r| r.get::<_, String>(0));
             for o in out.iter_mut().filter(|o| o.is_none()) {
                 *o = ids.next();
@@ -442,7 +433,7 @@ impl PairMap {
             .target_table
             .split_once('.')
             .unwrap_or(("public", &self.target_table));
-        format!("{}.{}", quote_ident(s), quote_ident(t))
+        crate::event::TableName::new(s, t).quoted()
     }
 }
 

@@ -15,7 +15,8 @@
 //! [`topic_lost`], which it polls while it applies.
 
 use crate::config::{Config, Direction};
-use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{self, NodeError, SqlContext};
 use crate::pg::state::slots;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -51,12 +52,12 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
         }
         Ok(None) => return Ok(()),
         Err(e) if not_set_up(&e) => return Ok(()),
-        Err(e) => return Err(sql_err(&dir.from, "reading duplex.slots")(e)),
+        Err(e) => return Err(SqlError::new(&dir.from, "reading duplex.slots", e).into()),
     };
     let wal_end: String = source
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(sql_err(&dir.from, "reading the WAL position"))?
+        .sql(&dir.from, "reading the WAL position")?
         .get(0);
     let applied = target
         .query_opt(
@@ -76,7 +77,7 @@ pub async fn check(cfg: &Config, dir: &Direction) -> Result<(), NodeError> {
         }),
         Ok(None) => Ok(()),
         Err(e) if not_set_up(&e) => Ok(()),
-        Err(e) => Err(sql_err(&dir.to, "reading duplex.apply_positions")(e)),
+        Err(e) => Err(SqlError::new(&dir.to, "reading duplex.apply_positions", e).into()),
     }
 }
 

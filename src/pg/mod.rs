@@ -1,6 +1,7 @@
 //! PostgreSQL, and what duplex keeps on each node: used by both pipelines.
 //!
-//! `sql` holds the session output settings, quoting and the SQLSTATE policy; `node`
+//! `sql` holds the session output settings, quoting and the SQLSTATE policy; `error`
+//! the one error of a failed statement, `SqlError`; `node`
 //! opens sessions with duplex's fixed settings and describes and classifies SQL
 //! errors; `setup` creates or removes the `duplex` schema, publication, slot and
 //! replication origins, bringing the `duplex` schema to its latest version through
@@ -11,6 +12,7 @@
 //! connections to a node; `walsender` speaks the streaming replication protocol
 //! (capture reads a slot through it, `duplex check` tries a replication login).
 
+pub(crate) mod error;
 pub(crate) mod history;
 pub(crate) mod node;
 pub(crate) mod setup;

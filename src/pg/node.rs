@@ -4,8 +4,9 @@
 //! SQLSTATE, classified once.
 
 use crate::config::Config;
-use crate::pg::sql::{class_of_sqlstate, OUTPUT_SETTINGS};
-use crate::pg::tls::{Tls, TlsError};
+pub use crate::pg::error::{describe, sql_class, SqlContext, SqlError};
+use crate::pg::sql::OUTPUT_SETTINGS;
+use crate::pg::tls::Tls;
 use crate::{Classify, ErrorClass};
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -14,12 +15,8 @@ use tracing::Instrument;
 /// Errors administering a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("node {node}: {context}: {}", describe(source))]
-    Sql {
-        node: String,
-        context: String,
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("node {node}: creating replication slot {slot}: {}", describe(source))]
     SlotCreation {
         node: String,
@@ -64,7 +61,7 @@ pub enum NodeError {
 impl Classify for NodeError {
     fn class(&self) -> ErrorClass {
         match self {
-            NodeError::Sql { source, .. } => sql_class(source),
+            NodeError::Sql(e) => e.class(),
             // The slot was not made; PostgreSQL 15 sometimes fails an attempt that has
             // to wait for concurrent transactions with an internal error (XX000) that
             // the next attempt does not meet.
@@ -84,46 +81,6 @@ impl Classify for NodeError {
     }
 }
 
-/// A tokio-postgres error with what its `Display` leaves out: the server's message,
-/// SQLSTATE and detail, or the underlying I/O error.
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
-            s.push_str(&format!("; {d}"));
-        }
-        return s;
-    }
-    let mut s = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    s
-}
-
-/// Connection losses are transient; server errors go by SQLSTATE; TLS failures by
-/// their cause (a certificate not accepted is definite, a connection lost midway is
-/// not).
-pub fn sql_class(e: &tokio_postgres::Error) -> ErrorClass {
-    if let Some(code) = e.code() {
-        return class_of_sqlstate(code.code());
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(tls) = c.downcast_ref::<TlsError>() {
-            return tls.class();
-        }
-        cause = c.source();
-    }
-    // tokio-postgres's own TLS error: the node refused TLS that sslmode requires.
-    if e.to_string().starts_with("error performing TLS handshake") {
-        return ErrorClass::Definite;
-    }
-    ErrorClass::Transient
-}
-
 /// The TLS context of `node` from its URL.
 pub fn tls_of(cfg: &Config, node: &str) -> Result<Tls, NodeError> {
     let config_err = |detail: String| NodeError::Config {
@@ -136,18 +93,6 @@ pub fn tls_of(cfg: &Config, node: &str) -> Result<Tls, NodeError> {
         .ok_or_else(|| config_err("not in the config".into()))?;
     let params = node_cfg.tls().map_err(|e| config_err(e.to_string()))?;
     Tls::shared(&params).map_err(|e| config_err(e.to_string()))
-}
-
-pub(crate) fn sql_err(
-    node: &str,
-    context: impl Into<String>,
-) -> impl FnOnce(tokio_postgres::Error) -> NodeError {
-    let (node, context) = (node.to_string(), context.into());
-    move |source| NodeError::Sql {
-        node,
-        context,
-        source,
-    }
 }
 
 /// TCP keepalive settings for a session that holds what the next session needs (a
@@ -188,7 +133,7 @@ pub async fn connect(cfg: &Config, node: &str, purpose: &str) -> Result<Client, 
         .map_err(|_| NodeError::Timeout {
             node: node.to_string(),
         })?
-        .map_err(sql_err(node, "connecting"))?;
+        .sql(node, "connecting")?;
     let span = tracing::info_span!("pg_connection", node, purpose);
     tokio::spawn(
         async move {

@@ -6,7 +6,7 @@
 //! with the config; `teardown` removes all of it (an orphaned slot keeps WAL forever,
 //! so removal must be one safe command). Both run over an ordinary SQL session.
 
-use super::node::{connect, sql_err, NodeError};
+use super::node::{connect, NodeError, SqlContext};
 use crate::config::Config;
 use crate::event::{KEY_PAIRS, REPAIRS, TOMBSTONES, TRUNCATIONS};
 use crate::pg::sql::quote_ident;
@@ -38,7 +38,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
             "SET client_min_messages = warning; SET lock_timeout = {SETUP_LOCK_TIMEOUT_MS}; SELECT pg_advisory_lock(hashtext('duplex setup'))"
         ))
         .await
-        .map_err(sql_err(node, "taking the setup lock"))?;
+        .sql(node, "taking the setup lock")?;
     let mut done = super::state::migrations::migrate(&client, node).await?;
     let directions = cfg.directions().map_err(|e| NodeError::Config {
         node: node.to_string(),
@@ -52,7 +52,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
         client
             .batch_execute("SET lock_timeout = 0")
             .await
-            .map_err(sql_err(node, "resetting lock_timeout"))?;
+            .sql(node, "resetting lock_timeout")?;
         done.extend(ensure_slot(cfg, &client, node, lost).await?);
     }
     for d in directions.iter().filter(|d| d.to == node) {
@@ -64,7 +64,7 @@ pub async fn setup(cfg: &Config, node: &str, lost: LostSlot) -> Result<Vec<Strin
     client
         .batch_execute("SELECT pg_advisory_unlock(hashtext('duplex setup'))")
         .await
-        .map_err(sql_err(node, "releasing the setup lock"))?;
+        .sql(node, "releasing the setup lock")?;
     Ok(done)
 }
 
@@ -81,10 +81,7 @@ pub(crate) async fn ensure_origin(
             &[&origin],
         )
         .await
-        .map_err(sql_err(
-            node,
-            format!("creating replication origin {origin}"),
-        ))?
+        .sql(node, format!("creating replication origin {origin}"))?
         .get(0))
 }
 
@@ -102,7 +99,7 @@ async fn ensure_publication(
         .iter()
         .map(|t| {
             let (s, n) = t.schema_table_on(node);
-            format!("{}.{}", quote_ident(s), quote_ident(n))
+            crate::event::TableName::new(s, n).quoted()
         })
         .chain([TOMBSTONES, TRUNCATIONS, REPAIRS, KEY_PAIRS].map(|(s, n)| format!("{s}.{n}")))
         .collect();
@@ -113,7 +110,7 @@ async fn ensure_publication(
             &[&publication],
         )
         .await
-        .map_err(sql_err(node, "reading pg_publication"))?
+        .sql(node, "reading pg_publication")?
         .map(|r| r.get(0));
     let exists = via_root.is_some();
     // ALTER PUBLICATION only when the list differs: setup runs on every reconnect.
@@ -137,7 +134,7 @@ async fn ensure_publication(
             &[&publication],
         )
         .await
-        .map_err(sql_err(node, "reading pg_publication_tables"))?
+        .sql(node, "reading pg_publication_tables")?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
@@ -166,7 +163,7 @@ async fn ensure_publication(
     client
         .batch_execute(&sql)
         .await
-        .map_err(sql_err(node, format!("writing publication {publication}")))?;
+        .sql(node, format!("writing publication {publication}"))?;
     Ok(Some(what))
 }
 
@@ -187,7 +184,7 @@ async fn ensure_slot(
             &[&slot],
         )
         .await
-        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+        .sql(node, "reading pg_replication_slots")?;
     let row = match row {
         // PostgreSQL invalidated the slot (max_slot_wal_keep_size): it can never
         // stream again. Only the operator's `duplex setup` replaces it.
@@ -202,7 +199,7 @@ async fn ensure_slot(
             client
                 .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                 .await
-                .map_err(sql_err(node, format!("dropping invalidated slot {slot}")))?;
+                .sql(node, format!("dropping invalidated slot {slot}"))?;
             None
         }
         row => row,
@@ -220,7 +217,7 @@ async fn ensure_slot(
         let here: String = client
             .query_one("SELECT current_database()::text", &[])
             .await
-            .map_err(sql_err(node, "reading the database name"))?
+            .sql(node, "reading the database name")?
             .get(0);
         if database.as_deref() != Some(here.as_str()) {
             return Err(NodeError::Config {
@@ -241,7 +238,7 @@ async fn ensure_slot(
                 &[&slot],
             )
             .await
-            .map_err(sql_err(node, "writing duplex.slots"))?;
+            .sql(node, "writing duplex.slots")?;
         return Ok(None);
     }
     let before = client
@@ -250,7 +247,7 @@ async fn ensure_slot(
             &[&slot],
         )
         .await
-        .map_err(sql_err(node, "reading duplex.slots"))?;
+        .sql(node, "reading duplex.slots")?;
     if let (Some(row), LostSlot::Refuse) = (&before, lost) {
         return Err(NodeError::SlotLost {
             node: node.to_string(),
@@ -282,7 +279,7 @@ async fn ensure_slot(
             &[&slot, &created],
         )
         .await
-        .map_err(sql_err(node, "writing duplex.slots"))?;
+        .sql(node, "writing duplex.slots")?;
     Ok(Some(match before {
         Some(_) => format!(
             "created replication slot {slot} again (it had been lost or invalidated; changes made meanwhile were not read)"
@@ -302,7 +299,7 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
             &[&slot],
         )
         .await
-        .map_err(sql_err(node, "reading pg_replication_slots"))?;
+        .sql(node, "reading pg_replication_slots")?;
     if let Some(row) = row {
         if let Some(pid) = row.get::<_, Option<i32>>(0) {
             return Err(NodeError::SlotActive {
@@ -314,7 +311,7 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await
-            .map_err(sql_err(node, format!("dropping slot {slot}")))?;
+            .sql(node, format!("dropping slot {slot}"))?;
         done.push(format!("dropped replication slot {slot}"));
     }
     let publication = cfg.publication_name(node);
@@ -324,12 +321,12 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
             &[&publication],
         )
         .await
-        .map_err(sql_err(node, "reading pg_publication"))?;
+        .sql(node, "reading pg_publication")?;
     if n > 0 {
         client
             .batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&publication)))
             .await
-            .map_err(sql_err(node, format!("dropping publication {publication}")))?;
+            .sql(node, format!("dropping publication {publication}"))?;
         done.push(format!("dropped publication {publication}"));
     }
     // Only this deployment's origins: another one may share the cluster.
@@ -348,10 +345,7 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
                 &[&origin],
             )
             .await
-            .map_err(sql_err(
-                node,
-                format!("dropping replication origin {origin}"),
-            ))?;
+            .sql(node, format!("dropping replication origin {origin}"))?;
         for row in dropped {
             let name: String = row.get(0);
             done.push(format!("dropped replication origin {name}"));
@@ -360,12 +354,12 @@ pub async fn teardown(cfg: &Config, node: &str) -> Result<Vec<String>, NodeError
     let had_schema = client
         .execute("SELECT 1 FROM pg_namespace WHERE nspname = 'duplex'", &[])
         .await
-        .map_err(sql_err(node, "reading pg_namespace"))?;
+        .sql(node, "reading pg_namespace")?;
     if had_schema > 0 {
         client
             .batch_execute("DROP SCHEMA duplex CASCADE")
             .await
-            .map_err(sql_err(node, "dropping schema duplex"))?;
+            .sql(node, "dropping schema duplex")?;
         done.push("dropped schema duplex".into());
     }
     Ok(done)

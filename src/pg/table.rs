@@ -75,7 +75,7 @@ impl TargetTable {
         Ok(Some(TargetTable {
             name: cfg.name_on(node).to_string(),
             label: cfg.name.clone(),
-            sql_name: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            sql_name: crate::event::TableName::new(schema, table).quoted(),
             columns,
             key: key.into_iter().map(|(_, n)| n).collect(),
             updated_at: cfg.updated_at.clone(),

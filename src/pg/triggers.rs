@@ -7,7 +7,7 @@
 //! when something differs or is missing (the setup session also sets a lock timeout):
 //! a reconnect never queues behind, and in front of, the application's transactions.
 
-use super::node::{sql_err, NodeError};
+use super::node::{NodeError, SqlContext};
 use crate::config::{Config, IdentityConfig};
 use crate::identity::namespace;
 use crate::pg::sql::{quote_ident, quote_literal, OUTPUT_SETTINGS};
@@ -130,7 +130,7 @@ async fn install(
             &[&ddl.function, &ddl.body, &table, &ddl.triggers],
         )
         .await
-        .map_err(sql_err(node, format!("reading {what}")))?
+        .sql(node, format!("reading {what}"))?
         .is_some_and(|r| r.get(0));
     if current {
         return Ok(false);
@@ -138,7 +138,7 @@ async fn install(
     client
         .batch_execute(&ddl.sql)
         .await
-        .map_err(sql_err(node, format!("creating {what}")))?;
+        .sql(node, format!("creating {what}"))?;
     Ok(true)
 }
 
@@ -152,7 +152,7 @@ pub async fn ensure_triggers(
     let mut done = Vec::new();
     for t in &cfg.tables {
         let (schema, name) = t.schema_table_on(node);
-        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        let table = crate::event::TableName::new(schema, name).quoted();
         let on = t.name_on(node);
         let key: Vec<String> = client
             .query(
@@ -163,7 +163,7 @@ pub async fn ensure_triggers(
                 &[&table],
             )
             .await
-            .map_err(sql_err(node, format!("reading the primary key of {on}")))?
+            .sql(node, format!("reading the primary key of {on}"))?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -195,14 +195,14 @@ async fn uuid_ossp_schema(client: &Client, node: &str) -> Result<String, NodeErr
     client
         .batch_execute("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA duplex")
         .await
-        .map_err(sql_err(node, "installing the uuid-ossp extension"))?;
+        .sql(node, "installing the uuid-ossp extension")?;
     let row = client
         .query_one(
             "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'uuid-ossp'",
             &[],
         )
         .await
-        .map_err(sql_err(node, "finding the uuid-ossp extension"))?;
+        .sql(node, "finding the uuid-ossp extension")?;
     Ok(row.get::<_, String>(0).trim_matches('"').to_string())
 }
 

@@ -16,7 +16,8 @@ use super::plan::Method;
 use super::table::{Chunk, CopyTable};
 use super::SnapshotError;
 use crate::config::{Config, Direction};
-use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{self, NodeError, SqlContext};
 use crate::pg::sql::quote_ident;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashSet;
@@ -56,16 +57,13 @@ impl<'a> CopyWorker<'a> {
             client
                 .batch_execute(&node::keepalive_sql(cfg))
                 .await
-                .map_err(sql_err(node, "setting TCP keepalives"))?;
+                .sql(node, "setting TCP keepalives")?;
         }
         let origin = format!("{}_copy{n}", cfg.origin_name(dir));
         target
             .batch_execute("SET session_replication_role = replica")
             .await
-            .map_err(sql_err(
-                &dir.to,
-                "setting session_replication_role = replica",
-            ))?;
+            .sql(&dir.to, "setting session_replication_role = replica")?;
         crate::pg::setup::ensure_origin(&target, &dir.to, &origin).await?;
         super::origin::take(cfg, dir, &target, &origin, &purpose).await?;
         Ok(CopyWorker {
@@ -102,7 +100,7 @@ impl<'a> CopyWorker<'a> {
                 &[&self.dir.from, &t.name, &chunk.chunk, &generation],
             )
             .await
-            .map_err(sql_err(&self.dir.to, "counting a chunk's attempt"))?;
+            .sql(&self.dir.to, "counting a chunk's attempt")?;
         let marked = Marked {
             generation,
             chunk: chunk.chunk,
@@ -180,13 +178,13 @@ impl<'a> CopyWorker<'a> {
         self.target
             .batch_execute("BEGIN")
             .await
-            .map_err(sql_err(to, "beginning a repair"))?;
+            .sql(to, "beginning a repair")?;
         let rows = self.pump(t, &t.copy_out_key_sql(key), &into).await?;
         self.merge(t, &into).await?;
         self.target
             .batch_execute("COMMIT")
             .await
-            .map_err(sql_err(to, "committing a repair"))?;
+            .sql(to, "committing a repair")?;
         Ok(rows)
     }
 
@@ -220,7 +218,7 @@ impl<'a> CopyWorker<'a> {
             .source
             .query(&t.keys_sql(chunk), &[])
             .await
-            .map_err(sql_err(from, format!("reading the keys of {}", t.name)))?
+            .sql(from, format!("reading the keys of {}", t.name))?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -228,12 +226,12 @@ impl<'a> CopyWorker<'a> {
         self.target
             .batch_execute("BEGIN")
             .await
-            .map_err(sql_err(to, "beginning a probe"))?;
+            .sql(to, "beginning a probe")?;
         for key in keys {
             self.target
                 .batch_execute("SAVEPOINT probe")
                 .await
-                .map_err(sql_err(to, "probing a row"))?;
+                .sql(to, "probing a row")?;
             let mut r = self
                 .pump(t, &t.copy_out_key_sql(&key), &into)
                 .await
@@ -253,7 +251,7 @@ impl<'a> CopyWorker<'a> {
             self.target
                 .batch_execute("ROLLBACK TO SAVEPOINT probe")
                 .await
-                .map_err(sql_err(to, "probing a row"))?;
+                .sql(to, "probing a row")?;
         }
         self.rollback().await?;
         Ok(None)
@@ -279,10 +277,10 @@ impl<'a> CopyWorker<'a> {
                     t.sql_name
                 ))
                 .await
-                .map_err(sql_err(
+                .sql(
                     &self.dir.to,
                     format!("creating a staging table for {}", t.name),
-                ))?;
+                )?;
             self.staged.insert(t.name.clone());
         }
         Ok(format!("pg_temp.{staging}"))
@@ -298,11 +296,11 @@ impl<'a> CopyWorker<'a> {
                 &[&t.name, &self.incoming_wins_ties, &self.dir.from],
             )
             .await
-            .map_err(sql_err(&self.dir.to, context()))?;
+            .sql(&self.dir.to, context())?;
         self.target
             .execute(&t.settle_merge_sql(staging), &[&t.name, &self.dir.from])
             .await
-            .map_err(sql_err(&self.dir.to, context()))?;
+            .sql(&self.dir.to, context())?;
         Ok(())
     }
 
@@ -318,7 +316,7 @@ impl<'a> CopyWorker<'a> {
         self.target
             .batch_execute("BEGIN")
             .await
-            .map_err(sql_err(to, "beginning a chunk"))?;
+            .sql(to, "beginning a chunk")?;
         let rows = self.pump(t, &t.copy_out_sql(chunk), &into).await?;
         let context = format!("writing chunk {} of {}", chunk.chunk, t.name);
         match method {
@@ -326,11 +324,11 @@ impl<'a> CopyWorker<'a> {
                 self.target
                     .execute(&t.target.sweep_sql(), &[&t.name, &ALL_TOMBSTONES_MS])
                     .await
-                    .map_err(sql_err(to, context.clone()))?;
+                    .sql(to, context.clone())?;
                 self.target
                     .execute(&t.truncated_in_chunk_sql(chunk), &[&t.name, &self.dir.from])
                     .await
-                    .map_err(sql_err(to, context.clone()))?;
+                    .sql(to, context.clone())?;
             }
             Method::Merge => self.merge(t, &into).await?,
         }
@@ -338,18 +336,15 @@ impl<'a> CopyWorker<'a> {
             self.rollback().await?;
             return Err(marked.replanned(self.dir, &t.name));
         }
-        self.target
-            .batch_execute("COMMIT")
-            .await
-            .map_err(sql_err(to, context))?;
+        self.target.batch_execute("COMMIT").await.sql(to, context)?;
         Ok(rows)
     }
 
     /// Streams the chunk's COPY data from the source into `COPY into` on the target.
     async fn pump(&self, t: &CopyTable, copy_out: &str, into: &str) -> Result<u64, SnapshotError> {
         let (from, to) = (&self.dir.from, &self.dir.to);
-        let reading = || sql_err(from, format!("reading {}", t.name));
-        let writing = || sql_err(to, format!("writing into {}", t.name));
+        let reading = || SqlError::on(from, format!("reading {}", t.name));
+        let writing = || SqlError::on(to, format!("writing into {}", t.name));
         let out = self.source.copy_out(copy_out).await.map_err(reading())?;
         let sink = self
             .target
@@ -369,7 +364,7 @@ impl<'a> CopyWorker<'a> {
         self.target
             .batch_execute("ROLLBACK")
             .await
-            .map_err(sql_err(&self.dir.to, "rolling back a chunk"))?;
+            .sql(&self.dir.to, "rolling back a chunk")?;
         Ok(())
     }
 }
@@ -404,10 +399,10 @@ impl Marked {
                 ],
             )
             .await
-            .map_err(sql_err(
+            .sql(
                 &dir.to,
                 format!("marking chunk {} of {table} copied", self.chunk),
-            ))?;
+            )?;
         Ok(n > 0)
     }
 
@@ -422,7 +417,7 @@ impl Marked {
 
 fn sqlstate(e: &SnapshotError) -> Option<&str> {
     match e {
-        SnapshotError::Node(NodeError::Sql { source, .. }) => source.code().map(|c| c.code()),
+        SnapshotError::Node(NodeError::Sql(e)) => e.code(),
         _ => None,
     }
 }
@@ -430,9 +425,9 @@ fn sqlstate(e: &SnapshotError) -> Option<&str> {
 /// The server's message for an SQL error, with the COPY line it names.
 fn error_text(e: &SnapshotError) -> String {
     match e {
-        SnapshotError::Node(NodeError::Sql { source, .. }) => {
-            let mut s = node::describe(source);
-            if let Some(w) = source.as_db_error().and_then(|d| d.where_()) {
+        SnapshotError::Node(NodeError::Sql(e)) => {
+            let mut s = node::describe(&e.source);
+            if let Some(w) = e.source.as_db_error().and_then(|d| d.where_()) {
                 s.push_str(&format!(" ({w})"));
             }
             s

@@ -12,7 +12,7 @@
 use super::copy::CopyWorker;
 use super::table::CopyTable;
 use super::SnapshotError;
-use crate::pg::node::sql_err;
+use crate::pg::node::SqlContext;
 use tokio_postgres::types::ToSql;
 
 /// Tombstones read from the source and applied per round trip.
@@ -38,7 +38,7 @@ impl CopyWorker<'_> {
                     &[&t.name, &after, &TOMBSTONES_PER_BATCH],
                 )
                 .await
-                .map_err(sql_err(&dir.from, format!("reading the tombstones of {}", t.name)))?;
+                .sql(&dir.from, format!("reading the tombstones of {}", t.name))?;
             let Some(last) = rows.last() else { break };
             after = last.get(1);
             let mut keys: Vec<Vec<String>> = vec![Vec::with_capacity(rows.len()); t.key.len()];
@@ -58,10 +58,10 @@ impl CopyWorker<'_> {
             params.push(&times);
             params.push(&t.name);
             params.push(&dir.from);
-            target.execute(&delete, &params).await.map_err(sql_err(
+            target.execute(&delete, &params).await.sql(
                 &dir.to,
                 format!("deleting what node {} deleted from {}", dir.from, t.name),
-            ))?;
+            )?;
             carried += times.len() as u64;
         }
         let truncated: Option<String> = source
@@ -71,19 +71,16 @@ impl CopyWorker<'_> {
                 &[&t.name],
             )
             .await
-            .map_err(sql_err(
-                &dir.from,
-                format!("reading the truncation of {}", t.name),
-            ))?
+            .sql(&dir.from, format!("reading the truncation of {}", t.name))?
             .map(|r| r.get(0));
         if let Some(at) = truncated {
             target
                 .execute(&t.target.truncate_sql(), &[&at, &t.name, &dir.from])
                 .await
-                .map_err(sql_err(
+                .sql(
                     &dir.to,
                     format!("truncating {} as node {} did", t.name, dir.from),
-                ))?;
+                )?;
         }
         Ok(carried)
     }

@@ -27,7 +27,7 @@ use crate::event::{ChangeEvent, Lsn, Op, Row, Source, Value};
 use crate::lww::{DeleteTimes, TargetWriter};
 use crate::mapping::Mapper;
 use crate::metrics::ApplyMetrics;
-use crate::pg::node::sql_err;
+use crate::pg::node::SqlContext;
 use crate::pg::sql::quote_ident;
 use crate::pg::table::TargetTable;
 use std::borrow::Cow;
@@ -85,13 +85,13 @@ impl<'a> MappedCopier<'a> {
         source
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
-            .map_err(sql_err(&dir.from, format!("reading {}", t.name)))?;
+            .sql(&dir.from, format!("reading {}", t.name))?;
         let copied = self.copy_in(source, dir, t, filter, chunk.as_ref()).await;
         let end = if copied.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = source
             .batch_execute(end)
             .await
-            .map_err(sql_err(&dir.from, format!("ending the read of {}", t.name)));
+            .sql(&dir.from, format!("ending the read of {}", t.name));
         let n = copied?;
         ended?;
         Ok(n)
@@ -108,7 +108,7 @@ impl<'a> MappedCopier<'a> {
         let rows = source
             .query(&t.rows_where(filter), &[])
             .await
-            .map_err(sql_err(&dir.from, format!("reading {}", t.name)))?;
+            .sql(&dir.from, format!("reading {}", t.name))?;
         let events = events_of(dir, t, &rows);
         let n = events.len() as u64;
         let context = format!("writing rows of {}", t.name);
@@ -167,7 +167,7 @@ impl<'a> MappedCopier<'a> {
                 let rows = source
                     .query(&rt.rows_where(&format!(" WHERE {}", rt.key_in(&keys))), &[])
                     .await
-                    .map_err(sql_err(&dir.from, format!("reading {}", rt.name)))?;
+                    .sql(&dir.from, format!("reading {}", rt.name))?;
                 fresh |= !rows.is_empty();
                 let mut found = events_of(dir, &rt, &rows);
                 found.append(&mut taken);
@@ -253,7 +253,7 @@ impl<'a> MappedCopier<'a> {
     /// The target table of a mapped row whose `updated_at` is NULL, which
     /// last-writer-wins cannot order.
     fn unordered(&self, t: &CopyTable, ev: &ChangeEvent) -> Option<TargetTable> {
-        let name = format!("{}.{}", ev.source.schema, ev.source.table);
+        let name = ev.source.table_name().to_string();
         let table = std::iter::once(t)
             .chain(self.referenced.values())
             .map(|c| &c.target)
@@ -319,24 +319,20 @@ impl<'a> MappedCopier<'a> {
         let mut params: Vec<&(dyn ToSql + Sync)> =
             texts.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         params.push(&table.name);
-        self.writer
-            .client
-            .execute(&sql, &params)
-            .await
-            .map_err(sql_err(
-                &dir.to,
-                format!(
-                    "copying a row of {} whose {} is NULL",
-                    table.name, table.updated_at
-                ),
-            ))?;
+        self.writer.client.execute(&sql, &params).await.sql(
+            &dir.to,
+            format!(
+                "copying a row of {} whose {} is NULL",
+                table.name, table.updated_at
+            ),
+        )?;
         Ok(())
     }
 }
 
 /// A copy error naming the row `ev` (of `t`, or of the table it belongs to).
 fn bad_row(dir: &Direction, t: &CopyTable, ev: &ChangeEvent, error: String) -> SnapshotError {
-    let table = format!("{}.{}", ev.source.schema, ev.source.table);
+    let table = ev.source.table_name().to_string();
     SnapshotError::BadRow {
         direction: dir.to_string(),
         table: if table == t.source_table || table == t.target.name {

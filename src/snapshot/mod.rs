@@ -31,7 +31,8 @@ pub(crate) mod split;
 pub(crate) mod table;
 
 use crate::config::{Config, Direction, SnapshotMode};
-use crate::pg::node::{self, sql_err, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{self, NodeError};
 use crate::pg::setup::{self, LostSlot};
 use crate::pg::state::positions;
 use crate::runtime::Stop;
@@ -86,6 +87,12 @@ pub enum SnapshotError {
         from: String,
         to: String,
     },
+}
+
+impl From<crate::pg::error::SqlError> for SnapshotError {
+    fn from(e: crate::pg::error::SqlError) -> Self {
+        SnapshotError::Node(NodeError::Sql(e))
+    }
 }
 
 impl Classify for SnapshotError {
@@ -157,7 +164,9 @@ async fn started_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotE
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
     let applied = positions::applied_before(&target, &dir.from)
         .await
-        .map_err(|e| SnapshotError::from(sql_err(&dir.to, "reading duplex.apply_positions")(e)))?;
+        .map_err(|e| {
+            SnapshotError::from(SqlError::on(&dir.to, "reading duplex.apply_positions")(e))
+        })?;
     if applied {
         return Ok(true);
     }
@@ -180,7 +189,7 @@ async fn record_start(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotErr
         source: Box::new(source),
     };
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
-    let sql = |e| SnapshotError::from(sql_err(&dir.to, "writing duplex.apply_positions")(e));
+    let sql = |e| SnapshotError::from(SqlError::on(&dir.to, "writing duplex.apply_positions")(e));
     if positions::exists(&target, &dir.from, &topic)
         .await
         .map_err(sql)?

@@ -20,7 +20,8 @@
 
 use super::SnapshotError;
 use crate::config::{Config, Direction};
-use crate::pg::node::sql_err;
+use crate::pg::error::SqlError;
+use crate::pg::node::SqlContext;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -93,7 +94,9 @@ pub(crate) async fn take(
             return Ok(());
         };
         if e.code().map(|c| c.code()) != Some("55006") || Instant::now() > give_up {
-            return Err(sql_err(&dir.to, format!("using replication origin {origin}"))(e).into());
+            return Err(
+                SqlError::on(&dir.to, format!("using replication origin {origin}"))(e).into(),
+            );
         }
         for h in holders(target, dir, purpose).await? {
             if !watch.silent(&h, Instant::now(), silent) {
@@ -102,7 +105,7 @@ pub(crate) async fn take(
             target
                 .execute("SELECT pg_terminate_backend($1, 5000)", &[&h.pid])
                 .await
-                .map_err(sql_err(&dir.to, "ending a copy session left behind"))?;
+                .sql(&dir.to, "ending a copy session left behind")?;
             tracing::warn!(direction = %dir, origin, pid = h.pid, state = %h.state,
                 wait_event = %h.wait_event, "ended an earlier copy session that still held the replication origin, silent for longer than sync.receive_timeout_ms (its instance lost the node)");
         }
@@ -127,10 +130,7 @@ async fn holders(
             &[&format!("duplex {purpose}")],
         )
         .await
-        .map_err(sql_err(
-            &dir.to,
-            "looking for the session holding the origin",
-        ))?;
+        .sql(&dir.to, "looking for the session holding the origin")?;
     Ok(rows
         .iter()
         .map(|r| Holder {

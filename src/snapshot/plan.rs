@@ -11,8 +11,8 @@
 
 use super::table::{Chunk, CopyTable};
 use crate::config::{Config, Direction, TableConfig};
-use crate::pg::node::{sql_err, NodeError};
-use crate::pg::sql::quote_ident;
+use crate::pg::error::SqlError;
+use crate::pg::node::{NodeError, SqlContext};
 use tokio_postgres::Client;
 
 /// How a table's chunks are written into the target.
@@ -69,7 +69,7 @@ pub(crate) async fn load(target: &Client, dir: &Direction) -> Result<Vec<TablePl
             &[&dir.from],
         )
         .await
-        .map_err(sql_err(&dir.to, "reading duplex.snapshots"))?;
+        .sql(&dir.to, "reading duplex.snapshots")?;
     Ok(rows
         .iter()
         .map(|r| TablePlan {
@@ -100,7 +100,7 @@ pub(crate) async fn pending(
             &[&dir.from, &table, &generation],
         )
         .await
-        .map_err(sql_err(&dir.to, "reading duplex.snapshot_chunks"))?;
+        .sql(&dir.to, "reading duplex.snapshot_chunks")?;
     let key = |v: Option<String>| -> Option<Vec<String>> { serde_json::from_str(&v?).ok() };
     Ok(rows
         .iter()
@@ -120,7 +120,7 @@ pub(crate) async fn source_has_rows(
     tc: &TableConfig,
 ) -> Result<bool, NodeError> {
     let (schema, table) = tc.schema_table_on(&dir.from);
-    let sql_name = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let sql_name = crate::event::TableName::new(schema, table).quoted();
     exists(source, &dir.from, &tc.name, &sql_name, "").await
 }
 
@@ -137,7 +137,7 @@ pub(crate) async fn store_nothing(
             &[&dir.from, &table],
         )
         .await
-        .map_err(sql_err(&dir.to, "storing a snapshot plan"))?;
+        .sql(&dir.to, "storing a snapshot plan")?;
     Ok(())
 }
 
@@ -204,7 +204,8 @@ async fn exists(
         )
         .await
         .map(|r| r.get(0))
-        .map_err(sql_err(node, format!("reading table {name}")))
+        .sql(node, format!("reading table {name}"))
+        .map_err(NodeError::from)
 }
 
 /// Plans `t`'s copy and stores it on the target, replacing an earlier plan of it:
@@ -233,7 +234,7 @@ pub(crate) async fn store(
         .chain(std::iter::once(None))
         .collect();
     let numbers: Vec<i32> = (0..chunks).collect();
-    let sql = || sql_err(&dir.to, format!("storing the plan of {}", t.name));
+    let sql = || SqlError::on(&dir.to, format!("storing the plan of {}", t.name));
     let tx = target.transaction().await.map_err(sql())?;
     let generation: i32 = tx
         .query_one(
@@ -289,6 +290,6 @@ pub(crate) async fn finish(
             &[&dir.from, &table],
         )
         .await
-        .map_err(sql_err(&dir.to, "finishing a snapshot"))?;
+        .sql(&dir.to, "finishing a snapshot")?;
     Ok(n > 0)
 }

@@ -16,7 +16,8 @@
 
 use super::table::CopyTable;
 use crate::config::{Config, Direction};
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{NodeError, SqlContext};
 use crate::pg::sql::{quote_ident, quote_literal};
 use tokio_postgres::Client;
 
@@ -104,10 +105,10 @@ async fn leaves(source: &Client, dir: &Direction, t: &CopyTable) -> Result<Vec<L
             &[&t.source_sql_name],
         )
         .await
-        .map_err(sql_err(
+        .sql(
             &dir.from,
             format!("reading the size of {}", t.name),
-        ))?;
+        )?;
     Ok(rows
         .iter()
         .map(|r| Leaf {
@@ -149,7 +150,7 @@ pub(crate) async fn split_at_most(
     t: &CopyTable,
     max_rows: i64,
 ) -> Result<Split, NodeError> {
-    let sql = |what: &str| sql_err(&dir.from, format!("{what} {}", t.name));
+    let sql = |what: &str| SqlError::on(&dir.from, format!("{what} {}", t.name));
     let count = || async {
         source
             .query_one(&format!("SELECT count(*) FROM {}", t.source_sql_name), &[])

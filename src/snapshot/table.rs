@@ -5,7 +5,7 @@
 
 use super::SnapshotError;
 use crate::config::{Direction, TableConfig};
-use crate::pg::node::sql_err;
+use crate::pg::node::SqlContext;
 use crate::pg::sql::{quote_ident, quote_literal};
 use crate::pg::table::TargetTable;
 use tokio_postgres::Client;
@@ -48,7 +48,7 @@ impl CopyTable {
             detail,
         };
         let read = |node: &str, t: Result<Option<TargetTable>, tokio_postgres::Error>| {
-            t.map_err(sql_err(node, format!("reading table {}", tc.name)))
+            t.sql(node, format!("reading table {}", tc.name))
         };
         let source_table = read(&dir.from, TargetTable::load(source, tc, &dir.from).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.from)))?;
@@ -75,7 +75,7 @@ impl CopyTable {
             ] {
                 binary &= binary_types(client, &table.sql_name, &columns)
                     .await
-                    .map_err(sql_err(node, format!("reading the types of {}", tc.name)))?;
+                    .sql(node, format!("reading the types of {}", tc.name))?;
             }
         }
         let key: Vec<(String, String)> = source_table

@@ -14,7 +14,7 @@
 //! case, numeric scale) is one row whose key columns differ ([`rows_of`]).
 
 use super::progress::Meter;
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::node::{NodeError, SqlContext};
 use crate::pg::sql::quote_ident;
 use crate::snapshot::table::{Chunk, CopyTable};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -86,8 +86,8 @@ impl Pair<'_> {
             self.clients.0.query(sql, &[]),
             self.clients.1.query(sql, &[])
         );
-        let a = a.map_err(sql_err(self.names.0, what.to_string()))?;
-        let b = b.map_err(sql_err(self.names.1, what.to_string()))?;
+        let a = a.sql(self.names.0, what.to_string())?;
+        let b = b.sql(self.names.1, what.to_string())?;
         Ok((read(&a), read(&b)))
     }
 }
@@ -181,7 +181,7 @@ async fn cut(
                     &[],
                 )
                 .await
-                .map_err(sql_err(name, format!("cutting {}", t.name)))?;
+                .sql(name, format!("cutting {}", t.name))?;
             if let (Some(min), Some(max)) = (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1))
             {
                 return Ok(crate::snapshot::split::width_bounds(min, max, rows, step)
@@ -194,7 +194,7 @@ async fn cut(
     Ok(client
         .query(&cut_sql(t, range), &[&step])
         .await
-        .map_err(sql_err(name, format!("cutting {}", t.name)))?
+        .sql(name, format!("cutting {}", t.name))?
         .iter()
         .map(|r| r.get(0))
         .collect())
@@ -344,8 +344,8 @@ pub(crate) async fn rows_of(
             pair.clients.0.query(&sql, &params),
             pair.clients.1.query(&sql, &params)
         );
-        let a = found_by_request(&a.map_err(sql_err(pair.names.0, what.clone()))?);
-        let b = found_by_request(&b.map_err(sql_err(pair.names.1, what.clone()))?);
+        let a = found_by_request(&a.sql(pair.names.0, what.clone())?);
+        let b = found_by_request(&b.sql(pair.names.1, what.clone())?);
         for (n, requested) in batch.iter().enumerate() {
             let (on_a, on_b) = (a.get(&(n as i64 + 1)), b.get(&(n as i64 + 1)));
             let again = on_a.is_some_and(|(k, _)| seen.0.contains(k))

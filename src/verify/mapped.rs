@@ -15,7 +15,7 @@ use crate::config::{Config, Direction, TableConfig};
 use crate::event::{Row, Value};
 use crate::mapping::keys::Pairings;
 use crate::mapping::PairMap;
-use crate::pg::node::sql_err;
+use crate::pg::node::SqlContext;
 use crate::pg::sql::{quote_ident, quote_literal};
 use crate::snapshot::table::{Chunk, CopyTable};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -128,7 +128,7 @@ async fn compare_rows(
         .0
         .query(&m.t.rows_where(filter), &[])
         .await
-        .map_err(sql_err(p.names.0, format!("reading {}", m.t.name)))?;
+        .sql(p.names.0, format!("reading {}", m.t.name))?;
     let images: Vec<Row> = rows
         .iter()
         .map(|r| {
@@ -276,7 +276,7 @@ async fn compare_on_second(
         .1
         .query(&sql, &[&serde_json::Value::Array(payload).to_string()])
         .await
-        .map_err(sql_err(p.names.1, format!("comparing {}", m.t.name)))?;
+        .sql(p.names.1, format!("comparing {}", m.t.name))?;
     let mut out = BTreeMap::new();
     for r in rows {
         let key: String = r.get(0);
@@ -321,10 +321,7 @@ async fn missing_on_first(
         Some(keys) => p.clients.1.query(&sql, &[label, &keys]).await,
         None => p.clients.1.query(&sql, &[label]).await,
     }
-    .map_err(sql_err(
-        p.names.1,
-        format!("reading the keys of {}", m.t.name),
-    ))?;
+    .sql(p.names.1, format!("reading the keys of {}", m.t.name))?;
     let mut out = BTreeMap::new();
     let mut paired: Vec<(String, String)> = Vec::new();
     let mut unpaired = Vec::new();
@@ -379,7 +376,7 @@ async fn present_on_first(
         let rows = client
             .query(&sql, &[&keys])
             .await
-            .map_err(sql_err(node, format!("reading the keys of {}", m.t.name)))?;
+            .sql(node, format!("reading the keys of {}", m.t.name))?;
         present.extend(rows.iter().map(|r| r.get::<_, String>(0)));
     }
     Ok(present)
@@ -498,10 +495,10 @@ pub(crate) async fn repair(
                     &[value],
                 )
                 .await
-                .map_err(sql_err(
+                .sql(
                     node,
                     format!("deleting a row of {} whose delete won", tc.name),
-                ))?;
+                )?;
         }
     }
     Ok(found.len())
@@ -540,7 +537,7 @@ async fn taken(
             &[&mine],
         )
         .await
-        .map_err(sql_err(node, format!("reading the keys of {label}")))?;
+        .sql(node, format!("reading the keys of {label}"))?;
     let present: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
     Ok(paired
         .into_iter()

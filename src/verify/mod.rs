@@ -51,6 +51,12 @@ pub enum VerifyError {
     Mapping(String),
 }
 
+impl From<crate::pg::error::SqlError> for VerifyError {
+    fn from(e: crate::pg::error::SqlError) -> Self {
+        VerifyError::Node(NodeError::Sql(e))
+    }
+}
+
 /// One key that differs.
 #[derive(Debug, Serialize)]
 pub struct KeyDifference {

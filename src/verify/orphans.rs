@@ -3,7 +3,7 @@
 //! PostgreSQL does not check foreign keys, so this is where a lost or misordered
 //! parent would show.
 
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::node::{NodeError, SqlContext};
 use crate::pg::sql::quote_ident;
 use tokio_postgres::Client;
 
@@ -36,7 +36,7 @@ pub(crate) async fn find(
             &[&table],
         )
         .await
-        .map_err(sql_err(node, format!("reading the foreign keys of {table}")))?;
+        .sql(node, format!("reading the foreign keys of {table}"))?;
     let mut out = Vec::new();
     for fk in fks {
         let (name, parent, cols, pcols): (String, String, Vec<String>, Vec<String>) =
@@ -52,7 +52,7 @@ pub(crate) async fn find(
             .collect();
         let child = table.split_once('.').map_or_else(
             || quote_ident(table),
-            |(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)),
+            |(s, t)| crate::event::TableName::new(s, t).quoted(),
         );
         let rows: i64 = client
             .query_one(
@@ -64,7 +64,7 @@ pub(crate) async fn find(
                 &[],
             )
             .await
-            .map_err(sql_err(node, format!("counting orphans of {name}")))?
+            .sql(node, format!("counting orphans of {name}"))?
             .get(0);
         if rows > 0 {
             out.push(Orphans {

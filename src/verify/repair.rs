@@ -23,7 +23,7 @@
 use super::compare::{self, Pair};
 use super::VerifyError;
 use crate::config::{Config, Direction, TableConfig};
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::node::{NodeError, SqlContext};
 use crate::pg::sql::quote_ident;
 use crate::snapshot::copy::CopyWorker;
 use crate::snapshot::table::CopyTable;
@@ -128,7 +128,7 @@ async fn deleted_later_on(
             &params,
         )
         .await
-        .map_err(sql_err(target_node, format!("reading a row of {}", t.name)))?;
+        .sql(target_node, format!("reading a row of {}", t.name))?;
     let Some(row) = row else { return Ok(false) };
     let (tomb_key, version): (String, Option<String>) = (row.get(0), row.get(1));
     // A row without a version is older than any delete, as the merge takes it.
@@ -150,10 +150,8 @@ async fn deleted_later_on(
         )
         .await
         .map(|r| r.get(0))
-        .map_err(sql_err(
-            source_node,
-            format!("reading the tombstones of {}", t.name),
-        ))
+        .sql(source_node, format!("reading the tombstones of {}", t.name))
+        .map_err(NodeError::from)
 }
 
 async fn delete(
@@ -168,6 +166,6 @@ async fn delete(
             &[],
         )
         .await
-        .map_err(sql_err(node, format!("deleting a row of {}", t.name)))?;
+        .sql(node, format!("deleting a row of {}", t.name))?;
     Ok(())
 }

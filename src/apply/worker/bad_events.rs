@@ -77,7 +77,7 @@ pub(super) fn pending_of<'p>(pending: &'p [Held], ev: &ChangeEvent) -> &'p Held 
 
 fn error_text(e: &WriteError) -> String {
     match e {
-        WriteError::Sql { source, .. } => crate::pg::node::describe(source),
+        WriteError::Sql(e) => crate::pg::node::describe(&e.source),
         other => other.to_string(),
     }
 }

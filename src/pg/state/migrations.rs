@@ -8,7 +8,8 @@
 //! reconnect takes no lock. A node at a version newer than this duplex knows was set
 //! up by a newer duplex, which this one refuses to run against.
 
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::error::SqlError;
+use crate::pg::node::{NodeError, SqlContext};
 use tokio_postgres::Client;
 
 /// One migration: its version, a name for logs, and its SQL.
@@ -60,7 +61,7 @@ pub(crate) async fn version(client: &Client, node: &str) -> Result<i32, NodeErro
             &[],
         )
         .await
-        .map_err(sql_err(node, "reading duplex.schema_version"))?
+        .sql(node, "reading duplex.schema_version")?
         .get(0);
     if !exists {
         return Ok(0);
@@ -71,7 +72,7 @@ pub(crate) async fn version(client: &Client, node: &str) -> Result<i32, NodeErro
             &[],
         )
         .await
-        .map_err(sql_err(node, "reading duplex.schema_version"))?
+        .sql(node, "reading duplex.schema_version")?
         .get(0))
 }
 
@@ -101,7 +102,7 @@ pub(crate) async fn migrate(client: &Client, node: &str) -> Result<Vec<String>, 
              );",
         )
         .await
-        .map_err(sql_err(node, "creating schema duplex"))?;
+        .sql(node, "creating schema duplex")?;
     for m in pending(at) {
         let sql = format!(
             "BEGIN;\n{}\nINSERT INTO duplex.schema_version (version) VALUES ({});\nCOMMIT;",
@@ -110,13 +111,11 @@ pub(crate) async fn migrate(client: &Client, node: &str) -> Result<Vec<String>, 
         if let Err(e) = client.batch_execute(&sql).await {
             // The failed transaction is still open on the session.
             let _ = client.batch_execute("ROLLBACK").await;
-            return Err(sql_err(
-                node,
-                format!(
-                    "migrating schema duplex to version {} ({})",
-                    m.version, m.name
-                ),
-            )(e));
+            let context = format!(
+                "migrating schema duplex to version {} ({})",
+                m.version, m.name
+            );
+            return Err(SqlError::new(node, context, e).into());
         }
         tracing::info!(
             node,

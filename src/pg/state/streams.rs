@@ -7,7 +7,7 @@
 //! from there: the whole stream, and nothing of an older one (an earlier deployment's
 //! events, a slot that was created again).
 
-use crate::pg::node::{sql_err, NodeError};
+use crate::pg::node::{NodeError, SqlContext};
 use tokio_postgres::Client;
 
 /// What the source node records of a stream's start on a topic.
@@ -37,7 +37,7 @@ pub(crate) async fn record_start(
             &[&stream, &topic, &end],
         )
         .await
-        .map_err(sql_err(node, "writing duplex.stream_starts"))?;
+        .sql(node, "writing duplex.stream_starts")?;
     Ok(())
 }
 
@@ -54,7 +54,7 @@ pub(crate) async fn start_of(
             &[&stream, &topic],
         )
         .await
-        .map_err(sql_err(node, "reading duplex.stream_starts"))?;
+        .sql(node, "reading duplex.stream_starts")?;
     Ok(match row {
         None => StreamStart::NotYet,
         Some(r) => r
