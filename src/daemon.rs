@@ -134,8 +134,13 @@ async fn start_metrics(
         .await
         .map_err(|e| format!("metrics.listen {addr}: {e}"))?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    Ok(metrics::serve(listener, handle, health, stop)
-        .instrument(tracing::info_span!("metrics_http")))
+    Ok(metrics::serve(
+        listener,
+        handle,
+        health,
+        async move { stop.requested().await },
+    )
+    .instrument(tracing::info_span!("metrics_http")))
 }
 
 #[cfg(test)]

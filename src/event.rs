@@ -221,8 +221,10 @@ impl<'a> TableName<'a> {
 
     /// `"schema"."name"`, each part quoted as an SQL identifier.
     pub fn quoted(&self) -> String {
-        use crate::pg::sql::quote_ident;
-        format!("{}.{}", quote_ident(self.schema), quote_ident(self.name))
+        // As `pg::sql::quote_ident` quotes, written here so that `event` needs
+        // nothing above it.
+        let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        format!("{}.{}", quote(self.schema), quote(self.name))
     }
 }
 

@@ -1,7 +1,6 @@
 //! The small HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
 
 use super::health::{Health, Role};
-use crate::runtime::Stop;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,15 +15,21 @@ const MAX_CONNECTIONS: usize = 64;
 /// How long one connection may take to send its request and read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the endpoints on `listener` until `stop` turns true. Each connection is
+/// Serves the endpoints on `listener` until `stop` resolves. Each connection is
 /// served by a task of its own (at most [`MAX_CONNECTIONS`], each at most
 /// [`REQUEST_TIMEOUT`]), so a slow or idle client never holds up a probe or a scrape.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, health: Health, stop: Stop) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Health,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
     // Dropped on return: the connections still open are aborted with it.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = stop.requested() => return,
+            _ = &mut stop => return,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
