@@ -47,6 +47,21 @@ async fn either_logs(instances: &[&Daemon], needle: &str, timeout: Duration) {
     .await;
 }
 
+/// The copy sessions of direction a_to_b on `b`: pid, application name, state and
+/// wait event, for a failure's message.
+async fn copy_sessions(b: &Client) -> Vec<(i32, String, String, String)> {
+    b.query(
+        "SELECT pid, application_name, coalesce(state, ''), coalesce(wait_event, '')
+         FROM pg_stat_activity WHERE application_name LIKE 'duplex snapshot a_to_b%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
 /// Node b reached through a proxy; the active instance's connections to it stall for
 /// good in the middle of a chunk, and so do those it opens later (a hung middlebox:
 /// the node still sees them open).
@@ -103,6 +118,7 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
     proxy.stall_new_connections(true);
     proxy.delay(0);
     let stalled_at = Instant::now();
+    let at_stall = copy_sessions(&b).await;
     let (config, _) = rig.second_instance_config();
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace(proxied.as_str(), direct.as_str())).unwrap();
@@ -122,7 +138,7 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
     assert!(
         both.iter()
             .any(|d| d.logs().contains("ended an earlier copy session")),
-        "{}\n---\n{}",
+        "copy sessions on b at the stall: {at_stall:?}\n{}\n---\n{}",
         first.logs(),
         second.logs()
     );
