@@ -47,12 +47,13 @@ async fn either_logs(instances: &[&Daemon], needle: &str, timeout: Duration) {
     .await;
 }
 
-/// The copy sessions of direction a_to_b on `b`: pid, application name, state and
-/// wait event, for a failure's message.
+/// The copy sessions of direction a_to_b on `b`'s database: pid, application name,
+/// state and wait event, for a failure's message.
 async fn copy_sessions(b: &Client) -> Vec<(i32, String, String, String)> {
     b.query(
         "SELECT pid, application_name, coalesce(state, ''), coalesce(wait_event, '')
-         FROM pg_stat_activity WHERE application_name LIKE 'duplex snapshot a_to_b%'",
+         FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'duplex snapshot a_to_b%'",
         &[],
     )
     .await
@@ -101,15 +102,25 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
     let until = Instant::now() + Duration::from_secs(20);
     let writing = tokio::spawn(application(cl.client(&rig.db_a).await, 400_000, until));
     let first = rig.start();
-    wait_for("a chunk being copied", Duration::from_secs(60), || async {
-        let n = count(
-            &b,
-            "SELECT count(*) FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid)
-             WHERE a.application_name LIKE 'duplex snapshot a_to_b #%' AND p.bytes_processed > 0",
-        )
-        .await;
-        (n > 0).then_some(())
-    })
+    // Early in a chunk (its first 2 MB of about 13), with more chunks after
+    // it: the stall cuts a COPY, and the copy has work left to take over. (Stalled
+    // between chunks, or after the last, there would be no COPY to end.)
+    wait_for(
+        "a chunk just begun, more to come",
+        Duration::from_secs(60),
+        || async {
+            let n = count(
+                &b,
+                "SELECT count(*) FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid)
+             WHERE a.datname = current_database()
+               AND a.application_name LIKE 'duplex snapshot a_to_b #%'
+               AND p.bytes_processed BETWEEN 1 AND 2000000
+               AND (SELECT count(*) FROM duplex.snapshot_chunks WHERE copied_at IS NULL) >= 2",
+            )
+            .await;
+            (n > 0).then_some(())
+        },
+    )
     .await;
     // The first instance's way to node b hangs: what it had open, and what it opens
     // from now on, so that it cannot take its lease back; the second instance
