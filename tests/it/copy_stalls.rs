@@ -112,10 +112,11 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
             let n = count(
                 &b,
                 "SELECT count(*) FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid)
-             WHERE a.datname = current_database()
-               AND a.application_name LIKE 'duplex snapshot a_to_b #%'
-               AND p.bytes_processed BETWEEN 1 AND 2000000
-               AND (SELECT count(*) FROM duplex.snapshot_chunks WHERE copied_at IS NULL) >= 2",
+                 WHERE a.datname = current_database()
+                   AND a.application_name LIKE 'duplex snapshot a_to_b #%'
+                   AND p.bytes_processed BETWEEN 1 AND 2000000
+                   AND (SELECT count(*) FROM duplex.snapshot_chunks
+                        WHERE source_node = 'a' AND copied_at IS NULL) >= 2",
             )
             .await;
             (n > 0).then_some(())
