@@ -1,5 +1,7 @@
-//! PostgreSQL 15 clusters for tests: initdb into a temp dir, wal_level=logical, a free
-//! loopback port, started with pg_ctl and stopped (SIGQUIT) at exit.
+//! PostgreSQL clusters for tests: initdb into a temp dir, wal_level=logical, a free
+//! loopback port, started with pg_ctl and stopped (SIGQUIT) at exit. The server is
+//! Debian's PostgreSQL 15, or the one in `DUPLEX_PG_BIN` (initdb, pg_ctl, postgres and
+//! psql; `scripts/dev-env install` puts 13 to 18 in /var/cache/duplex/postgresql).
 
 use super::{free_port, register, temp_dir, unique, Cleanup};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,24 @@ host replication all 127.0.0.1/32 trust
 pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
+}
+
+/// The major version of the server the tests run (`postgres --version`).
+pub fn server_major() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new(pg_bin("postgres"))
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", pg_bin("postgres").display()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "postgres (PostgreSQL) 18.4"
+        text.rsplit(' ')
+            .next()
+            .and_then(|v| v.trim().split('.').next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("no version in {text:?}"))
+    })
 }
 
 fn pg_bin(tool: &str) -> PathBuf {
@@ -113,6 +133,10 @@ impl Cluster {
             ("wal_sender_timeout", "60s".into()),
             ("max_slot_wal_keep_size", "'10GB'".into()),
         ];
+        if server_major() >= 18 {
+            // From 18, origins with replay state have their own cap (default 10).
+            conf.push(("max_active_replication_origins", "512".into()));
+        }
         for (k, v) in settings {
             conf.retain(|(c, _)| c != k);
             conf.push((k, v.to_string()));
