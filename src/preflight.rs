@@ -139,9 +139,9 @@ pub async fn node_problems(
     let (wal_level, encoding): (String, String) = (row.get(0), row.get(1));
     let (superuser, replication, user): (bool, bool, String) = (row.get(2), row.get(3), row.get(4));
     let version: i32 = row.get(5);
-    if version < 150000 {
+    if version < 130000 {
         problems.push(format!(
-            "node {node}: PostgreSQL {version} is too old; duplex needs 15 or newer"
+            "node {node}: PostgreSQL {version} is too old; duplex needs 13 or newer"
         ));
     }
     if is_source && wal_level != "logical" {
@@ -164,7 +164,14 @@ pub async fn node_problems(
         .unwrap_or_default()
         .iter()
         .any(|d| d.to == node);
-    if is_target && !superuser {
+    if is_target && !superuser && version < 150000 {
+        // GRANT SET ON PARAMETER came with PostgreSQL 15: before it, only a superuser
+        // may set session_replication_role.
+        problems.push(format!(
+            "node {node}: role {user} may not set session_replication_role, which apply sessions need: on PostgreSQL {} only a superuser may (ALTER ROLE {user} SUPERUSER), or upgrade the node to 15 or newer and GRANT SET ON PARAMETER session_replication_role TO {user}",
+            version / 10000
+        ));
+    } else if is_target && !superuser {
         let row = client
             .query_one(
                 "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),

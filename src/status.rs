@@ -24,6 +24,9 @@ pub struct NodeStatus {
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
     pub safe_wal_size_bytes: Option<i64>,
+    /// Why PostgreSQL invalidated the slot (`invalidation_reason`, PostgreSQL 17 and
+    /// later; before 17 an invalidated slot shows only as `wal_status` lost).
+    pub invalidation_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,10 +76,13 @@ impl Status {
     pub fn gate(&self, max_lag_seconds: f64) -> Vec<String> {
         let mut failing = self.problems.clone();
         for n in &self.nodes {
-            if n.wal_status.as_deref() == Some("lost") {
+            if n.wal_status.as_deref() == Some("lost") || n.invalidation_reason.is_some() {
+                let reason = n.invalidation_reason.as_deref();
                 failing.push(format!(
-                    "node {}: slot {} was invalidated by PostgreSQL (wal_status lost): its unread changes are gone; run `duplex setup`, then `duplex snapshot`",
-                    n.node, n.slot
+                    "node {}: slot {} was invalidated by PostgreSQL ({}): its unread changes are gone; run `duplex setup`, then `duplex snapshot`",
+                    n.node,
+                    n.slot,
+                    crate::pg::node::invalidation_cause(reason)
                 ));
             }
         }
@@ -208,8 +214,9 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
     let row = client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
-                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, safe_wal_size
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, safe_wal_size,
+                    to_jsonb(s) ->> 'invalidation_reason'
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot_name],
         )
         .await
@@ -225,6 +232,7 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
             retained_wal_bytes: r.get(3),
             wal_status: r.get(4),
             safe_wal_size_bytes: r.get(5),
+            invalidation_reason: r.get(6),
         },
         None => NodeStatus {
             node: node.to_string(),
@@ -236,6 +244,7 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
             retained_wal_bytes: None,
             wal_status: None,
             safe_wal_size_bytes: None,
+            invalidation_reason: None,
         },
     })
 }

@@ -34,11 +34,14 @@ pub enum NodeError {
         created_lsn: String,
         created_at: String,
     },
-    #[error("node {node}: replication slot {slot} was invalidated by PostgreSQL (wal_status lost): it held more WAL than max_slot_wal_keep_size allows, and the changes it had not read since LSN {confirmed} are gone. Run `duplex setup` (it drops the invalidated slot and creates it again), then `duplex snapshot` to bring the peer level with this node; raise max_slot_wal_keep_size if duplex may be stopped this long again")]
+    #[error("node {node}: replication slot {slot} was invalidated by PostgreSQL ({}), and the changes it had not read since LSN {confirmed} are gone. Run `duplex setup` (it drops the invalidated slot and creates it again), then `duplex snapshot` to bring the peer level with this node; {}", invalidation_cause(reason.as_deref()), invalidation_advice(reason.as_deref()))]
     SlotInvalidated {
         node: String,
         slot: String,
         confirmed: String,
+        /// `invalidation_reason` (PostgreSQL 17 and later); `None` before 17, where
+        /// only a slot that lost its WAL shows as invalidated (`wal_status` lost).
+        reason: Option<String>,
     },
     #[error("node {node}: {detail} (recorded in duplex.slots.topic_lost when it was found; nothing reads or writes this topic until it is cleared)")]
     TopicLost { node: String, detail: String },
@@ -56,6 +59,34 @@ pub enum NodeError {
         slot: String,
         pid: i32,
     },
+}
+
+/// Why PostgreSQL invalidated a slot, from its `invalidation_reason`.
+pub fn invalidation_cause(reason: Option<&str>) -> String {
+    match reason {
+        None | Some("wal_removed") => {
+            "wal_status lost: it held more WAL than max_slot_wal_keep_size allows".into()
+        }
+        Some("rows_removed") => "invalidation_reason rows_removed: VACUUM removed catalog rows it still needed (on a standby: hot_standby_feedback is off, or no physical slot holds them on the primary)".into(),
+        Some("wal_level_insufficient") => "invalidation_reason wal_level_insufficient: wal_level was lowered below logical".into(),
+        Some("idle_timeout") => "invalidation_reason idle_timeout: it was unused for longer than idle_replication_slot_timeout".into(),
+        Some(other) => format!("invalidation_reason {other}"),
+    }
+}
+
+/// What keeps a slot from being invalidated the same way again.
+pub fn invalidation_advice(reason: Option<&str>) -> &'static str {
+    match reason {
+        None | Some("wal_removed") => {
+            "raise max_slot_wal_keep_size if duplex may be stopped this long again"
+        }
+        Some("rows_removed") => "keep hot_standby_feedback on where duplex reads a standby",
+        Some("wal_level_insufficient") => "keep wal_level = logical",
+        Some("idle_timeout") => {
+            "raise idle_replication_slot_timeout (or set it to 0) above the longest time duplex may be stopped"
+        }
+        Some(_) => "see PostgreSQL's documentation of pg_replication_slots.invalidation_reason",
+    }
 }
 
 impl Classify for NodeError {

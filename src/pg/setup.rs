@@ -179,21 +179,29 @@ async fn ensure_slot(
     let slot = cfg.slot_name(node);
     let row = client
         .query_opt(
-            "SELECT plugin, database, wal_status, coalesce(confirmed_flush_lsn::text, '?')
-             FROM pg_replication_slots WHERE slot_name = $1",
+            // invalidation_reason exists from PostgreSQL 17 (read through jsonb, so
+            // that older servers answer NULL rather than fail).
+            "SELECT plugin, database, wal_status, coalesce(confirmed_flush_lsn::text, '?'),
+                    to_jsonb(s) ->> 'invalidation_reason'
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .sql(node, "reading pg_replication_slots")?;
     let row = match row {
-        // PostgreSQL invalidated the slot (max_slot_wal_keep_size): it can never
-        // stream again. Only the operator's `duplex setup` replaces it.
-        Some(row) if row.get::<_, Option<String>>(2).as_deref() == Some("lost") => {
+        // PostgreSQL invalidated the slot (its WAL removed, or from 17 another
+        // reason): it can never stream again. Only the operator's `duplex setup`
+        // replaces it.
+        Some(row)
+            if row.get::<_, Option<String>>(2).as_deref() == Some("lost")
+                || row.get::<_, Option<String>>(4).is_some() =>
+        {
             if lost == LostSlot::Refuse {
                 return Err(NodeError::SlotInvalidated {
                     node: node.to_string(),
                     slot,
                     confirmed: row.get(3),
+                    reason: row.get(4),
                 });
             }
             client
