@@ -48,7 +48,8 @@ async fn either_logs(instances: &[&Daemon], needle: &str, timeout: Duration) {
 }
 
 /// Node b reached through a proxy; the active instance's connections to it stall for
-/// good in the middle of a chunk (a hung middlebox: the node still sees them open).
+/// good in the middle of a chunk, and so do those it opens later (a hung middlebox:
+/// the node still sees them open).
 /// Its COPY sessions stay on the node holding the copy's replication origins; another
 /// instance (whichever takes the lease) ends them once they have been silent for
 /// `sync.receive_timeout_ms`, and finishes the copy, within the takeover bound plus
@@ -95,10 +96,16 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
         (n > 0).then_some(())
     })
     .await;
+    // The first instance's way to node b hangs: what it had open, and what it opens
+    // from now on, so that it cannot take its lease back; the second instance
+    // reaches node b directly.
     proxy.stall_open_connections();
+    proxy.stall_new_connections(true);
     proxy.delay(0);
     let stalled_at = Instant::now();
     let (config, _) = rig.second_instance_config();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(proxied.as_str(), direct.as_str())).unwrap();
     let second = rig.start_with(&config);
     let both = [&first, &second];
     either_logs(
