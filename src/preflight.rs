@@ -119,6 +119,60 @@ async fn replication_problem(cfg: &Config, node: &str) -> Option<String> {
     Some(format!("node {node}: replication connection: {e}"))
 }
 
+/// What a role that is not a superuser lacks to apply on `node` (replication origins,
+/// `session_replication_role`, `deadlock_timeout`), on a server of `version`
+/// (`server_version_num`).
+async fn target_privilege_problems(
+    client: &Client,
+    node: &str,
+    user: &str,
+    version: i32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
+    let origins: bool = client
+        .query_one(
+            "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !origins {
+        problems.push(format!(
+            "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
+        ));
+    }
+    if version < 150000 {
+        // GRANT SET ON PARAMETER came with PostgreSQL 15: before it, only a superuser
+        // may set these.
+        let major = version / 10000;
+        problems.push(format!(
+            "node {node}: role {user} may not set session_replication_role, which apply sessions need: on PostgreSQL {major} only a superuser may (ALTER ROLE {user} SUPERUSER), or upgrade the node to 15 or newer and GRANT SET ON PARAMETER session_replication_role TO {user}"
+        ));
+        problems.push(format!(
+            "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted: on PostgreSQL {major} only a superuser may"
+        ));
+        return Ok(problems);
+    }
+    let row = client
+        .query_one(
+            "SELECT has_parameter_privilege('session_replication_role', 'SET'),
+                    has_parameter_privilege('deadlock_timeout', 'SET')",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        problems.push(format!(
+            "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
+        ));
+    }
+    if !row.get::<_, bool>(1) {
+        problems.push(format!(
+            "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted; run GRANT SET ON PARAMETER deadlock_timeout TO {user}"
+        ));
+    }
+    Ok(problems)
+}
+
 /// Problems on one node, as lines for the operator.
 pub async fn node_problems(
     cfg: &Config,
@@ -164,37 +218,8 @@ pub async fn node_problems(
         .unwrap_or_default()
         .iter()
         .any(|d| d.to == node);
-    if is_target && !superuser && version < 150000 {
-        // GRANT SET ON PARAMETER came with PostgreSQL 15: before it, only a superuser
-        // may set session_replication_role.
-        problems.push(format!(
-            "node {node}: role {user} may not set session_replication_role, which apply sessions need: on PostgreSQL {} only a superuser may (ALTER ROLE {user} SUPERUSER), or upgrade the node to 15 or newer and GRANT SET ON PARAMETER session_replication_role TO {user}",
-            version / 10000
-        ));
-    } else if is_target && !superuser {
-        let row = client
-            .query_one(
-                "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),
-                        has_parameter_privilege('session_replication_role', 'SET'),
-                        has_parameter_privilege('deadlock_timeout', 'SET')",
-                &[],
-            )
-            .await?;
-        if !row.get::<_, bool>(0) {
-            problems.push(format!(
-                "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
-            ));
-        }
-        if !row.get::<_, bool>(1) {
-            problems.push(format!(
-                "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
-            ));
-        }
-        if !row.get::<_, bool>(2) {
-            problems.push(format!(
-                "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted; run GRANT SET ON PARAMETER deadlock_timeout TO {user}"
-            ));
-        }
+    if is_target && !superuser {
+        problems.extend(target_privilege_problems(client, node, &user, version).await?);
     }
     // `duplex setup` creates the duplex schema and the publication.
     let row = client

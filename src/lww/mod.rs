@@ -232,7 +232,7 @@ impl<'a> TargetWriter<'a> {
                 let ended = self
                     .client
                     .query(
-                        "SELECT pid, pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                        "SELECT pid, duplex.terminate_backend(pid, 5000) FROM pg_stat_activity
                          WHERE datname = current_database() AND application_name = $1
                            AND pid <> pg_backend_pid() AND state LIKE 'idle%'
                            AND clock_timestamp() - state_change > $2 * interval '1 second'",

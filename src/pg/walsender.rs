@@ -159,10 +159,8 @@ impl WalsenderConnection {
             match parse_backend(frame)? {
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
-                backend::Message::ParameterStatus(p) => {
-                    if p.name()? == "server_version" {
-                        self.server_major = major_of(p.value()?);
-                    }
+                backend::Message::ParameterStatus(p) if p.name()? == "server_version" => {
+                    self.server_major = major_of(p.value()?);
                 }
                 _ => {}
             }

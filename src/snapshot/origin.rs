@@ -103,7 +103,7 @@ pub(crate) async fn take(
                 continue;
             }
             target
-                .execute("SELECT pg_terminate_backend($1, 5000)", &[&h.pid])
+                .execute("SELECT duplex.terminate_backend($1, 5000)", &[&h.pid])
                 .await
                 .sql(&dir.to, "ending a copy session left behind")?;
             tracing::warn!(direction = %dir, origin, pid = h.pid, state = %h.state,

@@ -41,6 +41,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "plan_generation",
         sql: include_str!("migrations/0004_plan_generation.sql"),
     },
+    Migration {
+        version: 5,
+        name: "terminate_backend",
+        sql: include_str!("migrations/0005_terminate_backend.sql"),
+    },
 ];
 
 /// The newest version this duplex knows.
