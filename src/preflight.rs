@@ -129,13 +129,22 @@ async fn target_privilege_problems(
     version: i32,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
     let mut problems = Vec::new();
-    let origins: bool = client
-        .query_one(
-            "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')",
-            &[],
-        )
-        .await?
-        .get(0);
+    let major = version / 10000;
+    if version < 140000 {
+        // PostgreSQL 13's replication origin functions check for a superuser
+        // themselves; from 14 they go by EXECUTE privileges.
+        problems.push(format!(
+            "node {node}: role {user} may not use replication origins: on PostgreSQL {major} only a superuser may (ALTER ROLE {user} SUPERUSER)"
+        ));
+    }
+    let origins: bool = version < 140000
+        || client
+            .query_one(
+                "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')",
+                &[],
+            )
+            .await?
+            .get(0);
     if !origins {
         problems.push(format!(
             "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
@@ -144,7 +153,6 @@ async fn target_privilege_problems(
     if version < 150000 {
         // GRANT SET ON PARAMETER came with PostgreSQL 15: before it, only a superuser
         // may set these.
-        let major = version / 10000;
         problems.push(format!(
             "node {node}: role {user} may not set session_replication_role, which apply sessions need: on PostgreSQL {major} only a superuser may (ALTER ROLE {user} SUPERUSER), or upgrade the node to 15 or newer and GRANT SET ON PARAMETER session_replication_role TO {user}"
         ));
