@@ -21,7 +21,7 @@ const STRICTER_B: &str = "ALTER TABLE items ALTER qty TYPE int USING qty::int;
 async fn a_bad_event_halts_its_direction_only_and_resumes_after_the_fix() {
     let rig = Rig::both(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute("ALTER TABLE items ALTER qty TYPE int USING qty::int")
         .await
         .unwrap();
@@ -91,7 +91,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
         );
     std::fs::write(&rig.config, cfg).unwrap();
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute(STRICTER_B).await.unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
@@ -184,7 +184,7 @@ async fn a_slow_dead_letter_broker_is_no_stall_of_the_target() {
         ),
     ]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute(STRICTER_B).await.unwrap();
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();

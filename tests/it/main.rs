@@ -46,3 +46,4 @@ mod truncations;
 mod upgrade;
 mod verify;
 mod verify_edges;
+mod versions;
