@@ -181,6 +181,63 @@ async fn target_privilege_problems(
     Ok(problems)
 }
 
+/// Whether `node`'s cluster has room for the replication origins duplex writes under
+/// there ([`Config::origins_on`]): each keeps a replay state, and the cluster caps
+/// them (`max_active_replication_origins` from PostgreSQL 18, default 10;
+/// `max_replication_slots` before). Past the cap a copy worker or the apply session
+/// fails to set its origin up.
+async fn origin_room_problem(
+    cfg: &Config,
+    node: &str,
+    client: &Client,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let ours = cfg.origins_on(node);
+    if ours.is_empty() {
+        return Ok(None);
+    }
+    let setting = if version >= 180000 {
+        "max_active_replication_origins"
+    } else {
+        "max_replication_slots"
+    };
+    let row = client
+        .query_one(
+            "SELECT current_setting($1)::int,
+                    has_table_privilege('pg_replication_origin_status', 'SELECT')",
+            &[&setting],
+        )
+        .await?;
+    let (cap, readable): (i32, bool) = (row.get(0), row.get(1));
+    // Other origins' replay states (a native subscription's, another deployment's)
+    // count against the same cap; only a superuser may see them by default.
+    let others: i64 = if readable {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_origin_status s
+                 JOIN pg_replication_origin o ON o.roident = s.local_id
+                 WHERE NOT o.roname = ANY($1)",
+                &[&ours],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
+    let need = others + ours.len() as i64;
+    Ok((need > i64::from(cap)).then(|| {
+        format!(
+            "node {node}: duplex writes under up to {} replication origins here (per direction into it, one to apply and one per snapshot.workers copy worker, two with mapped tables){}, but {setting} = {cap} caps their replay states: set {setting} = {need} or more in postgresql.conf and restart PostgreSQL, or lower snapshot.workers",
+            ours.len(),
+            if others > 0 {
+                format!(", and {others} other origins on the cluster hold replay states")
+            } else {
+                String::new()
+            }
+        )
+    }))
+}
+
 /// Problems on one node, as lines for the operator.
 pub async fn node_problems(
     cfg: &Config,
@@ -229,6 +286,7 @@ pub async fn node_problems(
     if is_target && !superuser {
         problems.extend(target_privilege_problems(client, node, &user, version).await?);
     }
+    problems.extend(origin_room_problem(cfg, node, client, version).await?);
     // `duplex setup` creates the duplex schema and the publication.
     let row = client
         .query_one(

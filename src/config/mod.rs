@@ -433,6 +433,31 @@ impl Config {
             .find(|t| t.schema_table() == (schema, table))
     }
 
+    /// Every replication origin duplex writes under on `node`: per direction into it,
+    /// the apply origin and one per copy worker (`snapshot.workers`), and with a mapped
+    /// table a second per worker for its mapped copies. Each keeps a replay state on
+    /// the node's cluster from its first use until it is dropped, and the cluster caps
+    /// those (`max_active_replication_origins` from PostgreSQL 18,
+    /// `max_replication_slots` before).
+    pub fn origins_on(&self, node: &str) -> Vec<String> {
+        let mapped = self.tables.iter().any(TableConfig::is_mapped);
+        let mut origins = Vec::new();
+        for dir in self.directions().unwrap_or_default() {
+            if dir.to != node {
+                continue;
+            }
+            let apply = self.origin_name(&dir);
+            for n in 0..self.snapshot.workers {
+                origins.push(format!("{apply}_copy{n}"));
+                if mapped {
+                    origins.push(format!("{apply}_copy{n}m"));
+                }
+            }
+            origins.push(apply);
+        }
+        origins
+    }
+
     /// The replication origin under which changes from `from` are applied.
     /// Origins are cluster-wide, like slots: the target's slot name keeps two duplex
     /// deployments on one cluster apart.
