@@ -10,7 +10,7 @@
 mod acls;
 
 use crate::config::Config;
-use crate::pg::walsender::WalsenderConnection;
+use crate::pg::node::NodeError;
 use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::Instrument;
@@ -101,22 +101,18 @@ async fn topic_problems(cfg: &Config) -> Vec<String> {
 /// Opens a replication connection the way `duplex run` does (its own TLS handshake
 /// and authentication, and pg_hba.conf's `replication` lines) and identifies the node.
 async fn replication_problem(cfg: &Config, node: &str) -> Option<String> {
-    let node_cfg = cfg.nodes.get(node)?;
-    let pg = node_cfg.pg_config().ok()?;
-    let tls = match crate::pg::node::tls_of(cfg, node) {
-        Ok(tls) => tls,
-        Err(e) => return Some(e.to_string()),
-    };
-    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let allow_cleartext = node_cfg.allow_cleartext_password;
     let identified = async {
-        WalsenderConnection::connect(&pg, &tls, "duplex check", timeout, allow_cleartext)
+        crate::pg::node::replication(cfg, node, "check")
             .await?
             .identify_system()
             .await
+            .map_err(|source| NodeError::Walsender {
+                node: node.to_string(),
+                context: "replication connection".into(),
+                source: Box::new(source),
+            })
     };
-    let e = identified.await.err()?;
-    Some(format!("node {node}: replication connection: {e}"))
+    Some(identified.await.err()?.to_string())
 }
 
 /// What a role that is not a superuser lacks to apply on `node` (replication origins,
@@ -238,6 +234,31 @@ async fn origin_room_problem(
     }))
 }
 
+/// What keeps `node`'s failover slot from carrying on after its standby is promoted:
+/// no failover slots before PostgreSQL 17; and without `synchronized_standby_slots`
+/// the primary sends duplex changes its standby may not have yet, which a promotion
+/// would take from the node after the peer applied them.
+async fn failover_problem(
+    client: &Client,
+    node: &str,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if version < 170000 {
+        return Ok(Some(format!(
+            "node {node}: nodes.{node}.failover_slot needs PostgreSQL 17 or newer, and this node runs {version}"
+        )));
+    }
+    let standbys: String = client
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+        .await?
+        .get(0);
+    Ok(standbys.trim().is_empty().then(|| {
+        format!(
+            "node {node}: nodes.{node}.failover_slot is set, but synchronized_standby_slots is empty: the node may send duplex changes its standby has not received, and after the standby is promoted the peer would hold changes the new primary never had. Set synchronized_standby_slots to the standby's physical slot in postgresql.conf and reload"
+        )
+    }))
+}
+
 /// Problems on one node, as lines for the operator.
 pub async fn node_problems(
     cfg: &Config,
@@ -267,6 +288,9 @@ pub async fn node_problems(
         problems.push(format!(
             "node {node}: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
         ));
+    }
+    if is_source && cfg.nodes.get(node).is_some_and(|n| n.failover_slot) {
+        problems.extend(failover_problem(client, node, version).await?);
     }
     if is_source && !superuser && !replication {
         problems.push(format!(

@@ -25,6 +25,12 @@ pub enum NodeError {
     },
     #[error("node {node}: connecting timed out")]
     Timeout { node: String },
+    #[error("node {node}: {context}: {source}")]
+    Walsender {
+        node: String,
+        context: String,
+        source: Box<crate::pg::walsender::WalsenderError>,
+    },
     #[error("node {node}: {0}", .detail)]
     Config { node: String, detail: String },
     #[error("node {node}: replication slot {slot} is gone (duplex created it at LSN {created_lsn} on {created_at}): changes made on this node since it was lost were never read. Bring the peer level with this node (copy the configured tables), then run `duplex setup` to create the slot again")]
@@ -102,6 +108,7 @@ impl Classify for NodeError {
                 ErrorClass::Transient
             }
             NodeError::SlotCreation { source, .. } => sql_class(source),
+            NodeError::Walsender { source, .. } => source.class(),
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
             NodeError::Config { .. }
             | NodeError::SlotLost { .. }
@@ -136,6 +143,38 @@ pub fn keepalive_sql(cfg: &Config) -> String {
         "SET tcp_keepalives_idle = {s}; SET tcp_keepalives_interval = {s}; \
          SET tcp_keepalives_count = 3"
     )
+}
+
+/// Opens a replication connection to `node` as `duplex run` does (its own TLS
+/// handshake and authentication, pg_hba.conf's `replication` lines), named "duplex
+/// `purpose`".
+pub async fn replication(
+    cfg: &Config,
+    node: &str,
+    purpose: &str,
+) -> Result<crate::pg::walsender::WalsenderConnection, NodeError> {
+    let node_cfg = cfg.nodes.get(node).ok_or_else(|| NodeError::Config {
+        node: node.to_string(),
+        detail: "not in the config".into(),
+    })?;
+    let pg = node_cfg.pg_config().map_err(|e| NodeError::Config {
+        node: node.to_string(),
+        detail: e.to_string(),
+    })?;
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    crate::pg::walsender::WalsenderConnection::connect(
+        &pg,
+        &tls_of(cfg, node)?,
+        &format!("duplex {purpose}"),
+        timeout,
+        node_cfg.allow_cleartext_password,
+    )
+    .await
+    .map_err(|source| NodeError::Walsender {
+        node: node.to_string(),
+        context: "replication connection".into(),
+        source: Box::new(source),
+    })
 }
 
 /// Opens an ordinary SQL session to `node`, with duplex's fixed output settings. The

@@ -11,6 +11,7 @@ mod convergence;
 mod copy_stalls;
 mod cutover;
 mod deploy;
+mod failover;
 mod first_start;
 mod gaps;
 mod harness;

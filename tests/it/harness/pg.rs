@@ -74,7 +74,7 @@ fn major_of(bin: &Path) -> u32 {
 
 /// Runs the PostgreSQL tool in `bin`, as the `postgres` OS user when we are root
 /// (initdb and the server refuse to run as root).
-fn pg_command(bin: &Path, tool: &str) -> Command {
+pub(super) fn pg_command(bin: &Path, tool: &str) -> Command {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let mut c = Command::new("runuser");
@@ -85,7 +85,7 @@ fn pg_command(bin: &Path, tool: &str) -> Command {
     }
 }
 
-fn run(mut c: Command, what: &str) {
+pub(super) fn run(mut c: Command, what: &str) {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
@@ -177,23 +177,13 @@ impl Cluster {
         let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         existing.push_str(&text);
         std::fs::write(data.join("postgresql.conf"), existing).unwrap();
-        let mut start = pg_command(&bin, "pg_ctl");
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "60", "start"]);
-        run(start, "pg_ctl start");
-        let pid_file = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
-        let pid: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
-        register(Cleanup::Postgres(pid));
         let cluster = Cluster {
             port,
             dir,
             bin,
             major,
         };
+        cluster.start_server();
         cluster.psql("postgres", &format!(
             "SET password_encryption = 'md5'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
              SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
@@ -210,11 +200,7 @@ impl Cluster {
     /// every database), or it would read as written in the future.
     pub fn advance_xids(&self, by: u64) {
         let data = self.dir.join("data");
-        let old_pid = self.postmaster_pid();
-        let mut stop = pg_command(&self.bin, "pg_ctl");
-        stop.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
-        run(stop, "pg_ctl stop");
-        super::forget(old_pid);
+        self.stop("fast");
         let mut control = pg_command(&self.bin, "pg_controldata");
         control.arg("-D").arg(&data);
         let out = control.output().unwrap();
@@ -247,15 +233,39 @@ impl Cluster {
             .arg(&data)
             .args(["-x", &xid.to_string(), "-e", &epoch.to_string()]);
         run(reset, "pg_resetwal");
+        self.start_server();
+    }
+
+    /// Stops the server (`mode`: pg_ctl's fast, or immediate as a crash would).
+    pub fn stop(&self, mode: &str) {
+        let old_pid = self.postmaster_pid();
+        let mut stop = pg_command(&self.bin, "pg_ctl");
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", mode, "-w", "stop"]);
+        run(stop, "pg_ctl stop");
+        super::forget(old_pid);
+    }
+
+    /// Starts the server of this cluster's data directory and waits for it to take
+    /// connections.
+    pub(super) fn start_server(&self) {
         let mut start = pg_command(&self.bin, "pg_ctl");
         start
             .arg("-D")
-            .arg(&data)
+            .arg(self.dir.join("data"))
             .arg("-l")
             .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "60", "start"]);
         run(start, "pg_ctl start");
         register(Cleanup::Postgres(self.postmaster_pid()));
+    }
+
+    /// Runs pg_ctl `args` on this cluster's data directory.
+    pub(super) fn pg_ctl(&self, args: &[&str]) {
+        let mut c = pg_command(&self.bin, "pg_ctl");
+        c.arg("-D").arg(self.dir.join("data")).args(args);
+        run(c, "pg_ctl");
     }
 
     fn postmaster_pid(&self) -> u32 {

@@ -46,7 +46,7 @@ pub async fn rig_before_setup_on(cluster: &'static Cluster) -> Rig {
 }
 
 /// Like `rig_before_setup`, node a's database on `a`, node b's on `b`.
-async fn rig_before_setup_across(a: &'static Cluster, b: &'static Cluster) -> Rig {
+pub async fn rig_before_setup_across(a: &'static Cluster, b: &'static Cluster) -> Rig {
     let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
     let rig = Rig::new_across(a, b, &ddl, TABLES, "").await;
     rig.edit_config(&[("\"a_to_b\"", "\"both\"")]);
