@@ -9,7 +9,7 @@
 
 mod acls;
 
-use crate::config::Config;
+use crate::config::{Config, EchoFilter, ORIGIN_PREFIX};
 use crate::pg::node::NodeError;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -234,6 +234,37 @@ async fn origin_room_problem(
     }))
 }
 
+/// Replication origins of other software on `node` (a native subscription's
+/// `pg_<oid>`, another tool's), when its walsender is to drop what duplex applies
+/// there: from PostgreSQL 16 with `source.echo_filter = "node"` it drops what those
+/// apply too, and their changes would not reach the peer.
+async fn echo_filter_problem(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if cfg.source.echo_filter != EchoFilter::Node || version < 160000 {
+        return Ok(None);
+    }
+    let others: Vec<String> = client
+        .query(
+            "SELECT roname FROM pg_replication_origin WHERE left(roname, length($1)) <> $1
+             ORDER BY roname LIMIT 5",
+            &[&ORIGIN_PREFIX],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((!others.is_empty()).then(|| {
+        format!(
+            "node {node}: replication origins of other software exist on its cluster ({}): with source.echo_filter = \"node\" its walsender drops what they apply here as it drops what duplex applies, and the peer would never get those changes; set source.echo_filter = \"duplex\" to forward them",
+            others.join(", ")
+        )
+    }))
+}
+
 /// What keeps `node`'s failover slot from carrying on after its standby is promoted:
 /// no failover slots before PostgreSQL 17; and without `synchronized_standby_slots`
 /// the primary sends duplex changes its standby may not have yet, which a promotion
@@ -288,6 +319,9 @@ pub async fn node_problems(
         problems.push(format!(
             "node {node}: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
         ));
+    }
+    if is_source {
+        problems.extend(echo_filter_problem(cfg, client, node, version).await?);
     }
     if is_source && cfg.nodes.get(node).is_some_and(|n| n.failover_slot) {
         problems.extend(failover_problem(client, node, version).await?);

@@ -115,6 +115,24 @@ pub struct SourceConfig {
     /// for this long, or a node that does not answer a statement of the reader in this
     /// time, is taken for stalled and reconnected.
     pub receive_timeout_ms: u64,
+    /// Where the changes duplex applied on a node are dropped before they could echo
+    /// back: by the node's walsender where it can (PostgreSQL 16 and later, pgoutput's
+    /// `origin = 'none'`, which never decodes them), or by duplex after decoding.
+    pub echo_filter: EchoFilter,
+}
+
+/// Who drops the changes duplex applied on a node (see `source.echo_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EchoFilter {
+    /// The node's walsender, from PostgreSQL 16; duplex on older nodes. The
+    /// walsender then drops every transaction written under any replication origin,
+    /// another replication tool's too.
+    #[default]
+    Node,
+    /// duplex, after the walsender decoded them: changes other replication tools
+    /// apply on the node are forwarded.
+    Duplex,
 }
 
 impl Default for SourceConfig {
@@ -126,6 +144,7 @@ impl Default for SourceConfig {
             retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             receive_timeout_ms: DEFAULT_RECEIVE_TIMEOUT_MS,
+            echo_filter: EchoFilter::default(),
         }
     }
 }

@@ -230,17 +230,20 @@ impl WalsenderConnection {
     }
 
     /// Starts streaming `slot` from `start` (0/0: from the slot's confirmed position).
+    /// With `only_local` the walsender sends only changes written under no replication
+    /// origin (pgoutput's `origin = 'none'`, from PostgreSQL 16; ignored before).
     pub async fn start_replication(
         mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        only_local: bool,
     ) -> Result<ReplicationStream, WalsenderError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} ({})",
             quote_ident(slot),
             start,
-            pgoutput_options(self.server_major, publication),
+            pgoutput_options(self.server_major, publication, only_local),
         );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;
@@ -473,8 +476,10 @@ fn major_of(version: &str) -> u32 {
 /// pgoutput's options for a server of `major`: protocol 1 and the publication, plus
 /// logical decoding messages (duplex's heartbeats move the confirmed position of an
 /// idle slot) from PostgreSQL 14, which added them to pgoutput; on 13 an idle slot
-/// moves with the positions the walsender's keepalives report.
-fn pgoutput_options(major: u32, publication: &str) -> String {
+/// moves with the positions the walsender's keepalives report. With `only_local`, from
+/// PostgreSQL 16, `origin 'none'`: transactions written under a replication origin are
+/// dropped before they are decoded.
+fn pgoutput_options(major: u32, publication: &str, only_local: bool) -> String {
     // The replication grammar has no E'' strings; a publication name is a-z, 0-9 and
     // _ (the config checks it), so this is a plain literal.
     let mut options = format!(
@@ -483,6 +488,9 @@ fn pgoutput_options(major: u32, publication: &str) -> String {
     );
     if major == 0 || major >= 14 {
         options.push_str(", messages 'true'");
+    }
+    if only_local && major >= 16 {
+        options.push_str(", origin 'none'");
     }
     options
 }

@@ -3,12 +3,16 @@
 //! These tests make a matrix run fail when a node runs another version than the one
 //! asked for, and check what only some versions have.
 
+use crate::harness::count;
 use crate::harness::duplex::Rig;
+use crate::harness::metrics::{get, metrics_port, value};
 use crate::harness::output_text;
 use crate::harness::pg::Cluster;
 use crate::harness::tables::{converge, identical};
 use crate::harness::wait_for;
-use crate::harness::workload::{rig_before_setup, workload};
+use crate::harness::workload::{
+    assert_identical_and_applied_once, rig_before_setup, run_workloads, workload,
+};
 use std::time::{Duration, Instant};
 
 const TABLES: &[&str] = &[
@@ -159,4 +163,86 @@ async fn a_major_upgrade_moves_the_application_over_and_back() {
         .get(0);
     assert_eq!(rows, 30_000, "the old node's first rows on the new one");
     assert_eq!(d.stop().await, Some(0));
+}
+
+/// Waits for item 9999 on `c` to hold `val`.
+async fn item_is(c: &tokio_postgres::Client, val: &str) {
+    wait_for(
+        &format!("item 9999 = {val:?}"),
+        Duration::from_secs(60),
+        || async {
+            let row = c
+                .query_opt("SELECT val FROM items WHERE id = 9999", &[])
+                .await
+                .unwrap();
+            (row.map(|r| r.get::<_, String>(0)).as_deref() == Some(val)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Where a node can (PostgreSQL 16 and later, `source.echo_filter = "node"`), its
+/// walsender drops what duplex applied there before decoding it: no echo reaches
+/// duplex's own filter, yet a repair (the winner of a conflict lost on a node) still
+/// travels, through the outbox, and the nodes converge under two-way writes with
+/// nothing applied twice. With `echo_filter = "duplex"`, and before 16, duplex drops
+/// the echoes itself.
+#[tokio::test]
+async fn echoes_are_dropped_by_the_node_from_16_and_repairs_still_travel() {
+    for filter in ["node", "duplex"] {
+        let rig = rig_before_setup().await;
+        rig.edit_config(&[(
+            "[source]\n",
+            format!("[source]\necho_filter = \"{filter}\"\n").as_str(),
+        )]);
+        assert!(rig.command(&["setup"]).status.success());
+        let d = rig.start();
+        d.wait_applying(2).await;
+        let (a, b) = (rig.client_a().await, rig.client_b().await);
+        // A version older than b's, written on a: b refuses it, and its repair brings
+        // b's version back to a.
+        b.batch_execute(
+            "INSERT INTO items (id, val, updated_at) VALUES (9999, 'newer on b', now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
+        item_is(&a, "newer on b").await;
+        a.batch_execute("UPDATE items SET val = 'older on a', updated_at = now() WHERE id = 9999")
+            .await
+            .unwrap();
+        item_is(&a, "newer on b").await;
+        assert!(count(&b, "SELECT count(*) FROM duplex.repairs").await > 0);
+        let (changes_a, changes_b) = run_workloads(&rig, 5).await;
+        assert!(changes_a > 100 && changes_b > 100);
+        assert_identical_and_applied_once(&rig).await;
+
+        let scrape = get(metrics_port(&rig), "/metrics").unwrap().1;
+        let echoes: f64 = ["a", "b"]
+            .iter()
+            .filter_map(|n| {
+                value(
+                    &scrape,
+                    &format!("duplex_source_echoes_suppressed_total{{node=\"{n}\"}}"),
+                )
+            })
+            .sum();
+        let by_node = filter == "node" && rig.cluster.major >= 16 && rig.cluster_b.major >= 16;
+        eprintln!("echo_filter {filter}: {echoes} echoes dropped by duplex");
+        if by_node {
+            assert_eq!(echoes, 0.0, "the walsenders sent what duplex applied");
+        } else {
+            assert!(echoes > 0.0, "duplex dropped no echo");
+        }
+        for c in [&a, &b] {
+            wait_for(
+                "the outbox to be empty",
+                Duration::from_secs(30),
+                || async {
+                    (count(c, "SELECT count(*) FROM duplex.outbox").await == 0).then_some(())
+                },
+            )
+            .await;
+        }
+        assert_eq!(d.stop().await, Some(0));
+    }
 }

@@ -46,6 +46,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "terminate_backend",
         sql: include_str!("migrations/0005_terminate_backend.sql"),
     },
+    Migration {
+        version: 6,
+        name: "outbox",
+        sql: include_str!("migrations/0006_outbox.sql"),
+    },
 ];
 
 /// The newest version this duplex knows.
