@@ -16,6 +16,18 @@ fn said(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// `duplex status` fails its gate saying `status_says`, and `duplex run` stops with
+/// exit code 1 saying each of `run_says`.
+async fn refused_as_invalidated(rig: &Rig, status_says: &str, run_says: &[&str]) {
+    let status = rig.command(&["status", "--max-lag", "60"]);
+    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
+    assert!(said(&status).contains(status_says), "{}", said(&status));
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
+    let logs = d.logs();
+    assert!(run_says.iter().all(|s| logs.contains(s)), "{logs}");
+}
+
 #[tokio::test]
 async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
     // Small WAL limits: a few segments past the slot invalidate it at a checkpoint.
@@ -61,20 +73,12 @@ async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
     })
     .await;
 
-    let status = rig.command(&["status", "--max-lag", "60"]);
-    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
-    assert!(
-        said(&status).contains(&format!("slot {slot} was invalidated")),
-        "{}",
-        said(&status)
-    );
-    let mut d = rig.start();
-    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
-    let logs = d.logs();
-    assert!(
-        logs.contains("was invalidated by PostgreSQL") && logs.contains("duplex setup"),
-        "{logs}"
-    );
+    refused_as_invalidated(
+        &rig,
+        &format!("slot {slot} was invalidated"),
+        &["was invalidated by PostgreSQL", "duplex setup"],
+    )
+    .await;
 
     // The recovery the message gives.
     let setup = rig.command(&["setup"]);
@@ -142,23 +146,15 @@ async fn a_slot_invalidated_for_being_idle_is_named_from_postgresql_18() {
     )
     .await;
 
-    let status = rig.command(&["status", "--max-lag", "60"]);
-    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
-    assert!(
-        said(&status).contains(&format!(
-            "slot {slot} was invalidated by PostgreSQL (invalidation_reason idle_timeout"
-        )),
-        "{}",
-        said(&status)
-    );
-    let mut d = rig.start();
-    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
-    let logs = d.logs();
-    assert!(
-        logs.contains("invalidation_reason idle_timeout")
-            && logs.contains("raise idle_replication_slot_timeout"),
-        "{logs}"
-    );
+    refused_as_invalidated(
+        &rig,
+        &format!("slot {slot} was invalidated by PostgreSQL (invalidation_reason idle_timeout"),
+        &[
+            "invalidation_reason idle_timeout",
+            "raise idle_replication_slot_timeout",
+        ],
+    )
+    .await;
     let setup = rig.command(&["setup"]);
     assert!(setup.status.success(), "{}", said(&setup));
     let d = rig.start();
