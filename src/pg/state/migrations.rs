@@ -51,6 +51,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "outbox",
         sql: include_str!("migrations/0006_outbox.sql"),
     },
+    Migration {
+        version: 7,
+        name: "owed_columns",
+        sql: include_str!("migrations/0007_owed_columns.sql"),
+    },
 ];
 
 /// The newest version this duplex knows.
