@@ -282,7 +282,10 @@ async fn run(
             }
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
-            _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
+            _ = sweep.tick() => {
+                watchdog.run(worker.sweep()).await?;
+                watchdog.run(worker.settle_owed()).await?;
+            }
         }
     }
 }

@@ -400,7 +400,7 @@ impl<'a> TargetWriter<'a> {
         deleted: &DeleteTimes,
         out: &mut Applied,
     ) -> Result<(), WriteError> {
-        let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
+        let Some(table) = self.current_table(events, run).await? else {
             return Ok(());
         };
         let tc = self.cfg.table_on(&self.dir.to, &run.table);

@@ -10,8 +10,27 @@
 
 use super::{TargetWriter, WriteError};
 use crate::event::{format_unix_us, ChangeEvent, Lsn, Row};
+use crate::pg::sql::quote_ident;
 use crate::pg::table::TargetTable;
 use std::collections::BTreeMap;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Client;
+
+/// Rows read from the source and written into the target at a time.
+const SETTLE_ROWS: usize = 5_000;
+
+/// How far before a debt's first commit the source's rows are read again: rows an
+/// application stamped with a clock this much behind the commit still count.
+const SETTLE_MARGIN_MS: i64 = 5 * 60 * 1000;
+
+/// A debt the target can now take: its column exists there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settleable {
+    pub table: String,
+    pub column: String,
+    /// The debt's first commit time, as PostgreSQL prints it.
+    pub since: String,
+}
 
 /// Where a debt begins: the source commit whose value was first left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -79,6 +98,29 @@ impl OwedColumns {
 }
 
 impl TargetWriter<'_> {
+    /// The run's table as the target has it now: the columns read earlier, read again
+    /// when a row of the run has one they lack (it may have been added since).
+    pub(super) async fn current_table(
+        &mut self,
+        events: &[std::borrow::Cow<'_, ChangeEvent>],
+        run: &super::runs::Run,
+    ) -> Result<Option<TargetTable>, WriteError> {
+        let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
+            return Ok(None);
+        };
+        let lacks = run.items.iter().any(|&i| {
+            events[i]
+                .after
+                .as_ref()
+                .is_some_and(|r| r.0.iter().any(|(c, _)| table.column(c).is_none()))
+        });
+        if !lacks {
+            return Ok(Some(table));
+        }
+        self.tables.remove(&run.table);
+        Ok(self.table(&run.table).await?.cloned())
+    }
+
     /// Records `owed` in `duplex.owed_columns`, in the caller's transaction, and logs
     /// each debt the first time it is recorded.
     pub(super) async fn record_owed(&self, owed: &OwedColumns) -> Result<(), WriteError> {
@@ -112,6 +154,188 @@ impl TargetWriter<'_> {
         }
         Ok(())
     }
+}
+
+impl TargetWriter<'_> {
+    /// The debts of this direction whose column the target has now, and whether any
+    /// debt is left at all (owed columns the target still lacks included).
+    pub async fn owed_settleable(&mut self) -> Result<(Vec<Settleable>, bool), WriteError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT o.table_name, o.column_name, o.since_ts::text,
+                        EXISTS (SELECT 1 FROM pg_attribute a
+                                WHERE a.attrelid = to_regclass(o.table_name)
+                                  AND a.attname = o.column_name AND NOT a.attisdropped)
+                 FROM duplex.owed_columns o WHERE o.source_node = $1",
+                &[&self.dir.from],
+            )
+            .await
+            .map_err(self.sql("reading duplex.owed_columns"))?;
+        let any = !rows.is_empty();
+        let ready = rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(3))
+            .map(|r| Settleable {
+                table: r.get(0),
+                column: r.get(1),
+                since: r.get(2),
+            })
+            .collect();
+        Ok((ready, any))
+    }
+
+    /// Brings over what `owed` names from `source` (a session on the direction's
+    /// source): each row the source changed since the debt began (less
+    /// [`SETTLE_MARGIN_MS`]) gives the target row of its key the column's value,
+    /// unless the target's version is newer (written there meanwhile). The table's
+    /// columns are read again first, so the stream carries the column from now on.
+    /// Chunks commit one by one; the debt goes with the last. Returns the values
+    /// written.
+    pub async fn settle_owed(
+        &mut self,
+        source: &Client,
+        owed: &Settleable,
+    ) -> Result<u64, WriteError> {
+        self.tables.remove(&owed.table);
+        let Some(table) = self.table(&owed.table).await?.cloned() else {
+            return Ok(0);
+        };
+        let Some(tc) = self.cfg.table_on(&self.dir.to, &owed.table) else {
+            return Ok(0);
+        };
+        let source_name = tc.name_on(&self.dir.from).to_string();
+        let default: Option<String> = self
+            .client
+            .query_opt(
+                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+                 JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                 WHERE d.adrelid = to_regclass($1) AND a.attname = $2",
+                &[&owed.table, &owed.column],
+            )
+            .await
+            .map_err(self.sql(&format!(
+                "reading the default of {}.{}",
+                owed.table, owed.column
+            )))?
+            .map(|r| r.get(0));
+        let read = read_sql(&table, &source_name, &owed.column);
+        let write = write_sql(&table, &owed.column, default.as_deref());
+        let n = table.key.len();
+        let mut after: Option<Vec<String>> = None;
+        let mut written = 0;
+        loop {
+            let rows = match source.query(&read, &[&owed.since, &after]).await {
+                Ok(rows) => rows,
+                // The source dropped the column since: nothing is owed any more.
+                Err(e) if e.code().is_some_and(|c| c.code() == "42703") => {
+                    tracing::warn!(direction = %self.dir, table = %owed.table, column = %owed.column,
+                        "the source no longer has the owed column; its values are not brought over");
+                    break;
+                }
+                Err(e) => {
+                    return Err(WriteError::Sql(crate::pg::error::SqlError::on(
+                        &self.dir.from,
+                        format!("reading the values of {source_name}.{} owed", owed.column),
+                    )(e)))
+                }
+            };
+            let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); n + 2];
+            for r in &rows {
+                for (i, a) in arrays.iter_mut().enumerate() {
+                    a.push(r.get(i));
+                }
+            }
+            let params: Vec<&(dyn ToSql + Sync)> =
+                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            written += self
+                .client
+                .execute(&write, &params)
+                .await
+                .map_err(self.sql(&format!(
+                    "writing the values of {}.{} owed",
+                    table.name, owed.column
+                )))?;
+            if rows.len() < SETTLE_ROWS {
+                break;
+            }
+            after = rows.last().map(|r| (0..n).map(|i| r.get(i)).collect());
+        }
+        self.client
+            .execute(
+                "DELETE FROM duplex.owed_columns
+                 WHERE source_node = $1 AND table_name = $2 AND column_name = $3",
+                &[&self.dir.from, &owed.table, &owed.column],
+            )
+            .await
+            .map_err(self.sql("clearing a settled debt in duplex.owed_columns"))?;
+        Ok(written)
+    }
+}
+
+/// The source's rows changed since `$1` (a timestamp, less [`SETTLE_MARGIN_MS`]) whose
+/// key is after `$2` (text array; NULL: from the first), [`SETTLE_ROWS`] at a time, by
+/// key: each key's columns, `column` and `updated_at`, as text.
+fn read_sql(table: &TargetTable, source_name: &str, column: &str) -> String {
+    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let key_text: Vec<String> = keys.iter().map(|k| format!("{k}::text")).collect();
+    let after: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("($2::text[])[{}]::{}", i + 1, table.type_of(k)))
+        .collect();
+    let (schema, name) = source_name
+        .split_once('.')
+        .unwrap_or(("public", source_name));
+    format!(
+        "SELECT {keys_text}, {col}::text, {upd}::text FROM {schema}.{name}
+         WHERE {upd} >= $1::text::timestamptz - {SETTLE_MARGIN_MS} * interval '1 millisecond'
+           AND ($2::text[] IS NULL OR ({keys}) > ({after}))
+         ORDER BY {keys} LIMIT {SETTLE_ROWS}",
+        keys_text = key_text.join(", "),
+        col = quote_ident(column),
+        upd = quote_ident(&table.updated_at),
+        schema = quote_ident(schema),
+        name = quote_ident(name),
+        keys = keys.join(", "),
+        after = after.join(", "),
+    )
+}
+
+/// Sets `column` on the target rows whose keys are `$1..$n` (text arrays) to `$n+1`,
+/// where the target's version is not newer than the source's `$n+2`, or where the
+/// target never set the column (it still holds `default`, the column's default
+/// expression, or NULL without one): a target version newer than the source's but
+/// made before the column existed there says nothing about the column, and the
+/// source, which applied that version without the column, kept its value.
+fn write_sql(table: &TargetTable, column: &str, default: Option<&str>) -> String {
+    let n = table.key.len();
+    let arrays: Vec<String> = (1..=n + 2).map(|i| format!("${i}::text[]")).collect();
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("k{i}"))
+        .chain(["v".into(), "u".into()])
+        .collect();
+    let join: Vec<String> = table
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("t.{} = s.k{i}::{}", quote_ident(k), table.type_of(k)))
+        .collect();
+    let upd = quote_ident(&table.updated_at);
+    format!(
+        "UPDATE {t} t SET {col} = s.v::{ty}
+         FROM unnest({arrays}) AS s({names})
+         WHERE {join} AND (t.{upd} IS NULL OR t.{upd} <= s.u::timestamptz
+                           OR t.{col} IS NOT DISTINCT FROM ({default})::{ty})",
+        t = table.sql_name,
+        col = quote_ident(column),
+        ty = table.type_of(column),
+        arrays = arrays.join(", "),
+        names = names.join(", "),
+        join = join.join(" AND "),
+        default = default.unwrap_or("NULL"),
+    )
 }
 
 #[cfg(test)]
@@ -185,6 +409,31 @@ mod tests {
             },
             ts_ms: 0,
         }
+    }
+
+    #[test]
+    fn the_settle_reads_by_key_after_the_last_and_never_overwrites_a_newer_target_row() {
+        let read = read_sql(&target(), "public.items_src", "color");
+        assert!(read.contains("FROM \"public\".\"items_src\""), "{read}");
+        assert!(
+            read.contains("(\"id\") > (($2::text[])[1]::text)"),
+            "{read}"
+        );
+        assert!(read.contains("ORDER BY \"id\" LIMIT 5000"), "{read}");
+        let write = write_sql(&target(), "color", Some("'none'::text"));
+        assert!(
+            write.contains("t.\"color\" IS NOT DISTINCT FROM ('none'::text)::text"),
+            "{write}"
+        );
+        assert!(
+            write.contains("t.\"updated_at\" <= s.u::timestamptz"),
+            "{write}"
+        );
+        assert!(
+            write.contains("unnest($1::text[], $2::text[], $3::text[])"),
+            "{write}"
+        );
+        eprintln!("{read}\n{write}");
     }
 
     #[test]

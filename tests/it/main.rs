@@ -32,6 +32,7 @@ mod partial;
 mod privilege;
 mod quoting;
 mod restore;
+mod schema_changes;
 mod secrets;
 mod slot_loss;
 mod snapshot;
