@@ -48,6 +48,16 @@ pub struct DirectionStatus {
     pub dead_letters_pending: i64,
     /// The initial sync's copies into the target, per table (see `duplex snapshot`).
     pub snapshot: Vec<SnapshotStatus>,
+    /// Columns the target lacks whose values from the source are owed to it.
+    pub owed_columns: Vec<OwedColumnStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OwedColumnStatus {
+    pub table: String,
+    pub column: String,
+    /// The first source commit whose value was left out.
+    pub since: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +108,12 @@ impl Status {
                 failing.push(format!(
                     "{} has {} dead letters pending: their changes are not applied (duplex dlq list, then replay or discard them)",
                     d.direction, d.dead_letters_pending
+                ));
+            }
+            for o in &d.owed_columns {
+                failing.push(format!(
+                    "{}: values of {}.{} since {} are owed to the target, which lacks the column (add it there; duplex then brings them over)",
+                    d.direction, o.table, o.column, o.since
                 ));
             }
             for s in d.snapshot.iter().filter(|s| s.state != "done") {
@@ -290,6 +306,7 @@ async fn direction_status(
             chunks_copied: p.chunks_copied,
         })
         .collect();
+    let owed_columns = owed_columns(&client, dir).await.map_err(err)?;
     let next_offset: Option<i64> = row.get(5);
     let since_commit: Option<f64> = row.get(6);
     let end = log_end_offset(cfg, &cfg.topic(&dir.from)).await;
@@ -319,7 +336,36 @@ async fn direction_status(
         conflicts: row.get(7),
         dead_letters_pending: row.get(8),
         snapshot,
+        owed_columns,
     })
+}
+
+/// The target's debts to this direction (none where duplex's schema predates them).
+async fn owed_columns(
+    client: &tokio_postgres::Client,
+    dir: &Direction,
+) -> Result<Vec<OwedColumnStatus>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('duplex.owed_columns') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT table_name, column_name, since_ts::text FROM duplex.owed_columns
+             WHERE source_node = $1 ORDER BY 1, 2",
+            &[&dir.from],
+        )
+        .await?
+        .iter()
+        .map(|r| OwedColumnStatus {
+            table: r.get(0),
+            column: r.get(1),
+            since: r.get(2),
+        })
+        .collect())
 }
 
 /// The topic's log end offset (partition 0), if the broker answers.
@@ -372,6 +418,12 @@ pub fn render(s: &Status) -> String {
             d.conflicts,
             d.dead_letters_pending,
         ));
+        for o in &d.owed_columns {
+            out.push_str(&format!(
+                "  owed {}.{} since {}: the target lacks the column\n",
+                o.table, o.column, o.since
+            ));
+        }
         for t in &d.snapshot {
             out.push_str(&format!(
                 "  snapshot {}: {} ({}), {}/{} chunks, {}/{} rows\n",
@@ -389,4 +441,45 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!("problem: {p}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caught_up(owed: Vec<OwedColumnStatus>) -> Status {
+        Status {
+            nodes: Vec::new(),
+            directions: vec![DirectionStatus {
+                direction: "a_to_b".into(),
+                state: DirectionState::Running,
+                reason: None,
+                since: None,
+                connected: true,
+                last_applied_commit: None,
+                lag_seconds: Some(0.0),
+                lag_bytes: Some(0),
+                kafka_lag_messages: Some(0),
+                conflicts: 0,
+                dead_letters_pending: 0,
+                snapshot: Vec::new(),
+                owed_columns: owed,
+            }],
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn values_owed_to_a_node_fail_the_gate_naming_the_column() {
+        assert!(caught_up(Vec::new()).gate(0.0).is_empty());
+        let owed = caught_up(vec![OwedColumnStatus {
+            table: "public.items".into(),
+            column: "color".into(),
+            since: "2026-12-07 10:00:00+00".into(),
+        }]);
+        let failing = owed.gate(0.0);
+        assert_eq!(failing.len(), 1, "{failing:?}");
+        assert!(failing[0].contains("public.items.color"), "{failing:?}");
+        assert!(render(&owed).contains("owed public.items.color since"));
+    }
 }

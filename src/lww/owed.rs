@@ -157,9 +157,9 @@ impl TargetWriter<'_> {
 }
 
 impl TargetWriter<'_> {
-    /// The debts of this direction whose column the target has now, and whether any
-    /// debt is left at all (owed columns the target still lacks included).
-    pub async fn owed_settleable(&mut self) -> Result<(Vec<Settleable>, bool), WriteError> {
+    /// The debts of this direction whose column the target has now, and how many
+    /// debts there are in all (owed columns the target still lacks included).
+    pub async fn owed_settleable(&mut self) -> Result<(Vec<Settleable>, usize), WriteError> {
         let rows = self
             .client
             .query(
@@ -172,7 +172,7 @@ impl TargetWriter<'_> {
             )
             .await
             .map_err(self.sql("reading duplex.owed_columns"))?;
-        let any = !rows.is_empty();
+        let all = rows.len();
         let ready = rows
             .iter()
             .filter(|r| r.get::<_, bool>(3))
@@ -182,7 +182,7 @@ impl TargetWriter<'_> {
                 since: r.get(2),
             })
             .collect();
-        Ok((ready, any))
+        Ok((ready, all))
     }
 
     /// Brings over what `owed` names from `source` (a session on the direction's

@@ -1,11 +1,12 @@
 //! Schema changes during a sync: a migration that reaches one node before the other,
 //! while the applications on both nodes write.
 
-use crate::harness::count;
 use crate::harness::duplex::Rig;
+use crate::harness::metrics::{metrics_port, wait_value};
 use crate::harness::tables::converge;
 use crate::harness::wait_for;
 use crate::harness::workload::Rng;
+use crate::harness::{count, output_text};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,7 +116,18 @@ async fn a_column_added_on_one_node_first_loses_none_of_its_values() {
         async move { (count(b, from_a).await > before).then_some(()) }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Status names the debt, and the cutover gate fails on it.
+    let status = rig.command(&["status", "--max-lag", "600"]);
+    let said = output_text(&status);
+    assert_eq!(status.status.code(), Some(1), "{said}");
+    assert!(said.contains("owed public.items.color since"), "{said}");
+    wait_value(
+        metrics_port(&rig),
+        r#"duplex_apply_owed_columns{direction="a_to_b"}"#,
+        "the owed column in the metrics",
+        |v| v == 1.0,
+    )
+    .await;
 
     b.batch_execute("ALTER TABLE items ADD COLUMN color text")
         .await
@@ -137,6 +149,13 @@ async fn a_column_added_on_one_node_first_loses_none_of_its_values() {
         assert!(w.await.unwrap() > 100);
     }
     converge(&a, &b, &["public.items"], Duration::from_secs(60)).await;
+    wait_value(
+        metrics_port(&rig),
+        r#"duplex_apply_owed_columns{direction="a_to_b"}"#,
+        "no owed column in the metrics",
+        |v| v == 0.0,
+    )
+    .await;
     let colored = count(&b, "SELECT count(*) FROM items WHERE color IS NOT NULL").await;
     assert!(colored > 0, "no value of the new column reached b");
     assert_eq!(d.stop().await, Some(0));

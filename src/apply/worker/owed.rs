@@ -22,8 +22,10 @@ impl Worker<'_> {
             return Ok(());
         }
         self.next_owed_check = Instant::now() + OWED_CHECK_EVERY;
-        let (ready, any) = self.writer.owed_settleable().await?;
-        self.owed_pending = any;
+        let (ready, all) = self.writer.owed_settleable().await?;
+        self.owed_pending = all > 0;
+        // Those settled below are owed no more.
+        self.metrics.owed_columns.set((all - ready.len()) as f64);
         if ready.is_empty() {
             return Ok(());
         }
@@ -35,6 +37,8 @@ impl Worker<'_> {
                 since = %owed.since, values, took_ms = started.elapsed().as_millis() as u64,
                 "the target has the column now: brought over the values owed");
         }
+        // Look again at the next check: a debt may have been recorded meanwhile.
+        self.owed_pending = true;
         Ok(())
     }
 }
