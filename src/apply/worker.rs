@@ -87,6 +87,7 @@ pub(super) struct Worker<'a> {
     /// Some values may be owed to the target (see `owed`).
     owed_pending: bool,
     next_owed_check: Instant,
+    next_owed_source_check: Instant,
     last_applied_commit_us: Option<i64>,
     oldest_pending_commit_us: Option<i64>,
     /// Where the lag reporter learns how far this worker is.
@@ -127,6 +128,7 @@ impl<'a> Worker<'a> {
             next_sweep: Instant::now(),
             owed_pending: true,
             next_owed_check: Instant::now(),
+            next_owed_source_check: Instant::now(),
             last_applied_commit_us: stored.last_commit_us,
             oldest_pending_commit_us: None,
             standing_tx: None,

@@ -23,13 +23,15 @@ const SETTLE_ROWS: usize = 5_000;
 /// application stamped with a clock this much behind the commit still count.
 const SETTLE_MARGIN_MS: i64 = 5 * 60 * 1000;
 
-/// A debt the target can now take: its column exists there.
+/// A debt of the direction's target.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Settleable {
+pub struct Debt {
     pub table: String,
     pub column: String,
     /// The debt's first commit time, as PostgreSQL prints it.
     pub since: String,
+    /// The column exists on the target now: the debt can be settled.
+    pub ready: bool,
 }
 
 /// Where a debt begins: the source commit whose value was first left out.
@@ -157,9 +159,8 @@ impl TargetWriter<'_> {
 }
 
 impl TargetWriter<'_> {
-    /// The debts of this direction whose column the target has now, and how many
-    /// debts there are in all (owed columns the target still lacks included).
-    pub async fn owed_settleable(&mut self) -> Result<(Vec<Settleable>, usize), WriteError> {
+    /// This direction's debts, each saying whether its column exists on the target now.
+    pub async fn owed_debts(&mut self) -> Result<Vec<Debt>, WriteError> {
         let rows = self
             .client
             .query(
@@ -172,17 +173,62 @@ impl TargetWriter<'_> {
             )
             .await
             .map_err(self.sql("reading duplex.owed_columns"))?;
-        let all = rows.len();
-        let ready = rows
+        Ok(rows
             .iter()
-            .filter(|r| r.get::<_, bool>(3))
-            .map(|r| Settleable {
+            .map(|r| Debt {
                 table: r.get(0),
                 column: r.get(1),
                 since: r.get(2),
+                ready: r.get(3),
             })
-            .collect();
-        Ok((ready, all))
+            .collect())
+    }
+
+    /// Ends the debts in `debts` whose column the source no longer has either (a
+    /// column dropped on both nodes): nothing is owed any more. Returns those ended.
+    pub async fn end_dropped(
+        &mut self,
+        source: &Client,
+        debts: &[Debt],
+    ) -> Result<Vec<Debt>, WriteError> {
+        let mut ended = Vec::new();
+        for d in debts {
+            let Some(tc) = self.cfg.table_on(&self.dir.to, &d.table) else {
+                continue;
+            };
+            let on_source: bool = source
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attribute a
+                                    WHERE a.attrelid = to_regclass($1)
+                                      AND a.attname = $2 AND NOT a.attisdropped)",
+                    &[&tc.name_on(&self.dir.from), &d.column],
+                )
+                .await
+                .map_err(|e| {
+                    WriteError::Sql(crate::pg::error::SqlError::on(
+                        &self.dir.from,
+                        "looking for an owed column on the source".to_string(),
+                    )(e))
+                })?
+                .get(0);
+            if !on_source {
+                self.forget_debt(d).await?;
+                ended.push(d.clone());
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn forget_debt(&self, d: &Debt) -> Result<(), WriteError> {
+        self.client
+            .execute(
+                "DELETE FROM duplex.owed_columns
+                 WHERE source_node = $1 AND table_name = $2 AND column_name = $3",
+                &[&self.dir.from, &d.table, &d.column],
+            )
+            .await
+            .map_err(self.sql("ending a debt in duplex.owed_columns"))?;
+        Ok(())
     }
 
     /// Brings over what `owed` names from `source` (a session on the direction's
@@ -192,11 +238,7 @@ impl TargetWriter<'_> {
     /// columns are read again first, so the stream carries the column from now on.
     /// Chunks commit one by one; the debt goes with the last. Returns the values
     /// written.
-    pub async fn settle_owed(
-        &mut self,
-        source: &Client,
-        owed: &Settleable,
-    ) -> Result<u64, WriteError> {
+    pub async fn settle_owed(&mut self, source: &Client, owed: &Debt) -> Result<u64, WriteError> {
         self.tables.remove(&owed.table);
         let Some(table) = self.table(&owed.table).await?.cloned() else {
             return Ok(0);
@@ -261,14 +303,7 @@ impl TargetWriter<'_> {
             }
             after = rows.last().map(|r| (0..n).map(|i| r.get(i)).collect());
         }
-        self.client
-            .execute(
-                "DELETE FROM duplex.owed_columns
-                 WHERE source_node = $1 AND table_name = $2 AND column_name = $3",
-                &[&self.dir.from, &owed.table, &owed.column],
-            )
-            .await
-            .map_err(self.sql("clearing a settled debt in duplex.owed_columns"))?;
+        self.forget_debt(owed).await?;
         Ok(written)
     }
 }
