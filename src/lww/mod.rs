@@ -55,6 +55,7 @@ mod decide;
 mod deletes;
 mod mapped;
 pub mod owed;
+mod probe;
 mod runs;
 pub mod sql;
 mod statements;

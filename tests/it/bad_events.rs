@@ -143,6 +143,7 @@ async fn bad_events_go_to_the_dead_letter_queue_and_replay_after_the_fix() {
     let list = text(&rig.command(&["dlq", "list"]));
     for expected in [
         "invalid input syntax for type integer",
+        "column qty (integer) refuses 'abc'",
         "no_forbidden",
         "updated_at is NULL",
         "further in the future than max_future_skew_ms allows",
