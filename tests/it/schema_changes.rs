@@ -160,3 +160,94 @@ async fn a_column_added_on_one_node_first_loses_none_of_its_values() {
     assert!(colored > 0, "no value of the new column reached b");
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// Column types changed on one node first: widened types (integer to bigint,
+/// varchar(20) to text) keep both directions flowing while the values fit both; a
+/// value the other node's type cannot take goes to the dead-letter queue naming the
+/// table, the key and the column, and the rest flows on.
+#[tokio::test]
+async fn a_type_changed_on_one_node_first_applies_what_casts_and_names_what_does_not() {
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, n int, label varchar(20), code int,
+               updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let rig = Rig::both(ddl, &["public.items"], "").await;
+    rig.edit_config(&[(
+        "linger_ms = 10",
+        "linger_ms = 10\non_error = \"dead_letter\"",
+    )]);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    let (a, b) = (rig.client_a().await, rig.client_b().await);
+    a.batch_execute(
+        "ALTER TABLE items ALTER n TYPE bigint, ALTER label TYPE text, ALTER code TYPE text",
+    )
+    .await
+    .unwrap();
+    for i in 0..50 {
+        a.batch_execute(&format!(
+            "INSERT INTO items (id, n, label, code) VALUES ({i}, {i}, 'from a {i}', '{i}')"
+        ))
+        .await
+        .unwrap();
+        b.batch_execute(&format!(
+            "INSERT INTO items (id, n, label, code) VALUES ({}, {i}, 'from b {i}', {i})",
+            1000 + i
+        ))
+        .await
+        .unwrap();
+    }
+    // A code b's integer column cannot take.
+    a.batch_execute("INSERT INTO items (id, n, label, code) VALUES (500, 1, 'bad code', 'abc')")
+        .await
+        .unwrap();
+    wait_for("b's letter for row 500", Duration::from_secs(60), || {
+        let b = &b;
+        async move { (count(b, "SELECT count(*) FROM duplex.dead_letters").await == 1).then_some(()) }
+    })
+    .await;
+    let error: String = b
+        .query_one("SELECT error FROM duplex.dead_letters", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("column code (integer) refuses 'abc'"),
+        "{error}"
+    );
+    // Everything else flowed both ways.
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM items WHERE id < 500").await,
+        50
+    );
+    assert_eq!(
+        count(&a, "SELECT count(*) FROM items WHERE id >= 1000").await,
+        50
+    );
+
+    // b widens its columns too: values beyond the old limits now flow.
+    b.batch_execute(
+        "ALTER TABLE items ALTER n TYPE bigint, ALTER label TYPE text, ALTER code TYPE text",
+    )
+    .await
+    .unwrap();
+    a.batch_execute(&format!(
+        "INSERT INTO items (id, n, label, code) VALUES (600, 5000000000, '{}', 'x')",
+        "long label ".repeat(10)
+    ))
+    .await
+    .unwrap();
+    wait_for("row 600 on b", Duration::from_secs(60), || {
+        let b = &b;
+        async move {
+            (count(
+                b,
+                "SELECT count(*) FROM items WHERE id = 600 AND n = 5000000000",
+            )
+            .await
+                == 1)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(d.stop().await, Some(0));
+}
