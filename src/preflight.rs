@@ -8,6 +8,7 @@
 //! principal may do.
 
 mod acls;
+mod drift;
 
 use crate::config::{Config, EchoFilter, ORIGIN_PREFIX};
 use crate::pg::node::NodeError;
@@ -40,6 +41,7 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
     if problems.is_empty() {
         problems.extend(crate::mapping::check::problems(cfg, &clients).await);
     }
+    problems.extend(drift::warnings(cfg, &clients).await);
     problems.extend(broker_problems(cfg).await);
     problems
 }
