@@ -259,3 +259,79 @@ async fn a_type_changed_on_one_node_first_applies_what_casts_and_names_what_does
     .await;
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// A table added to `[[tables]]` (it exists on both nodes, with rows on node a only):
+/// `duplex setup` and a restart copy it into node b and stream it both ways, while
+/// the configured table goes on; removed from `[[tables]]` again, it stops being
+/// synced and its rows stay as they are.
+#[tokio::test]
+async fn a_table_added_to_the_config_is_copied_then_streamed_and_one_removed_is_left_alone() {
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, val text,
+                   updated_at timestamptz NOT NULL DEFAULT clock_timestamp());
+               CREATE TABLE notes (id int PRIMARY KEY, body text,
+                   updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let rig = Rig::both(ddl, &["public.items"], "").await;
+    let (a, b) = (rig.client_a().await, rig.client_b().await);
+    a.batch_execute("INSERT INTO notes (id, body) SELECT i, 'old' FROM generate_series(1, 3000) i")
+        .await
+        .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'before')")
+        .await
+        .unwrap();
+    converge(&a, &b, &["public.items"], Duration::from_secs(60)).await;
+    assert_eq!(count(&b, "SELECT count(*) FROM notes").await, 0);
+    assert_eq!(d.stop().await, Some(0));
+
+    rig.edit_config(&[(
+        "name = \"public.items\"\n",
+        "name = \"public.items\"\n[[tables]]\nname = \"public.notes\"\n",
+    )]);
+    let setup = rig.command(&["setup"]);
+    assert!(setup.status.success(), "{}", output_text(&setup));
+    let d = rig.start();
+    d.wait_applying(2).await;
+    a.batch_execute(
+        "UPDATE notes SET body = 'edited on a', updated_at = clock_timestamp() WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    b.batch_execute("INSERT INTO notes (id, body) VALUES (5000, 'new on b')")
+        .await
+        .unwrap();
+    b.batch_execute("INSERT INTO items (id, val) VALUES (2, 'during')")
+        .await
+        .unwrap();
+    converge(
+        &a,
+        &b,
+        &["public.notes", "public.items"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(count(&b, "SELECT count(*) FROM notes").await, 3001);
+    assert!(d
+        .logs()
+        .contains("tables added to [[tables]] since the direction first started"));
+    assert_eq!(d.stop().await, Some(0));
+
+    rig.edit_config(&[("[[tables]]\nname = \"public.notes\"\n", "")]);
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    a.batch_execute(
+        "UPDATE notes SET body = 'not synced', updated_at = clock_timestamp() WHERE id = 2;
+                     INSERT INTO items (id, val) VALUES (3, 'after')",
+    )
+    .await
+    .unwrap();
+    converge(&a, &b, &["public.items"], Duration::from_secs(60)).await;
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM notes WHERE body = 'not synced'").await,
+        0
+    );
+    assert_eq!(count(&b, "SELECT count(*) FROM notes").await, 3001);
+    assert_eq!(d.stop().await, Some(0));
+}
