@@ -285,9 +285,11 @@ async fn failover_problem(
         .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
         .await?
         .get(0);
+    // A warning: right after a failover the new primary has no standby yet, and
+    // duplex must run there all the same.
     Ok(standbys.trim().is_empty().then(|| {
         format!(
-            "node {node}: nodes.{node}.failover_slot is set, but synchronized_standby_slots is empty: the node may send duplex changes its standby has not received, and after the standby is promoted the peer would hold changes the new primary never had. Set synchronized_standby_slots to the standby's physical slot in postgresql.conf and reload"
+            "{WARNING}node {node}: nodes.{node}.failover_slot is set, but synchronized_standby_slots is empty: the node may send duplex changes its standby has not received, and after the standby is promoted the peer would hold changes the new primary never had. Set synchronized_standby_slots to the standby's physical slot in postgresql.conf and reload"
         )
     }))
 }

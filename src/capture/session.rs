@@ -142,6 +142,12 @@ async fn stream_once(
     let problems = crate::preflight::node_problems(cfg, node, &client, true)
         .await
         .sql(node, "checking the node")?;
+    let (warnings, problems): (Vec<String>, Vec<String>) = problems
+        .into_iter()
+        .partition(|p| crate::preflight::is_warning(p));
+    for w in warnings {
+        tracing::warn!(node, "{w}");
+    }
     if !problems.is_empty() {
         return Err(CaptureError::Preflight {
             node: node.to_string(),
