@@ -69,10 +69,7 @@ impl OwedColumns {
         let Some(image) = ev.after.as_ref() else {
             return;
         };
-        let same = last.is_some_and(|l| {
-            l.0.len() == image.0.len() && l.0.iter().zip(&image.0).all(|(a, b)| a.0 == b.0)
-        });
-        if same {
+        if last.is_some_and(|l| same_names(l, image)) {
             return;
         }
         *last = Some(image);
@@ -99,6 +96,11 @@ impl OwedColumns {
     }
 }
 
+/// Whether two rows have the same columns, in the same order.
+fn same_names(a: &Row, b: &Row) -> bool {
+    a.0.len() == b.0.len() && a.0.iter().zip(&b.0).all(|(x, y)| x.0 == y.0)
+}
+
 impl TargetWriter<'_> {
     /// The run's table as the target has it now: the columns read earlier, read again
     /// when a row of the run has one they lack (it may have been added since).
@@ -110,11 +112,17 @@ impl TargetWriter<'_> {
         let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
             return Ok(None);
         };
+        // Each column set once: the rows of a run usually share theirs.
+        let mut last: Option<&Row> = None;
         let lacks = run.items.iter().any(|&i| {
-            events[i]
-                .after
-                .as_ref()
-                .is_some_and(|r| r.0.iter().any(|(c, _)| table.column(c).is_none()))
+            let Some(r) = events[i].after.as_ref() else {
+                return false;
+            };
+            if last.is_some_and(|l| same_names(l, r)) {
+                return false;
+            }
+            last = Some(r);
+            r.0.iter().any(|(c, _)| table.column(c).is_none())
         });
         if !lacks {
             return Ok(Some(table));
@@ -204,12 +212,7 @@ impl TargetWriter<'_> {
                     &[&tc.name_on(&self.dir.from), &d.column],
                 )
                 .await
-                .map_err(|e| {
-                    WriteError::Sql(crate::pg::error::SqlError::on(
-                        &self.dir.from,
-                        "looking for an owed column on the source".to_string(),
-                    )(e))
-                })?
+                .map_err(self.source_sql("looking for an owed column on the source"))?
                 .get(0);
             if !on_source {
                 self.forget_debt(d).await?;
@@ -217,6 +220,12 @@ impl TargetWriter<'_> {
             }
         }
         Ok(ended)
+    }
+
+    /// As `sql`, for a statement on the direction's source.
+    fn source_sql(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> WriteError {
+        let on = crate::pg::error::SqlError::on(&self.dir.from, context.to_string());
+        move |source| WriteError::Sql(on(source))
     }
 
     async fn forget_debt(&self, d: &Debt) -> Result<(), WriteError> {
@@ -276,10 +285,9 @@ impl TargetWriter<'_> {
                     break;
                 }
                 Err(e) => {
-                    return Err(WriteError::Sql(crate::pg::error::SqlError::on(
-                        &self.dir.from,
-                        format!("reading the values of {source_name}.{} owed", owed.column),
-                    )(e)))
+                    let context =
+                        format!("reading the values of {source_name}.{} owed", owed.column);
+                    return Err(self.source_sql(&context)(e));
                 }
             };
             let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); n + 2];
