@@ -8,9 +8,10 @@
 //! principal may do.
 
 mod acls;
+mod drift;
 
-use crate::config::Config;
-use crate::pg::walsender::WalsenderConnection;
+use crate::config::{Config, EchoFilter, ORIGIN_PREFIX};
+use crate::pg::node::NodeError;
 use std::time::Duration;
 use tokio_postgres::Client;
 use tracing::Instrument;
@@ -40,6 +41,7 @@ pub async fn check_all(cfg: &Config) -> Vec<String> {
     if problems.is_empty() {
         problems.extend(crate::mapping::check::problems(cfg, &clients).await);
     }
+    problems.extend(drift::warnings(cfg, &clients).await);
     problems.extend(broker_problems(cfg).await);
     problems
 }
@@ -101,22 +103,195 @@ async fn topic_problems(cfg: &Config) -> Vec<String> {
 /// Opens a replication connection the way `duplex run` does (its own TLS handshake
 /// and authentication, and pg_hba.conf's `replication` lines) and identifies the node.
 async fn replication_problem(cfg: &Config, node: &str) -> Option<String> {
-    let node_cfg = cfg.nodes.get(node)?;
-    let pg = node_cfg.pg_config().ok()?;
-    let tls = match crate::pg::node::tls_of(cfg, node) {
-        Ok(tls) => tls,
-        Err(e) => return Some(e.to_string()),
-    };
-    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
-    let allow_cleartext = node_cfg.allow_cleartext_password;
     let identified = async {
-        WalsenderConnection::connect(&pg, &tls, "duplex check", timeout, allow_cleartext)
+        crate::pg::node::replication(cfg, node, "check")
             .await?
             .identify_system()
             .await
+            .map_err(|source| NodeError::Walsender {
+                node: node.to_string(),
+                context: "replication connection".into(),
+                source: Box::new(source),
+            })
     };
-    let e = identified.await.err()?;
-    Some(format!("node {node}: replication connection: {e}"))
+    Some(identified.await.err()?.to_string())
+}
+
+/// What a role that is not a superuser lacks to apply on `node` (replication origins,
+/// `session_replication_role`, `deadlock_timeout`), on a server of `version`
+/// (`server_version_num`).
+async fn target_privilege_problems(
+    client: &Client,
+    node: &str,
+    user: &str,
+    version: i32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
+    let major = version / 10000;
+    if version < 140000 {
+        // PostgreSQL 13's replication origin functions check for a superuser
+        // themselves; from 14 they go by EXECUTE privileges.
+        problems.push(format!(
+            "node {node}: role {user} may not use replication origins: on PostgreSQL {major} only a superuser may (ALTER ROLE {user} SUPERUSER)"
+        ));
+    }
+    let origins: bool = version < 140000
+        || client
+            .query_one(
+                "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')",
+                &[],
+            )
+            .await?
+            .get(0);
+    if !origins {
+        problems.push(format!(
+            "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
+        ));
+    }
+    if version < 150000 {
+        // GRANT SET ON PARAMETER came with PostgreSQL 15: before it, only a superuser
+        // may set these.
+        problems.push(format!(
+            "node {node}: role {user} may not set session_replication_role, which apply sessions need: on PostgreSQL {major} only a superuser may (ALTER ROLE {user} SUPERUSER), or upgrade the node to 15 or newer and GRANT SET ON PARAMETER session_replication_role TO {user}"
+        ));
+        problems.push(format!(
+            "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted: on PostgreSQL {major} only a superuser may"
+        ));
+        return Ok(problems);
+    }
+    let row = client
+        .query_one(
+            "SELECT has_parameter_privilege('session_replication_role', 'SET'),
+                    has_parameter_privilege('deadlock_timeout', 'SET')",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        problems.push(format!(
+            "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
+        ));
+    }
+    if !row.get::<_, bool>(1) {
+        problems.push(format!(
+            "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted; run GRANT SET ON PARAMETER deadlock_timeout TO {user}"
+        ));
+    }
+    Ok(problems)
+}
+
+/// Whether `node`'s cluster has room for the replication origins duplex writes under
+/// there ([`Config::origins_on`]): each keeps a replay state, and the cluster caps
+/// them (`max_active_replication_origins` from PostgreSQL 18, default 10;
+/// `max_replication_slots` before). Past the cap a copy worker or the apply session
+/// fails to set its origin up.
+async fn origin_room_problem(
+    cfg: &Config,
+    node: &str,
+    client: &Client,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let ours = cfg.origins_on(node);
+    if ours.is_empty() {
+        return Ok(None);
+    }
+    let setting = if version >= 180000 {
+        "max_active_replication_origins"
+    } else {
+        "max_replication_slots"
+    };
+    let row = client
+        .query_one(
+            "SELECT current_setting($1)::int,
+                    has_table_privilege('pg_replication_origin_status', 'SELECT')",
+            &[&setting],
+        )
+        .await?;
+    let (cap, readable): (i32, bool) = (row.get(0), row.get(1));
+    // Other origins' replay states (a native subscription's, another deployment's)
+    // count against the same cap; only a superuser may see them by default.
+    let others: i64 = if readable {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_replication_origin_status s
+                 JOIN pg_replication_origin o ON o.roident = s.local_id
+                 WHERE NOT o.roname = ANY($1)",
+                &[&ours],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
+    let need = others + ours.len() as i64;
+    Ok((need > i64::from(cap)).then(|| {
+        format!(
+            "node {node}: duplex writes under up to {} replication origins here (per direction into it, one to apply and one per snapshot.workers copy worker, two with mapped tables){}, but {setting} = {cap} caps their replay states: set {setting} = {need} or more in postgresql.conf and restart PostgreSQL, or lower snapshot.workers",
+            ours.len(),
+            if others > 0 {
+                format!(", and {others} other origins on the cluster hold replay states")
+            } else {
+                String::new()
+            }
+        )
+    }))
+}
+
+/// Replication origins of other software on `node` (a native subscription's
+/// `pg_<oid>`, another tool's), when its walsender is to drop what duplex applies
+/// there: from PostgreSQL 16 with `source.echo_filter = "node"` it drops what those
+/// apply too, and their changes would not reach the peer.
+async fn echo_filter_problem(
+    cfg: &Config,
+    client: &Client,
+    node: &str,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if cfg.source.echo_filter != EchoFilter::Node || version < 160000 {
+        return Ok(None);
+    }
+    let others: Vec<String> = client
+        .query(
+            "SELECT roname FROM pg_replication_origin WHERE left(roname, length($1)) <> $1
+             ORDER BY roname LIMIT 5",
+            &[&ORIGIN_PREFIX],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((!others.is_empty()).then(|| {
+        format!(
+            "node {node}: replication origins of other software exist on its cluster ({}): with source.echo_filter = \"node\" its walsender drops what they apply here as it drops what duplex applies, and the peer would never get those changes; set source.echo_filter = \"duplex\" to forward them",
+            others.join(", ")
+        )
+    }))
+}
+
+/// What keeps `node`'s failover slot from carrying on after its standby is promoted:
+/// no failover slots before PostgreSQL 17; and without `synchronized_standby_slots`
+/// the primary sends duplex changes its standby may not have yet, which a promotion
+/// would take from the node after the peer applied them.
+async fn failover_problem(
+    client: &Client,
+    node: &str,
+    version: i32,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    if version < 170000 {
+        return Ok(Some(format!(
+            "node {node}: nodes.{node}.failover_slot needs PostgreSQL 17 or newer, and this node runs {version}"
+        )));
+    }
+    let standbys: String = client
+        .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+        .await?
+        .get(0);
+    // A warning: right after a failover the new primary has no standby yet, and
+    // duplex must run there all the same.
+    Ok(standbys.trim().is_empty().then(|| {
+        format!(
+            "{WARNING}node {node}: nodes.{node}.failover_slot is set, but synchronized_standby_slots is empty: the node may send duplex changes its standby has not received, and after the standby is promoted the peer would hold changes the new primary never had. Set synchronized_standby_slots to the standby's physical slot in postgresql.conf and reload"
+        )
+    }))
 }
 
 /// Problems on one node, as lines for the operator.
@@ -139,15 +314,21 @@ pub async fn node_problems(
     let (wal_level, encoding): (String, String) = (row.get(0), row.get(1));
     let (superuser, replication, user): (bool, bool, String) = (row.get(2), row.get(3), row.get(4));
     let version: i32 = row.get(5);
-    if version < 150000 {
+    if version < 130000 {
         problems.push(format!(
-            "node {node}: PostgreSQL {version} is too old; duplex needs 15 or newer"
+            "node {node}: PostgreSQL {version} is too old; duplex needs 13 or newer"
         ));
     }
     if is_source && wal_level != "logical" {
         problems.push(format!(
             "node {node}: wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
         ));
+    }
+    if is_source {
+        problems.extend(echo_filter_problem(cfg, client, node, version).await?);
+    }
+    if is_source && cfg.nodes.get(node).is_some_and(|n| n.failover_slot) {
+        problems.extend(failover_problem(client, node, version).await?);
     }
     if is_source && !superuser && !replication {
         problems.push(format!(
@@ -165,30 +346,9 @@ pub async fn node_problems(
         .iter()
         .any(|d| d.to == node);
     if is_target && !superuser {
-        let row = client
-            .query_one(
-                "SELECT has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),
-                        has_parameter_privilege('session_replication_role', 'SET'),
-                        has_parameter_privilege('deadlock_timeout', 'SET')",
-                &[],
-            )
-            .await?;
-        if !row.get::<_, bool>(0) {
-            problems.push(format!(
-                "node {node}: role {user} may not use replication origins; run GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_create(text) TO {user}"
-            ));
-        }
-        if !row.get::<_, bool>(1) {
-            problems.push(format!(
-                "node {node}: role {user} may not set session_replication_role; run GRANT SET ON PARAMETER session_replication_role TO {user}"
-            ));
-        }
-        if !row.get::<_, bool>(2) {
-            problems.push(format!(
-                "node {node}: role {user} may not set deadlock_timeout, so in a deadlock between duplex and the application the application's transaction may be aborted; run GRANT SET ON PARAMETER deadlock_timeout TO {user}"
-            ));
-        }
+        problems.extend(target_privilege_problems(client, node, &user, version).await?);
     }
+    problems.extend(origin_room_problem(cfg, node, client, version).await?);
     // `duplex setup` creates the duplex schema and the publication.
     let row = client
         .query_one(

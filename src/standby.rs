@@ -189,7 +189,7 @@ async fn end_silent_holder(
     let silent_s = cfg.standby.takeover_ms as f64 / 1000.0;
     let ended = client
         .query_opt(
-            "SELECT pg_terminate_backend(a.pid, 5000)
+            "SELECT duplex.terminate_backend(a.pid, 5000)
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid,
                   (SELECT hashtextextended($1, 0) AS v) k
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1

@@ -24,6 +24,9 @@ pub struct NodeStatus {
     pub retained_wal_bytes: Option<i64>,
     pub wal_status: Option<String>,
     pub safe_wal_size_bytes: Option<i64>,
+    /// Why PostgreSQL invalidated the slot (`invalidation_reason`, PostgreSQL 17 and
+    /// later; before 17 an invalidated slot shows only as `wal_status` lost).
+    pub invalidation_reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,6 +48,16 @@ pub struct DirectionStatus {
     pub dead_letters_pending: i64,
     /// The initial sync's copies into the target, per table (see `duplex snapshot`).
     pub snapshot: Vec<SnapshotStatus>,
+    /// Columns the target lacks whose values from the source are owed to it.
+    pub owed_columns: Vec<OwedColumnStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OwedColumnStatus {
+    pub table: String,
+    pub column: String,
+    /// The first source commit whose value was left out.
+    pub since: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,10 +86,13 @@ impl Status {
     pub fn gate(&self, max_lag_seconds: f64) -> Vec<String> {
         let mut failing = self.problems.clone();
         for n in &self.nodes {
-            if n.wal_status.as_deref() == Some("lost") {
+            if n.wal_status.as_deref() == Some("lost") || n.invalidation_reason.is_some() {
+                let reason = n.invalidation_reason.as_deref();
                 failing.push(format!(
-                    "node {}: slot {} was invalidated by PostgreSQL (wal_status lost): its unread changes are gone; run `duplex setup`, then `duplex snapshot`",
-                    n.node, n.slot
+                    "node {}: slot {} was invalidated by PostgreSQL ({}): its unread changes are gone; run `duplex setup`, then `duplex snapshot`",
+                    n.node,
+                    n.slot,
+                    crate::pg::node::invalidation_cause(reason)
                 ));
             }
         }
@@ -92,6 +108,12 @@ impl Status {
                 failing.push(format!(
                     "{} has {} dead letters pending: their changes are not applied (duplex dlq list, then replay or discard them)",
                     d.direction, d.dead_letters_pending
+                ));
+            }
+            for o in &d.owed_columns {
+                failing.push(format!(
+                    "{}: values of {}.{} since {} are owed to the target, which lacks the column (add it there; duplex then brings them over)",
+                    d.direction, o.table, o.column, o.since
                 ));
             }
             for s in d.snapshot.iter().filter(|s| s.state != "done") {
@@ -208,8 +230,9 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
     let row = client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8,
-                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, safe_wal_size
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    (pg_current_wal_lsn() - restart_lsn)::int8, wal_status, safe_wal_size,
+                    to_jsonb(s) ->> 'invalidation_reason'
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot_name],
         )
         .await
@@ -225,6 +248,7 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
             retained_wal_bytes: r.get(3),
             wal_status: r.get(4),
             safe_wal_size_bytes: r.get(5),
+            invalidation_reason: r.get(6),
         },
         None => NodeStatus {
             node: node.to_string(),
@@ -236,6 +260,7 @@ async fn node_status(cfg: &Config, node: &str) -> Result<NodeStatus, String> {
             retained_wal_bytes: None,
             wal_status: None,
             safe_wal_size_bytes: None,
+            invalidation_reason: None,
         },
     })
 }
@@ -281,6 +306,7 @@ async fn direction_status(
             chunks_copied: p.chunks_copied,
         })
         .collect();
+    let owed_columns = owed_columns(&client, dir).await.map_err(err)?;
     let next_offset: Option<i64> = row.get(5);
     let since_commit: Option<f64> = row.get(6);
     let end = log_end_offset(cfg, &cfg.topic(&dir.from)).await;
@@ -310,7 +336,36 @@ async fn direction_status(
         conflicts: row.get(7),
         dead_letters_pending: row.get(8),
         snapshot,
+        owed_columns,
     })
+}
+
+/// The target's debts to this direction (none where duplex's schema predates them).
+async fn owed_columns(
+    client: &tokio_postgres::Client,
+    dir: &Direction,
+) -> Result<Vec<OwedColumnStatus>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('duplex.owed_columns') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT table_name, column_name, since_ts::text FROM duplex.owed_columns
+             WHERE source_node = $1 ORDER BY 1, 2",
+            &[&dir.from],
+        )
+        .await?
+        .iter()
+        .map(|r| OwedColumnStatus {
+            table: r.get(0),
+            column: r.get(1),
+            since: r.get(2),
+        })
+        .collect())
 }
 
 /// The topic's log end offset (partition 0), if the broker answers.
@@ -363,6 +418,12 @@ pub fn render(s: &Status) -> String {
             d.conflicts,
             d.dead_letters_pending,
         ));
+        for o in &d.owed_columns {
+            out.push_str(&format!(
+                "  owed {}.{} since {}: the target lacks the column\n",
+                o.table, o.column, o.since
+            ));
+        }
         for t in &d.snapshot {
             out.push_str(&format!(
                 "  snapshot {}: {} ({}), {}/{} chunks, {}/{} rows\n",
@@ -380,4 +441,45 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!("problem: {p}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caught_up(owed: Vec<OwedColumnStatus>) -> Status {
+        Status {
+            nodes: Vec::new(),
+            directions: vec![DirectionStatus {
+                direction: "a_to_b".into(),
+                state: DirectionState::Running,
+                reason: None,
+                since: None,
+                connected: true,
+                last_applied_commit: None,
+                lag_seconds: Some(0.0),
+                lag_bytes: Some(0),
+                kafka_lag_messages: Some(0),
+                conflicts: 0,
+                dead_letters_pending: 0,
+                snapshot: Vec::new(),
+                owed_columns: owed,
+            }],
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn values_owed_to_a_node_fail_the_gate_naming_the_column() {
+        assert!(caught_up(Vec::new()).gate(0.0).is_empty());
+        let owed = caught_up(vec![OwedColumnStatus {
+            table: "public.items".into(),
+            column: "color".into(),
+            since: "2026-12-07 10:00:00+00".into(),
+        }]);
+        let failing = owed.gate(0.0);
+        assert_eq!(failing.len(), 1, "{failing:?}");
+        assert!(failing[0].contains("public.items.color"), "{failing:?}");
+        assert!(render(&owed).contains("owed public.items.color since"));
+    }
 }

@@ -175,7 +175,12 @@ fn tombstone_of(row: &Row) -> Option<(DeletedKey, String)> {
 /// event keeps the repair's position, so replays of it are skipped like any other.
 /// Anything but an insert (duplex pruning the table) is no change.
 fn repair_of(ev: &ChangeEvent) -> Option<(ChangeEvent, Option<(DeletedKey, String)>)> {
-    let row = ev.after.as_ref().filter(|_| ev.op == Op::Insert)?;
+    // An insert in the transaction that wrote it, or the republisher's update of it
+    // (`duplex.republish`, where the node's walsender drops applied transactions).
+    let row = ev
+        .after
+        .as_ref()
+        .filter(|_| matches!(ev.op, Op::Insert | Op::Update))?;
     let table_name = text(row, "table_name")?;
     let (schema, table) = table_name.split_once('.')?;
     let image: serde_json::Map<String, serde_json::Value> =
@@ -317,6 +322,16 @@ mod tests {
         let (out, _) = prepare_batch([&full].into_iter());
         let after = out[0].after.as_ref().unwrap();
         assert_eq!(after.get("body"), Some(&Value::Text("old".into())));
+    }
+
+    #[test]
+    fn a_republished_repair_is_applied_as_the_inserted_one_is() {
+        let inserted = repair(r#"{"id": "5", "val": "x"}"#, None, Op::Insert);
+        let touched = repair(r#"{"id": "5", "val": "x"}"#, None, Op::Update);
+        let (a, _) = prepare_batch([&inserted].into_iter());
+        let (b, _) = prepare_batch([&touched].into_iter());
+        assert_eq!((a.len(), b.len()), (1, 1));
+        assert_eq!((a[0].op, &a[0].after), (b[0].op, &b[0].after));
     }
 
     #[test]

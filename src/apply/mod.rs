@@ -8,7 +8,9 @@
 //! transaction's and the offsets' books) and commits whole source transactions with
 //! their position through the last-writer-wins writer in `crate::lww`; `progress`
 //! reports where the direction stands; `dead_letter` keeps the events the target
-//! refused and replays them; `watchdog` gives up a session whose connection stalled; `error` says which
+//! refused and replays them; `republish` sends again, in transactions of their own, the
+//! repairs and pairings a node's walsender drops with the applied transactions;
+//! `watchdog` gives up a session whose connection stalled; `error` says which
 //! failures retry and which halt the direction.
 
 pub(crate) mod batch;
@@ -16,6 +18,7 @@ pub(crate) mod dead_letter;
 pub(crate) mod error;
 mod intake;
 pub(crate) mod progress;
+mod republish;
 mod resume;
 mod sequence;
 pub(crate) mod session;

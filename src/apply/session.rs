@@ -130,7 +130,7 @@ struct Session<'a> {
     intake: Intake,
     per_turn: usize,
     /// Aborted when the session ends.
-    _tasks: [AbortOnDrop; 2],
+    _tasks: [AbortOnDrop; 3],
 }
 
 /// Opens a session: sets the target up, copies what predates the slots (`None` when
@@ -204,6 +204,10 @@ async fn open<'a>(
         .instrument(tracing::info_span!("lag_reporter", direction = %dir)),
     );
     let reporter = AbortOnDrop(reporter);
+    let republisher = AbortOnDrop(tokio::spawn(
+        super::republish::run(cfg.clone(), dir.clone(), stop.clone())
+            .instrument(tracing::info_span!("republisher", direction = %dir)),
+    ));
     // The first message must be the stored one: anything later means a gap, once a
     // broker's answer from the next record batch is told apart (see `resume`).
     let resume = match committed_next {
@@ -227,7 +231,7 @@ async fn open<'a>(
         watchdog,
         intake,
         per_turn: bounds.per_turn,
-        _tasks: [reporter, AbortOnDrop(task)],
+        _tasks: [reporter, republisher, AbortOnDrop(task)],
     }))
 }
 
@@ -278,7 +282,10 @@ async fn run(
             }
             _ = sleep_until(deadline), if deadline.is_some() => watchdog.run(worker.linger_expired()).await?,
             _ = sleep_until(stall), if stall.is_some() => watchdog.run(worker.stalled()).await?,
-            _ = sweep.tick() => watchdog.run(worker.sweep()).await?,
+            _ = sweep.tick() => {
+                watchdog.run(worker.sweep()).await?;
+                watchdog.run(worker.settle_owed()).await?;
+            }
         }
     }
 }

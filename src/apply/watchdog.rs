@@ -122,7 +122,7 @@ impl<'a> Watchdog<'a> {
             // Its transaction is rolled back and its locks and origin released now,
             // not when TCP gives up on the connection.
             client
-                .execute("SELECT pg_terminate_backend($1, 5000)", &[&self.pid])
+                .execute("SELECT duplex.terminate_backend($1, 5000)", &[&self.pid])
                 .await
                 .sql(node, "ending the stalled session")?;
             Ok::<_, node::NodeError>(Probe::Stalled(format!(

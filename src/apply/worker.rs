@@ -29,6 +29,7 @@ mod bad_events;
 use bad_events::pending_of;
 mod incomplete;
 mod maintenance;
+mod owed;
 mod reclaim;
 mod txn;
 use reclaim::Reclaim;
@@ -83,6 +84,10 @@ pub(super) struct Worker<'a> {
     last_maintenance: Instant,
     /// No sweep before this (see `maintenance::sweep_pause`).
     next_sweep: Instant,
+    /// Some values may be owed to the target (see `owed`).
+    owed_pending: bool,
+    next_owed_check: Instant,
+    next_owed_source_check: Instant,
     last_applied_commit_us: Option<i64>,
     oldest_pending_commit_us: Option<i64>,
     /// Where the lag reporter learns how far this worker is.
@@ -121,6 +126,9 @@ impl<'a> Worker<'a> {
             first_pending_at: None,
             last_maintenance: Instant::now(),
             next_sweep: Instant::now(),
+            owed_pending: true,
+            next_owed_check: Instant::now(),
+            next_owed_source_check: Instant::now(),
             last_applied_commit_us: stored.last_commit_us,
             oldest_pending_commit_us: None,
             standing_tx: None,
@@ -349,6 +357,7 @@ impl<'a> Worker<'a> {
                 self.writer
                     .execute("RELEASE SAVEPOINT batch", "savepoint")
                     .await?;
+                self.owed_pending |= !applied.owed.is_empty();
                 for bad in applied.bad {
                     let p = pending_of(pending, &events[bad.index]);
                     self.bad(DeadLetter::of(

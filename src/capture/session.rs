@@ -14,7 +14,7 @@ use crate::capture::confirm::SlotProgress;
 pub use crate::capture::error::CaptureError;
 use crate::capture::pgoutput::{self, LogicalMessage};
 use crate::capture::producer::{self, ChangeProducer, Pending};
-use crate::config::Config;
+use crate::config::{Config, EchoFilter};
 use crate::event::{ChangeEvent, Lsn};
 use crate::kafka::{self, BrokerError};
 use crate::metrics::{self as m, CaptureMetrics, Health};
@@ -81,6 +81,34 @@ pub async fn run_capture(
     .await
 }
 
+/// Whether the node's walsender drops what duplex applied there (pgoutput's `origin =
+/// 'none'`): with `source.echo_filter = "node"`, on PostgreSQL 16 and later, once the
+/// slot has read past `duplex.slots.filter_from` (where duplex began to publish its
+/// repairs and pairings through `duplex.outbox`; before it, they travel inside the
+/// applied transactions, which only duplex's own filter lets them out of).
+async fn walsender_filters(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    node: &str,
+    slot: &str,
+) -> Result<bool, CaptureError> {
+    if cfg.source.echo_filter != EchoFilter::Node {
+        return Ok(false);
+    }
+    let ready: bool = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 160000
+                    AND coalesce((SELECT s.confirmed_flush_lsn >= d.filter_from
+                                  FROM pg_replication_slots s JOIN duplex.slots d USING (slot_name)
+                                  WHERE s.slot_name = $1), true)",
+            &[&slot],
+        )
+        .await
+        .sql(node, "reading where the slot's echo filter begins")?
+        .get(0);
+    Ok(ready)
+}
+
 /// One replication session, from connecting to a failure or stop.
 async fn stream_once(
     cfg: &Config,
@@ -114,6 +142,12 @@ async fn stream_once(
     let problems = crate::preflight::node_problems(cfg, node, &client, true)
         .await
         .sql(node, "checking the node")?;
+    let (warnings, problems): (Vec<String>, Vec<String>) = problems
+        .into_iter()
+        .partition(|p| crate::preflight::is_warning(p));
+    for w in warnings {
+        tracing::warn!(node, "{w}");
+    }
     if !problems.is_empty() {
         return Err(CaptureError::Preflight {
             node: node.to_string(),
@@ -157,8 +191,14 @@ async fn stream_once(
     .map_err(wal_err)?;
     let ident = wal.identify_system().await.map_err(wal_err)?;
     let slot_name = cfg.slot_name(node);
+    let only_local = walsender_filters(cfg, &client, node, &slot_name).await?;
     let stream = wal
-        .start_replication(&slot_name, &cfg.publication_name(node), Lsn::ZERO)
+        .start_replication(
+            &slot_name,
+            &cfg.publication_name(node),
+            Lsn::ZERO,
+            only_local,
+        )
         .await
         .map_err(wal_err)?;
     if !producer.wait_for_id(PRODUCER_ID_WAIT).await {
@@ -166,7 +206,8 @@ async fn stream_once(
     }
     health.set(component, true);
     metrics.connected.set(1.0);
-    tracing::info!(node, slot = %slot_name, topic = %topic, system_id = %ident.system_id, "streaming");
+    tracing::info!(node, slot = %slot_name, topic = %topic, system_id = %ident.system_id,
+        echoes_dropped_by = if only_local { "the node" } else { "duplex" }, "streaming");
 
     let (queue_tx, queue_rx) = mpsc::channel(cfg.kafka.max_in_flight_messages);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);

@@ -26,6 +26,11 @@ pub struct NodeConfig {
     /// request for it may come from someone between duplex and the node.
     #[serde(default)]
     pub allow_cleartext_password: bool,
+    /// Create this node's slot as a failover slot (PostgreSQL 17 and later), which a
+    /// physical standby with `sync_replication_slots = on` keeps a copy of: after the
+    /// standby is promoted, duplex reads on from that copy.
+    #[serde(default)]
+    pub failover_slot: bool,
     #[serde(skip)]
     pub password_from_env: Option<String>,
 }
@@ -37,6 +42,7 @@ impl fmt::Debug for NodeConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("allow_cleartext_password", &self.allow_cleartext_password)
+            .field("failover_slot", &self.failover_slot)
             .finish()
     }
 }

@@ -115,6 +115,24 @@ pub struct SourceConfig {
     /// for this long, or a node that does not answer a statement of the reader in this
     /// time, is taken for stalled and reconnected.
     pub receive_timeout_ms: u64,
+    /// Where the changes duplex applied on a node are dropped before they could echo
+    /// back: by the node's walsender where it can (PostgreSQL 16 and later, pgoutput's
+    /// `origin = 'none'`, which never decodes them), or by duplex after decoding.
+    pub echo_filter: EchoFilter,
+}
+
+/// Who drops the changes duplex applied on a node (see `source.echo_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EchoFilter {
+    /// The node's walsender, from PostgreSQL 16; duplex on older nodes. The
+    /// walsender then drops every transaction written under any replication origin,
+    /// another replication tool's too.
+    #[default]
+    Node,
+    /// duplex, after the walsender decoded them: changes other replication tools
+    /// apply on the node are forwarded.
+    Duplex,
 }
 
 impl Default for SourceConfig {
@@ -126,6 +144,7 @@ impl Default for SourceConfig {
             retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             receive_timeout_ms: DEFAULT_RECEIVE_TIMEOUT_MS,
+            echo_filter: EchoFilter::default(),
         }
     }
 }
@@ -431,6 +450,31 @@ impl Config {
         self.tables
             .iter()
             .find(|t| t.schema_table() == (schema, table))
+    }
+
+    /// Every replication origin duplex writes under on `node`: per direction into it,
+    /// the apply origin and one per copy worker (`snapshot.workers`), and with a mapped
+    /// table a second per worker for its mapped copies. Each keeps a replay state on
+    /// the node's cluster from its first use until it is dropped, and the cluster caps
+    /// those (`max_active_replication_origins` from PostgreSQL 18,
+    /// `max_replication_slots` before).
+    pub fn origins_on(&self, node: &str) -> Vec<String> {
+        let mapped = self.tables.iter().any(TableConfig::is_mapped);
+        let mut origins = Vec::new();
+        for dir in self.directions().unwrap_or_default() {
+            if dir.to != node {
+                continue;
+            }
+            let apply = self.origin_name(&dir);
+            for n in 0..self.snapshot.workers {
+                origins.push(format!("{apply}_copy{n}"));
+                if mapped {
+                    origins.push(format!("{apply}_copy{n}m"));
+                }
+            }
+            origins.push(apply);
+        }
+        origins
     }
 
     /// The replication origin under which changes from `from` are applied.

@@ -257,3 +257,29 @@ fn batch_rows_bounds_every_stage_of_a_direction() {
     c.sync.batch_rows = 2;
     assert_eq!(c.sync.bounds().hold_max, sync::HELD_MIN);
 }
+
+#[test]
+fn origins_on_a_node_are_the_apply_one_and_one_per_copy_worker_and_mapped_copier() {
+    let one_way = Config::parse(&format!("{GOOD}\n[snapshot]\nworkers = 2\n")).unwrap();
+    let mut origins = one_way.origins_on("modern");
+    origins.sort();
+    assert_eq!(
+        origins,
+        [
+            "duplex_modern_from_legacy",
+            "duplex_modern_from_legacy_copy0",
+            "duplex_modern_from_legacy_copy1"
+        ]
+    );
+    // Nothing is applied on the source of a one-way sync.
+    assert!(one_way.origins_on("legacy").is_empty());
+
+    let text = include_str!("../../config/legacy-modern.example.toml");
+    let mapped = Config::parse(text).unwrap();
+    let workers = mapped.snapshot.workers;
+    for node in ["legacy", "modern"] {
+        let origins = mapped.origins_on(node);
+        assert_eq!(origins.len(), 1 + 2 * workers, "{node}: {origins:?}");
+        assert!(origins.iter().all(|o| o.contains(&format!("{node}_from_"))));
+    }
+}

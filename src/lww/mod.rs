@@ -54,6 +54,8 @@ mod away;
 mod decide;
 mod deletes;
 mod mapped;
+pub mod owed;
+mod probe;
 mod runs;
 pub mod sql;
 mod statements;
@@ -116,6 +118,8 @@ pub struct Applied {
     pub rows: usize,
     pub conflicts: usize,
     pub bad: Vec<BadEvent>,
+    /// Columns the target lacks, whose values were left out (recorded on the target).
+    pub owed: owed::OwedColumns,
 }
 
 /// One SQL session on a direction's target node.
@@ -232,7 +236,7 @@ impl<'a> TargetWriter<'a> {
                 let ended = self
                     .client
                     .query(
-                        "SELECT pid, pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                        "SELECT pid, duplex.terminate_backend(pid, 5000) FROM pg_stat_activity
                          WHERE datname = current_database() AND application_name = $1
                            AND pid <> pg_backend_pid() AND state LIKE 'idle%'
                            AND clock_timestamp() - state_change > $2 * interval '1 second'",
@@ -330,9 +334,11 @@ impl<'a> TargetWriter<'a> {
     }
 
     /// Applies `events` in order inside the caller's transaction. Events the target
-    /// cannot take for a reason found before writing (missing column or table, NULL
-    /// or future `updated_at`, wrong deterministic id) come back in `Applied::bad`;
-    /// a failing statement is an error, after which the caller rolls back.
+    /// cannot take for a reason found before writing (missing table, NULL or future
+    /// `updated_at`, wrong deterministic id) come back in `Applied::bad`; columns the
+    /// target lacks are left out and recorded as owed (`Applied::owed`, and
+    /// `duplex.owed_columns` in the same transaction); a failing statement is an
+    /// error, after which the caller rolls back.
     pub async fn apply(
         &mut self,
         events: &[Cow<'_, ChangeEvent>],
@@ -349,6 +355,9 @@ impl<'a> TargetWriter<'a> {
         let out = self.apply_runs(events, deleted).await?;
         self.execute(DEFAULT_PLANS, "restoring the planner settings")
             .await?;
+        if !out.owed.is_empty() {
+            self.record_owed(&out.owed).await?;
+        }
         Ok(out)
     }
 
@@ -392,7 +401,7 @@ impl<'a> TargetWriter<'a> {
         deleted: &DeleteTimes,
         out: &mut Applied,
     ) -> Result<(), WriteError> {
-        let Some(table) = self.tables.get(&run.table).cloned().flatten() else {
+        let Some(table) = self.current_table(events, run).await? else {
             return Ok(());
         };
         let tc = self.cfg.table_on(&self.dir.to, &run.table);
@@ -401,12 +410,15 @@ impl<'a> TargetWriter<'a> {
         // fire in replica mode), so one statement per kind serves the table.
         let mut rows: Vec<Candidate> = Vec::new();
         let mut index_of: HashMap<Vec<String>, usize> = HashMap::new();
-        // The last row whose columns all exist on the target: the rows of a run
-        // usually share their columns, so most are checked by comparing names.
+        // The last row whose columns were checked against the target's (see
+        // `owed::OwedColumns::note_missing`).
         let mut checked: Option<&Row> = None;
         for &index in &run.items {
             let kind = kind_of(&events[index]);
-            match self.prepare(&events[index], &table, tc, kind, deleted, &mut checked) {
+            if kind != Kind::Delete {
+                out.owed.note_missing(&events[index], &table, &mut checked);
+            }
+            match self.prepare(&events[index], &table, tc, kind, deleted) {
                 Ok((key, ts)) => {
                     let c = Candidate {
                         index,
@@ -490,14 +502,13 @@ impl<'a> TargetWriter<'a> {
     }
 
     /// Key values and the version's `updated_at` text, or why the event is bad.
-    fn prepare<'e>(
+    fn prepare(
         &self,
-        ev: &'e ChangeEvent,
+        ev: &ChangeEvent,
         table: &TargetTable,
         tc: Option<&TableConfig>,
         kind: Kind,
         deleted: &DeleteTimes,
-        checked: &mut Option<&'e Row>,
     ) -> Result<(Vec<String>, Option<String>), String> {
         let image = if kind == Kind::Delete {
             ev.before.as_ref()
@@ -520,15 +531,6 @@ impl<'a> TargetWriter<'a> {
                 .cloned()
                 .unwrap_or_else(|| format_unix_us(ev.source.commit_ts_us));
             return Ok((key, Some(at)));
-        }
-        let same_columns = checked.is_some_and(|last| {
-            last.0.len() == image.0.len() && last.0.iter().zip(&image.0).all(|(a, b)| a.0 == b.0)
-        });
-        if !same_columns {
-            if let Some((col, _)) = image.0.iter().find(|(c, _)| table.column(c).is_none()) {
-                return Err(format!("column {col} is missing on the target node"));
-            }
-            *checked = Some(image);
         }
         if let Some(id) = tc.and_then(|t| t.identity.as_ref()) {
             check_identity(image, id)?;

@@ -47,7 +47,8 @@ impl TargetWriter<'_> {
         candidates: Vec<Candidate>,
     ) -> Result<(Vec<Candidate>, Vec<Candidate>), WriteError> {
         // Rows with the same columns present go in one statement (unchanged-TOAST
-        // columns are left out, so the target keeps its value). So are the target's
+        // columns are left out, so the target keeps its value; so are columns the
+        // target lacks, whose values are owed: see `owed`). So are the target's
         // generated columns, which it computes and refuses values for (428C9):
         // pgoutput never sends them, but an image from elsewhere may carry them (a
         // repair written by an older duplex, a replayed dead letter).
@@ -64,7 +65,9 @@ impl TargetWriter<'_> {
                 .iter()
                 .flat_map(|r| r.0.iter())
                 .filter(move |(n, v)| {
-                    *v != Value::UnchangedToast && !generated.contains(&n.as_str())
+                    *v != Value::UnchangedToast
+                        && !generated.contains(&n.as_str())
+                        && table.column(n).is_some()
                 })
         };
         let mut groups: Vec<(Vec<&str>, Vec<Candidate>)> = Vec::new();

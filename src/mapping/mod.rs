@@ -271,7 +271,12 @@ impl Mapper {
                 continue;
             }
             outcomes[i] = Outcome::Drop;
-            let Some(row) = ev.after.as_ref().filter(|_| ev.op == Op::Insert) else {
+            // Inserted where it was made, or touched again there by the republisher.
+            let Some(row) = ev
+                .after
+                .as_ref()
+                .filter(|_| matches!(ev.op, Op::Insert | Op::Update))
+            else {
                 continue;
             };
             if let (Some(t), Some(a), Some(b), Some(by)) = (

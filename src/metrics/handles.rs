@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 #[derive(Clone)]
 pub struct ApplyMetrics {
     pub halted: Gauge,
+    pub owed_columns: Gauge,
     pub connected: Gauge,
     pub transactions: Counter,
     pub dead_letters: Counter,
@@ -91,6 +92,7 @@ impl ApplyMetrics {
         };
         ApplyMetrics {
             halted: metrics::gauge!(APPLY_HALTED, "direction" => d.clone()),
+            owed_columns: metrics::gauge!(APPLY_OWED_COLUMNS, "direction" => d.clone()),
             connected: metrics::gauge!(APPLY_CONNECTED, "direction" => d.clone()),
             transactions: counter(APPLY_TRANSACTIONS_TOTAL),
             dead_letters: counter(APPLY_DEAD_LETTERS_TOTAL),

@@ -72,6 +72,9 @@ metric_names! {
     counter APPLY_INCOMPLETE_TRANSACTIONS_TOTAL = "duplex_apply_incomplete_transactions_total";
     /// 1 while a direction is halted on a bad event. Labels: direction.
     gauge APPLY_HALTED = "duplex_apply_halted";
+    /// Columns the target lacks whose values from the source are owed to it (see
+    /// README "Schema changes during a sync"). Labels: direction.
+    gauge APPLY_OWED_COLUMNS = "duplex_apply_owed_columns";
     /// Errors of an apply worker. Labels: direction, class (transient|definite).
     counter APPLY_ERRORS_TOTAL = "duplex_apply_errors_total";
     /// Source commit to target commit, per applied source transaction. Labels: direction.

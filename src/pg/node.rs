@@ -25,6 +25,12 @@ pub enum NodeError {
     },
     #[error("node {node}: connecting timed out")]
     Timeout { node: String },
+    #[error("node {node}: {context}: {source}")]
+    Walsender {
+        node: String,
+        context: String,
+        source: Box<crate::pg::walsender::WalsenderError>,
+    },
     #[error("node {node}: {0}", .detail)]
     Config { node: String, detail: String },
     #[error("node {node}: replication slot {slot} is gone (duplex created it at LSN {created_lsn} on {created_at}): changes made on this node since it was lost were never read. Bring the peer level with this node (copy the configured tables), then run `duplex setup` to create the slot again")]
@@ -34,11 +40,14 @@ pub enum NodeError {
         created_lsn: String,
         created_at: String,
     },
-    #[error("node {node}: replication slot {slot} was invalidated by PostgreSQL (wal_status lost): it held more WAL than max_slot_wal_keep_size allows, and the changes it had not read since LSN {confirmed} are gone. Run `duplex setup` (it drops the invalidated slot and creates it again), then `duplex snapshot` to bring the peer level with this node; raise max_slot_wal_keep_size if duplex may be stopped this long again")]
+    #[error("node {node}: replication slot {slot} was invalidated by PostgreSQL ({}), and the changes it had not read since LSN {confirmed} are gone. Run `duplex setup` (it drops the invalidated slot and creates it again), then `duplex snapshot` to bring the peer level with this node; {}", invalidation_cause(reason.as_deref()), invalidation_advice(reason.as_deref()))]
     SlotInvalidated {
         node: String,
         slot: String,
         confirmed: String,
+        /// `invalidation_reason` (PostgreSQL 17 and later); `None` before 17, where
+        /// only a slot that lost its WAL shows as invalidated (`wal_status` lost).
+        reason: Option<String>,
     },
     #[error("node {node}: {detail} (recorded in duplex.slots.topic_lost when it was found; nothing reads or writes this topic until it is cleared)")]
     TopicLost { node: String, detail: String },
@@ -58,6 +67,34 @@ pub enum NodeError {
     },
 }
 
+/// Why PostgreSQL invalidated a slot, from its `invalidation_reason`.
+pub fn invalidation_cause(reason: Option<&str>) -> String {
+    match reason {
+        None | Some("wal_removed") => {
+            "wal_status lost: it held more WAL than max_slot_wal_keep_size allows".into()
+        }
+        Some("rows_removed") => "invalidation_reason rows_removed: VACUUM removed catalog rows it still needed (on a standby: hot_standby_feedback is off, or no physical slot holds them on the primary)".into(),
+        Some("wal_level_insufficient") => "invalidation_reason wal_level_insufficient: wal_level was lowered below logical".into(),
+        Some("idle_timeout") => "invalidation_reason idle_timeout: it was unused for longer than idle_replication_slot_timeout".into(),
+        Some(other) => format!("invalidation_reason {other}"),
+    }
+}
+
+/// What keeps a slot from being invalidated the same way again.
+pub fn invalidation_advice(reason: Option<&str>) -> &'static str {
+    match reason {
+        None | Some("wal_removed") => {
+            "raise max_slot_wal_keep_size if duplex may be stopped this long again"
+        }
+        Some("rows_removed") => "keep hot_standby_feedback on where duplex reads a standby",
+        Some("wal_level_insufficient") => "keep wal_level = logical",
+        Some("idle_timeout") => {
+            "raise idle_replication_slot_timeout (or set it to 0) above the longest time duplex may be stopped"
+        }
+        Some(_) => "see PostgreSQL's documentation of pg_replication_slots.invalidation_reason",
+    }
+}
+
 impl Classify for NodeError {
     fn class(&self) -> ErrorClass {
         match self {
@@ -71,6 +108,7 @@ impl Classify for NodeError {
                 ErrorClass::Transient
             }
             NodeError::SlotCreation { source, .. } => sql_class(source),
+            NodeError::Walsender { source, .. } => source.class(),
             NodeError::Timeout { .. } | NodeError::SlotActive { .. } => ErrorClass::Transient,
             NodeError::Config { .. }
             | NodeError::SlotLost { .. }
@@ -105,6 +143,38 @@ pub fn keepalive_sql(cfg: &Config) -> String {
         "SET tcp_keepalives_idle = {s}; SET tcp_keepalives_interval = {s}; \
          SET tcp_keepalives_count = 3"
     )
+}
+
+/// Opens a replication connection to `node` as `duplex run` does (its own TLS
+/// handshake and authentication, pg_hba.conf's `replication` lines), named "duplex
+/// `purpose`".
+pub async fn replication(
+    cfg: &Config,
+    node: &str,
+    purpose: &str,
+) -> Result<crate::pg::walsender::WalsenderConnection, NodeError> {
+    let node_cfg = cfg.nodes.get(node).ok_or_else(|| NodeError::Config {
+        node: node.to_string(),
+        detail: "not in the config".into(),
+    })?;
+    let pg = node_cfg.pg_config().map_err(|e| NodeError::Config {
+        node: node.to_string(),
+        detail: e.to_string(),
+    })?;
+    let timeout = Duration::from_millis(cfg.source.connect_timeout_ms);
+    crate::pg::walsender::WalsenderConnection::connect(
+        &pg,
+        &tls_of(cfg, node)?,
+        &format!("duplex {purpose}"),
+        timeout,
+        node_cfg.allow_cleartext_password,
+    )
+    .await
+    .map_err(|source| NodeError::Walsender {
+        node: node.to_string(),
+        context: "replication connection".into(),
+        source: Box::new(source),
+    })
 }
 
 /// Opens an ordinary SQL session to `node`, with duplex's fixed output settings. The

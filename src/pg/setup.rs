@@ -179,21 +179,29 @@ async fn ensure_slot(
     let slot = cfg.slot_name(node);
     let row = client
         .query_opt(
-            "SELECT plugin, database, wal_status, coalesce(confirmed_flush_lsn::text, '?')
-             FROM pg_replication_slots WHERE slot_name = $1",
+            // invalidation_reason exists from PostgreSQL 17 (read through jsonb, so
+            // that older servers answer NULL rather than fail).
+            "SELECT plugin, database, wal_status, coalesce(confirmed_flush_lsn::text, '?'),
+                    to_jsonb(s) ->> 'invalidation_reason', to_jsonb(s) ->> 'failover'
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .sql(node, "reading pg_replication_slots")?;
     let row = match row {
-        // PostgreSQL invalidated the slot (max_slot_wal_keep_size): it can never
-        // stream again. Only the operator's `duplex setup` replaces it.
-        Some(row) if row.get::<_, Option<String>>(2).as_deref() == Some("lost") => {
+        // PostgreSQL invalidated the slot (its WAL removed, or from 17 another
+        // reason): it can never stream again. Only the operator's `duplex setup`
+        // replaces it.
+        Some(row)
+            if row.get::<_, Option<String>>(2).as_deref() == Some("lost")
+                || row.get::<_, Option<String>>(4).is_some() =>
+        {
             if lost == LostSlot::Refuse {
                 return Err(NodeError::SlotInvalidated {
                     node: node.to_string(),
                     slot,
                     confirmed: row.get(3),
+                    reason: row.get(4),
                 });
             }
             client
@@ -239,7 +247,8 @@ async fn ensure_slot(
             )
             .await
             .sql(node, "writing duplex.slots")?;
-        return Ok(None);
+        let failover: Option<String> = row.get(5);
+        return match_failover(cfg, node, &slot, failover.as_deref()).await;
     }
     let before = client
         .query_opt(
@@ -259,9 +268,17 @@ async fn ensure_slot(
     // Alone in its statement: the less the session holds while the slot waits for
     // concurrent transactions, the better. A slot made but not yet recorded is
     // recorded by the next setup, which finds it.
+    let failover = cfg.nodes[node].failover_slot;
+    if failover {
+        failover_supported(client, node).await?;
+    }
     let created: String = client
         .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            if failover {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+            } else {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+            },
             &[&slot],
         )
         .await
@@ -280,12 +297,66 @@ async fn ensure_slot(
         )
         .await
         .sql(node, "writing duplex.slots")?;
+    let kind = if failover { "failover slot" } else { "slot" };
     Ok(Some(match before {
         Some(_) => format!(
-            "created replication slot {slot} again (it had been lost or invalidated; changes made meanwhile were not read)"
+            "created replication {kind} {slot} again (it had been lost or invalidated; changes made meanwhile were not read)"
         ),
-        None => format!("created replication slot {slot}"),
+        None => format!("created replication {kind} {slot}"),
     }))
+}
+
+/// Refuses `nodes.<node>.failover_slot` on a server before PostgreSQL 17, which has no
+/// failover slots.
+async fn failover_supported(client: &Client, node: &str) -> Result<(), NodeError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .sql(node, "reading server_version_num")?
+        .get(0);
+    if version < 170000 {
+        return Err(NodeError::Config {
+            node: node.to_string(),
+            detail: format!("nodes.{node}.failover_slot needs PostgreSQL 17 or newer, and this node runs {version}: remove the setting, or upgrade the node"),
+        });
+    }
+    Ok(())
+}
+
+/// Sets the existing slot's `failover` flag (`current`: PostgreSQL 17 and later, else
+/// `None`) to `nodes.<node>.failover_slot`, over a replication connection
+/// (`ALTER_REPLICATION_SLOT`, which needs the slot unused: `duplex setup` with duplex
+/// stopped, or `duplex run` before it reads).
+async fn match_failover(
+    cfg: &Config,
+    node: &str,
+    slot: &str,
+    current: Option<&str>,
+) -> Result<Option<String>, NodeError> {
+    let want = cfg.nodes[node].failover_slot;
+    match current {
+        None if want => Err(NodeError::Config {
+            node: node.to_string(),
+            detail: format!("nodes.{node}.failover_slot needs PostgreSQL 17 or newer, whose slots can fail over: remove the setting, or upgrade the node"),
+        }),
+        None => Ok(None),
+        Some(flag) if (flag == "true") == want => Ok(None),
+        Some(_) => {
+            let mut wal = super::node::replication(cfg, node, "setup").await?;
+            let sql = format!(
+                "ALTER_REPLICATION_SLOT {} (FAILOVER {want})",
+                super::sql::quote_ident(slot)
+            );
+            wal.simple_query(&sql)
+                .await
+                .map_err(|source| NodeError::Walsender {
+                    node: node.to_string(),
+                    context: format!("setting failover {want} on replication slot {slot}"),
+                    source: Box::new(source),
+                })?;
+            Ok(Some(format!("set failover {want} on replication slot {slot}")))
+        }
+    }
 }
 
 /// Removes duplex's slot, publication, origins and schema from `node`.

@@ -135,11 +135,37 @@ async fn install(
     if current {
         return Ok(false);
     }
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .sql(node, "reading server_version_num")?
+        .get(0);
     client
-        .batch_execute(&ddl.sql)
+        .batch_execute(&for_server(&ddl.sql, table, version))
         .await
         .sql(node, format!("creating {what}"))?;
     Ok(true)
+}
+
+/// `sql` for a server of `version` (`server_version_num`): before PostgreSQL 14,
+/// which has no `CREATE OR REPLACE TRIGGER`, each trigger on `table` is dropped if it
+/// exists and created again, in the same transaction.
+fn for_server(sql: &str, table: &str, version: i32) -> String {
+    if version >= 140000 {
+        return sql.to_string();
+    }
+    sql.lines()
+        .map(
+            |line| match line.strip_prefix("CREATE OR REPLACE TRIGGER ") {
+                Some(rest) => {
+                    let name = rest.split_whitespace().next().unwrap_or_default();
+                    format!("DROP TRIGGER IF EXISTS {name} ON {table};\nCREATE TRIGGER {rest}")
+                }
+                None => line.to_string(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Tombstone triggers on every configured table, and identity triggers where a table
@@ -297,6 +323,18 @@ mod tests {
             .sql
             .contains("SECURITY DEFINER SET search_path = pg_catalog, pg_temp"));
         assert!(ddl.sql.contains("SET TimeZone = 'UTC'"));
+        // PostgreSQL 13 has no CREATE OR REPLACE TRIGGER.
+        let on_13 = for_server(&ddl.sql, "\"public\".\"items\"", 130023);
+        assert!(!on_13.contains("OR REPLACE TRIGGER"), "{on_13}");
+        for t in &ddl.triggers {
+            assert!(
+                on_13.contains(&format!(
+                    "DROP TRIGGER IF EXISTS {t} ON \"public\".\"items\";\nCREATE TRIGGER {t} "
+                )),
+                "{on_13}"
+            );
+        }
+        assert_eq!(for_server(&ddl.sql, "x", 140000), ddl.sql);
         // Stable across runs, distinct per table.
         assert_eq!(
             per_table_name("t", "public.items"),

@@ -97,6 +97,8 @@ pub struct WalsenderConnection {
     socket: Box<dyn Socket>,
     read: BytesMut,
     write: BytesMut,
+    /// The server's major version, from its `server_version` at startup (0 if unsaid).
+    server_major: u32,
 }
 
 /// Result of IDENTIFY_SYSTEM.
@@ -123,6 +125,7 @@ impl WalsenderConnection {
             socket,
             read: BytesMut::with_capacity(64 * 1024),
             write: BytesMut::with_capacity(1024),
+            server_major: 0,
         };
         let user = cfg.get_user().unwrap_or("postgres");
         let dbname = cfg.get_dbname().unwrap_or(user);
@@ -148,16 +151,25 @@ impl WalsenderConnection {
         Ok(conn)
     }
 
-    /// Reads past ParameterStatus/BackendKeyData to ReadyForQuery.
+    /// Reads past ParameterStatus/BackendKeyData to ReadyForQuery, keeping the
+    /// server's version.
     async fn wait_ready(&mut self) -> Result<(), WalsenderError> {
         loop {
             let frame = self.read_frame().await?;
             match parse_backend(frame)? {
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                backend::Message::ParameterStatus(p) if p.name()? == "server_version" => {
+                    self.server_major = major_of(p.value()?);
+                }
                 _ => {}
             }
         }
+    }
+
+    /// The server's major version (13 for 13.23), 0 if the server did not say.
+    pub fn server_major(&self) -> u32 {
+        self.server_major
     }
 
     /// Runs one simple-protocol command and returns its rows as text.
@@ -218,19 +230,20 @@ impl WalsenderConnection {
     }
 
     /// Starts streaming `slot` from `start` (0/0: from the slot's confirmed position).
+    /// With `only_local` the walsender sends only changes written under no replication
+    /// origin (pgoutput's `origin = 'none'`, from PostgreSQL 16; ignored before).
     pub async fn start_replication(
         mut self,
         slot: &str,
         publication: &str,
         start: Lsn,
+        only_local: bool,
     ) -> Result<ReplicationStream, WalsenderError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
             quote_ident(slot),
             start,
-            // The replication grammar has no E'' strings; a publication name is
-            // a-z, 0-9 and _ (the config checks it), so this is a plain literal.
-            quote_literal(&quote_ident(publication)),
+            pgoutput_options(self.server_major, publication, only_local),
         );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;
@@ -451,6 +464,35 @@ async fn offers_tls(s: &mut tokio::net::TcpStream) -> Result<bool, WalsenderErro
             other as char
         ))),
     }
+}
+
+/// The major version in a `server_version` ("13.23", "15.18 (Debian 15.18-1)",
+/// "18beta1"); 0 when there is none.
+fn major_of(version: &str) -> u32 {
+    let digits: String = version.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or(0)
+}
+
+/// pgoutput's options for a server of `major`: protocol 1 and the publication, plus
+/// logical decoding messages (duplex's heartbeats move the confirmed position of an
+/// idle slot) from PostgreSQL 14, which added them to pgoutput; on 13 an idle slot
+/// moves with the positions the walsender's keepalives report. With `only_local`, from
+/// PostgreSQL 16, `origin 'none'`: transactions written under a replication origin are
+/// dropped before they are decoded.
+fn pgoutput_options(major: u32, publication: &str, only_local: bool) -> String {
+    // The replication grammar has no E'' strings; a publication name is a-z, 0-9 and
+    // _ (the config checks it), so this is a plain literal.
+    let mut options = format!(
+        "proto_version '1', publication_names {}",
+        quote_literal(&quote_ident(publication))
+    );
+    if major == 0 || major >= 14 {
+        options.push_str(", messages 'true'");
+    }
+    if only_local && major >= 16 {
+        options.push_str(", origin 'none'");
+    }
+    options
 }
 
 fn parse_backend(frame: Frame) -> Result<backend::Message, WalsenderError> {

@@ -125,10 +125,11 @@ pub(crate) async fn before_apply(
     dir: &Direction,
     stop: Stop,
 ) -> Result<Copied, SnapshotError> {
-    // Planning is for directions that have not had their first start (each plans
-    // every direction that needs it, see `plan_first_start`).
+    // Planning is for directions that have not had their first start, and for tables
+    // added to [[tables]] since a direction's first start (each plans every direction
+    // that needs it, see `plan_first_start`).
     if cfg.snapshot.mode != SnapshotMode::Never
-        && !started_before(cfg, dir).await?
+        && (!started_before(cfg, dir).await? || !unplanned(cfg, dir).await?.is_empty())
         && plan_first_start(cfg, stop.clone()).await? == Copied::Stopped
     {
         return Ok(Copied::Stopped);
@@ -175,6 +176,19 @@ async fn started_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotE
         .tables
         .iter()
         .all(|tc| plans.iter().any(|p| p.table == tc.name)))
+}
+
+/// The configured tables `dir` has no plan for: every table before its first start,
+/// and afterwards those added to [[tables]] since.
+async fn unplanned(cfg: &Config, dir: &Direction) -> Result<Vec<String>, SnapshotError> {
+    let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
+    let plans = plan::load(&target, dir).await?;
+    Ok(cfg
+        .tables
+        .iter()
+        .filter(|tc| !plans.iter().any(|p| p.table == tc.name))
+        .map(|tc| tc.name.clone())
+        .collect())
 }
 
 /// Records where `dir` starts reading its topic after a copy that has not read the
@@ -326,15 +340,20 @@ async fn plan_directions(cfg: &Config, dirs: &[Direction]) -> Result<(), Snapsho
             tracing::warn!(direction = %dir, "the direction lost its position and copied its tables before: it starts at the topic's end now; run `duplex snapshot` to copy what it missed");
         }
     }
-    for dir in starting {
+    // Every direction's unplanned tables: all of them for a direction starting, those
+    // added to [[tables]] since for one that started (it keeps its position, and
+    // what the stream brings of such a table merges with its copy).
+    for dir in dirs {
+        let added = unplanned(cfg, dir).await?;
+        if added.is_empty() {
+            continue;
+        }
+        if !starting.contains(&dir) {
+            tracing::info!(direction = %dir, tables = ?added, "tables added to [[tables]] since the direction first started: copying them");
+        }
         let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
-        let planned: Vec<String> = plan::load(&target, dir)
-            .await?
-            .into_iter()
-            .map(|p| p.table)
-            .collect();
         let source = node::connect(cfg, &dir.from, "snapshot plan").await?;
-        for tc in cfg.tables.iter().filter(|tc| !planned.contains(&tc.name)) {
+        for tc in cfg.tables.iter().filter(|tc| added.contains(&tc.name)) {
             // Every row an empty table gets from now on is on the stream.
             if !plan::source_has_rows(&source, dir, tc).await? {
                 empty.push((dir.clone(), tc.name.clone()));

@@ -103,7 +103,7 @@ pub(crate) async fn take(
                 continue;
             }
             target
-                .execute("SELECT pg_terminate_backend($1, 5000)", &[&h.pid])
+                .execute("SELECT duplex.terminate_backend($1, 5000)", &[&h.pid])
                 .await
                 .sql(&dir.to, "ending a copy session left behind")?;
             tracing::warn!(direction = %dir, origin, pid = h.pid, state = %h.state,
@@ -113,20 +113,40 @@ pub(crate) async fn take(
     }
 }
 
-/// The other sessions of this worker on the target's database.
+/// The other sessions of this worker on the target's database. PostgreSQL 13 has no
+/// `pg_stat_progress_copy`: there a holder's COPY shows no bytes, so it is never taken
+/// for silent (a slow COPY and a stalled one look alike), and only TCP ends it.
 async fn holders(
     target: &Client,
     dir: &Direction,
     purpose: &str,
 ) -> Result<Vec<Holder>, SnapshotError> {
+    let progress: bool = target
+        .query_one(
+            "SELECT to_regclass('pg_catalog.pg_stat_progress_copy') IS NOT NULL",
+            &[],
+        )
+        .await
+        .sql(&dir.to, "looking for pg_stat_progress_copy")?
+        .get(0);
+    let (join, bytes) = if progress {
+        (
+            "LEFT JOIN pg_stat_progress_copy p USING (pid)",
+            "p.bytes_processed",
+        )
+    } else {
+        ("", "NULL::int8")
+    };
     let rows = target
         .query(
-            "SELECT a.pid, coalesce(a.state, ''), coalesce(a.wait_event, ''),
-                    coalesce(extract(epoch FROM clock_timestamp() - a.state_change)::float8, 0),
-                    coalesce(a.state_change::text, ''), p.bytes_processed
-             FROM pg_stat_activity a LEFT JOIN pg_stat_progress_copy p USING (pid)
-             WHERE a.datname = current_database() AND a.application_name = $1
-               AND a.pid <> pg_backend_pid()",
+            &format!(
+                "SELECT a.pid, coalesce(a.state, ''), coalesce(a.wait_event, ''),
+                        coalesce(extract(epoch FROM clock_timestamp() - a.state_change)::float8, 0),
+                        coalesce(a.state_change::text, ''), {bytes}
+                 FROM pg_stat_activity a {join}
+                 WHERE a.datname = current_database() AND a.application_name = $1
+                   AND a.pid <> pg_backend_pid()"
+            ),
             &[&format!("duplex {purpose}")],
         )
         .await

@@ -5,7 +5,9 @@
 //!
 //! A row's hash is PostgreSQL's `hash_record_extended` of its columns in a fixed
 //! order: each column hashed by its type's own hash function, so equal values hash
-//! equal on both nodes (jsonb keys in any order) without printing them. Columns whose
+//! equal on both nodes (jsonb keys in any order) without printing them. PostgreSQL 13
+//! has no `hash_record_extended`: when either node runs it, both hash the row's text
+//! instead ([`RowHash`]), which duplex's fixed output settings make the same on both. Columns whose
 //! equality is looser than identity (numeric: 1.0 = 1.00) or whose type has no hash
 //! function are hashed as text. Ranges of up to [`HASHES_ROWS`] rows that differ are
 //! compared by fetching each row's key and hash; the rows whose hashes differ are then
@@ -73,6 +75,46 @@ pub(crate) struct Found {
 pub(crate) struct Pair<'a> {
     pub names: (&'a str, &'a str),
     pub clients: (&'a Client, &'a Client),
+    /// How both nodes hash a row: the same way on both, or hashes never match.
+    pub hash: RowHash,
+}
+
+/// How a row is hashed on both nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowHash {
+    /// `hash_record_extended` of the row (PostgreSQL 14 and later on both nodes).
+    Record,
+    /// `hashtextextended` of the row's text, summed rather than XORed, where a node
+    /// runs PostgreSQL 13.
+    Text,
+}
+
+impl RowHash {
+    /// The way both nodes of `names` (with `clients`) can hash.
+    pub(crate) async fn of(
+        names: (&str, &str),
+        clients: (&Client, &Client),
+    ) -> Result<RowHash, NodeError> {
+        let mut oldest = i32::MAX;
+        for (name, client) in [(names.0, clients.0), (names.1, clients.1)] {
+            let version: i32 = client
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .sql(name, "reading server_version_num")?
+                .get(0);
+            oldest = oldest.min(version);
+        }
+        Ok(RowHash::for_version(oldest))
+    }
+
+    /// The way a pair whose older node is at `server_version_num` hashes.
+    pub(crate) fn for_version(oldest: i32) -> RowHash {
+        if oldest >= 140000 {
+            RowHash::Record
+        } else {
+            RowHash::Text
+        }
+    }
 }
 
 impl Pair<'_> {
@@ -104,9 +146,11 @@ pub(crate) async fn table(
     found.chunks = work.len();
     while let Some(range) = work.pop() {
         let ((ca, ha), (cb, hb)) = pair
-            .both(&hash_sql(t, &range), &format!("hashing {}", t.name), |r| {
-                (r[0].get::<_, i64>(0), r[0].get::<_, i64>(1))
-            })
+            .both(
+                &hash_sql(t, &range, pair.hash),
+                &format!("hashing {}", t.name),
+                |r| (r[0].get::<_, i64>(0), r[0].get::<_, i64>(1)),
+            )
             .await?;
         if range.chunk >= 0 {
             found.rows.0 += ca;
@@ -126,7 +170,7 @@ pub(crate) async fn table(
             found.ranges_fetched += 1;
             let (ha, hb) = pair
                 .both(
-                    &hashes_sql(t, &range),
+                    &hashes_sql(t, &range, pair.hash),
                     &format!("hashing the rows of {}", t.name),
                     read_hashes,
                 )
@@ -233,8 +277,9 @@ fn key_texts(t: &CopyTable) -> String {
     format!("ARRAY[{}]", ks.join(", "))
 }
 
-/// `hash_record_extended(ROW(...), 0)`: the row's 64-bit hash.
-fn row_hash(t: &CopyTable) -> String {
+/// The row's 64-bit hash: `hash_record_extended(ROW(...), 0)`, or with
+/// [`RowHash::Text`] `hashtextextended(ROW(...)::text, 0)`.
+fn row_hash(t: &CopyTable, how: RowHash) -> String {
     let parts: Vec<String> = t
         .columns
         .iter()
@@ -248,23 +293,32 @@ fn row_hash(t: &CopyTable) -> String {
             }
         })
         .collect();
-    format!("hash_record_extended(ROW({}), 0)", parts.join(", "))
+    match how {
+        RowHash::Record => format!("hash_record_extended(ROW({}), 0)", parts.join(", ")),
+        RowHash::Text => format!("hashtextextended(ROW({})::text, 0)", parts.join(", ")),
+    }
 }
 
-fn hash_sql(t: &CopyTable, range: &Chunk) -> String {
+/// A range's row count and the order-free sum of its row hashes: their XOR, or where a
+/// node runs PostgreSQL 13 (no `bit_xor`) their sum modulo 2^63 - 1.
+fn hash_sql(t: &CopyTable, range: &Chunk, how: RowHash) -> String {
+    let h = row_hash(t, how);
+    let sum = match how {
+        RowHash::Record => format!("coalesce(bit_xor({h}), 0)::int8"),
+        RowHash::Text => format!("(coalesce(sum({h}::numeric), 0) % 9223372036854775807)::int8"),
+    };
     format!(
-        "SELECT count(*)::int8, coalesce(bit_xor({}), 0)::int8 FROM {}{}",
-        row_hash(t),
+        "SELECT count(*)::int8, {sum} FROM {}{}",
         t.sql_name,
         t.chunk_filter(range)
     )
 }
 
-fn hashes_sql(t: &CopyTable, range: &Chunk) -> String {
+fn hashes_sql(t: &CopyTable, range: &Chunk, how: RowHash) -> String {
     format!(
         "SELECT {}, {} FROM {}{}",
         key_texts(t),
-        row_hash(t),
+        row_hash(t, how),
         t.sql_name,
         t.chunk_filter(range)
     )
@@ -410,4 +464,17 @@ fn found_by_request(
     rows.iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowHash;
+
+    #[test]
+    fn a_pair_with_a_node_on_13_hashes_text_and_any_other_pair_records() {
+        assert_eq!(RowHash::for_version(130023), RowHash::Text);
+        assert_eq!(RowHash::for_version(139999), RowHash::Text);
+        assert_eq!(RowHash::for_version(140000), RowHash::Record);
+        assert_eq!(RowHash::for_version(180004), RowHash::Record);
+    }
 }

@@ -27,7 +27,7 @@ use crate::config::{Config, Direction};
 use crate::pg::node::{self, NodeError};
 use crate::snapshot::table::CopyTable;
 use crate::snapshot::SnapshotError;
-use compare::{Difference, Pair};
+use compare::{Difference, Pair, RowHash};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -126,6 +126,7 @@ pub async fn run(
     let pair = Pair {
         names: (first, second),
         clients: (&a, &b),
+        hash: RowHash::of((first, second), (&a, &b)).await?,
     };
     let mut repaired = 0;
     for t in &report.tables {
@@ -172,6 +173,7 @@ async fn compare_all(
     let pair = Pair {
         names: (first, second),
         clients: (&a, &b),
+        hash: RowHash::of((first, second), (&a, &b)).await?,
     };
     // The lag a change may still be in flight for.
     let (window, notes) = settle::window(settle, &crate::status::collect(cfg).await.directions);

@@ -254,6 +254,7 @@ mod tests {
             conflicts: 0,
             dead_letters_pending: 0,
             snapshot: Vec::new(),
+            owed_columns: Vec::new(),
         }
     }
 

@@ -32,10 +32,10 @@ async fn check_names_every_problem() {
     let cfg = std::fs::read_to_string(&rig.config).unwrap();
     let a_url = Cluster::shared().url("postgres", &rig.db_a);
     // Node b, the target, as a role without the privileges applying needs.
-    let b_url = Cluster::shared().url("postgres", &rig.db_b);
+    let b_url = rig.url_b("postgres");
     let cfg = cfg
         .replace(&a_url, &replica.url(PLAIN_USER, "postgres"))
-        .replace(&b_url, &Cluster::shared().url(PLAIN_USER, &rig.db_b))
+        .replace(&b_url, &rig.url_b(PLAIN_USER))
         .replace(
             &crate::harness::kafka::Broker::shared().brokers(),
             &format!("127.0.0.1:{}", free_port()),
@@ -44,7 +44,21 @@ async fn check_names_every_problem() {
     let out = rig.command(&["check"]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
+    // What a role that is not a superuser can be granted depends on the version.
+    let major_b = rig.cluster_b.major;
+    let origins = if major_b < 14 {
+        format!("only a superuser may (ALTER ROLE {PLAIN_USER} SUPERUSER)")
+    } else {
+        "GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text)".into()
+    };
+    let parameter = if major_b < 15 {
+        format!("on PostgreSQL {major_b} only a superuser may")
+    } else {
+        format!("GRANT SET ON PARAMETER session_replication_role TO {PLAIN_USER}")
+    };
     for expected in [
+        &origins,
+        &parameter,
         "node a: wal_level is replica; set wal_level = logical",
         &format!("node a: role {PLAIN_USER} may not replicate"),
         "node a: table public.nopk does not exist",
@@ -91,7 +105,7 @@ async fn a_local_timestamp_updated_at_is_refused_outside_utc() {
     let ddl =
         "CREATE TABLE legacy (id int PRIMARY KEY, updated_at timestamp NOT NULL DEFAULT now())";
     let rig = Rig::new(ddl, &["public.legacy"], "").await;
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     b.batch_execute(&format!("ALTER DATABASE {} SET TimeZone = 'UTC'", rig.db_b))
         .await
         .unwrap();
@@ -155,7 +169,7 @@ async fn setup_and_teardown_are_idempotent() {
         assert!(out.status.success(), "{}", text(&out));
     }
     let a = cluster.client(&rig.db_a).await;
-    let b = cluster.client(&rig.db_b).await;
+    let b = rig.client_b().await;
     let count = |sql: &'static str| {
         let (a, slot) = (&a, rig.slot_a());
         async move { a.query_one(sql, &[&slot]).await.unwrap().get::<_, i64>(0) }
@@ -260,7 +274,7 @@ async fn a_second_signal_stops_run_at_once() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute("INSERT INTO items (id, v) VALUES (1, 'b')")
         .await
         .unwrap();
@@ -277,7 +291,7 @@ async fn a_second_signal_stops_run_at_once() {
         "the applier to wait on row 1",
         Duration::from_secs(30),
         || {
-            let b2 = cl.client(&rig.db_b);
+            let b2 = rig.client_b();
             async move {
                 let n: i64 = b2
                     .await
@@ -347,7 +361,7 @@ async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
         text(&again)
     );
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     a.batch_execute("INSERT INTO items (id, v) VALUES (1, 'x')")
         .await
@@ -362,7 +376,7 @@ async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
     })
     .await;
     // An application transaction stays open on b, holding its table lock.
-    let open = cl.client(&rig.db_b).await;
+    let open = rig.client_b().await;
     open.batch_execute("BEGIN; INSERT INTO items (id, v) VALUES (100, 'open')")
         .await
         .unwrap();
@@ -387,7 +401,7 @@ async fn a_reconnect_runs_no_ddl_and_never_blocks_application_writes() {
         (n == 1).then_some(())
     })
     .await;
-    let writer = cl.client(&rig.db_b).await;
+    let writer = rig.client_b().await;
     tokio::time::timeout(
         Duration::from_secs(10),
         writer.batch_execute("INSERT INTO items (id, v) VALUES (101, 'next')"),

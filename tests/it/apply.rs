@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 async fn clients(rig: &Rig) -> (Client, Client) {
     let cl = Cluster::shared();
-    (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await)
+    (cl.client(&rig.db_a).await, rig.client_b().await)
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ async fn a_broker_that_lost_its_log_stops_duplex_with_the_cause() {
     let shared = Broker::shared().brokers();
     rig.edit_config(&[(shared.as_str(), broker.brokers().as_str())]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let mut d = rig.start();
     d.wait_applying(1).await;
@@ -110,7 +110,7 @@ async fn a_durable_broker_restarted_during_a_bidirectional_workload_loses_nothin
     let until = Instant::now() + Duration::from_secs(20);
     let writers = (
         tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until)),
-        tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until)),
+        tokio::spawn(workload(rig.client_b().await, 1, until)),
     );
     // A rolling restart (SIGTERM), then a crash (SIGKILL).
     for crash in [false, true] {
@@ -148,7 +148,7 @@ async fn a_position_inside_a_record_batch_resumes_there() {
     cfg.push_str("\n[kafka.properties]\n\"linger.ms\" = \"300\"\n");
     std::fs::write(&rig.config, cfg).unwrap();
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(1).await;
@@ -186,7 +186,7 @@ async fn a_position_inside_a_record_batch_resumes_there() {
 async fn a_topic_deleted_while_stopped_is_found_and_recovered() {
     let rig = Rig::both(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;
@@ -248,7 +248,7 @@ async fn a_topic_deleted_while_stopped_is_found_and_recovered() {
 async fn a_running_applier_stops_when_another_instance_finds_its_topic_lost() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(1).await;
@@ -290,7 +290,7 @@ async fn a_running_applier_stops_when_another_instance_finds_its_topic_lost() {
 async fn the_recorded_last_offset_never_goes_down() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(1).await;

@@ -49,7 +49,7 @@ async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
         let cl = Cluster::shared();
         let until = Instant::now() + Duration::from_secs(25);
         let a = cl.client(&rig.db_a).await;
-        let b = cl.client(&rig.db_b).await;
+        let b = rig.client_b().await;
         (
             tokio::spawn(workload(a, 0, until)),
             tokio::spawn(workload(b, 1, until)),

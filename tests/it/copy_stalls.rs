@@ -79,8 +79,8 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
     )
     .await;
     let cl = Cluster::shared();
-    let proxy = Proxy::start(cl.port);
-    let direct = format!("127.0.0.1:{}/{}", cl.port, rig.db_b);
+    let proxy = Proxy::start(rig.cluster_b.port);
+    let direct = format!("127.0.0.1:{}/{}", rig.cluster_b.port, rig.db_b);
     let proxied = format!("127.0.0.1:{}/{}", proxy.port, rig.db_b);
     rig.edit_config(&[
         (direct.as_str(), proxied.as_str()),
@@ -89,7 +89,7 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
             "linger_ms = 10\nreceive_timeout_ms = 2000",
         ),
     ]);
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.batch_execute(
         "INSERT INTO items (id, val, n) SELECT i, repeat(md5(i::text), 4), i FROM generate_series(1, 400000) i;
          ANALYZE items",
@@ -169,7 +169,7 @@ async fn a_copy_stalled_mid_chunk_is_taken_over_and_finished() {
 async fn a_silent_holder_of_the_plan_lock_is_ended() {
     let rig = Rig::new(DDL, &["public.items"], "[standby]\ntakeover_ms = 5000\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.batch_execute(
         "INSERT INTO items (id, val, n) SELECT i, 'a', i FROM generate_series(1, 1000) i",
     )

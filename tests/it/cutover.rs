@@ -36,7 +36,7 @@ async fn the_gate_waits_for_unread_wal_replayed_tails_and_dead_letters() {
         "linger_ms = 10\non_error = \"dead_letter\"",
     )]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute("ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden')")
         .await
         .unwrap();
@@ -107,7 +107,7 @@ async fn cutover_check_needs_caught_up_and_equal_nodes_and_verify_feeds_the_metr
     use crate::harness::metrics::{metrics_port, wait_value};
     let rig = Rig::both(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(2).await;
     let port = metrics_port(&rig);

@@ -26,7 +26,7 @@ fn said(out: &std::process::Output) -> String {
 
 /// Replaces node b's URL with one nobody answers; returns (real, dead) to put back.
 fn cut_off_b(rig: &Rig) -> (String, String) {
-    let real = rig.cluster.url("postgres", &rig.db_b);
+    let real = rig.url_b("postgres");
     let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
     rig.edit_config(&[(&real, &dead)]);
     (real, dead)
@@ -80,7 +80,7 @@ async fn stop(d: Daemon) {
 async fn a_lost_position_is_recovered_as_documented_deletes_and_truncates_included() {
     let rig = Rig::both(DDL, &["public.items", "public.notes"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;
@@ -157,7 +157,7 @@ async fn a_lost_position_is_recovered_as_documented_deletes_and_truncates_includ
 async fn a_first_start_ignores_an_earlier_deployments_events() {
     let rig = Rig::new(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(1).await;
@@ -192,7 +192,7 @@ async fn a_first_start_ignores_an_earlier_deployments_events() {
 async fn a_stream_whose_head_retention_removed_halts_its_first_start() {
     let rig = Rig::new(DDL, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     // The direction cannot start yet (b is out of reach); a's changes reach the topic.
     let (real, dead) = cut_off_b(&rig);
@@ -239,7 +239,7 @@ async fn a_nodes_own_deletes_outlive_retention_until_the_peer_has_them() {
         "linger_ms = 10\ntombstone_retention_ms = 1000",
     )]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;
@@ -306,7 +306,7 @@ async fn a_nodes_own_deletes_outlive_retention_until_the_peer_has_them() {
 async fn a_new_topic_after_a_start_that_only_copied_is_read_from_the_streams_start() {
     let rig = Rig::both(DDL, &["public.items", "public.notes"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     // Older than duplex: only the copy carries them.
     insert_in_tens(&a, "items", 1..=20).await;
     assert!(rig.command(&["setup"]).status.success());

@@ -5,7 +5,6 @@
 use crate::harness::duplex::Rig;
 use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
-use crate::harness::pg::Cluster;
 use crate::harness::tables::rows;
 use duplex::event::{ChangeEvent, Lsn};
 use std::time::Duration;
@@ -19,7 +18,7 @@ fn without(mut events: Vec<ChangeEvent>, seq: usize) -> Vec<ChangeEvent> {
 /// Starts duplex on `rig`, writes `events` to a's topic, waits until b holds `expect`
 /// ids; returns the daemon's log.
 async fn apply(rig: &Rig, events: &[ChangeEvent], expect: &[i32]) -> String {
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     let d = rig.start();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !d.logs().contains("applying") {
@@ -101,7 +100,7 @@ async fn a_hole_found_after_part_of_the_transaction_was_written_rolls_it_back() 
         "{logs}"
     );
     // Nothing of the broken copy stayed: each row was written once, by the next copy.
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     assert_eq!(rows(&b, "items").await.len(), 1005);
 }
 

@@ -7,7 +7,6 @@
 use crate::harness::duplex::Rig;
 use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
-use crate::harness::pg::Cluster;
 use crate::harness::tables::item_ids;
 use crate::harness::wait_for;
 use duplex::event::Value;
@@ -25,7 +24,7 @@ async fn hostile_messages_go_to_the_dead_letter_queue_and_valid_ones_apply() {
         "linger_ms = 10\non_error = \"dead_letter\"",
     )]);
     assert!(rig.command(&["setup"]).status.success());
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     let d = rig.start();
     d.wait_applying(1).await;
 
@@ -110,7 +109,7 @@ async fn hostile_messages_go_to_the_dead_letter_queue_and_valid_ones_apply() {
 async fn a_hostile_message_halts_its_direction_by_default() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     let d = rig.start();
     d.wait_applying(1).await;
     let good = |lsn: u64, id: i32| txn(&rig.db_a, lsn, &[id]).remove(0);

@@ -93,7 +93,7 @@ async fn rows_created_on_both_nodes_for_one_natural_key_merge() {
     with_identity(&rig);
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     // Created independently while duplex is down, without ids.
     a.batch_execute(
         "INSERT INTO users (email, org, name) VALUES ('zoë@example.com', 'acme', 'from a')",

@@ -111,11 +111,10 @@ async fn writer(c: Client, seed: u64, tag: String, until: Instant) -> Tally {
 }
 
 /// Runs `WRITERS` writers on each node for `secs`, with `seed` varying the run.
-async fn run_writers(dbs: [String; 2], secs: u64, seed: u64) -> Tally {
-    let cl = Cluster::shared();
+async fn run_writers(dbs: [(&'static Cluster, String); 2], secs: u64, seed: u64) -> Tally {
     let until = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    for (n, db) in dbs.iter().enumerate() {
+    for (n, (cl, db)) in dbs.iter().enumerate() {
         for w in 0..WRITERS {
             let c = cl.client(db).await;
             let tag = format!("{}{w}", ["a", "b"][n]);
@@ -143,12 +142,12 @@ async fn rig() -> Rig {
 /// but repairs. Returns (conflicts, repairs) recorded on both nodes.
 async fn assert_converged(rig: &Rig, d: &Daemon) -> (i64, i64) {
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let checked = tokio::spawn({
         let (db_a, db_b) = (rig.db_a.clone(), rig.db_b.clone());
+        let (cl_a, cl_b) = (rig.cluster, rig.cluster_b);
         async move {
-            let cl = Cluster::shared();
-            let (a, b) = (cl.client(&db_a).await, cl.client(&db_b).await);
+            let (a, b) = (cl_a.client(&db_a).await, cl_b.client(&db_b).await);
             converge(&a, &b, &["items"], Duration::from_secs(120)).await
         }
     })
@@ -194,7 +193,10 @@ async fn one_run(secs: u64, seed: u64, kill: bool) -> (Tally, (i64, i64)) {
     let first = rig.start();
     first.wait_applying(2).await;
     let writers = tokio::spawn(run_writers(
-        [rig.db_a.clone(), rig.db_b.clone()],
+        [
+            (rig.cluster, rig.db_a.clone()),
+            (rig.cluster_b, rig.db_b.clone()),
+        ],
         secs,
         seed,
     ));
@@ -234,7 +236,7 @@ async fn a_local_write_older_than_what_was_applied_is_repaired_by_the_peer() {
     let rig = rig().await;
     let d = rig.start();
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     // Key 1 is deleted on a after b has it; key 2 is updated on a.
     a.batch_execute(
         "INSERT INTO items (id, val, updated_at) VALUES (1, 'a', now()), (2, 'a', now())",

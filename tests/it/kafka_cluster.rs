@@ -36,10 +36,12 @@ async fn write_until(
 
 /// The offset after the last message from `source` that the other node applied.
 async fn applied_offset(rig: &Rig, source: &str) -> i64 {
-    let target = if source == "a" { &rig.db_b } else { &rig.db_a };
-    rig.cluster
-        .client(target)
-        .await
+    let target = if source == "a" {
+        rig.client_b().await
+    } else {
+        rig.client_a().await
+    };
+    target
         .query_opt(
             "SELECT next_offset FROM duplex.apply_positions WHERE source_node = $1",
             &[&source],
@@ -93,7 +95,12 @@ async fn a_partition_leader_killed_twice_during_a_bidirectional_workload_loses_n
     let (cl, stop) = (rig.cluster, Arc::new(AtomicBool::new(false)));
     let writers = (
         tokio::spawn(write_until(cl, rig.db_a.clone(), 0, stop.clone())),
-        tokio::spawn(write_until(cl, rig.db_b.clone(), 1, stop.clone())),
+        tokio::spawn(write_until(
+            rig.cluster_b,
+            rig.db_b.clone(),
+            1,
+            stop.clone(),
+        )),
     );
     let mut report = Vec::new();
     for (source, topic) in ["a", "b"].into_iter().zip(&topics) {

@@ -294,7 +294,7 @@ async fn missing_grant(user: &'static str, op: &str, node: &str, component: &str
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'needs the grant')")
         .await
         .unwrap();
-    let b = rig.cluster.client(&rig.db_b).await;
+    let b = rig.client_b().await;
     b.batch_execute("INSERT INTO items (id, val) VALUES (2, 'needs it too')")
         .await
         .unwrap();

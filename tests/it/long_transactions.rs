@@ -31,7 +31,7 @@ async fn a_first_transaction_longer_than_wal_sender_timeout_streams_through() {
     .await
     .unwrap();
     let d = rig.start();
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     wait_for("every row on b", Duration::from_secs(240), || async {
         let n: i64 = b
             .query_one("SELECT count(*) FROM items", &[])

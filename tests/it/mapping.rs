@@ -204,7 +204,7 @@ async fn legacy_and_modern_stay_equal_through_the_mapping_under_concurrent_write
             until,
         )));
         apps.push(tokio::spawn(modern_app(
-            cl.client(&rig.db_b).await,
+            rig.client_b().await,
             seed + 10,
             until,
         )));
@@ -249,7 +249,7 @@ async fn applications(rig: &Rig, until: Instant, seed: u64) -> tokio::task::Join
     let mut apps = tokio::task::JoinSet::new();
     for s in 1..=2 {
         apps.spawn(legacy_app(cl.client(&rig.db_a).await, seed + s, until));
-        apps.spawn(modern_app(cl.client(&rig.db_b).await, seed + s + 10, until));
+        apps.spawn(modern_app(rig.client_b().await, seed + s + 10, until));
     }
     apps
 }

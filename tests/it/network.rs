@@ -42,7 +42,7 @@ async fn write(a: &tokio_postgres::Client, from: i32, n: i32) {
 async fn a_stalled_connection_to_the_source_is_noticed_and_replaced() {
     let (rig, proxy) = rig_behind_proxy().await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(1).await;
     write(&a, 1, 10).await;
@@ -65,7 +65,7 @@ async fn a_stalled_connection_to_the_source_is_noticed_and_replaced() {
 async fn cut_connections_to_the_source_are_reconnected() {
     let (rig, proxy) = rig_behind_proxy().await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(1).await;
     for round in 0..3 {
@@ -101,7 +101,7 @@ async fn stalled_and_cut_connections_to_the_broker_are_survived() {
     let until = Instant::now() + Duration::from_secs(16);
     let writers = (
         tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until)),
-        tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until)),
+        tokio::spawn(workload(rig.client_b().await, 1, until)),
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.stall(true);
@@ -122,9 +122,8 @@ async fn stalled_and_cut_connections_to_the_broker_are_survived() {
 async fn rig_with_target_behind_proxy(extra: &[(&str, &str)]) -> (Rig, Proxy) {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     rig.edit_config(extra);
-    let cl = Cluster::shared();
-    let proxy = Proxy::start(cl.port);
-    let direct = format!("127.0.0.1:{}/{}", cl.port, rig.db_b);
+    let proxy = Proxy::start(rig.cluster_b.port);
+    let direct = format!("127.0.0.1:{}/{}", rig.cluster_b.port, rig.db_b);
     let proxied = format!("127.0.0.1:{}/{}", proxy.port, rig.db_b);
     rig.edit_config(&[
         (direct.as_str(), proxied.as_str()),
@@ -146,7 +145,7 @@ async fn rig_with_target_behind_proxy(extra: &[(&str, &str)]) -> (Rig, Proxy) {
 async fn a_stalled_connection_to_the_target_is_noticed_and_replaced() {
     let (rig, proxy) = rig_with_target_behind_proxy(&[]).await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(1).await;
     write(&a, 1, 10).await;
@@ -202,7 +201,7 @@ async fn an_apply_session_left_behind_by_a_stall_is_ended_for_its_origin() {
             .await;
     rig.edit_config(&[("receive_timeout_ms = 2000", "receive_timeout_ms = 3000")]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(1).await;
     write(&a, 1, 10).await;

@@ -22,7 +22,7 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
     );
     std::fs::write(&rig.config, &dead_letter_cfg).unwrap();
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute("ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden')")
         .await
         .unwrap();
@@ -109,7 +109,7 @@ async fn metrics_lag_conflicts_dead_letters_and_readiness() {
     }
 
     // Lag: block the apply side of a → b with a lock on b, write on a.
-    let blocker = cl.client(&rig.db_b).await;
+    let blocker = rig.client_b().await;
     blocker
         .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
         .await

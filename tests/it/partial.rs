@@ -4,14 +4,13 @@
 use crate::harness::duplex::Rig;
 use crate::harness::events::{txn, DDL};
 use crate::harness::kafka::Broker;
-use crate::harness::pg::Cluster;
 use crate::harness::{wait_count, wait_for};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// Starts duplex on `rig` and applies row 1 through it; returns the daemon and b.
 async fn row_one_applied(rig: &Rig) -> (crate::harness::duplex::Daemon, Client) {
-    let b = Cluster::shared().client(&rig.db_b).await;
+    let b = rig.client_b().await;
     let d = rig.start();
     // Events written to the topic before the direction's first start would be before
     // where it starts reading (what the source held then is the copy's).

@@ -23,12 +23,18 @@ fn grants(role: &str, db: &str) -> String {
 async fn as_least_privileged(rig: &Rig) -> String {
     let role = unique("duplex_role");
     let cl = Cluster::shared();
-    cl.client("postgres")
-        .await
-        .batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION"))
-        .await
-        .unwrap();
-    for db in [&rig.db_a, &rig.db_b] {
+    for (n, cluster) in [cl, rig.cluster_b].into_iter().enumerate() {
+        if n == 1 && std::ptr::eq(cluster, cl) {
+            break;
+        }
+        cluster
+            .client("postgres")
+            .await
+            .batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION"))
+            .await
+            .unwrap();
+    }
+    for (cl, db) in [(cl, &rig.db_a), (rig.cluster_b, &rig.db_b)] {
         let c = cl.client(db).await;
         c.batch_execute(&grants(&role, db)).await.unwrap();
         // duplex publishes the configured tables and adds its triggers to them: the
@@ -70,7 +76,7 @@ async fn check_names_each_missing_grant() {
     let rig = rig_before_setup().await;
     let role = as_least_privileged(&rig).await;
     let cl = Cluster::shared();
-    let b = cl.client(&rig.db_b).await;
+    let b = rig.client_b().await;
     b.batch_execute(&format!(
         "REVOKE SET ON PARAMETER session_replication_role, deadlock_timeout FROM {role};
          REVOKE EXECUTE ON FUNCTION pg_replication_origin_session_setup(text) FROM {role};

@@ -43,16 +43,13 @@ async fn keys_with_quotes_and_backslashes_touch_only_their_rows() {
         "[snapshot]\nmode = \"never\"\nchunk_rows = 1\n",
     )
     .await;
-    for db in [&rig.db_a, &rig.db_b] {
-        rig.cluster.psql(
+    for (cl, db) in [(rig.cluster, &rig.db_a), (rig.cluster_b, &rig.db_b)] {
+        cl.psql(
             "postgres",
             &format!("ALTER DATABASE {db} SET standard_conforming_strings = off"),
         );
     }
-    let (a, b) = (
-        rig.cluster.client(&rig.db_a).await,
-        rig.cluster.client(&rig.db_b).await,
-    );
+    let (a, b) = (rig.cluster.client(&rig.db_a).await, rig.client_b().await);
     let scs: String = a
         .query_one("SHOW standard_conforming_strings", &[])
         .await

@@ -16,7 +16,7 @@ const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at 
 async fn synced_then_rewound(rig: &Rig) {
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(1).await;
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'before')")
@@ -37,7 +37,7 @@ async fn synced_then_rewound(rig: &Rig) {
 
 async fn row_reaches_b(rig: &Rig, id: i32) {
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.execute("INSERT INTO items (id, val) VALUES ($1, 'after')", &[&id])
         .await
         .unwrap();

@@ -45,7 +45,7 @@ async fn kafka_secrets_from_the_environment_are_used_and_never_logged() {
     let d = rig.start_env(&rig.config, &secret);
     d.wait_applying(1).await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'through a secured config')")
         .await
         .unwrap();

@@ -16,6 +16,18 @@ fn said(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// `duplex status` fails its gate saying `status_says`, and `duplex run` stops with
+/// exit code 1 saying each of `run_says`.
+async fn refused_as_invalidated(rig: &Rig, status_says: &str, run_says: &[&str]) {
+    let status = rig.command(&["status", "--max-lag", "60"]);
+    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
+    assert!(said(&status).contains(status_says), "{}", said(&status));
+    let mut d = rig.start();
+    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
+    let logs = d.logs();
+    assert!(run_says.iter().all(|s| logs.contains(s)), "{logs}");
+}
+
 #[tokio::test]
 async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
     // Small WAL limits: a few segments past the slot invalidate it at a checkpoint.
@@ -26,10 +38,7 @@ async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
         ("max_wal_size", "'64MB'"),
     ])));
     let rig = Rig::new_on(cluster, DDL, &["public.items"], "").await;
-    let (a, b) = (
-        cluster.client(&rig.db_a).await,
-        cluster.client(&rig.db_b).await,
-    );
+    let (a, b) = (cluster.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(1).await;
@@ -64,20 +73,12 @@ async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
     })
     .await;
 
-    let status = rig.command(&["status", "--max-lag", "60"]);
-    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
-    assert!(
-        said(&status).contains(&format!("slot {slot} was invalidated")),
-        "{}",
-        said(&status)
-    );
-    let mut d = rig.start();
-    assert_eq!(d.exited(Duration::from_secs(60)).await, Some(1));
-    let logs = d.logs();
-    assert!(
-        logs.contains("was invalidated by PostgreSQL") && logs.contains("duplex setup"),
-        "{logs}"
-    );
+    refused_as_invalidated(
+        &rig,
+        &format!("slot {slot} was invalidated"),
+        &["was invalidated by PostgreSQL", "duplex setup"],
+    )
+    .await;
 
     // The recovery the message gives.
     let setup = rig.command(&["setup"]);
@@ -97,5 +98,66 @@ async fn an_invalidated_slot_stops_duplex_and_setup_then_snapshot_recover() {
         .unwrap()
         .get(0);
     assert_eq!(rows, 12);
+    assert_eq!(d.stop().await, Some(0));
+}
+
+/// From PostgreSQL 18 a slot left unused for longer than
+/// `idle_replication_slot_timeout` is invalidated too: `duplex status` and `duplex run`
+/// name that cause (`invalidation_reason` idle_timeout) and the setting to raise, not
+/// `max_slot_wal_keep_size`; the same recovery brings the slot back.
+#[tokio::test]
+async fn a_slot_invalidated_for_being_idle_is_named_from_postgresql_18() {
+    let major = Cluster::shared().major;
+    if major < 18 {
+        eprintln!("node a runs PostgreSQL {major}; idle_replication_slot_timeout came with 18");
+        return;
+    }
+    let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start(&[(
+        "idle_replication_slot_timeout",
+        "'1s'",
+    )])));
+    let rig = Rig::new_on(cluster, DDL, &["public.items"], "").await;
+    let a = cluster.client(&rig.db_a).await;
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(1).await;
+    assert_eq!(d.stop().await, Some(0));
+
+    // duplex is stopped; the checkpointer finds the slot idle.
+    let slot = rig.slot_a();
+    wait_for(
+        "the idle slot to be invalidated",
+        Duration::from_secs(60),
+        || {
+            let (a, slot) = (&a, &slot);
+            async move {
+                a.batch_execute("CHECKPOINT").await.unwrap();
+                let reason: Option<String> = a
+                    .query_one(
+                        "SELECT invalidation_reason FROM pg_replication_slots WHERE slot_name = $1",
+                        &[slot],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (reason.as_deref() == Some("idle_timeout")).then_some(())
+            }
+        },
+    )
+    .await;
+
+    refused_as_invalidated(
+        &rig,
+        &format!("slot {slot} was invalidated by PostgreSQL (invalidation_reason idle_timeout"),
+        &[
+            "invalidation_reason idle_timeout",
+            "raise idle_replication_slot_timeout",
+        ],
+    )
+    .await;
+    let setup = rig.command(&["setup"]);
+    assert!(setup.status.success(), "{}", said(&setup));
+    let d = rig.start();
+    d.wait_applying(1).await;
     assert_eq!(d.stop().await, Some(0));
 }

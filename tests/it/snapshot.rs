@@ -87,7 +87,7 @@ async fn writers(db: &str, key_range: i32, stop: tokio::sync::watch::Receiver<bo
 
 async fn clients(rig: &Rig) -> (Client, Client) {
     let cl = Cluster::shared();
-    (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await)
+    (cl.client(&rig.db_a).await, rig.client_b().await)
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 async fn clients(rig: &Rig) -> (Client, Client) {
     let cl = rig.cluster;
-    (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await)
+    (cl.client(&rig.db_a).await, rig.client_b().await)
 }
 
 /// Two tables, one of them partitioned, analyzed at 1,000 rows, then bulk-loaded to

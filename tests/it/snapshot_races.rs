@@ -14,7 +14,7 @@ const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, val text, updated_at 
 async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
     let rig = Rig::both(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     a.batch_execute(
         "INSERT INTO items SELECT g, 'old on a', '2026-01-01' FROM generate_series(1, 3) g",
@@ -26,7 +26,7 @@ async fn a_delete_committed_while_the_merge_waits_for_its_row_stays_deleted() {
         .unwrap();
     // b's application holds row 2 in a transaction that deletes it once the copy's
     // merge waits for the row.
-    let deleter = cl.client(&rig.db_b).await;
+    let deleter = rig.client_b().await;
     deleter
         .batch_execute("BEGIN; SELECT * FROM items WHERE id = 2 FOR UPDATE")
         .await
@@ -74,7 +74,7 @@ async fn rows_without_updated_at_on_both_nodes_go_to_the_tie_winner() {
     let rig = Rig::both(DDL, &["public.items"], "").await;
     rig.edit_config(&[("linger_ms = 10", "linger_ms = 10\ntie_winner = \"b\"")]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     a.batch_execute("INSERT INTO items VALUES (1, 'from a', NULL), (2, 'only on a', NULL)")
         .await

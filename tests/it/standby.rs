@@ -44,7 +44,7 @@ async fn the_standby_takes_over_when_the_active_instance_is_killed() {
     let until = Instant::now() + Duration::from_secs(24);
     let writers = (
         tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until)),
-        tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until)),
+        tokio::spawn(workload(rig.client_b().await, 1, until)),
     );
     // Kill the active instance three times during the writes; each time the other
     // takes over, and the killed one comes back as the standby.
@@ -94,10 +94,10 @@ async fn a_component_that_loses_its_lock_stops_and_the_standby_takes_it() {
     let until = Instant::now() + Duration::from_secs(12);
     let writers = (
         tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until)),
-        tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until)),
+        tokio::spawn(workload(rig.client_b().await, 1, until)),
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let admin = cl.client("postgres").await;
+    let admin = rig.cluster_b.client("postgres").await;
     let ended: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity

@@ -26,9 +26,9 @@ async fn wait_val(b: &Client, want: &str) {
     .await
 }
 
-/// Holds a row lock on item 1 of `db` until the returned client commits.
-async fn lock_item(db: &str) -> Client {
-    let locker = Cluster::shared().client(db).await;
+/// Holds a row lock on item 1 of node b until the returned client commits.
+async fn lock_item(rig: &Rig) -> Client {
+    let locker = rig.client_b().await;
     locker
         .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0; BEGIN; SELECT * FROM items WHERE id = 1 FOR UPDATE")
         .await
@@ -44,7 +44,7 @@ async fn lock_and_statement_timeouts_on_the_target_are_retried_not_dead_lettered
         "linger_ms = 10\non_error = \"dead_letter\"",
     )]);
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     b.batch_execute(&format!(
         "ALTER DATABASE \"{}\" SET lock_timeout = '200ms'",
         rig.db_b
@@ -59,7 +59,7 @@ async fn lock_and_statement_timeouts_on_the_target_are_retried_not_dead_lettered
     wait_val(&b, "v1").await;
 
     // A lock timeout: the transaction is rolled back and written again in place.
-    let locker = lock_item(&rig.db_b).await;
+    let locker = lock_item(&rig).await;
     a.batch_execute("UPDATE items SET val = 'v2', updated_at = clock_timestamp() WHERE id = 1")
         .await
         .unwrap();
@@ -78,7 +78,7 @@ async fn lock_and_statement_timeouts_on_the_target_are_retried_not_dead_lettered
     .await
     .unwrap();
     let d = rig.start();
-    let locker = lock_item(&rig.db_b).await;
+    let locker = lock_item(&rig).await;
     a.batch_execute("UPDATE items SET val = 'v3', updated_at = clock_timestamp() WHERE id = 1")
         .await
         .unwrap();

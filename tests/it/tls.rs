@@ -70,7 +70,7 @@ async fn every_connection_is_encrypted_and_the_nodes_converge() {
     );
     rig.edit_config(&[
         (&cluster.url("postgres", &rig.db_a), &url_a),
-        (&cluster.url("postgres", &rig.db_b), &url_b),
+        (&rig.url_b("postgres"), &url_b),
     ]);
     let check = rig.command(&["check"]);
     assert_eq!(check.status.code(), Some(0), "{}", output_text(&check));

@@ -18,7 +18,7 @@ async fn unchanged_toast_values_survive_batching_and_key_changes() {
     let rig = Rig::new(DDL, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     // 10 kB bodies, stored out of line.
     a.batch_execute(

@@ -17,7 +17,7 @@ async fn item_on_both_then_stopped() -> (Rig, Client, Client) {
     let rig = Rig::both(ITEMS, &["public.items"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x')")
         .await
@@ -65,7 +65,7 @@ async fn tombstone_keys_match_the_stream_for_timestamp_bool_and_float_keys() {
     let rig = Rig::both(ddl, &["public.readings"], "").await;
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     d.wait_applying(2).await;
     let key = "'2026-11-30 10:00:00.5+01'::timestamptz, true, 0.1::float8";
@@ -110,7 +110,7 @@ async fn an_application_role_without_grants_on_duplex_can_write() {
     rig.add_identity("public.users", "users", &["email", "active"]);
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let role = unique("app");
     a.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON items, users TO {role}"
@@ -158,7 +158,7 @@ async fn tombstones_outlive_their_retention_while_the_backlog_they_guard_is_unap
     )]);
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x')")
         .await
@@ -232,7 +232,7 @@ async fn small_batches_keep_each_delete_with_its_tombstone() {
     rig.edit_config(&[("linger_ms = 10", "linger_ms = 10\nbatch_rows = 1")]);
     assert!(rig.command(&["setup"]).status.success());
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let d = rig.start();
     a.batch_execute("INSERT INTO items (id, val) VALUES (1, 'x'), (2, 'y'), (3, 'z')")
         .await

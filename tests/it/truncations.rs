@@ -13,7 +13,7 @@ use std::time::Duration;
 async fn rows_reloaded_after_a_truncate_with_older_timestamps_stay_on_both_nodes() {
     let rig = Rig::both(ITEMS, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;

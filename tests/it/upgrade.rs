@@ -33,7 +33,7 @@ async fn writes(rig: &Rig, tags: (u64, u64), secs: u64) -> (u64, u64) {
     let cl = rig.cluster;
     let until = Instant::now() + Duration::from_secs(secs);
     let wa = tokio::spawn(workload(cl.client(&rig.db_a).await, tags.0, until));
-    let wb = tokio::spawn(workload(cl.client(&rig.db_b).await, tags.1, until));
+    let wb = tokio::spawn(workload(rig.client_b().await, tags.1, until));
     let done = (wa.await.unwrap(), wb.await.unwrap());
     assert!(done.0 > 50 && done.1 > 50, "workload too small: {done:?}");
     done
@@ -123,7 +123,7 @@ async fn an_upgrade_migrates_both_nodes_in_place_and_carries_both_backlogs_on() 
     let previous = previous_bin();
     let rig = rig_before_setup().await;
     let cl = rig.cluster;
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     let info = [("RUST_LOG", "info")];
 
     // The previous release sets both nodes up and runs both directions.
@@ -142,7 +142,7 @@ async fn an_upgrade_migrates_both_nodes_in_place_and_carries_both_backlogs_on() 
 
     // A backlog on the topic: node b out of the previous release's reach, node a's
     // changes published but not applied; b's pile up in its slot.
-    let real = cl.url("postgres", &rig.db_b);
+    let real = rig.url_b("postgres");
     let dead = format!("postgres://postgres@127.0.0.1:{}/x", free_port());
     rig.edit_config(&[(&real, &dead)]);
     let d = rig.start_of(&previous, &rig.config, &info);

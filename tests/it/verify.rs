@@ -39,7 +39,7 @@ async fn planted_differences_are_each_found_and_nothing_else() {
     )
     .await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.batch_execute(ROWS).await.unwrap();
     b.batch_execute(ROWS).await.unwrap();
     let (code, _, out) = verify_json(&rig, &[]);
@@ -166,7 +166,7 @@ async fn planted_differences_are_each_found_and_nothing_else() {
 async fn changes_in_flight_during_a_live_workload_are_not_differences() {
     let rig = Rig::both(DDL, &["public.items"], "").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     a.batch_execute("INSERT INTO items (id, val) SELECT i, 'v' FROM generate_series(1, 5000) i")
         .await
         .unwrap();

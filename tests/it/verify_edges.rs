@@ -121,7 +121,7 @@ async fn a_row_that_never_stops_changing_is_reported_unsettled() {
     )
     .await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let d = rig.start();
     d.wait_applying(2).await;
@@ -218,7 +218,7 @@ async fn a_key_printed_differently_is_one_row_and_repair_keeps_both_copies() {
     )
     .await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     let t = "'2026-01-01 00:00:00+00'";
     a.batch_execute(&format!(
@@ -291,7 +291,7 @@ async fn items(c: &Client) -> Vec<String> {
 async fn one_way_repair_writes_only_into_the_target() {
     let rig = Rig::new(ITEMS, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     // Nothing runs: these do not replicate.
     a.batch_execute(
@@ -360,7 +360,7 @@ async fn one_way_repair_writes_only_into_the_target() {
 async fn a_halted_directions_lag_is_not_waited_for() {
     let rig = Rig::both(ITEMS, &["public.items"], "[snapshot]\nmode = \"never\"\n").await;
     let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (cl.client(&rig.db_a).await, rig.client_b().await);
     assert!(rig.command(&["setup"]).status.success());
     b.batch_execute("ALTER TABLE items ADD CONSTRAINT no_forbidden CHECK (val <> 'forbidden')")
         .await

@@ -39,7 +39,14 @@ impl Worker<'_> {
                     self.writer
                         .execute("ROLLBACK TO SAVEPOINT one", "savepoint")
                         .await?;
-                    self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, error_text(&e)))
+                    let mut reason = error_text(&e);
+                    // A value its column's type refuses: say which column.
+                    if sqlstate(&e).is_some_and(|c| c.starts_with("22")) {
+                        if let Some(column) = self.writer.refused_column(ev).await? {
+                            reason = format!("{column} ({reason})");
+                        }
+                    }
+                    self.bad(DeadLetter::of(p.offset, &p.key, &p.raw, ev, reason))
                         .await?;
                 }
             }
@@ -73,6 +80,13 @@ pub(super) fn pending_of<'p>(pending: &'p [Held], ev: &ChangeEvent) -> &'p Held 
         .iter()
         .find(|p| p.event.position() == ev.position())
         .unwrap_or(&pending[0])
+}
+
+fn sqlstate(e: &WriteError) -> Option<&str> {
+    match e {
+        WriteError::Sql(e) => e.source.code().map(|c| c.code()),
+        _ => None,
+    }
 }
 
 fn error_text(e: &WriteError) -> String {

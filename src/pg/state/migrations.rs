@@ -41,6 +41,21 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "plan_generation",
         sql: include_str!("migrations/0004_plan_generation.sql"),
     },
+    Migration {
+        version: 5,
+        name: "terminate_backend",
+        sql: include_str!("migrations/0005_terminate_backend.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "outbox",
+        sql: include_str!("migrations/0006_outbox.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "owed_columns",
+        sql: include_str!("migrations/0007_owed_columns.sql"),
+    },
 ];
 
 /// The newest version this duplex knows.

@@ -8,6 +8,7 @@ use super::{register, temp_dir, unique, Cleanup};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
+use tokio_postgres::Client;
 
 /// The duplex binary under test: this build's, or `DUPLEX_TEST_BIN` (to run a test
 /// against another build, e.g. to see a regression test fail on the code before a fix).
@@ -47,22 +48,36 @@ pub struct Rig {
     pub db_b: String,
     pub prefix: String,
     pub config: PathBuf,
-    /// Where both databases are.
+    /// Where node a's database is (and node b's, unless b runs another version).
     pub cluster: &'static Cluster,
+    /// Where node b's database is.
+    pub cluster_b: &'static Cluster,
 }
 
 impl Rig {
-    /// Two fresh databases on the shared cluster, the given DDL run on both, and a
-    /// config streaming a → b for `tables`, with `extra` TOML appended.
+    /// Two fresh databases on the shared clusters (node b's of `DUPLEX_PG_BIN_B`'s
+    /// version if set), the given DDL run on both, and a config streaming a → b for
+    /// `tables`, with `extra` TOML appended.
     pub async fn new(ddl: &str, tables: &[&str], extra: &str) -> Rig {
-        Rig::new_on(Cluster::shared(), ddl, tables, extra).await
+        Rig::new_across(Cluster::shared(), Cluster::shared_b(), ddl, tables, extra).await
     }
 
-    /// Like `new`, on `cluster`.
+    /// Like `new`, both databases on `cluster`.
     pub async fn new_on(cluster: &'static Cluster, ddl: &str, tables: &[&str], extra: &str) -> Rig {
-        let (db_a, db_b) = (cluster.create_db(), cluster.create_db());
-        for db in [&db_a, &db_b] {
-            cluster.client(db).await.batch_execute(ddl).await.unwrap();
+        Rig::new_across(cluster, cluster, ddl, tables, extra).await
+    }
+
+    /// Like `new`, node a's database on `cluster`, node b's on `cluster_b`.
+    pub async fn new_across(
+        cluster: &'static Cluster,
+        cluster_b: &'static Cluster,
+        ddl: &str,
+        tables: &[&str],
+        extra: &str,
+    ) -> Rig {
+        let (db_a, db_b) = (cluster.create_db(), cluster_b.create_db());
+        for (cl, db) in [(cluster, &db_a), (cluster_b, &db_b)] {
+            cl.client(db).await.batch_execute(ddl).await.unwrap();
         }
         let prefix = unique("duplex");
         let dir = temp_dir("duplex-rig-");
@@ -73,6 +88,7 @@ impl Rig {
             db_b,
             prefix,
             cluster,
+            cluster_b,
         };
         rig.write_config(tables, extra);
         rig
@@ -110,8 +126,22 @@ impl Rig {
         format!("{}.{node}.changes", self.prefix)
     }
 
+    /// A superuser session on node a's database.
+    pub async fn client_a(&self) -> Client {
+        self.cluster.client(&self.db_a).await
+    }
+
+    /// A superuser session on node b's database.
+    pub async fn client_b(&self) -> Client {
+        self.cluster_b.client(&self.db_b).await
+    }
+
+    /// A URL for `user` on node b's database.
+    pub fn url_b(&self, user: &str) -> String {
+        self.cluster_b.url(user, &self.db_b)
+    }
+
     pub fn write_config(&self, tables: &[&str], extra: &str) {
-        let cluster = self.cluster;
         let tables: String = tables
             .iter()
             .map(|t| format!("[[tables]]\nname = \"{t}\"\n"))
@@ -142,8 +172,8 @@ retry_max_ms = 1000
 {tables}
 {extra}
 "#,
-            a = cluster.url("postgres", &self.db_a),
-            b = cluster.url("postgres", &self.db_b),
+            a = self.cluster.url("postgres", &self.db_a),
+            b = self.url_b("postgres"),
             prefix = self.prefix,
             brokers = Broker::shared().brokers(),
             metrics = super::free_port(),

@@ -3,7 +3,6 @@
 //! through it.
 
 use super::duplex::Rig;
-use super::pg::Cluster;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -50,8 +49,7 @@ columns = [
 /// A rig with the legacy schema on a, the modern one on b, and the mapping.
 pub async fn rig(extra: &str) -> (Rig, Client, Client) {
     let rig = Rig::both("", &[], &format!("{MAPPING}\n{extra}")).await;
-    let cl = Cluster::shared();
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (rig.client_a().await, rig.client_b().await);
     a.batch_execute(LEGACY).await.unwrap();
     b.batch_execute(MODERN).await.unwrap();
     (rig, a, b)

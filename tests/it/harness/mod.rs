@@ -21,6 +21,7 @@ pub mod kafka_secured;
 pub mod mapping;
 pub mod metrics;
 pub mod pg;
+pub mod physical;
 pub mod proxy;
 pub mod tables;
 pub mod workload;

@@ -1,5 +1,9 @@
-//! PostgreSQL 15 clusters for tests: initdb into a temp dir, wal_level=logical, a free
-//! loopback port, started with pg_ctl and stopped (SIGQUIT) at exit.
+//! PostgreSQL clusters for tests: initdb into a temp dir, wal_level=logical, a free
+//! loopback port, started with pg_ctl and stopped (SIGQUIT) at exit. The server is
+//! Debian's PostgreSQL 15, or the one in `DUPLEX_PG_BIN` (initdb, pg_ctl, postgres and
+//! psql; `scripts/dev-env install` puts 13 to 18 in /var/cache/duplex/postgresql).
+//! With `DUPLEX_PG_BIN_B` naming another version, node b's databases live on a
+//! cluster of that version: a pair across major versions, as in an upgrade.
 
 use super::{free_port, register, temp_dir, unique, Cleanup};
 use std::path::{Path, PathBuf};
@@ -31,28 +35,57 @@ host replication all 127.0.0.1/32 trust
 pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
+    /// Where its server binaries are.
+    pub bin: PathBuf,
+    /// Its server's major version.
+    pub major: u32,
 }
 
-fn pg_bin(tool: &str) -> PathBuf {
-    let dir =
-        std::env::var("DUPLEX_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    Path::new(&dir).join(tool)
+/// Node a's server binaries: `DUPLEX_PG_BIN`, or Debian's PostgreSQL 15.
+fn bin_a() -> PathBuf {
+    std::env::var_os("DUPLEX_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())
 }
 
-/// Runs a PostgreSQL tool, as the `postgres` OS user when we are root (initdb and the
-/// server refuse to run as root).
-fn pg_command(tool: &str) -> Command {
+/// Node b's server binaries when they differ from node a's: `DUPLEX_PG_BIN_B`, for
+/// the pairs across major versions.
+fn bin_b() -> Option<PathBuf> {
+    std::env::var_os("DUPLEX_PG_BIN_B")
+        .map(PathBuf::from)
+        .filter(|b| *b != bin_a())
+}
+
+/// The major version of the server in `bin` (`postgres --version`).
+fn major_of(bin: &Path) -> u32 {
+    let postgres = bin.join("postgres");
+    let out = Command::new(&postgres)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", postgres.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "postgres (PostgreSQL) 18.4"
+    text.rsplit(' ')
+        .next()
+        .and_then(|v| v.trim().split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {text:?}"))
+}
+
+/// Runs the PostgreSQL tool in `bin`, as the `postgres` OS user when we are root
+/// (initdb and the server refuse to run as root).
+pub(super) fn pg_command(bin: &Path, tool: &str) -> Command {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
         c
     } else {
-        Command::new(pg_bin(tool))
+        Command::new(bin.join(tool))
     }
 }
 
-fn run(mut c: Command, what: &str) {
+pub(super) fn run(mut c: Command, what: &str) {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
@@ -63,14 +96,33 @@ fn run(mut c: Command, what: &str) {
 }
 
 impl Cluster {
-    /// The cluster shared by tests that need nothing special.
+    /// The cluster shared by tests that need nothing special: node a's databases, and
+    /// node b's unless b runs another version.
     pub fn shared() -> &'static Cluster {
         static SHARED: OnceLock<Cluster> = OnceLock::new();
         SHARED.get_or_init(|| Cluster::start(&[]))
     }
 
-    /// Starts a new cluster with `settings` on top of the test defaults.
+    /// The cluster of node b's databases: the shared one, or one of its own running
+    /// `DUPLEX_PG_BIN_B`'s version.
+    pub fn shared_b() -> &'static Cluster {
+        static SHARED_B: OnceLock<&'static Cluster> = OnceLock::new();
+        SHARED_B.get_or_init(|| match bin_b() {
+            Some(bin) => Box::leak(Box::new(Cluster::start_bin(bin, &[]))),
+            None => Cluster::shared(),
+        })
+    }
+
+    /// Starts a new cluster of node a's version with `settings` on top of the test
+    /// defaults.
     pub fn start(settings: &[(&str, &str)]) -> Cluster {
+        Cluster::start_bin(bin_a(), settings)
+    }
+
+    /// Starts a new cluster of the server in `bin` with `settings` on top of the test
+    /// defaults.
+    pub fn start_bin(bin: PathBuf, settings: &[(&str, &str)]) -> Cluster {
+        let major = major_of(&bin);
         let dir = temp_dir("duplex-pg-");
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
@@ -84,7 +136,7 @@ impl Cluster {
             );
         }
         let data = dir.join("data");
-        let mut init = pg_command("initdb");
+        let mut init = pg_command(&bin, "initdb");
         init.arg("-D").arg(&data).args([
             "-U",
             "postgres",
@@ -113,6 +165,10 @@ impl Cluster {
             ("wal_sender_timeout", "60s".into()),
             ("max_slot_wal_keep_size", "'10GB'".into()),
         ];
+        if major >= 18 {
+            // From 18, origins with replay state have their own cap (default 10).
+            conf.push(("max_active_replication_origins", "512".into()));
+        }
         for (k, v) in settings {
             conf.retain(|(c, _)| c != k);
             conf.push((k, v.to_string()));
@@ -121,18 +177,13 @@ impl Cluster {
         let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         existing.push_str(&text);
         std::fs::write(data.join("postgresql.conf"), existing).unwrap();
-        let mut start = pg_command("pg_ctl");
-        start
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("server.log"))
-            .args(["-w", "-t", "60", "start"]);
-        run(start, "pg_ctl start");
-        let pid_file = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
-        let pid: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
-        register(Cleanup::Postgres(pid));
-        let cluster = Cluster { port, dir };
+        let cluster = Cluster {
+            port,
+            dir,
+            bin,
+            major,
+        };
+        cluster.start_server();
         cluster.psql("postgres", &format!(
             "SET password_encryption = 'md5'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
              SET password_encryption = 'scram-sha-256'; CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}';
@@ -149,12 +200,8 @@ impl Cluster {
     /// every database), or it would read as written in the future.
     pub fn advance_xids(&self, by: u64) {
         let data = self.dir.join("data");
-        let old_pid = self.postmaster_pid();
-        let mut stop = pg_command("pg_ctl");
-        stop.arg("-D").arg(&data).args(["-m", "fast", "-w", "stop"]);
-        run(stop, "pg_ctl stop");
-        super::forget(old_pid);
-        let mut control = pg_command("pg_controldata");
+        self.stop("fast");
+        let mut control = pg_command(&self.bin, "pg_controldata");
         control.arg("-D").arg(&data);
         let out = control.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -180,21 +227,45 @@ impl Cluster {
                 run(chown, "chown");
             }
         }
-        let mut reset = pg_command("pg_resetwal");
+        let mut reset = pg_command(&self.bin, "pg_resetwal");
         reset
             .arg("-D")
             .arg(&data)
             .args(["-x", &xid.to_string(), "-e", &epoch.to_string()]);
         run(reset, "pg_resetwal");
-        let mut start = pg_command("pg_ctl");
+        self.start_server();
+    }
+
+    /// Stops the server (`mode`: pg_ctl's fast, or immediate as a crash would).
+    pub fn stop(&self, mode: &str) {
+        let old_pid = self.postmaster_pid();
+        let mut stop = pg_command(&self.bin, "pg_ctl");
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", mode, "-w", "stop"]);
+        run(stop, "pg_ctl stop");
+        super::forget(old_pid);
+    }
+
+    /// Starts the server of this cluster's data directory and waits for it to take
+    /// connections.
+    pub(super) fn start_server(&self) {
+        let mut start = pg_command(&self.bin, "pg_ctl");
         start
             .arg("-D")
-            .arg(&data)
+            .arg(self.dir.join("data"))
             .arg("-l")
             .arg(self.dir.join("server.log"))
             .args(["-w", "-t", "60", "start"]);
         run(start, "pg_ctl start");
         register(Cleanup::Postgres(self.postmaster_pid()));
+    }
+
+    /// Runs pg_ctl `args` on this cluster's data directory.
+    pub(super) fn pg_ctl(&self, args: &[&str]) {
+        let mut c = pg_command(&self.bin, "pg_ctl");
+        c.arg("-D").arg(self.dir.join("data")).args(args);
+        run(c, "pg_ctl");
     }
 
     fn postmaster_pid(&self) -> u32 {
@@ -212,7 +283,7 @@ impl Cluster {
     }
 
     pub fn psql(&self, db: &str, sql: &str) {
-        let mut c = pg_command("psql");
+        let mut c = pg_command(&self.bin, "psql");
         c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.dir)
             .args([

@@ -37,13 +37,18 @@ pub async fn rig() -> Rig {
 /// The tables, with an apply log, and a config for both directions; nothing set up on
 /// the nodes yet.
 pub async fn rig_before_setup() -> Rig {
-    rig_before_setup_on(Cluster::shared()).await
+    rig_before_setup_across(Cluster::shared(), Cluster::shared_b()).await
 }
 
 /// Like `rig_before_setup`, with both databases on `cluster`.
 pub async fn rig_before_setup_on(cluster: &'static Cluster) -> Rig {
+    rig_before_setup_across(cluster, cluster).await
+}
+
+/// Like `rig_before_setup`, node a's database on `a`, node b's on `b`.
+pub async fn rig_before_setup_across(a: &'static Cluster, b: &'static Cluster) -> Rig {
     let ddl = format!("{DDL}{}", apply_log_ddl(&["items", "users"]));
-    let rig = Rig::new_on(cluster, &ddl, TABLES, "").await;
+    let rig = Rig::new_across(a, b, &ddl, TABLES, "").await;
     rig.edit_config(&[("\"a_to_b\"", "\"both\"")]);
     rig.add_identity("public.users", "users", &["email"]);
     rig
@@ -126,10 +131,9 @@ pub async fn workload(c: Client, node: u64, until: Instant) -> u64 {
 /// Runs a [`workload`] on each node of `rig` for `secs`; returns the changes made on
 /// a and on b.
 pub async fn run_workloads(rig: &Rig, secs: u64) -> (u64, u64) {
-    let cl = rig.cluster;
     let until = Instant::now() + Duration::from_secs(secs);
-    let wa = tokio::spawn(workload(cl.client(&rig.db_a).await, 0, until));
-    let wb = tokio::spawn(workload(cl.client(&rig.db_b).await, 1, until));
+    let wa = tokio::spawn(workload(rig.client_a().await, 0, until));
+    let wb = tokio::spawn(workload(rig.client_b().await, 1, until));
     (wa.await.unwrap(), wb.await.unwrap())
 }
 
@@ -158,8 +162,7 @@ pub async fn converges_under_workloads(
 /// Waits until both nodes hold the same rows in every table of the rig, then checks
 /// that neither applied a version twice (but repairs).
 pub async fn assert_identical_and_applied_once(rig: &Rig) {
-    let cl = rig.cluster;
-    let (a, b) = (cl.client(&rig.db_a).await, cl.client(&rig.db_b).await);
+    let (a, b) = (rig.client_a().await, rig.client_b().await);
     converge(
         &a,
         &b,
