@@ -56,7 +56,8 @@ pub struct DirectionStatus {
 pub struct OwedColumnStatus {
     pub table: String,
     pub column: String,
-    /// The first source commit whose value was left out.
+    /// The commit time of the first source change whose value was left out, or
+    /// `the initial copy` when the copy left the column out (every row's value).
     pub since: String,
 }
 
@@ -354,7 +355,9 @@ async fn owed_columns(
     }
     Ok(client
         .query(
-            "SELECT table_name, column_name, since_ts::text FROM duplex.owed_columns
+            "SELECT table_name, column_name,
+                    CASE WHEN since_ts = '-infinity' THEN 'the initial copy' ELSE since_ts::text END
+             FROM duplex.owed_columns
              WHERE source_node = $1 ORDER BY 1, 2",
             &[&dir.from],
         )

@@ -5,6 +5,7 @@
 use super::{DeleteTimes, DeletedKey};
 use super::{TargetWriter, WriteError};
 use crate::event::ChangeEvent;
+use crate::mapping::owed::OwedSource;
 use crate::mapping::Outcome;
 use std::borrow::Cow;
 
@@ -51,5 +52,29 @@ impl TargetWriter<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+impl TargetWriter<'_> {
+    /// A page of a mapped pair's owed values read from the source, as rows of
+    /// (source key, value, `updated_at`), in the target's terms (see
+    /// `mapping::owed`): rows not on the target left out.
+    pub(super) async fn owed_in_target_terms(
+        &self,
+        src: &OwedSource,
+        page: Vec<Vec<Option<String>>>,
+    ) -> Result<Vec<Vec<Option<String>>>, WriteError> {
+        let rows = page
+            .into_iter()
+            .filter_map(|r| match r.as_slice() {
+                [Some(k), v, u] => Some((k.clone(), v.clone(), u.clone())),
+                _ => None,
+            })
+            .collect();
+        let rows = self.mapper.owed_rows(&self.client, src, rows).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, v, u)| vec![Some(k), v, u])
+            .collect())
     }
 }

@@ -57,6 +57,7 @@ mod mapped;
 pub mod owed;
 mod probe;
 mod runs;
+pub mod settle;
 pub mod sql;
 mod statements;
 mod toast;

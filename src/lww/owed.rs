@@ -6,39 +6,33 @@
 //! out. The notes go into `duplex.owed_columns` on the target in the same transaction
 //! as the rows, so a debt is durable exactly when the rows that made it are; they only
 //! ever move the debt's start earlier. Once the target has the column, what is owed
-//! is brought over (see `crate::schema`) and the row deleted.
+//! is brought over (`lww/settle`) and the row deleted. The initial copy records a
+//! debt of every row (`FROM_THE_COPY`) for a column it left out.
 
 use super::{TargetWriter, WriteError};
 use crate::event::{format_unix_us, ChangeEvent, Lsn, Row};
-use crate::pg::sql::quote_ident;
 use crate::pg::table::TargetTable;
 use std::collections::BTreeMap;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
-
-/// Rows read from the source and written into the target at a time.
-const SETTLE_ROWS: usize = 5_000;
-
-/// How far before a debt's first commit the source's rows are read again: rows an
-/// application stamped with a clock this much behind the commit still count.
-const SETTLE_MARGIN_MS: i64 = 5 * 60 * 1000;
-
-/// A debt of the direction's target.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Debt {
-    pub table: String,
-    pub column: String,
-    /// The debt's first commit time, as PostgreSQL prints it.
-    pub since: String,
-    /// The column exists on the target now: the debt can be settled.
-    pub ready: bool,
-}
 
 /// Where a debt begins: the source commit whose value was first left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Since {
     pub lsn: Lsn,
     pub commit_ts_us: i64,
+}
+
+impl Since {
+    /// As `duplex.owed_columns` records it: (LSN, commit time). Rows a copy wrote
+    /// (LSN 0: not from the stream, and stamped with the copy's time) owe every
+    /// row's value, [`FROM_THE_COPY`].
+    fn recorded(&self) -> (String, String) {
+        if self.lsn == Lsn::ZERO {
+            let (lsn, ts) = FROM_THE_COPY;
+            return (lsn.to_string(), ts.to_string());
+        }
+        (self.lsn.to_string(), format_unix_us(self.commit_ts_us))
+    }
 }
 
 /// Columns left out of one batch, per (target table, column), each from the earliest
@@ -135,27 +129,17 @@ impl TargetWriter<'_> {
     /// each debt the first time it is recorded.
     pub(super) async fn record_owed(&self, owed: &OwedColumns) -> Result<(), WriteError> {
         for (table, column, since) in owed.iter() {
-            let new: bool = self
-                .client
-                .query_one(
-                    "INSERT INTO duplex.owed_columns AS o
-                            (source_node, table_name, column_name, since_lsn, since_ts)
-                     VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::timestamptz)
-                     ON CONFLICT (source_node, table_name, column_name) DO UPDATE
-                     SET since_lsn = least(o.since_lsn, EXCLUDED.since_lsn),
-                         since_ts = least(o.since_ts, EXCLUDED.since_ts)
-                     RETURNING xmax = 0",
-                    &[
-                        &self.dir.from,
-                        &table,
-                        &column,
-                        &since.lsn.to_string(),
-                        &format_unix_us(since.commit_ts_us),
-                    ],
-                )
-                .await
-                .map_err(self.sql(&format!("recording the values of {table}.{column} owed")))?
-                .get(0);
+            let (since_lsn, since_ts) = since.recorded();
+            let new = record_debt(
+                &self.client,
+                &self.dir.from,
+                table,
+                column,
+                &since_lsn,
+                &since_ts,
+            )
+            .await
+            .map_err(self.sql(&format!("recording the values of {table}.{column} owed")))?;
             if new {
                 tracing::warn!(direction = %self.dir, table, column, since_lsn = %since.lsn,
                     "node {} lacks a column node {} has: its rows are applied without it, and its values since then are owed until the column exists there",
@@ -166,224 +150,40 @@ impl TargetWriter<'_> {
     }
 }
 
-impl TargetWriter<'_> {
-    /// This direction's debts, each saying whether its column exists on the target now.
-    pub async fn owed_debts(&mut self) -> Result<Vec<Debt>, WriteError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT o.table_name, o.column_name, o.since_ts::text,
-                        EXISTS (SELECT 1 FROM pg_attribute a
-                                WHERE a.attrelid = to_regclass(o.table_name)
-                                  AND a.attname = o.column_name AND NOT a.attisdropped)
-                 FROM duplex.owed_columns o WHERE o.source_node = $1",
-                &[&self.dir.from],
-            )
-            .await
-            .map_err(self.sql("reading duplex.owed_columns"))?;
-        Ok(rows
-            .iter()
-            .map(|r| Debt {
-                table: r.get(0),
-                column: r.get(1),
-                since: r.get(2),
-                ready: r.get(3),
-            })
-            .collect())
-    }
+/// A debt's start when a table is copied whole (the initial copy): every row's value
+/// is owed, whatever its `updated_at`.
+pub const FROM_THE_COPY: (&str, &str) = ("0/0", "-infinity");
 
-    /// Ends the debts in `debts` whose column the source no longer has either (a
-    /// column dropped on both nodes): nothing is owed any more. Returns those ended.
-    pub async fn end_dropped(
-        &mut self,
-        source: &Client,
-        debts: &[Debt],
-    ) -> Result<Vec<Debt>, WriteError> {
-        let mut ended = Vec::new();
-        for d in debts {
-            let Some(tc) = self.cfg.table_on(&self.dir.to, &d.table) else {
-                continue;
-            };
-            let on_source: bool = source
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_attribute a
-                                    WHERE a.attrelid = to_regclass($1)
-                                      AND a.attname = $2 AND NOT a.attisdropped)",
-                    &[&tc.name_on(&self.dir.from), &d.column],
-                )
-                .await
-                .map_err(self.source_sql("looking for an owed column on the source"))?
-                .get(0);
-            if !on_source {
-                self.forget_debt(d).await?;
-                ended.push(d.clone());
-            }
-        }
-        Ok(ended)
-    }
-
-    /// As `sql`, for a statement on the direction's source.
-    fn source_sql(&self, context: &str) -> impl FnOnce(tokio_postgres::Error) -> WriteError {
-        let on = crate::pg::error::SqlError::on(&self.dir.from, context.to_string());
-        move |source| WriteError::Sql(on(source))
-    }
-
-    async fn forget_debt(&self, d: &Debt) -> Result<(), WriteError> {
-        self.client
-            .execute(
-                "DELETE FROM duplex.owed_columns
-                 WHERE source_node = $1 AND table_name = $2 AND column_name = $3",
-                &[&self.dir.from, &d.table, &d.column],
-            )
-            .await
-            .map_err(self.sql("ending a debt in duplex.owed_columns"))?;
-        Ok(())
-    }
-
-    /// Brings over what `owed` names from `source` (a session on the direction's
-    /// source): each row the source changed since the debt began (less
-    /// [`SETTLE_MARGIN_MS`]) gives the target row of its key the column's value,
-    /// unless the target's version is newer (written there meanwhile). The table's
-    /// columns are read again first, so the stream carries the column from now on.
-    /// Chunks commit one by one; the debt goes with the last. Returns the values
-    /// written.
-    pub async fn settle_owed(&mut self, source: &Client, owed: &Debt) -> Result<u64, WriteError> {
-        self.tables.remove(&owed.table);
-        let Some(table) = self.table(&owed.table).await?.cloned() else {
-            return Ok(0);
-        };
-        let Some(tc) = self.cfg.table_on(&self.dir.to, &owed.table) else {
-            return Ok(0);
-        };
-        let source_name = tc.name_on(&self.dir.from).to_string();
-        let default: Option<String> = self
-            .client
-            .query_opt(
-                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
-                 JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-                 WHERE d.adrelid = to_regclass($1) AND a.attname = $2",
-                &[&owed.table, &owed.column],
-            )
-            .await
-            .map_err(self.sql(&format!(
-                "reading the default of {}.{}",
-                owed.table, owed.column
-            )))?
-            .map(|r| r.get(0));
-        let read = read_sql(&table, &source_name, &owed.column);
-        let write = write_sql(&table, &owed.column, default.as_deref());
-        let n = table.key.len();
-        let mut after: Option<Vec<String>> = None;
-        let mut written = 0;
-        loop {
-            let rows = match source.query(&read, &[&owed.since, &after]).await {
-                Ok(rows) => rows,
-                // The source dropped the column since: nothing is owed any more.
-                Err(e) if e.code().is_some_and(|c| c.code() == "42703") => {
-                    tracing::warn!(direction = %self.dir, table = %owed.table, column = %owed.column,
-                        "the source no longer has the owed column; its values are not brought over");
-                    break;
-                }
-                Err(e) => {
-                    let context =
-                        format!("reading the values of {source_name}.{} owed", owed.column);
-                    return Err(self.source_sql(&context)(e));
-                }
-            };
-            let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::new(); n + 2];
-            for r in &rows {
-                for (i, a) in arrays.iter_mut().enumerate() {
-                    a.push(r.get(i));
-                }
-            }
-            let params: Vec<&(dyn ToSql + Sync)> =
-                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            written += self
-                .client
-                .execute(&write, &params)
-                .await
-                .map_err(self.sql(&format!(
-                    "writing the values of {}.{} owed",
-                    table.name, owed.column
-                )))?;
-            if rows.len() < SETTLE_ROWS {
-                break;
-            }
-            after = rows.last().map(|r| (0..n).map(|i| r.get(i)).collect());
-        }
-        self.forget_debt(owed).await?;
-        Ok(written)
-    }
-}
-
-/// The source's rows changed since `$1` (a timestamp, less [`SETTLE_MARGIN_MS`]) whose
-/// key is after `$2` (text array; NULL: from the first), [`SETTLE_ROWS`] at a time, by
-/// key: each key's columns, `column` and `updated_at`, as text.
-fn read_sql(table: &TargetTable, source_name: &str, column: &str) -> String {
-    let keys: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
-    let key_text: Vec<String> = keys.iter().map(|k| format!("{k}::text")).collect();
-    let after: Vec<String> = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("($2::text[])[{}]::{}", i + 1, table.type_of(k)))
-        .collect();
-    let (schema, name) = source_name
-        .split_once('.')
-        .unwrap_or(("public", source_name));
-    format!(
-        "SELECT {keys_text}, {col}::text, {upd}::text FROM {schema}.{name}
-         WHERE {upd} >= $1::text::timestamptz - {SETTLE_MARGIN_MS} * interval '1 millisecond'
-           AND ($2::text[] IS NULL OR ({keys}) > ({after}))
-         ORDER BY {keys} LIMIT {SETTLE_ROWS}",
-        keys_text = key_text.join(", "),
-        col = quote_ident(column),
-        upd = quote_ident(&table.updated_at),
-        schema = quote_ident(schema),
-        name = quote_ident(name),
-        keys = keys.join(", "),
-        after = after.join(", "),
-    )
-}
-
-/// Sets `column` on the target rows whose keys are `$1..$n` (text arrays) to `$n+1`,
-/// where the target's version is not newer than the source's `$n+2`, or where the
-/// target never set the column (it still holds `default`, the column's default
-/// expression, or NULL without one): a target version newer than the source's but
-/// made before the column existed there says nothing about the column, and the
-/// source, which applied that version without the column, kept its value.
-fn write_sql(table: &TargetTable, column: &str, default: Option<&str>) -> String {
-    let n = table.key.len();
-    let arrays: Vec<String> = (1..=n + 2).map(|i| format!("${i}::text[]")).collect();
-    let names: Vec<String> = (0..n)
-        .map(|i| format!("k{i}"))
-        .chain(["v".into(), "u".into()])
-        .collect();
-    let join: Vec<String> = table
-        .key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("t.{} = s.k{i}::{}", quote_ident(k), table.type_of(k)))
-        .collect();
-    let upd = quote_ident(&table.updated_at);
-    format!(
-        "UPDATE {t} t SET {col} = s.v::{ty}
-         FROM unnest({arrays}) AS s({names})
-         WHERE {join} AND (t.{upd} IS NULL OR t.{upd} <= s.u::timestamptz
-                           OR t.{col} IS NOT DISTINCT FROM ({default})::{ty})",
-        t = table.sql_name,
-        col = quote_ident(column),
-        ty = table.type_of(column),
-        arrays = arrays.join(", "),
-        names = names.join(", "),
-        join = join.join(" AND "),
-        default = default.unwrap_or("NULL"),
-    )
+/// Records on `target`, in the caller's transaction, that the values of
+/// `table`.`column` from `source_node` are owed since (`since_lsn`, `since_ts`), or
+/// moves an existing debt's start earlier. True when the debt is new.
+pub(crate) async fn record_debt(
+    target: &Client,
+    source_node: &str,
+    table: &str,
+    column: &str,
+    since_lsn: &str,
+    since_ts: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(target
+        .query_one(
+            "INSERT INTO duplex.owed_columns AS o
+                    (source_node, table_name, column_name, since_lsn, since_ts)
+             VALUES ($1, $2, $3, $4::text::pg_lsn, $5::text::timestamptz)
+             ON CONFLICT (source_node, table_name, column_name) DO UPDATE
+             SET since_lsn = least(o.since_lsn, EXCLUDED.since_lsn),
+                 since_ts = least(o.since_ts, EXCLUDED.since_ts)
+             RETURNING xmax = 0",
+            &[&source_node, &table, &column, &since_lsn, &since_ts],
+        )
+        .await?
+        .get(0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lww::settle::tests::target;
 
     fn at(lsn: u64) -> Since {
         Since {
@@ -407,22 +207,6 @@ mod tests {
                 ("public.items", "size", at(25))
             ]
         );
-    }
-
-    fn target() -> TargetTable {
-        let col = |name: &str| crate::pg::table::TargetColumn {
-            name: name.into(),
-            type_sql: "text".into(),
-            generated: false,
-        };
-        TargetTable {
-            name: "public.items".into(),
-            label: "public.items".into(),
-            sql_name: "\"public\".\"items\"".into(),
-            columns: vec![col("id"), col("val"), col("updated_at")],
-            key: vec!["id".into()],
-            updated_at: "updated_at".into(),
-        }
     }
 
     fn row_event(lsn: u64, columns: &[&str]) -> ChangeEvent {
@@ -455,28 +239,15 @@ mod tests {
     }
 
     #[test]
-    fn the_settle_reads_by_key_after_the_last_and_never_overwrites_a_newer_target_row() {
-        let read = read_sql(&target(), "public.items_src", "color");
-        assert!(read.contains("FROM \"public\".\"items_src\""), "{read}");
-        assert!(
-            read.contains("(\"id\") > (($2::text[])[1]::text)"),
-            "{read}"
-        );
-        assert!(read.contains("ORDER BY \"id\" LIMIT 5000"), "{read}");
-        let write = write_sql(&target(), "color", Some("'none'::text"));
-        assert!(
-            write.contains("t.\"color\" IS NOT DISTINCT FROM ('none'::text)::text"),
-            "{write}"
-        );
-        assert!(
-            write.contains("t.\"updated_at\" <= s.u::timestamptz"),
-            "{write}"
-        );
-        assert!(
-            write.contains("unnest($1::text[], $2::text[], $3::text[])"),
-            "{write}"
-        );
-        eprintln!("{read}\n{write}");
+    fn a_debt_of_rows_a_copy_wrote_owes_every_row() {
+        let copied = Since {
+            lsn: Lsn::ZERO,
+            commit_ts_us: 1_700_000_000_000_000,
+        };
+        assert_eq!(copied.recorded(), ("0/0".into(), "-infinity".into()));
+        let streamed = at(0x10);
+        assert_eq!(streamed.recorded().0, "0/10");
+        assert_ne!(streamed.recorded().1, "-infinity");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod check;
 pub mod convert;
 pub(crate) mod keys;
+pub mod owed;
 mod pair;
 mod pairing;
 

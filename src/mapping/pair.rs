@@ -91,14 +91,15 @@ impl PairMap {
             let (Some(s), Some(d)) = (c.names.get(from), c.names.get(to)) else {
                 continue;
             };
-            let Some(col) = t.column(d) else {
-                return Err(cfg_err(format!("column {d} does not exist")));
-            };
+            // A column the target lacks yet (a migration not applied there) still
+            // maps: the writer leaves its values out and records them as owed
+            // (`lww/owed`), and the settle, which loads the pair again, brings them.
+            let integral = t.column(d).is_some_and(|col| is_integral(&col.type_sql));
             let convert = if let Some(scale) = &c.scale {
                 let exp = |n: &str| scale.get(n).and_then(|f| power_of_ten(*f)).unwrap_or(0) as i32;
                 Convert::Shift {
                     shift: exp(to) - exp(from),
-                    integral: is_integral(&col.type_sql),
+                    integral,
                 }
             } else if let Some(values) = &c.values {
                 let (src, dst) = (&values[from], &values[to]);

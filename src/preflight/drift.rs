@@ -28,6 +28,42 @@ pub(super) async fn warnings(cfg: &Config, clients: &BTreeMap<String, Client>) -
         };
         lines.extend(drift(&t.name, (x, &cx), (y, &cy)));
     }
+    for t in cfg.tables.iter().filter(|t| t.is_mapped()) {
+        let (Some(cx), Some(cy)) = (
+            columns(&clients[*x], t.name_on(x)).await,
+            columns(&clients[*y], t.name_on(y)).await,
+        ) else {
+            continue;
+        };
+        let mapped: Vec<(&str, &str)> = t
+            .columns
+            .iter()
+            .filter_map(|c| Some((c.names.get(*x)?.as_str(), c.names.get(*y)?.as_str())))
+            .collect();
+        lines.extend(mapped_drift(&t.name, &mapped, (x, &cx), (y, &cy)));
+    }
+    lines
+}
+
+/// The columns of a mapped pair's `columns` entries (each as (name on x, name on y))
+/// that one node has and the other lacks yet, as warnings.
+fn mapped_drift(
+    table: &str,
+    mapped: &[(&str, &str)],
+    (x, cx): (&str, &Columns),
+    (y, cy): (&str, &Columns),
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (on_x, on_y) in mapped {
+        for (here, mine, there, missing) in [(x, on_x, y, on_y), (y, on_y, x, on_x)] {
+            let (has, lacks) = if here == x { (cx, cy) } else { (cy, cx) };
+            if has.contains_key(*mine) && !lacks.contains_key(*missing) {
+                lines.push(format!(
+                    "{WARNING}mapped table {table}: column {mine} of node {here} maps to {missing}, which node {there} lacks: its values are applied without it there, and owed to node {there} until the column is added"
+                ));
+            }
+        }
+    }
     lines
 }
 
@@ -99,5 +135,37 @@ mod tests {
             lines[2]
         );
         assert!(drift("public.items", ("a", &a), ("b", &a)).is_empty());
+    }
+
+    #[test]
+    fn a_mapped_column_one_node_lacks_is_named_with_its_name_on_each_node() {
+        let legacy = cols(&[
+            ("id", "integer"),
+            ("colour", "text"),
+            ("total_cents", "bigint"),
+        ]);
+        let modern = cols(&[("id", "uuid"), ("total", "numeric")]);
+        let mapped = [("colour", "color"), ("total_cents", "total")];
+        let lines = mapped_drift(
+            "public.orders",
+            &mapped,
+            ("legacy", &legacy),
+            ("modern", &modern),
+        );
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0]
+                .contains("column colour of node legacy maps to color, which node modern lacks"),
+            "{}",
+            lines[0]
+        );
+        let modern = cols(&[("id", "uuid"), ("total", "numeric"), ("color", "text")]);
+        assert!(mapped_drift(
+            "public.orders",
+            &mapped,
+            ("legacy", &legacy),
+            ("modern", &modern)
+        )
+        .is_empty());
     }
 }

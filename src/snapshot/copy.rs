@@ -332,12 +332,41 @@ impl<'a> CopyWorker<'a> {
             }
             Method::Merge => self.merge(t, &into).await?,
         }
+        self.record_owed(t).await?;
         if !marked.mark(&self.target, self.dir, &t.name, rows).await? {
             self.rollback().await?;
             return Err(marked.replanned(self.dir, &t.name));
         }
         self.target.batch_execute("COMMIT").await.sql(to, context)?;
         Ok(rows)
+    }
+
+    /// Records the values of the columns the target lacks as owed from the copy on,
+    /// in the chunk's transaction: a chunk committed after the column's debt was
+    /// settled owes its rows' values again.
+    async fn record_owed(&self, t: &CopyTable) -> Result<(), SnapshotError> {
+        let (since_lsn, since_ts) = crate::lww::owed::FROM_THE_COPY;
+        for column in &t.owed {
+            let new = crate::lww::owed::record_debt(
+                &self.target,
+                &self.dir.from,
+                &t.name,
+                column,
+                since_lsn,
+                since_ts,
+            )
+            .await
+            .sql(
+                &self.dir.to,
+                format!("recording the values of {}.{column} owed", t.name),
+            )?;
+            if new {
+                tracing::warn!(direction = %self.dir, table = %t.name, column = %column,
+                    "node {} lacks a column node {} has: the initial copy copies its rows without it, and its values are owed until the column exists there",
+                    self.dir.to, self.dir.from);
+            }
+        }
+        Ok(())
     }
 
     /// Streams the chunk's COPY data from the source into `COPY into` on the target.

@@ -23,8 +23,13 @@ pub(crate) struct CopyTable {
     /// The nodes' schemas differ (see `mapping/`): rows are copied through the
     /// mapping rather than by COPY.
     pub mapped: bool,
-    /// The source's stored columns (generated ones are computed on the target).
+    /// The source's stored columns the target has (generated ones are computed on
+    /// the target).
     pub columns: Vec<String>,
+    /// The source's stored columns the target lacks (a migration not yet applied
+    /// there): rows are copied without them, and their values recorded as owed
+    /// (`lww/owed`) until the target has the column.
+    pub owed: Vec<String>,
     /// Primary-key columns with their source types, in key order.
     pub key: Vec<(String, String)>,
     /// Copied in PostgreSQL's binary format: every copied column has the same type
@@ -34,8 +39,8 @@ pub(crate) struct CopyTable {
 }
 
 impl CopyTable {
-    /// Reads the table from both catalogs; a table or column missing on the target,
-    /// or a table without a primary key, is an error naming it.
+    /// Reads the table from both catalogs; a table or key column missing on the
+    /// target, or a table without a primary key, is an error naming it.
     pub(crate) async fn describe(
         source: &Client,
         target: &Client,
@@ -54,15 +59,19 @@ impl CopyTable {
             .ok_or_else(|| problem(format!("missing on node {}", dir.from)))?;
         let target_table = read(&dir.to, TargetTable::load(target, tc, &dir.to).await)?
             .ok_or_else(|| problem(format!("missing on node {}", dir.to)))?;
-        let (mut columns, mut binary) = (Vec::new(), !tc.is_mapped());
+        let (mut columns, mut owed, mut binary) = (Vec::new(), Vec::new(), !tc.is_mapped());
         for c in source_table.columns.iter().filter(|c| !c.generated) {
             match target_table.column(&c.name) {
                 _ if tc.is_mapped() => {}
-                None => {
+                None if source_table.key.contains(&c.name) => {
                     return Err(problem(format!(
-                        "column {} is missing on node {}",
+                        "key column {} is missing on node {}",
                         c.name, dir.to
                     )))
+                }
+                None => {
+                    owed.push(c.name.clone());
+                    continue;
                 }
                 Some(t) => binary &= t.type_sql == c.type_sql,
             }
@@ -93,6 +102,7 @@ impl CopyTable {
             source_table: source_table.name.clone(),
             mapped: tc.is_mapped(),
             columns,
+            owed,
             key,
             binary,
             target: target_table,

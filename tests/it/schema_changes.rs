@@ -335,3 +335,210 @@ async fn a_table_added_to_the_config_is_copied_then_streamed_and_one_removed_is_
     assert_eq!(count(&b, "SELECT count(*) FROM notes").await, 3001);
     assert_eq!(d.stop().await, Some(0));
 }
+
+/// The initial copy into a node that lacks a column the source has: the rows are
+/// copied without it while both applications write, every row's value is owed from
+/// the copy on, and once the node gains the column the values arrive and both nodes
+/// end equal.
+#[tokio::test]
+async fn a_table_copied_into_a_node_without_a_column_gets_its_values_once_it_has_it() {
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, val text, color text,
+               updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
+    let rig = Rig::both(ddl, &["public.items"], "").await;
+    let (a, b) = (rig.client_a().await, rig.client_b().await);
+    b.batch_execute("ALTER TABLE items DROP COLUMN color")
+        .await
+        .unwrap();
+    a.batch_execute(
+        "INSERT INTO items (id, val, color)
+         SELECT i, 'old', 'c' || i FROM generate_series(1000, 3999) i",
+    )
+    .await
+    .unwrap();
+    assert!(rig.command(&["setup"]).status.success());
+    let stop = Arc::new(AtomicBool::new(false));
+    let color_b = Arc::new(AtomicBool::new(false));
+    // a's application writes during the copy; b's, once b has the rows (an
+    // initial copy goes only into a table empty of rows that predate it).
+    let writer_a = tokio::spawn(application(
+        rig.client_a().await,
+        1,
+        Arc::new(AtomicBool::new(true)),
+        stop.clone(),
+    ));
+    let d = rig.start();
+    d.wait_applying(2).await;
+    let writers = [
+        writer_a,
+        tokio::spawn(application(
+            rig.client_b().await,
+            2,
+            color_b.clone(),
+            stop.clone(),
+        )),
+    ];
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM items WHERE id >= 1000").await,
+        3000
+    );
+    let debt = (
+        "a".to_string(),
+        "public.items".to_string(),
+        "color".to_string(),
+    );
+    assert!(owed(&b).await.contains(&debt));
+    let status = rig.command(&["status", "--max-lag", "600"]);
+    let said = output_text(&status);
+    assert!(
+        said.contains("owed public.items.color since the initial copy"),
+        "{said}"
+    );
+
+    b.batch_execute("ALTER TABLE items ADD COLUMN color text")
+        .await
+        .unwrap();
+    color_b.store(true, Ordering::SeqCst);
+    wait_for("the debt settled", Duration::from_secs(60), || {
+        let b = &b;
+        async move { owed(b).await.is_empty().then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        assert!(w.await.unwrap() > 100);
+    }
+    converge(&a, &b, &["public.items"], Duration::from_secs(60)).await;
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM items WHERE id >= 1000 AND color = 'c' || id"
+        )
+        .await,
+        3000
+    );
+    assert_eq!(d.stop().await, Some(0));
+}
+
+/// A mapped pair (legacy users on node a, modern accounts on node b) whose config
+/// maps a new column, `phone` on a to `phone_number` on b, added on a first while
+/// both applications write: b owes the values and gets them through the pairing
+/// once it has the column, and later changes cross both ways under the mapping.
+#[tokio::test]
+async fn a_mapped_column_added_on_one_node_first_is_carried_once_the_other_has_it() {
+    let (rig, a, b) = crate::harness::mapping::rig("[snapshot]\nmode = \"never\"\n").await;
+    rig.edit_config(&[(
+        r#"columns = [ { a = "name", b = "full_name" } ]"#,
+        r#"columns = [ { a = "name", b = "full_name" }, { a = "phone", b = "phone_number" } ]"#,
+    )]);
+    a.batch_execute("ALTER TABLE users ADD COLUMN phone text")
+        .await
+        .unwrap();
+    let check = rig.command(&["check"]);
+    let said = output_text(&check);
+    assert!(check.status.success(), "{said}");
+    assert!(
+        said.contains("column phone of node a maps to phone_number, which node b lacks"),
+        "{said}"
+    );
+    assert!(rig.command(&["setup"]).status.success());
+    let d = rig.start();
+    d.wait_applying(2).await;
+    // Users with phones on a, accounts on b, and edits of both, from two writers.
+    let (writer_a, writer_b) = (rig.client_a().await, rig.client_b().await);
+    let legacy = tokio::spawn(async move {
+        for i in 0..60 {
+            writer_a
+                .batch_execute(&format!(
+                    "INSERT INTO users (email, name, phone) VALUES ('u{i}@legacy', 'U{i}', '+1-555-{i:04}');
+                     UPDATE users SET phone = phone || '9', updated_at = clock_timestamp() AT TIME ZONE 'UTC'
+                      WHERE email = 'u{}@legacy'",
+                    i / 2
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    let modern = tokio::spawn(async move {
+        for i in 0..30 {
+            writer_b
+                .batch_execute(&format!(
+                    "INSERT INTO accounts (id, email, full_name) VALUES (gen_random_uuid(), 'm{i}@modern', 'M{i}');
+                     UPDATE accounts SET full_name = full_name || '!', updated_at = clock_timestamp()
+                      WHERE email = 'u{i}@legacy'"
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    legacy.await.unwrap();
+    modern.await.unwrap();
+    wait_for(
+        "b to record the phones it is owed",
+        Duration::from_secs(60),
+        || {
+            let b = &b;
+            async move {
+                let debt = (
+                    "a".to_string(),
+                    "public.accounts".to_string(),
+                    "phone_number".to_string(),
+                );
+                (owed(b).await.contains(&debt)
+                    && count(b, "SELECT count(*) FROM accounts WHERE email LIKE 'u%'").await == 60)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    b.batch_execute("ALTER TABLE accounts ADD COLUMN phone_number text")
+        .await
+        .unwrap();
+    wait_for("the debt settled", Duration::from_secs(60), || {
+        let b = &b;
+        async move { owed(b).await.is_empty().then_some(()) }
+    })
+    .await;
+    // A phone set on b now crosses back to a under the mapping.
+    b.batch_execute(
+        "UPDATE accounts SET phone_number = '+44-20-0000', updated_at = clock_timestamp()
+          WHERE email = 'u59@legacy'",
+    )
+    .await
+    .unwrap();
+    wait_for("b's phone on a", Duration::from_secs(60), || {
+        let a = &a;
+        async move {
+            (count(a, "SELECT count(*) FROM users WHERE phone = '+44-20-0000'").await == 1)
+                .then_some(())
+        }
+    })
+    .await;
+    // Every legacy phone is on its paired account.
+    let pairs = crate::harness::mapping::pairs(&b, "public.accounts").await;
+    let phones_a: Vec<(String, Option<String>)> = a
+        .query(
+            "SELECT id::text, phone FROM users WHERE email LIKE 'u%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(phones_a.len(), 60);
+    for (id, phone) in phones_a {
+        let account = &pairs[&id];
+        let on_b: Option<String> = b
+            .query_one(
+                "SELECT phone_number FROM accounts WHERE id = $1::text::uuid",
+                &[account],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(on_b, phone, "user {id} (account {account})");
+        assert!(phone.is_some(), "user {id} lost its phone");
+    }
+    assert_eq!(d.stop().await, Some(0));
+}
