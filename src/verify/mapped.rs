@@ -188,19 +188,16 @@ async fn compare_rows(
 /// The second node's columns that the first node's map to (the key aside), from the
 /// pair's rules as [`PairMap::map_value`] applies them: every mapped row is compared
 /// on all of them, whatever the range's other rows hold (a row that cannot be
-/// mapped is reported for its own columns and hides none of the others').
+/// mapped is reported for its own columns and hides none of the others'). A mapped
+/// column the second node lacks yet is owed, not compared (`duplex status` names it).
 fn compared_columns(m: &MappedTable) -> Vec<String> {
+    let on_second = |c: &String| m.pair.target_columns.iter().any(|t| t == c);
     m.t.columns
         .iter()
         .filter(|c| **c != m.pair.source_key)
         .filter_map(|c| match m.pair.rules.get(c) {
-            Some(rule) => Some(rule.target.clone()),
-            None => m
-                .pair
-                .target_columns
-                .iter()
-                .any(|t| t == c)
-                .then(|| c.clone()),
+            Some(rule) => on_second(&rule.target).then(|| rule.target.clone()),
+            None => on_second(c).then(|| c.clone()),
         })
         .collect()
 }
