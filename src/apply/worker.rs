@@ -376,6 +376,9 @@ impl<'a> Worker<'a> {
                 self.writer
                     .execute("ROLLBACK TO SAVEPOINT batch", "savepoint")
                     .await?;
+                // A column's type may have changed on the target since its columns
+                // were read (a migration): the retry reads them again.
+                self.writer.forget_tables();
                 self.one_by_one(pending, &events, &deleted).await?;
             }
         }

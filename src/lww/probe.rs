@@ -9,6 +9,7 @@
 
 use super::{TargetWriter, WriteError};
 use crate::event::{ChangeEvent, Value};
+use crate::pg::table::cast_type;
 
 /// The longest value quoted in a message.
 const QUOTED_CHARS: usize = 60;
@@ -31,21 +32,30 @@ impl TargetWriter<'_> {
                 continue;
             };
             self.execute("SAVEPOINT probe", "savepoint").await?;
-            let cast = format!("SELECT $1::text::{}", col.type_sql);
-            let refused = self.client.execute(&cast, &[text]).await.err();
+            // The cast the writer makes, and the column's own type: an explicit cast
+            // to a length cuts a longer value short, which assigning it refuses.
+            let cast = format!(
+                "SELECT $1::text::{} IS DISTINCT FROM $1::text::{}",
+                col.type_sql,
+                cast_type(&col.type_sql)
+            );
+            let refused = match self.client.query_one(&cast, &[text]).await {
+                Err(e) => Some(crate::pg::error::describe(&e)),
+                Ok(r) if r.get::<_, bool>(0) => Some(format!("too long for {}", col.type_sql)),
+                Ok(_) => None,
+            };
             let undo = if refused.is_some() {
                 "ROLLBACK TO SAVEPOINT probe"
             } else {
                 "RELEASE SAVEPOINT probe"
             };
             self.execute(undo, "savepoint").await?;
-            if let Some(e) = refused {
+            if let Some(why) = refused {
                 let shown: String = text.chars().take(QUOTED_CHARS).collect();
                 let more = if shown.len() < text.len() { "…" } else { "" };
                 return Ok(Some(format!(
-                    "column {column} ({}) refuses '{shown}{more}': {}",
+                    "column {column} ({}) refuses '{shown}{more}': {why}",
                     col.type_sql,
-                    crate::pg::error::describe(&e)
                 )));
             }
         }

@@ -8,7 +8,7 @@
 
 use super::{TargetWriter, WriteError};
 use crate::mapping::owed::OwedSource;
-use crate::pg::sql::quote_ident;
+use crate::pg::sql::{quote_ident, quote_literal};
 use crate::pg::table::TargetTable;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
@@ -126,23 +126,9 @@ impl TargetWriter<'_> {
             self.forget_debt(owed).await?;
             return Ok(0);
         };
-        let default: Option<String> = self
-            .client
-            .query_opt(
-                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
-                 JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-                 WHERE d.adrelid = to_regclass($1) AND a.attname = $2",
-                &[&owed.table, &owed.column],
-            )
-            .await
-            .map_err(self.sql(&format!(
-                "reading the default of {}.{}",
-                owed.table, owed.column
-            )))?
-            .map(|r| r.get(0));
         let source_name = tc.name_on(&self.dir.from).to_string();
         let read = read_sql(&source_table, &source_name, &column);
-        let write = write_sql(&table, &owed.column, default.as_deref());
+        let write = write_sql(&table, &owed.column);
         let n = source_table.key.len();
         let mut after: Option<Vec<String>> = None;
         let mut written = 0;
@@ -257,12 +243,13 @@ fn read_sql(table: &TargetTable, source_name: &str, column: &str) -> String {
 }
 
 /// Sets `column` on the target rows whose keys are `$1..$n` (text arrays) to `$n+1`,
-/// where the target's version is not newer than the source's `$n+2`, or where the
-/// target never set the column (it still holds `default`, the column's default
-/// expression, or NULL without one): a target version newer than the source's but
-/// made before the column existed there says nothing about the column, and the
-/// source, which applied that version without the column, kept its value.
-fn write_sql(table: &TargetTable, column: &str, default: Option<&str>) -> String {
+/// where the target's version is not newer than the source's `$n+2`, or where it is
+/// older than the column: its tuple was written before the column was added (the
+/// age of its `xmin` is above that of the column's catalog row; a frozen tuple is
+/// older than any). Such a version carried no value for the column, and the
+/// source, which applied it without the column, kept its own. A newer version
+/// written since carries the target's value to the source, which converges on it.
+fn write_sql(table: &TargetTable, column: &str) -> String {
     let n = table.key.len();
     let arrays: Vec<String> = (1..=n + 2).map(|i| format!("${i}::text[]")).collect();
     let names: Vec<String> = (0..n)
@@ -280,14 +267,17 @@ fn write_sql(table: &TargetTable, column: &str, default: Option<&str>) -> String
         "UPDATE {t} t SET {col} = s.v::{ty}
          FROM unnest({arrays}) AS s({names})
          WHERE {join} AND (t.{upd} IS NULL OR t.{upd} <= s.u::timestamptz
-                           OR t.{col} IS NOT DISTINCT FROM ({default})::{ty})",
+                           OR age(t.xmin) > (SELECT age(a.xmin) FROM pg_attribute a
+                                             WHERE a.attrelid = {rel}::regclass
+                                               AND a.attname = {name}))",
         t = table.sql_name,
         col = quote_ident(column),
         ty = table.type_of(column),
         arrays = arrays.join(", "),
         names = names.join(", "),
         join = join.join(" AND "),
-        default = default.unwrap_or("NULL"),
+        rel = quote_literal(&table.sql_name),
+        name = quote_literal(column),
     )
 }
 
@@ -321,9 +311,14 @@ pub(super) mod tests {
             "{read}"
         );
         assert!(read.contains("ORDER BY \"id\" LIMIT 5000"), "{read}");
-        let write = write_sql(&target(), "color", Some("'none'::text"));
+        let write = write_sql(&target(), "color");
         assert!(
-            write.contains("t.\"color\" IS NOT DISTINCT FROM ('none'::text)::text"),
+            write.contains("age(t.xmin) > (SELECT age(a.xmin) FROM pg_attribute a"),
+            "{write}"
+        );
+        assert!(
+            write.contains("a.attrelid = '\"public\".\"items\"'::regclass")
+                && write.contains("a.attname = 'color'"),
             "{write}"
         );
         assert!(

@@ -86,9 +86,13 @@ impl TargetTable {
         self.columns.iter().find(|c| c.name == name)
     }
 
-    /// The column's type as `format_type` prints it, for casts (`text` if unknown).
-    pub(crate) fn type_of(&self, name: &str) -> &str {
-        self.column(name).map_or("text", |c| c.type_sql.as_str())
+    /// The column's type for casts (`text` if unknown): as `format_type` prints it,
+    /// less the length of a character or bit string type (see [`cast_type`]).
+    pub(crate) fn type_of(&self, name: &str) -> std::borrow::Cow<'_, str> {
+        self.column(name)
+            .map_or(std::borrow::Cow::Borrowed("text"), |c| {
+                cast_type(&c.type_sql)
+            })
     }
 
     /// Deletes rows older than (or as old as) a tombstone of their key recorded in
@@ -112,5 +116,47 @@ impl TargetTable {
             table = self.sql_name,
             keys = keys.join(" AND "),
         )
+    }
+}
+
+/// `type_sql` for a cast whose result is then assigned to a column of that type. An
+/// explicit cast to `character varying(n)`, `character(n)` or `bit(n)` cuts a longer
+/// value to n silently (the SQL standard's rule), where assigning it to the column
+/// refuses it: so the cast goes to the type without its length, and the column's
+/// own length is checked on assignment. Other types' modifiers round the same way
+/// either way, and stay.
+pub(crate) fn cast_type(type_sql: &str) -> std::borrow::Cow<'_, str> {
+    let (base, array) = match type_sql.strip_suffix("[]") {
+        Some(b) => (b, "[]"),
+        None => (type_sql, ""),
+    };
+    let Some(open) = base.find('(').filter(|_| base.ends_with(')')) else {
+        return std::borrow::Cow::Borrowed(type_sql);
+    };
+    let unlimited = match &base[..open] {
+        "character varying" => "character varying",
+        "character" => "bpchar",
+        "bit varying" | "bit" => "bit varying",
+        _ => return std::borrow::Cow::Borrowed(type_sql),
+    };
+    std::borrow::Cow::Owned(format!("{unlimited}{array}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cast_keeps_no_length_that_would_cut_a_value_short() {
+        assert_eq!(cast_type("character varying(20)"), "character varying");
+        assert_eq!(cast_type("character(3)"), "bpchar");
+        assert_eq!(cast_type("character varying(20)[]"), "character varying[]");
+        assert_eq!(cast_type("bit(8)"), "bit varying");
+        assert_eq!(cast_type("numeric(12,2)"), "numeric(12,2)");
+        assert_eq!(
+            cast_type("timestamp(3) with time zone"),
+            "timestamp(3) with time zone"
+        );
+        assert_eq!(cast_type("text"), "text");
     }
 }

@@ -285,7 +285,7 @@ fn row_hash(t: &CopyTable, how: RowHash) -> String {
         .iter()
         .map(|c| {
             let ty = t.target.type_of(c);
-            let base = ty.split(['(', '[']).next().unwrap_or(ty).trim();
+            let base = ty.split(['(', '[']).next().unwrap_or(&ty).trim();
             if HASHED_AS_VALUES.contains(&base) {
                 quote_ident(c)
             } else {

@@ -204,23 +204,48 @@ async fn a_type_changed_on_one_node_first_applies_what_casts_and_names_what_does
         .await
         .unwrap();
     }
-    // A code b's integer column cannot take.
-    a.batch_execute("INSERT INTO items (id, n, label, code) VALUES (500, 1, 'bad code', 'abc')")
-        .await
-        .unwrap();
-    wait_for("b's letter for row 500", Duration::from_secs(60), || {
-        let b = &b;
-        async move { (count(b, "SELECT count(*) FROM duplex.dead_letters").await == 1).then_some(()) }
-    })
+    // A code b's integer column cannot take, and a label longer than b's
+    // varchar(20) (refused, not cut short).
+    a.batch_execute(&format!(
+        "INSERT INTO items (id, n, label, code) VALUES (500, 1, 'bad code', 'abc');
+         INSERT INTO items (id, n, label, code) VALUES (501, 1, '{}', '1')",
+        "y".repeat(30)
+    ))
+    .await
+    .unwrap();
+    wait_for(
+        "b's letters for rows 500 and 501",
+        Duration::from_secs(60),
+        || {
+            let b = &b;
+            async move {
+                (count(b, "SELECT count(*) FROM duplex.dead_letters").await == 2).then_some(())
+            }
+        },
+    )
     .await;
-    let error: String = b
-        .query_one("SELECT error FROM duplex.dead_letters", &[])
+    let errors: Vec<String> = b
+        .query("SELECT error FROM duplex.dead_letters ORDER BY 1", &[])
         .await
         .unwrap()
-        .get(0);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert!(
-        error.contains("column code (integer) refuses 'abc'"),
-        "{error}"
+        errors
+            .iter()
+            .any(|e| e.contains("column code (integer) refuses 'abc'")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("column label (character varying(20)) refuses 'yyyy")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        count(&b, "SELECT count(*) FROM items WHERE id = 501").await,
+        0
     );
     // Everything else flowed both ways.
     assert_eq!(
@@ -342,11 +367,9 @@ async fn a_table_added_to_the_config_is_copied_then_streamed_and_one_removed_is_
 /// end equal.
 #[tokio::test]
 async fn a_table_copied_into_a_node_without_a_column_gets_its_values_once_it_has_it() {
-    let ddl = "CREATE TABLE items (id int PRIMARY KEY, val text, color text,
-               updated_at timestamptz NOT NULL DEFAULT clock_timestamp());";
-    let rig = Rig::both(ddl, &["public.items"], "").await;
+    let rig = Rig::both(DDL, &["public.items"], "").await;
     let (a, b) = (rig.client_a().await, rig.client_b().await);
-    b.batch_execute("ALTER TABLE items DROP COLUMN color")
+    a.batch_execute("ALTER TABLE items ADD COLUMN color text")
         .await
         .unwrap();
     a.batch_execute(
