@@ -179,7 +179,7 @@ async fn started_before(cfg: &Config, dir: &Direction) -> Result<bool, SnapshotE
 }
 
 /// The configured tables `dir` has no plan for: every table before its first start,
-/// and afterwards those added to [[tables]] since.
+/// and afterwards those added to `[[tables]]` since.
 async fn unplanned(cfg: &Config, dir: &Direction) -> Result<Vec<String>, SnapshotError> {
     let target = node::connect(cfg, &dir.to, "snapshot plan").await?;
     let plans = plan::load(&target, dir).await?;
