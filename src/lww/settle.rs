@@ -69,12 +69,22 @@ impl TargetWriter<'_> {
             let Some(tc) = self.cfg.table_on(&self.dir.to, &d.table) else {
                 continue;
             };
+            // A mapped pair's debt names the target's column: the source's is the one
+            // whose rule leads to it (none: the settle says so once the column exists).
+            let column = if tc.is_mapped() {
+                match self.mapper.owed_source(&d.table, &d.column) {
+                    Some(src) => src.source_column,
+                    None => continue,
+                }
+            } else {
+                d.column.clone()
+            };
             let on_source: bool = source
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_attribute a
                                     WHERE a.attrelid = to_regclass($1)
                                       AND a.attname = $2 AND NOT a.attisdropped)",
-                    &[&tc.name_on(&self.dir.from), &d.column],
+                    &[&tc.name_on(&self.dir.from), &column],
                 )
                 .await
                 .map_err(self.source_sql("looking for an owed column on the source"))?

@@ -53,9 +53,14 @@ impl Worker<'_> {
         }
         if look_at_source {
             self.next_owed_source_check = Instant::now() + OWED_SOURCE_CHECK_EVERY;
-            for d in self.writer.end_dropped(&source, &waiting).await? {
+            let ended = self.writer.end_dropped(&source, &waiting).await?;
+            for d in &ended {
                 tracing::info!(direction = %self.dir, table = %d.table, column = %d.column,
                     "the source dropped the owed column too: its values are owed no more");
+            }
+            for d in waiting.iter().filter(|d| !ended.contains(d)) {
+                tracing::info!(direction = %self.dir, table = %d.table, column = %d.column, since = %d.since,
+                    "values of a column the target lacks are still owed: add the column there and duplex brings them over");
             }
         }
         // Look again at the next check: a debt may have been recorded meanwhile.
