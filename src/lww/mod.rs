@@ -334,13 +334,6 @@ impl<'a> TargetWriter<'a> {
         Ok(self.tables.get(name).and_then(Option::as_ref))
     }
 
-    /// Forgets the tables' columns read so far; they are read again when next used.
-    /// The writer casts each value to the type it read, so a column whose type
-    /// changed since makes a batch fail that the columns read again may take.
-    pub fn forget_tables(&mut self) {
-        self.tables.clear();
-    }
-
     /// Applies `events` in order inside the caller's transaction. Events the target
     /// cannot take for a reason found before writing (missing table, NULL or future
     /// `updated_at`, wrong deterministic id) come back in `Applied::bad`; columns the

@@ -96,6 +96,13 @@ fn same_names(a: &Row, b: &Row) -> bool {
 }
 
 impl TargetWriter<'_> {
+    /// Forgets the tables' columns read so far; they are read again when next used.
+    /// The writer casts each value to the type it read, so a column whose type
+    /// changed since makes a batch fail that the columns read again may take.
+    pub fn forget_tables(&mut self) {
+        self.tables.clear();
+    }
+
     /// The run's table as the target has it now: the columns read earlier, read again
     /// when a row of the run has one they lack (it may have been added since).
     pub(super) async fn current_table(

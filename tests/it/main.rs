@@ -33,6 +33,8 @@ mod privilege;
 mod quoting;
 mod restore;
 mod schema_changes;
+mod schema_drops;
+mod schema_mapped;
 mod secrets;
 mod slot_loss;
 mod snapshot;
